@@ -1,0 +1,263 @@
+"""Procedurally drawn hands written in the exact 11k Hands format.
+
+    python -m handclip.data.synthetic --out DIR --identities N --seed S [--image-size 1600x1200]
+
+writes `DIR/Hands/Hand_XXXXXXX.jpg` and `DIR/HandInfo.csv` with 11k's columns and values.
+Identity fixes the hand's geometry (finger lengths, widths, spread, palm), skin tone, moles,
+palm creases and nail polish; the aspect fixes dorsal/palmar look and left/right mirroring;
+every image varies pose, scale, finger bend, light, background and noise. A ring appears on
+some images of some people and is flagged in `accessories`, as in the real data.
+Same arguments, same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+COLUMNS = [
+    "id", "age", "gender", "skinColor", "accessories", "nailPolish",
+    "aspectOfHand", "imageName", "irregularities",
+]  # fmt: skip
+ASPECTS = ("dorsal right", "dorsal left", "palmar right", "palmar left")
+SKIN = {  # 11k's skinColor values and a base RGB for each
+    "very fair": (236, 200, 178),
+    "fair": (222, 178, 148),
+    "medium": (190, 140, 105),
+    "dark": (130, 90, 64),
+}
+# split thresholds of the published protocol: the lowest one, and the highest
+_LOW_THRESHOLD, _HIGH_THRESHOLD, _MAX_ID = 1037, 1051, 1590
+
+
+@dataclass
+class Person:
+    id: int
+    age: int
+    gender: str
+    skin: str
+    tone: np.ndarray
+    palm: tuple[float, float]
+    finger_lengths: np.ndarray  # thumb, index, middle, ring, little (in palm heights)
+    finger_widths: np.ndarray
+    spread: np.ndarray  # degrees
+    thumb_angle: float
+    moles: np.ndarray  # (k, 2) in palm coordinates
+    creases: np.ndarray  # (3, 3) offsets of the palm lines
+    nail_colour: tuple[int, int, int] | None
+    ring_share: float
+    irregular: bool
+
+
+def _person(rng: np.random.Generator, pid: int) -> Person:
+    skin = list(SKIN)[rng.integers(len(SKIN))]
+    gender = "male" if rng.random() < 0.5 else "female"
+    size = 1.06 if gender == "male" else 0.96
+    lengths = np.array([0.55, 0.78, 0.88, 0.82, 0.64]) * rng.uniform(0.85, 1.15, 5)
+    polish = rng.random() < 0.2
+    return Person(
+        id=pid,
+        age=int(rng.integers(18, 76)),
+        gender=gender,
+        skin=skin,
+        tone=np.array(SKIN[skin], float) + rng.normal(0, 9, 3),
+        palm=(size * rng.uniform(0.85, 1.15), size * rng.uniform(0.9, 1.15)),
+        finger_lengths=lengths * size,
+        finger_widths=np.array([0.24, 0.19, 0.2, 0.19, 0.16]) * rng.uniform(0.8, 1.2) * rng.uniform(0.9, 1.1, 5),
+        spread=np.array([-14.0, -5.0, 3.0, 12.0]) + rng.normal(0, 4, 4),
+        thumb_angle=float(rng.uniform(35, 70)),
+        moles=rng.uniform([-0.45, -0.45], [0.45, 0.45], (int(rng.integers(0, 5)), 2)),
+        creases=rng.uniform(-0.12, 0.12, (3, 3)),
+        nail_colour=tuple(int(c) for c in rng.integers(40, 230, 3)) if polish else None,
+        ring_share=0.5 if rng.random() < 0.15 else 0.0,
+        irregular=bool(rng.random() < 0.08),
+    )
+
+
+def _polygon_circle(cx: float, cy: float, r: float, n: int = 14) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+
+
+def _finger(base: np.ndarray, angle: float, length: float, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Finger as a quad from its base along `angle` (degrees from straight up) plus a round tip."""
+    direction = np.array([math.sin(math.radians(angle)), -math.cos(math.radians(angle))])
+    normal = np.array([-direction[1], direction[0]])
+    tip = base + direction * length
+    quad = np.array([base + normal * width / 2, tip + normal * width / 2, tip - normal * width / 2, base - normal * width / 2])
+    return quad, tip
+
+
+def render_hand(person: Person, aspect: str, rng: np.random.Generator, size: tuple[int, int], ring: bool) -> Image.Image:
+    """Draw one image of `person`'s hand seen from `aspect`."""
+    width, height = size
+    dorsal = aspect.startswith("dorsal")
+    # a right hand seen from the back has its thumb on the left; palmar or left hands mirror that
+    mirror = (aspect == "dorsal left") or (aspect == "palmar right")
+    background = np.clip(np.array([246, 244, 240]) + rng.normal(0, 6, 3), 200, 255)
+    image = Image.new("RGB", size, tuple(int(c) for c in background))
+    draw = ImageDraw.Draw(image)
+
+    light = rng.uniform(0.85, 1.12)
+    tone = person.tone * (1.0 if dorsal else 1.08) * light
+    skin = tuple(int(c) for c in np.clip(tone, 0, 255))
+    shade = tuple(int(c) for c in np.clip(tone * 0.78, 0, 255))
+
+    unit = height * 0.24 * rng.uniform(0.88, 1.08)  # palm height in pixels
+    angle = math.radians(rng.normal(0, 9))
+    centre = np.array([width / 2, height * 0.62]) + rng.normal(0, 0.04, 2) * [width, height]
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+    def to_pixels(points: np.ndarray) -> list[tuple[float, float]]:
+        points = np.asarray(points, float).reshape(-1, 2).copy()
+        if mirror:
+            points[:, 0] = -points[:, 0]
+        return [tuple(p) for p in (points * unit) @ rotation.T + centre]
+
+    palm_w, palm_h = 0.5 * person.palm[0], 0.5 * person.palm[1]
+    palm = np.array([[-palm_w, -palm_h], [palm_w, -palm_h], [palm_w * 1.05, palm_h * 0.6], [palm_w * 0.7, palm_h * 1.3], [-palm_w * 0.7, palm_h * 1.3], [-palm_w * 1.05, palm_h * 0.6]])
+    draw.polygon(to_pixels(palm), fill=skin)
+    # wrist
+    draw.polygon(to_pixels([[-palm_w * 0.7, palm_h * 1.2], [palm_w * 0.7, palm_h * 1.2], [palm_w * 0.75, palm_h * 3], [-palm_w * 0.75, palm_h * 3]]), fill=skin)
+
+    fingers = []
+    bends = rng.uniform(0.9, 1.0, 5)
+    bases_x = np.linspace(-palm_w * 0.75, palm_w * 0.75, 4)
+    for i in range(4):  # index .. little
+        base = np.array([bases_x[i], -palm_h * 0.92])
+        spread = person.spread[i] + rng.normal(0, 2.5)
+        fingers.append((i + 1, *_finger(base, spread, person.finger_lengths[i + 1] * bends[i + 1], person.finger_widths[i + 1]), spread))
+    thumb_base = np.array([-palm_w * 0.95, palm_h * 0.1])
+    thumb_angle = -person.thumb_angle + rng.normal(0, 4)
+    fingers.append((0, *_finger(thumb_base, thumb_angle, person.finger_lengths[0] * bends[0], person.finger_widths[0]), thumb_angle))
+
+    for index, quad, tip, finger_angle in fingers:
+        w = person.finger_widths[index]
+        draw.polygon(to_pixels(quad), fill=skin)
+        draw.polygon(to_pixels(_polygon_circle(*tip, w / 2)), fill=skin)
+        direction = np.array([math.sin(math.radians(finger_angle)), -math.cos(math.radians(finger_angle))])
+        normal = np.array([-direction[1], direction[0]])
+        if dorsal:
+            nail_centre = tip - direction * w * 0.35
+            colour = person.nail_colour or tuple(int(c) for c in np.clip(tone * 1.12 + 10, 0, 255))
+            draw.polygon(to_pixels(_polygon_circle(*nail_centre, w * 0.3)), fill=colour)
+            for knuckle in (0.35, 0.65):  # knuckle wrinkles across the finger
+                p = tip - direction * person.finger_lengths[index] * knuckle
+                draw.line(to_pixels([p - normal * w * 0.3, p + normal * w * 0.3]), fill=shade, width=max(1, int(unit * 0.012)))
+        else:
+            for joint in (0.3, 0.62):  # finger joint creases
+                p = tip - direction * person.finger_lengths[index] * joint
+                draw.line(to_pixels([p - normal * w * 0.4, p + normal * w * 0.4]), fill=shade, width=max(1, int(unit * 0.015)))
+        if ring and index == 3:
+            p = tip - direction * person.finger_lengths[index] * 0.82
+            band = np.array([p - normal * w * 0.6, p + normal * w * 0.6, p + normal * w * 0.6 + direction * 0.05, p - normal * w * 0.6 + direction * 0.05])
+            draw.polygon(to_pixels(band), fill=(212, 175, 55))
+
+    if dorsal:
+        for mole in person.moles:
+            draw.polygon(to_pixels(_polygon_circle(mole[0] * palm_w * 2, mole[1] * palm_h * 2, 0.035, 8)), fill=(70, 45, 35))
+        for k in range(3):  # tendons
+            x = bases_x[k + 1] * 0.8
+            draw.line(to_pixels([[x, -palm_h * 0.8], [x * 0.5, palm_h * 0.9]]), fill=shade, width=max(1, int(unit * 0.01)))
+    else:
+        for k, (a, b, c) in enumerate(person.creases):  # heart, head and life lines
+            y = -palm_h * 0.5 + k * palm_h * 0.45
+            curve = [[x, y + (a * x * x + b * x + c) * palm_h] for x in np.linspace(-palm_w * 0.9, palm_w * 0.9, 9)]
+            draw.line(to_pixels(curve), fill=shade, width=max(1, int(unit * 0.02)))
+
+    image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2)) * height / 600))
+    pixels = np.asarray(image, np.float32) + rng.normal(0, 4.0, (height, width, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def identity_ids(identities: int, rng: np.random.Generator) -> list[int]:
+    """Ids in 11k's range, half below every split threshold and half above."""
+    low = identities // 2
+    below = rng.choice(_LOW_THRESHOLD, size=low, replace=False)
+    above = rng.choice(np.arange(_HIGH_THRESHOLD + 1, _MAX_ID), size=identities - low, replace=False)
+    return sorted(int(i) for i in np.concatenate([below, above]))
+
+
+def generate_hands(
+    out: str | Path,
+    identities: int = 40,
+    seed: int = 0,
+    image_size: tuple[int, int] = (1600, 1200),
+    images_per_aspect: tuple[int, int] = (4, 9),
+    aspects: Sequence[str] = ASPECTS,
+    plan: dict[str, list[tuple[int, int]]] | None = None,
+) -> Path:
+    """Write a synthetic 11k Hands folder; return the path of its `HandInfo.csv`.
+
+    `plan` (aspect -> [(id, number of images)]) fixes exactly who appears with how many images;
+    without it every identity gets `images_per_aspect` (inclusive range) images per aspect.
+    """
+    out = Path(out)
+    (out / "Hands").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if plan is None:
+        ids = identity_ids(identities, rng)
+        low, high = images_per_aspect
+        plan = {a: [(i, int(rng.integers(low, high + 1))) for i in ids] for a in aspects}
+    people: dict[int, Person] = {}
+    rows = []
+    number = 0
+    for pid in sorted({i for entries in plan.values() for i, _ in entries}):
+        people[pid] = _person(np.random.default_rng([seed, pid]), pid)
+    for pid, person in people.items():
+        for aspect in aspects:
+            count = dict(plan.get(aspect, [])).get(pid, 0)
+            for k in range(count):
+                number += 1
+                image_rng = np.random.default_rng([seed, pid, ASPECTS.index(aspect), k])
+                ring = bool(image_rng.random() < person.ring_share)
+                name = f"Hand_{number:07d}.jpg"
+                image = render_hand(person, aspect, image_rng, image_size, ring)
+                buffer = io.BytesIO()
+                image.save(buffer, "JPEG", quality=90)
+                (out / "Hands" / name).write_bytes(buffer.getvalue())
+                rows.append([
+                    f"{pid:07d}", person.age, person.gender, person.skin, int(ring),
+                    int(person.nail_colour is not None), aspect, name, int(person.irregular),
+                ])  # fmt: skip
+    csv_path = out / "HandInfo.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    return csv_path
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size {text!r}: expected WIDTHxHEIGHT, e.g. 1600x1200") from None
+    if width < 32 or height < 32:
+        raise argparse.ArgumentTypeError("--image-size: both sides must be at least 32 pixels")
+    return width, height
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write Hands/ and HandInfo.csv into")
+    parser.add_argument("--identities", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=_size, default=(1600, 1200), help="WIDTHxHEIGHT (11k: 1600x1200)")
+    args = parser.parse_args(argv)
+    if args.identities < 2:
+        parser.error("--identities must be at least 2")
+    path = generate_hands(args.out, args.identities, args.seed, args.image_size)
+    print(f"wrote {path} and {path.parent / 'Hands'}")
+
+
+if __name__ == "__main__":
+    main()

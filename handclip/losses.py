@@ -1,0 +1,47 @@
+"""The symmetric contrastive (CLIP) loss, with multi-positive targets for shared identities."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_SCALE_MAX = math.log(100.0)
+LOSSES = ("clip",)
+
+
+def contrastive_targets(batch: int, identities: torch.Tensor | None, device=None) -> torch.Tensor:
+    """Row-stochastic targets: the diagonal, or spread evenly over same-identity columns."""
+    if identities is None:
+        return torch.eye(batch, device=device)
+    same = (identities[:, None] == identities[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    identities: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLIP loss: mean of image->text and text->image cross-entropy.
+
+    Features are unnormalised [batch, dim]; `logit_scale` is the log of the temperature's
+    inverse, as stored in `CLIPModel`. With `identities`, pairs of one identity are positives.
+    """
+    image = F.normalize(image_features, dim=-1)
+    text = F.normalize(text_features, dim=-1)
+    logits = logit_scale.exp() * image @ text.T
+    targets = contrastive_targets(len(image), identities, logits.device).to(logits.dtype)
+    # same-identity relation is symmetric, so the text->image targets are the same matrix
+    image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def clamp_logit_scale(logit_scale: torch.Tensor) -> None:
+    """Keep the learnable log-scale in [0, ln 100] (CLIP's clamp), in place."""
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+

@@ -1,0 +1,78 @@
+"""Re-identification metrics: CMC Rank-k and mAP of queries against a gallery.
+
+Ranking is by cosine similarity. Ties are resolved pessimistically and without regard to
+gallery order: a non-match scored equal to a true match counts as ranked above it. So a
+collapsed embedding (all features equal) scores at chance, never 1.0, and permuting the
+gallery never changes a number.
+
+A query whose identity has no image in the gallery has no defined rank or AP: it is left out
+of every metric and counted in `queries_without_match`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def similarity(query_features: torch.Tensor, gallery_features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity matrix [queries, gallery]."""
+    return F.normalize(query_features.float(), dim=-1) @ F.normalize(gallery_features.float(), dim=-1).T
+
+
+def match_ranks(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """Rank (1-based) of each query's first true match, ties counted against it."""
+    best = scores.masked_fill(~matches, float("-inf")).max(dim=1, keepdim=True).values
+    return ((scores >= best) & ~matches).sum(dim=1) + 1
+
+
+def average_precision(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """AP per query: mean over true matches of precision at that match's score threshold."""
+    gallery_size = scores.shape[1]
+    ascending = scores.sort(dim=1).values
+    # number of gallery items scored >= each item (ties grouped), and of true matches among them
+    at_or_above = gallery_size - torch.searchsorted(ascending, scores.contiguous(), side="left")
+    match_scores = scores.masked_fill(~matches, float("-inf")).sort(dim=1).values
+    matches_at_or_above = gallery_size - torch.searchsorted(match_scores, scores.contiguous(), side="left")
+    precision = matches_at_or_above.float() / at_or_above.float()
+    return (precision * matches).sum(dim=1) / matches.sum(dim=1)
+
+
+def cmc_curve(ranks: torch.Tensor, max_rank: int = 20) -> list[float]:
+    """Share of queries with a true match in the top k, for k = 1..max_rank."""
+    return [float((ranks <= k).float().mean()) for k in range(1, max_rank + 1)]
+
+
+def evaluate(
+    query_features: torch.Tensor,
+    query_ids: torch.Tensor,
+    gallery_features: torch.Tensor,
+    gallery_ids: torch.Tensor,
+    ranks: tuple[int, ...] = (1, 5, 10),
+) -> dict[str, float]:
+    """Rank-k and mAP of queries against a gallery, as fractions in [0, 1].
+
+    Returns `rank1`, `rank5`, `rank10`, `mAP`, plus `queries` (evaluated) and
+    `queries_without_match` (left out because their identity is not in the gallery).
+    """
+    query_ids = torch.as_tensor(query_ids).reshape(-1)
+    gallery_ids = torch.as_tensor(gallery_ids).reshape(-1)
+    if len(query_features) != len(query_ids) or len(gallery_features) != len(gallery_ids):
+        raise ValueError(
+            f"features and ids differ in length: {len(query_features)} query features vs "
+            f"{len(query_ids)} ids, {len(gallery_features)} gallery features vs {len(gallery_ids)} ids"
+        )
+    if len(gallery_ids) == 0 or len(query_ids) == 0:
+        raise ValueError("evaluate needs at least one query and one gallery image")
+    matches = query_ids[:, None] == gallery_ids[None, :]
+    has_match = matches.any(dim=1)
+    if not has_match.any():
+        raise ValueError("no query identity appears in the gallery: nothing can be evaluated")
+    scores = similarity(query_features, gallery_features)[has_match]
+    matches = matches[has_match]
+    first = match_ranks(scores, matches)
+    result = {f"rank{k}": float((first <= k).float().mean()) for k in ranks}
+    result["mAP"] = float(average_precision(scores, matches).mean())
+    result["queries"] = int(has_match.sum())
+    result["queries_without_match"] = int((~has_match).sum())
+    return result
