@@ -121,12 +121,13 @@ def check_freeze_policy(policy: Any, vision_depth: int, text_depth: int) -> dict
     name = policy.get("name")
     if name not in POLICIES:
         raise ConfigError(f"freeze.name={name!r} is not a policy; choose one of {', '.join(POLICIES)}")
-    unknown = set(policy) - _KEYS[name] - _COMMON
+    # settings of other policies are ignored (an experiment may set them for last_n and the
+    # command line switch to full); a key no policy knows is a typo
+    known = set().union(*_KEYS.values()) | _COMMON
+    unknown = set(policy) - known
     if unknown:
-        allowed = sorted(_KEYS[name] | _COMMON)
         raise ConfigError(
-            f"freeze.{sorted(unknown)[0]} is not a setting of policy '{name}'; "
-            f"its settings are {', '.join(allowed)}"
+            f"freeze.{sorted(unknown)[0]} is not a freeze setting; settings are {', '.join(sorted(known))}"
         )
     if name == "last_n":
         for key, depth, tower in (

@@ -1,0 +1,38 @@
+# HandCLIP: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# the PyTorch build pip takes on this project's machines (a CUDA build that also runs on CPU)
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-quick lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install HandCLIP with its test tools
+
+demo: install  ## train the tiny CLIP on synthetic hands on the CPU, printing baseline and final Rank-1/mAP
+	$(BIN)/python train.py experiment=demo overwrite=true
+
+test: install  ## run the whole test suite (what CI runs)
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 $(PYTEST_ARGS)
+
+test-quick: install  ## run the tests without the slow end-to-end runs
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check handclip tests train.py
+
+clean:  ## remove runs and caches (keeps .venv and data/)
+	rm -rf runs .cache .pytest_cache

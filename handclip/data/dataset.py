@@ -1,0 +1,87 @@
+"""Torch datasets over manifest rows: image tensor, caption and identity index."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from handclip.data.images import cache_dir, load_rgb
+from handclip.errors import DataError
+from handclip.sampling import sample_seed
+
+
+class ManifestImages(Dataset):
+    """Images of manifest rows, read from the resized cache when there is one."""
+
+    def __init__(
+        self,
+        rows: Sequence[dict],
+        root: str | Path,
+        transform: Callable,
+        cache_size: int = 0,
+        captioner: Callable | None = None,
+        identity_index: dict[str, int] | None = None,
+        seed: int = 0,
+    ):
+        self.rows = list(rows)
+        self.root = Path(root)
+        self.image_root = cache_dir(root, cache_size) if cache_size else self.root
+        self.transform = transform
+        self.captioner = captioner
+        self.identity_index = identity_index or {
+            k: i for i, k in enumerate(sorted({r["identity"] for r in self.rows}))
+        }
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # EpochSeededSampler yields (epoch, index): augmentation and caption are then seeded
+        # per sample, the same with any number of workers and after a resume
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        row = self.rows[index]
+        path = self.image_root / row["image"]
+        try:
+            image = load_rgb(path)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise DataError(f"cannot read image {path}: {error}; run prepare again to re-check the dataset") from None
+        if epoch is None:
+            pixels, rng = self.transform(image), None
+        else:
+            seed = sample_seed(self.seed, epoch, index)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                pixels = self.transform(image)
+            rng = random.Random(seed)
+        item = {"pixel_values": pixels, "identity": self.identity_index[row["identity"]], "index": index}
+        if self.captioner is not None:
+            item["caption"] = self.captioner(row, rng)
+        return item
+
+
+class CaptionCollator:
+    """Stacks images and tokenizes the batch's captions (padded to the longest)."""
+
+    def __init__(self, tokenizer, max_length: int = 77):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {
+            "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+            "identities": torch.tensor([i["identity"] for i in items]),
+            "index": torch.tensor([i["index"] for i in items]),
+        }
+        if "caption" in items[0]:
+            tokens = self.tokenizer(
+                [i["caption"] for i in items], padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt",
+            )  # fmt: skip
+            batch["input_ids"] = tokens["input_ids"]
+            batch["attention_mask"] = tokens["attention_mask"]
+        return batch

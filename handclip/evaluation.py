@@ -1,0 +1,154 @@
+"""The re-identification protocol over a manifest: validation and the 10 test runs.
+
+Features are extracted once per distinct image and reused by every run. Splits scored:
+
+- `val`:      queries = validation images of training identities, gallery = their training
+              images. Model selection and early stopping use this, never a test run.
+- `test`:     queryR against galleryR (same-aspect gallery), R = 0..runs-1.
+- `test_all`: queryR against gallery_allR (11k's gallery merged over the four aspects).
+
+Each gives rank1/rank5/rank10/mAP per run, and over runs the mean and std.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from handclip.embeddings import image_embeddings
+from handclip.reid import cmc_curve, evaluate, match_ranks, similarity
+
+METRICS = ("rank1", "rank5", "rank10", "mAP")
+
+
+@torch.no_grad()
+def extract_image_features(
+    model, dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False, progress: bool = False
+) -> torch.Tensor:
+    """Projected image embeddings of every item of `dataset`, in order, on the CPU.
+
+    With `flip`, each feature is the sum of the image's and its mirror image's embedding
+    (test-time augmentation; it is applied to query and gallery alike).
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    features = []
+    for batch in tqdm(loader, desc="extracting features", disable=not progress, leave=False):
+        pixels = batch["pixel_values"].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            embedding = image_embeddings(model, pixels).float()
+            if flip:
+                embedding = embedding + image_embeddings(model, pixels.flip(-1)).float()
+        features.append(embedding.cpu())
+    model.train(was_training)
+    return torch.cat(features) if features else torch.empty(0)
+
+
+def run_count(rows: Sequence[dict]) -> int:
+    splits = {r["split"] for r in rows}
+    return sum(1 for r in range(1000) if f"query{r}" in splits) if "query0" in splits else 0
+
+
+def protocol_pairs(rows: Sequence[dict], include_test: bool = True) -> list[tuple[str, int | None, str, str]]:
+    """(metric prefix, run, query split, gallery split) for every evaluation in the manifest."""
+    splits = {r["split"] for r in rows}
+    pairs: list[tuple[str, int | None, str, str]] = []
+    if "val" in splits and "train" in splits:
+        pairs.append(("val", None, "val", "train"))
+    if include_test:
+        for run in range(run_count(rows)):
+            pairs.append(("test", run, f"query{run}", f"gallery{run}"))
+            if f"gallery_all{run}" in splits:
+                pairs.append(("test_all", run, f"query{run}", f"gallery_all{run}"))
+    return pairs
+
+
+def images_needed(rows: Sequence[dict], include_test: bool = True) -> list[dict]:
+    """One row per distinct image used by the evaluations (features are computed once each)."""
+    wanted = {s for _, _, q, g in protocol_pairs(rows, include_test) for s in (q, g)}
+    seen, out = set(), []
+    for row in rows:
+        if row["split"] in wanted and row["image"] not in seen:
+            seen.add(row["image"])
+            out.append(row)
+    return out
+
+
+def score_protocol(
+    features: torch.Tensor, image_rows: Sequence[dict], rows: Sequence[dict], include_test: bool = True
+) -> dict:
+    """Score every evaluation of the manifest from precomputed features.
+
+    Returns {"metrics": {"val/rank1": ..., "test/rank1": mean, "test/rank1_std": ..., ...},
+    "runs": {"test": [per-run dicts], ...}, "cmc": {"test": [Rank-1..20 averaged over runs], ...}}.
+    """
+    position = {r["image"]: i for i, r in enumerate(image_rows)}
+    identity_ids: dict[str, int] = {}
+    by_split: dict[str, list[dict]] = {}
+    for row in rows:
+        by_split.setdefault(row["split"], []).append(row)
+
+    def gather(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = by_split.get(split, [])
+        index = torch.tensor([position[r["image"]] for r in chosen], dtype=torch.long)
+        ids = torch.tensor([identity_ids.setdefault(r["identity"], len(identity_ids)) for r in chosen])
+        return features[index], ids
+
+    per_prefix: dict[str, list[dict]] = {}
+    cmc: dict[str, list[list[float]]] = {}
+    for prefix, run, query_split, gallery_split in protocol_pairs(rows, include_test):
+        query, query_ids = gather(query_split)
+        gallery, gallery_ids = gather(gallery_split)
+        result = evaluate(query, query_ids, gallery, gallery_ids)
+        result["run"] = run
+        per_prefix.setdefault(prefix, []).append(result)
+        matches = query_ids[:, None] == gallery_ids[None, :]
+        keep = matches.any(dim=1)
+        ranks = match_ranks(similarity(query[keep], gallery), matches[keep])
+        cmc.setdefault(prefix, []).append(cmc_curve(ranks, 20))
+    metrics: dict[str, float] = {}
+    for prefix, results in per_prefix.items():
+        for name in METRICS:
+            values = [r[name] for r in results]
+            metrics[f"{prefix}/{name}"] = statistics.fmean(values)
+            if len(values) > 1:
+                metrics[f"{prefix}/{name}_std"] = statistics.stdev(values)
+        metrics[f"{prefix}/queries_without_match"] = sum(r["queries_without_match"] for r in results)
+    curves = {p: [statistics.fmean(c[k] for c in cs) for k in range(20)] for p, cs in cmc.items()}
+    return {"metrics": metrics, "runs": per_prefix, "cmc": curves}
+
+
+def protocol_table(results: dict[str, dict], prefix: str = "test"):
+    """A rich table of each run and the mean ± std; with several results (e.g. baseline and
+    fine-tuned) every cell reads `first → second → ...`."""
+    from rich.table import Table
+
+    title = {"test": "same-aspect gallery", "test_all": "gallery merged over aspects", "val": "validation"}
+    present = {label: r for label, r in results.items() if prefix in r["runs"]}
+    labels = " → ".join(present)
+    table = Table(title=f"{prefix}: {title.get(prefix, prefix)}, % ({labels})")
+    table.add_column("run", justify="right")
+    for name in METRICS:
+        table.add_column(name.replace("rank", "Rank-"), justify="right")
+    if not present:
+        return table
+    first = next(iter(present.values()))["runs"][prefix]
+    for i, run in enumerate(first):
+        cells = [" → ".join(f"{100 * r['runs'][prefix][i][n]:.1f}" for r in present.values()) for n in METRICS]
+        table.add_row("-" if run["run"] is None else str(run["run"]), *cells)
+    means = [
+        " → ".join(
+            f"{100 * r['metrics'][f'{prefix}/{n}']:.1f}±{100 * r['metrics'].get(f'{prefix}/{n}_std', 0.0):.1f}"
+            for r in present.values()
+        )
+        for n in METRICS
+    ]
+    table.add_row("mean±std", *means, style="bold")
+    return table

@@ -1,0 +1,271 @@
+"""One training run from a resolved configuration: check, prepare, baseline, fit, test, report.
+
+`train.py` composes the configuration with Hydra and calls `run_training`; everything a run
+writes lands in its run directory: `config.yaml` (resolved), `freeze.txt`, `metrics.json`,
+`checkpoints/`, and the logger's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handclip.errors import ConfigError, HandClipError
+
+
+def precision_for(setting: str) -> str:
+    """`auto` means bf16-mixed on a GPU and 32-true on a CPU (bf16 matmuls crawl on CPUs)."""
+    if setting != "auto":
+        return setting
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def ensure_synthetic(data: Mapping[str, Any]) -> None:
+    """Generate the synthetic dataset at data.root on first use."""
+    synthetic = data.get("synthetic")
+    root = Path(data["root"])
+    if not synthetic or (root / "HandInfo.csv").is_file():
+        return
+    from handclip.data.synthetic import generate_hands
+
+    width, height = synthetic.get("image_size", [1600, 1200])
+    print(f"generating synthetic hands in {root} ({synthetic['identities']} identities) ...", flush=True)
+    # generate beside the target, then rename: an interrupted generation leaves no half dataset
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    generate_hands(tmp, int(synthetic["identities"]), int(synthetic.get("seed", 0)), (int(width), int(height)))
+    tmp.rename(root)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def evaluate_model(model, rows, root, backbone, cache_size: int, eval_cfg: Mapping, include_test: bool = True) -> dict:
+    """Features of every image the protocol needs, then all its scores (see handclip.evaluation)."""
+    from handclip.data.dataset import ManifestImages
+    from handclip.evaluation import extract_image_features, images_needed, score_protocol
+    from handclip.transforms import eval_transform
+
+    image_rows = images_needed(rows, include_test)
+    transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
+    dataset = ManifestImages(image_rows, root, transform, cache_size)
+    features = extract_image_features(
+        model, dataset, int(eval_cfg.get("batch_size", 64)), flip=bool(eval_cfg.get("flip_tta", False)), progress=True
+    )
+    return score_protocol(features, image_rows, rows, include_test)
+
+
+def build_logger(cfg: Mapping, run_dir: Path):
+    from lightning.pytorch import loggers
+
+    kind = cfg["logger"].get("name", "csv")
+    if kind == "csv":
+        return loggers.CSVLogger(run_dir, name="logs", version="")
+    if kind == "tensorboard":
+        return loggers.TensorBoardLogger(run_dir, name="tensorboard", version="")
+    if kind == "wandb":
+        settings = cfg["logger"]
+        return loggers.WandbLogger(
+            project=settings.get("project", "handclip"), entity=settings.get("entity"),
+            tags=list(settings.get("tags") or []), save_dir=str(run_dir),
+            offline=settings.get("mode") == "offline", mode=settings.get("mode"),
+            name=run_dir.name, id=_stable_wandb_id(run_dir), resume="allow",
+        )  # fmt: skip
+    raise ConfigError(f"logger.name={kind!r}: choose one of csv, tensorboard, wandb")
+
+
+def _stable_wandb_id(run_dir: Path) -> str:
+    """One wandb run id per run directory, kept in a file so a resumed run continues it."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id)
+    return run_id
+
+
+def run_signature(cfg: Mapping) -> dict:
+    """The settings a resumed run must share with the checkpoint it resumes."""
+    return {key: cfg[key] for key in ("backbone", "freeze", "projection")}
+
+
+def check_resume(path: str, signature: Mapping) -> None:
+    """Refuse to resume a checkpoint written under another freeze policy, projection or backbone."""
+    from handclip.checkpoints import load_checkpoint_file
+
+    saved = (load_checkpoint_file(path).get("handclip") or {}).get("signature")
+    if saved is None:
+        return
+    changed = [key for key in signature if saved.get(key) != signature[key]]
+    if changed:
+        key = changed[0]
+        raise HandClipError(
+            f"cannot resume {path}: {key} differs from the run that wrote it "
+            f"(checkpoint: {saved.get(key)}, now: {signature[key]}). To start a new run from "
+            f"these weights with a fresh optimiser, use init_from={path} with a new run_name"
+        )
+
+
+def load_initial_weights(module, path: str) -> None:
+    """init_from: the model weights of a checkpoint, nothing else (fresh optimiser and schedule)."""
+    from handclip.checkpoints import load_checkpoint_file
+
+    state = load_checkpoint_file(path)["state_dict"]
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise HandClipError(
+            f"init_from={path}: its weights do not fit this model ({str(error).splitlines()[1].strip()}); "
+            "use the same backbone and projection as the run that wrote it"
+        ) from None
+
+
+def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
+    """Train and evaluate one configuration; returns the metrics written to metrics.json."""
+    from handclip.backbone import load_backbone
+    from handclip.config_check import check_config
+    from handclip.rundir import RunLock
+
+    facts = check_config(cfg)  # before anything heavy
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        from handclip.rundir import resolve_resume
+
+        resume = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+        if resume:
+            check_resume(resume, run_signature(cfg))
+        if cfg.get("init_from") and not Path(cfg["init_from"]).is_file():
+            raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")
+        return _train(cfg, run_dir, facts, resume, load_backbone)
+
+
+def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_backbone) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from handclip.checkpoints import load_checkpoint_file
+    from handclip.data.prepare import prepare, read_manifest, settings_from_config
+    from handclip.evaluation import protocol_table
+    from handclip.freeze import apply_freeze
+    from handclip.projection import replace_projection
+    from handclip.training import AtomicCheckpointIO, ClipFineTuner, HandDataModule
+
+    started = time.time()
+    console = _console()
+    L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
+
+    data = cfg["data"]
+    ensure_synthetic(data)
+    settings = settings_from_config(data, facts["image_size"])
+    manifest = prepare(settings)
+    rows = read_manifest(manifest)
+
+    backbone = load_backbone(cfg["backbone"], cfg["paths"].get("cache"))
+    model = backbone.model
+    heads = replace_projection(model, cfg["projection"])
+    report = apply_freeze(model, cfg["freeze"], always_trainable=tuple(heads))
+    console.print(report.to_rich())
+    (run_dir / "freeze.txt").write_text(report.to_text() + "\n")
+
+    metrics: dict[str, Any] = {
+        "trainable_parameters": report.trainable,
+        "total_parameters": report.total,
+        "data/bad_images": len(json.loads(manifest.with_suffix(".json").read_text()).get("bad_images", [])),
+    }
+    eval_cfg = cfg.get("eval") or {}
+    include_test = bool(eval_cfg.get("test", True))
+    datamodule = HandDataModule(rows, settings.root, backbone, data, settings.cache_size, int(cfg["seed"]))
+    module = ClipFineTuner(model, cfg["optim"], cfg["loss"], datamodule.val_rows, heads, run_signature(cfg))
+    if cfg.get("init_from") and not resume:
+        load_initial_weights(module, cfg["init_from"])
+
+    results: dict[str, dict] = {}
+    baseline_path = run_dir / "baseline.json"
+    if eval_cfg.get("baseline", True):
+        if resume and baseline_path.is_file():  # the untrained model's scores do not change
+            baseline = json.loads(baseline_path.read_text())
+        else:
+            baseline = evaluate_model(model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test)
+            _write_json(baseline_path, baseline)
+        results["baseline"] = baseline
+        metrics.update({f"baseline/{k}": v for k, v in baseline["metrics"].items()})
+        shown = baseline["metrics"]
+        console.print(
+            f"baseline (untrained): val Rank-1 {100 * shown['val/rank1']:.1f}%"
+            + (f", test Rank-1 {100 * shown['test/rank1']:.1f}% mAP {100 * shown['test/mAP']:.1f}%"
+               if "test/rank1" in shown else "")
+        )
+
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/rank1", mode="max",
+        save_last=True, save_top_k=1, auto_insert_metric_name=False,
+    )  # fmt: skip
+    trainer_cfg = {k: v for k, v in cfg["trainer"].items() if k != "_target_"}
+    trainer_cfg["precision"] = precision_for(str(trainer_cfg.get("precision", "auto")))
+    logger = build_logger(cfg, run_dir)
+    trainer = L.Trainer(
+        **trainer_cfg, default_root_dir=run_dir, logger=logger,
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        plugins=[AtomicCheckpointIO()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+
+    best = checkpoints.best_model_path
+    if best:
+        module.load_state_dict(load_checkpoint_file(best)["state_dict"])
+    if checkpoints.best_model_score is not None:
+        metrics["val/rank1"] = float(checkpoints.best_model_score)
+    final = evaluate_model(model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test)
+    results["fine-tuned"] = final
+    metrics.update(final["metrics"])
+    metrics["wall_time_s"] = time.time() - started
+    metrics["peak_memory_mb"] = _peak_memory_mb()
+    for prefix in ("test", "test_all"):
+        if f"{prefix}/rank1" in final["metrics"]:
+            console.print(protocol_table(results, prefix))
+    payload = {
+        "metrics": metrics,
+        "runs": {label: r["runs"] for label, r in results.items()},
+        "cmc": {label: r["cmc"] for label, r in results.items()},
+        "freeze": report.as_dict(),
+        "manifest": str(manifest),
+        "best_checkpoint": best,
+    }
+    _write_json(run_dir / "metrics.json", payload)
+    if logger is not None:
+        logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+        logger.finalize("success")
+    summary = ", ".join(
+        f"{name} {100 * metrics[key]:.1f}% (baseline {100 * metrics['baseline/' + key]:.1f}%)"
+        if "baseline/" + key in metrics else f"{name} {100 * metrics[key]:.1f}%"
+        for name, key in (("test Rank-1", "test/rank1"), ("test mAP", "test/mAP"))
+        if key in metrics
+    )
+    console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {summary}; results in {run_dir}")
+    return metrics
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+

@@ -1,0 +1,102 @@
+"""The run directory: which checkpoint to resume, refusing to clobber, one process at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from handclip.errors import HandClipError
+
+CHECKPOINTS = "checkpoints"
+
+
+class RunDirError(HandClipError):
+    """The run directory cannot be used as asked."""
+
+
+def _loadable(path: Path) -> bool:
+    from handclip.checkpoints import load_checkpoint_file
+
+    try:
+        load_checkpoint_file(path)
+    except HandClipError as error:
+        warnings.warn(str(error), stacklevel=3)
+        return False
+    return True
+
+
+def resolve_resume(run_dir: str | Path, ckpt_path: str | None, overwrite: bool = False) -> str | None:
+    """The checkpoint file to resume from, or None for a fresh start.
+
+    `ckpt_path=last` means this run directory's latest checkpoint (found from any process,
+    since the directory is stable); a damaged `last.ckpt` falls back to `best.ckpt`.
+    Without `ckpt_path`, a directory that already holds checkpoints is refused unless
+    `overwrite` is set, in which case its checkpoints are removed.
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINTS
+    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not ckpt_path:
+        if existing and not overwrite:
+            raise RunDirError(
+                f"run directory {run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}). "
+                "Resume it with ckpt_path=last, start it over with overwrite=true, or name a new run "
+                "with run_name=NAME"
+            )
+        if existing:
+            shutil.rmtree(folder)
+            for name in ("metrics.json", "baseline.json"):
+                (run_dir / name).unlink(missing_ok=True)
+        return None
+    if ckpt_path != "last":
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise RunDirError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return str(path)
+    last, best = folder / "last.ckpt", folder / "best.ckpt"
+    if not existing:
+        raise RunDirError(
+            f"ckpt_path=last: run directory {run_dir} has no checkpoint to resume. Start the run "
+            "without ckpt_path, or give the run's name with run_name=NAME"
+        )
+    for candidate in (last, best):
+        if candidate.is_file() and _loadable(candidate):
+            if candidate == best:
+                warnings.warn(f"{last} is damaged or missing: resuming from {best} instead", stacklevel=2)
+            return str(candidate)
+    raise RunDirError(f"no loadable checkpoint in {folder}: last.ckpt and best.ckpt are damaged")
+
+
+class RunLock:
+    """An exclusive lock on a run directory; a second process is refused, not interleaved."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise RunDirError(
+                f"run directory {self.path.parent} is in use by another process (pid {owner}); "
+                "wait for it to finish or choose another run_name"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny CLIP (no download), offline settings, synthetic hands."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+
+TINY = {
+    "name": "tiny",
+    "source": "tiny",
+    "seed": 0,
+    "config": {
+        "projection_dim": 16,
+        "vision_config": {"image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 3, "num_attention_heads": 2},
+        "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "max_position_embeddings": 77},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # every test builds tiny backbones in a private cache, never in ~/.cache
+    monkeypatch.setenv("HANDCLIP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny randomly initialised CLIPModel: 3 vision blocks, 2 text blocks."""
+    import torch
+    from transformers import CLIPModel
+
+    from handclip.backbone import tiny_clip_config
+
+    torch.manual_seed(0)
+    return CLIPModel(tiny_clip_config(TINY))
+
+
+@pytest.fixture(scope="session")
+def synthetic_hands(tmp_path_factory):
+    """A small synthetic 11k Hands folder (12 identities, 4 aspects, 160x120 images)."""
+    from handclip.data.synthetic import generate_hands
+
+    root = tmp_path_factory.mktemp("hands")
+    generate_hands(root, identities=12, seed=3, image_size=(160, 120))
+    return root

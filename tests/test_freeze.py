@@ -1,0 +1,97 @@
+import pytest
+
+from handclip.errors import ConfigError
+from handclip.freeze import apply_freeze, check_freeze_policy, trainable_parameter_names
+
+
+def blocks(tower: str, indices) -> set[str]:
+    prefix = f"{tower}_model.encoder.layers"
+    names = []
+    for i in indices:
+        for part in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj",
+                     "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"):
+            names += [f"{prefix}.{i}.{part}.weight", f"{prefix}.{i}.{part}.bias"]
+    return set(names)
+
+
+PROJECTIONS = {"visual_projection.weight", "text_projection.weight"}
+POST_LN = {"vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"}
+FINAL_LN = {"text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias"}
+
+
+@pytest.mark.parametrize(
+    ("vision_blocks", "text_blocks", "expected"),
+    [
+        (0, 0, PROJECTIONS | {"logit_scale"}),
+        (1, 0, PROJECTIONS | {"logit_scale"} | POST_LN | blocks("vision", [2])),
+        (2, 1, PROJECTIONS | {"logit_scale"} | POST_LN | blocks("vision", [1, 2]) | FINAL_LN | blocks("text", [1])),
+        (3, 2, PROJECTIONS | {"logit_scale"} | POST_LN | blocks("vision", [0, 1, 2]) | FINAL_LN | blocks("text", [0, 1])),
+    ],
+)
+def test_last_n_trains_exactly_the_top_blocks(tiny_model, vision_blocks, text_blocks, expected):
+    apply_freeze(tiny_model, {"name": "last_n", "vision_blocks": vision_blocks, "text_blocks": text_blocks})
+    assert set(trainable_parameter_names(tiny_model)) == expected
+
+
+def test_frozen_trains_projections_and_optionally_logit_scale(tiny_model):
+    apply_freeze(tiny_model, {"name": "frozen"})
+    assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS | {"logit_scale"}
+    apply_freeze(tiny_model, {"name": "frozen", "train_logit_scale": False})
+    assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS
+
+
+def test_full_trains_everything_and_report_counts_match(tiny_model):
+    report = apply_freeze(tiny_model, {"name": "full"})
+    total = sum(p.numel() for p in tiny_model.parameters())
+    assert report.total == report.trainable == total
+    assert all(row.status == "yes" for row in report.rows)
+
+
+def test_text_frozen_trains_the_whole_image_tower_only(tiny_model):
+    apply_freeze(tiny_model, {"name": "text_frozen"})
+    names = set(trainable_parameter_names(tiny_model))
+    vision = {n for n, _ in tiny_model.named_parameters() if n.startswith("vision_model.")}
+    assert names == vision | {"visual_projection.weight", "logit_scale"}
+    assert "vision_model.embeddings.patch_embedding.weight" in names
+
+
+def test_pattern_policy_uses_include_and_exclude(tiny_model):
+    apply_freeze(tiny_model, {"name": "pattern", "include": [r"\.mlp\.", r"^text_projection"],
+                              "exclude": [r"text_model"], "train_logit_scale": False})
+    names = set(trainable_parameter_names(tiny_model))
+    expected = {n for n, _ in tiny_model.named_parameters() if ".mlp." in n and n.startswith("vision_model")}
+    assert names == expected | {"text_projection.weight"}
+
+
+def test_report_table_lists_groups_from_the_top(tiny_model):
+    report = apply_freeze(tiny_model, {"name": "last_n", "vision_blocks": 1, "text_blocks": 0})
+    groups = [r.group for r in report.rows]
+    assert groups[:5] == ["logit_scale", "visual_projection", "vision.post_layernorm", "vision.blocks.2", "vision.blocks.1"]
+    status = {r.group: r.status for r in report.rows}
+    assert status["vision.blocks.2"] == "yes" and status["vision.blocks.1"] == "no"
+    text = report.to_text()
+    assert "vision.blocks.2" in text and f"{report.trainable:,}" in text
+
+
+@pytest.mark.parametrize(("key", "value"), [("vision_blocks", 4), ("text_blocks", 3), ("vision_blocks", -1)])
+def test_too_many_or_negative_blocks_is_a_config_error(key, value):
+    policy = {"name": "last_n", "vision_blocks": 0, "text_blocks": 0, key: value}
+    with pytest.raises(ConfigError, match=rf"freeze.{key}={value}.*from 0 to"):
+        check_freeze_policy(policy, vision_depth=3, text_depth=2)
+
+
+def test_unknown_policy_and_setting_are_named():
+    with pytest.raises(ConfigError, match="freeze.name='last'.*full, frozen, last_n, text_frozen, pattern"):
+        check_freeze_policy({"name": "last"}, 3, 2)
+    with pytest.raises(ConfigError, match="freeze.vision_block is not a freeze setting"):
+        check_freeze_policy({"name": "last_n", "vision_block": 1}, 3, 2)
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        check_freeze_policy({"name": "pattern", "include": ["("]}, 3, 2)
+
+
+def test_replaced_heads_train_under_any_policy(tiny_model):
+    from handclip.projection import replace_projection
+
+    heads = replace_projection(tiny_model, {"name": "replace", "dim": 8})
+    apply_freeze(tiny_model, {"name": "pattern", "include": ["^nothing$"]}, always_trainable=tuple(heads))
+    assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS | {"logit_scale"}

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from handclip.losses import LOGIT_SCALE_MAX, clamp_logit_scale, contrastive_loss, contrastive_targets
+
+
+def test_loss_matches_a_hand_computed_value():
+    # orthogonal unit features: logits = scale * I; each CE = log(1 + e^-s) ... with 2 samples
+    image = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised to e1, e2
+    text = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # e1 and (e1+e2)/sqrt2
+    scale = torch.tensor(math.log(10.0))
+    c = 1 / math.sqrt(2)
+    logits = 10 * torch.tensor([[1.0, c], [0.0, c]])
+    row0 = -math.log(math.exp(logits[0, 0]) / (math.exp(logits[0, 0]) + math.exp(logits[0, 1])))
+    row1 = -math.log(math.exp(logits[1, 1]) / (math.exp(logits[1, 0]) + math.exp(logits[1, 1])))
+    col0 = -math.log(math.exp(logits[0, 0]) / (math.exp(logits[0, 0]) + math.exp(logits[1, 0])))
+    col1 = -math.log(math.exp(logits[1, 1]) / (math.exp(logits[0, 1]) + math.exp(logits[1, 1])))
+    expected = ((row0 + row1) / 2 + (col0 + col1) / 2) / 2
+    assert contrastive_loss(image, text, scale).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_equals_clip_reference_formula():
+    torch.manual_seed(0)
+    image, text, scale = torch.randn(6, 5), torch.randn(6, 5), torch.tensor(2.0)
+    logits = scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    target = torch.arange(6)
+    reference = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    assert contrastive_loss(image, text, scale).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_multi_positive_targets_spread_over_same_identity():
+    targets = contrastive_targets(4, torch.tensor([7, 7, 3, 7]))
+    third = 1 / 3
+    assert torch.allclose(targets, torch.tensor([[third, third, 0, third], [third, third, 0, third],
+                                                 [0, 0, 1.0, 0], [third, third, 0, third]]))
+
+
+def test_multi_positive_loss_hand_computed():
+    # two images of one person, orthogonal features, scale e^s = 2: logits = [[2, 0], [0, 2]].
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scale = torch.tensor(math.log(2.0))
+    # single positive: CE = -log(e^2 / (e^2 + 1)) = log(1 + e^2) - 2 in every row and column
+    single = contrastive_loss(image, text, scale)
+    assert single.item() == pytest.approx(math.log(1 + math.e**2) - 2, rel=1e-6)
+    # same identity: targets [1/2, 1/2], CE = log(1 + e^2) - 1: separating them is now penalised
+    multi = contrastive_loss(image, text, scale, identities=torch.tensor([5, 5]))
+    assert multi.item() == pytest.approx(math.log(1 + math.e**2) - 1, rel=1e-6)
+    # different identities: the same as single positive
+    distinct = contrastive_loss(image, text, scale, identities=torch.tensor([5, 6]))
+    assert distinct.item() == pytest.approx(single.item(), rel=1e-6)
+
+
+def test_clamp_keeps_logit_scale_in_range():
+    parameter = torch.nn.Parameter(torch.tensor(9.0))
+    clamp_logit_scale(parameter)
+    assert parameter.item() == pytest.approx(LOGIT_SCALE_MAX)
+    parameter.data.fill_(-1.0)
+    clamp_logit_scale(parameter)
+    assert parameter.item() == 0.0

@@ -1,0 +1,98 @@
+import json
+from collections import Counter, defaultdict
+
+import pytest
+
+from handclip.data.prepare import PrepareSettings, prepare, read_manifest
+from handclip.data.readers import read_11k
+from handclip.data.split import THRESHOLDS_11K, split_11k, split_sizes
+from handclip.data.synthetic import generate_hands
+
+# DESIGN.md section 6: (identities, images) of train, val and test per aspect on the real data
+REAL = {
+    "dorsal right": ((72, 890), (72, 72), (71, 1042)),
+    "dorsal left": ((73, 735), (73, 73), (73, 1061)),
+    "palmar right": ((72, 905), (72, 72), (71, 988)),
+    "palmar left": ((76, 928), (76, 76), (75, 1023)),
+}
+
+
+def _spread(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+@pytest.fixture(scope="module")
+def real_sized_hands(tmp_path_factory):
+    """A synthetic folder with the real per-aspect identity and image counts (tiny images)."""
+    plan = {}
+    for aspect, ((train_ids, train_images), (_, val_images), (test_ids, test_images)) in REAL.items():
+        threshold = THRESHOLDS_11K[aspect]
+        train = list(range(threshold - train_ids + 1, threshold + 1))
+        test = list(range(1100, 1100 + test_ids))
+        counts = _spread(train_images + val_images, train_ids) + _spread(test_images, test_ids)
+        plan[aspect] = list(zip(train + test, counts, strict=True))
+    root = tmp_path_factory.mktemp("real_sized")
+    generate_hands(root, seed=0, image_size=(32, 24), plan=plan)
+    return root
+
+
+@pytest.mark.parametrize("aspect", list(REAL))
+def test_split_sizes_equal_the_published_table(real_sized_hands, aspect):
+    rows = split_11k(read_11k(real_sized_hands, no_accessories=False), aspect, seed=0)
+    sizes = split_sizes(rows)
+    (train, val, test) = REAL[aspect]
+    assert sizes["train"] == train and sizes["val"] == val
+    for run in range(10):
+        query, gallery = sizes[f"query{run}"], sizes[f"gallery{run}"]
+        assert gallery == (test[0], test[0])  # one gallery image per identity
+        assert query[1] + gallery[1] == test[1]
+
+
+def test_protocol_invariants(synthetic_hands):
+    records = read_11k(synthetic_hands)
+    rows = split_11k(records, "dorsal left", seed=4, runs=10)
+    by_split = defaultdict(list)
+    for row in rows:
+        by_split[row["split"]].append(row)
+    train_ids = {r["person"] for r in by_split["train"] + by_split["val"]}
+    test_ids = {r["person"] for r in by_split["query0"] + by_split["gallery0"]}
+    assert train_ids and test_ids and not train_ids & test_ids
+    assert all(int(p) <= 1037 for p in train_ids) and all(int(p) > 1037 for p in test_ids)
+    assert Counter(r["identity"] for r in by_split["val"]).most_common(1)[0][1] == 1
+    test_images = {r["image"] for r in by_split["query0"] + by_split["gallery0"]}
+    for run in range(10):
+        query = {r["image"] for r in by_split[f"query{run}"]}
+        gallery = {r["image"] for r in by_split[f"gallery{run}"]}
+        assert not query & gallery and query | gallery == test_images
+        assert Counter(r["identity"] for r in by_split[f"gallery{run}"]).most_common(1)[0][1] == 1
+        merged = by_split[f"gallery_all{run}"]
+        # the merged gallery holds every aspect, each identity labelled with its aspect
+        assert {r["aspect"] for r in merged} == {"dorsal right", "dorsal left", "palmar right", "palmar left"}
+        assert gallery <= {r["image"] for r in merged}
+        assert all(r["identity"].startswith(r["aspect"].replace(" ", "_") + "/") for r in merged)
+    # different runs draw different galleries
+    assert {r["image"] for r in by_split["gallery0"]} != {r["image"] for r in by_split["gallery1"]}
+
+
+def test_same_seed_same_manifest_other_seed_differs(synthetic_hands):
+    records = read_11k(synthetic_hands)
+    assert split_11k(records, "palmar right", seed=1) == split_11k(records, "palmar right", seed=1)
+    assert split_11k(records, "palmar right", seed=1) != split_11k(records, "palmar right", seed=2)
+
+
+def test_prepare_writes_manifest_settings_and_cache(synthetic_hands):
+    settings = PrepareSettings(root=str(synthetic_hands), aspect="dorsal right", seed=0, cache_size=48)
+    path = prepare(settings, quiet=True)
+    rows = read_manifest(path)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["settings"]["seed"] == 0 and info["settings"]["cache_size"] == 48
+    assert info["sizes"]["val"]["identities"] == info["sizes"]["train"]["identities"]
+    cached = synthetic_hands / "cache" / "48" / rows[0]["image"]
+    from PIL import Image
+
+    assert min(Image.open(cached).size) == 48
+    before = path.read_bytes()
+    assert prepare(settings, quiet=True) == path and path.read_bytes() == before
+    # a new cache size makes a new cache
+    prepare(PrepareSettings(root=str(synthetic_hands), aspect="dorsal right", seed=0, cache_size=40), quiet=True)
+    assert min(Image.open(synthetic_hands / "cache" / "40" / rows[0]["image"]).size) == 40

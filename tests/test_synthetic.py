@@ -1,0 +1,76 @@
+import csv
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from handclip.data.readers import HANDINFO_COLUMNS, read_11k
+from handclip.data.synthetic import ASPECTS, generate_hands, main
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    generate_hands(tmp_path / "a", identities=3, seed=5, image_size=(96, 72))
+    generate_hands(tmp_path / "b", identities=3, seed=5, image_size=(96, 72))
+    generate_hands(tmp_path / "c", identities=3, seed=6, image_size=(96, 72))
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_writes_the_exact_11k_format(synthetic_hands):
+    with open(synthetic_hands / "HandInfo.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(HANDINFO_COLUMNS)
+    assert {r["aspectOfHand"] for r in rows} == set(ASPECTS)
+    assert all(len(r["id"]) == 7 and r["id"].isdigit() for r in rows)
+    assert all(r["imageName"].startswith("Hand_") and r["imageName"].endswith(".jpg") for r in rows)
+    assert {r["accessories"] for r in rows} <= {"0", "1"}
+    assert {r["skinColor"] for r in rows} <= {"very fair", "fair", "medium", "dark"}
+    image = Image.open(synthetic_hands / "Hands" / rows[0]["imageName"])
+    assert image.format == "JPEG" and image.size == (160, 120) and image.mode == "RGB"
+    # half the identities fall below every split threshold, half above
+    ids = sorted({int(r["id"]) for r in rows})
+    assert sum(i <= 1037 for i in ids) == 6 and sum(i > 1051 for i in ids) == 6
+
+
+def test_the_11k_reader_reads_it(synthetic_hands):
+    records = read_11k(synthetic_hands, no_accessories=False)
+    with open(synthetic_hands / "HandInfo.csv", newline="") as handle:
+        assert len(records) == sum(1 for _ in handle) - 1
+    filtered = read_11k(synthetic_hands)
+    assert all(r.attributes["accessories"] == "0" for r in filtered)
+    assert all((synthetic_hands / r.image).is_file() for r in records)
+
+
+def test_left_and_right_are_mirror_images(tmp_path):
+    # a dorsal right hand has its thumb on the left, so its skin's centre of mass leans left
+    generate_hands(tmp_path, identities=2, seed=1, image_size=(160, 120))
+    rows = list(csv.DictReader(open(tmp_path / "HandInfo.csv")))
+
+    def skin_balance(aspect):
+        values = []
+        for row in rows:
+            if row["aspectOfHand"] == aspect:
+                pixels = np.asarray(Image.open(tmp_path / "Hands" / row["imageName"]), float)
+                background = np.median(pixels[:8].reshape(-1, 3), axis=0)
+                skin = np.abs(pixels - background).sum(axis=2) > 40
+                columns = np.nonzero(skin)[1]
+                values.append(columns.mean() - 80)  # centre of mass left (<0) or right (>0) of middle
+        return np.mean(values)
+
+    assert skin_balance("dorsal right") < 0 < skin_balance("dorsal left")
+    assert skin_balance("palmar right") > 0 > skin_balance("palmar left")
+
+
+def test_command_line(tmp_path, capsys):
+    main(["--out", str(tmp_path / "x"), "--identities", "2", "--seed", "0", "--image-size", "64x48"])
+    assert (tmp_path / "x" / "HandInfo.csv").is_file()
+    assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,81 @@
+"""End-to-end runs on the CPU with the tiny backbone and synthetic hands."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# a small, quick demo: few identities, small images, two epochs, two test runs
+QUICK = [
+    "experiment=demo",
+    "data.synthetic.identities=10",
+    "data.synthetic.image_size=[96,72]",
+    "data.batch_size=8",
+    "data.runs=2",
+    "trainer.max_epochs=2",
+    "backbone.config.vision_config.image_size=32",
+    "backbone.config.vision_config.num_hidden_layers=2",
+    "backbone.config.text_config.num_hidden_layers=2",
+    "freeze.vision_blocks=1",
+    "freeze.text_blocks=1",
+]
+
+
+def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK):
+    env = dict(os.environ, HANDCLIP_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *base,
+               f"paths.root={tmp_path}", *overrides]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_demo_run_end_to_end(tmp_path):
+    result = train(tmp_path)
+    run = tmp_path / "runs" / "demo"
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    for key in ("baseline/val/rank1", "baseline/test/rank1", "val/rank1", "test/rank1", "test/mAP",
+                "test/rank1_std", "test_all/rank1", "trainable_parameters"):
+        assert key in metrics, key
+        if "rank" in key or "mAP" in key:
+            assert 0.0 <= metrics[key] <= 1.0
+    assert "freeze policy: last_n (vision_blocks=1, text_blocks=1)" in (run / "freeze.txt").read_text()
+    assert "baseline (untrained)" in result.stdout and "trainable" in result.stdout
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "data" / "synthetic_hands" / "HandInfo.csv").is_file()
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(tmp_path):
+    train(tmp_path / "a", "eval.baseline=false")
+    train(tmp_path / "b", "eval.baseline=false")
+    a = json.loads((tmp_path / "a" / "runs" / "demo" / "metrics.json").read_text())["metrics"]
+    b = json.loads((tmp_path / "b" / "runs" / "demo" / "metrics.json").read_text())["metrics"]
+    for key in ("val/rank1", "test/rank1", "test/mAP", "test_all/mAP"):
+        assert a[key] == b[key], key
+
+
+@pytest.mark.slow
+def test_two_point_sweep(tmp_path):
+    train(tmp_path, "freeze.vision_blocks=0,2", "eval.baseline=false", multirun=True)
+    sweep = tmp_path / "runs" / "sweeps" / "demo"
+    counts = {}
+    for blocks in (0, 2):
+        payload = json.loads((sweep / f"freeze.vision_blocks={blocks}" / "metrics.json").read_text())
+        counts[blocks] = payload["metrics"]["trainable_parameters"]
+        assert 0.0 <= payload["metrics"]["test/rank1"] <= 1.0
+    assert counts[2] > counts[0]
+
+
+@pytest.mark.slow
+def test_missing_real_data_stops_at_once_with_directions(tmp_path):
+    result = train(tmp_path, "experiment=dorsal_hand", check=False, base=[])
+    assert result.returncode != 0
+    assert "11k does not exist" in result.stderr and "experiment=demo" in result.stderr
+    assert "Traceback" not in result.stderr

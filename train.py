@@ -1,0 +1,43 @@
+"""Fine-tune a CLIP model: `python train.py experiment=demo` (see README.md)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def _run_dir(name: str, run_name: str | None, overrides: str) -> str:
+    # stable, readable run directories: runs/<name> or runs/<name>/<overrides that matter>
+    if run_name:
+        return str(run_name)
+    return name if not overrides else f"{name}/{overrides.replace('/', '_')}"
+
+
+OmegaConf.register_new_resolver("handclip.run_dir", _run_dir, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from handclip.errors import HandClipError
+    from handclip.run import run_training
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
+    try:
+        metrics = run_training(plain, run_dir)
+    except HandClipError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    # what a sweeper optimises: validation, never test
+    return float(metrics.get("val/rank1", 0.0))
+
+
+if __name__ == "__main__":
+    main()
