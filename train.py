@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -9,14 +10,24 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 
+def _short(overrides: str) -> str:
+    """Overrides as a directory name: readable, and hashed when too long for a file system."""
+    overrides = overrides.replace("/", "_")
+    if len(overrides) <= 120:
+        return overrides
+    return overrides[:80] + "-" + hashlib.sha1(overrides.encode()).hexdigest()[:10]
+
+
 def _run_dir(name: str, run_name: str | None, overrides: str) -> str:
-    # stable, readable run directories: runs/<name> or runs/<name>/<overrides that matter>
+    # stable run directories (runs/<name> or runs/<name>/<overrides that matter>), so that
+    # `ckpt_path=last` from a new process finds the same run
     if run_name:
         return str(run_name)
-    return name if not overrides else f"{name}/{overrides.replace('/', '_')}"
+    return name if not overrides else f"{name}/{_short(overrides)}"
 
 
 OmegaConf.register_new_resolver("handclip.run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("handclip.short", _short, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

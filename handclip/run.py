@@ -42,6 +42,17 @@ def ensure_synthetic(data: Mapping[str, Any]) -> None:
     tmp.rename(root)
 
 
+def _quiet_libraries() -> None:
+    """Keep the console to what a user reads: our tables, progress bars and warnings."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
 def _console():
     from rich.console import Console
 
@@ -169,6 +180,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
 
     started = time.time()
     console = _console()
+    _quiet_libraries()
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
     data = cfg["data"]

@@ -70,7 +70,8 @@ class ClipFineTuner(L.LightningModule):
         super().__init__()
         # what a resumed run must share with the run that wrote the checkpoint
         self.signature = dict(signature or {})
-        self.model = model
+        # from_pretrained returns a model in eval mode, and Lightning keeps the mode it finds
+        self.model = model.train()
         self.optim = dict(optim)
         self.loss_cfg = dict(loss)
         self.val_rows = list(val_rows)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # a small, quick demo: few identities, small images, two epochs, two test runs
@@ -26,6 +27,7 @@ QUICK = [
 
 
 def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HANDCLIP_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     command = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *base,
                f"paths.root={tmp_path}", *overrides]
@@ -38,7 +40,7 @@ def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK):
 @pytest.mark.slow
 def test_demo_run_end_to_end(tmp_path):
     result = train(tmp_path)
-    run = tmp_path / "runs" / "demo"
+    (run,) = (tmp_path / "runs" / "demo").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
     for key in ("baseline/val/rank1", "baseline/test/rank1", "val/rank1", "test/rank1", "test/mAP",
                 "test/rank1_std", "test_all/rank1", "trainable_parameters"):
@@ -55,8 +57,7 @@ def test_demo_run_end_to_end(tmp_path):
 def test_same_seed_same_numbers(tmp_path):
     train(tmp_path / "a", "eval.baseline=false")
     train(tmp_path / "b", "eval.baseline=false")
-    a = json.loads((tmp_path / "a" / "runs" / "demo" / "metrics.json").read_text())["metrics"]
-    b = json.loads((tmp_path / "b" / "runs" / "demo" / "metrics.json").read_text())["metrics"]
+    a, b = (json.loads(next((tmp_path / x / "runs").rglob("metrics.json")).read_text())["metrics"] for x in "ab")
     for key in ("val/rank1", "test/rank1", "test/mAP", "test_all/mAP"):
         assert a[key] == b[key], key
 
@@ -66,11 +67,12 @@ def test_two_point_sweep(tmp_path):
     train(tmp_path, "freeze.vision_blocks=0,2", "eval.baseline=false", multirun=True)
     sweep = tmp_path / "runs" / "sweeps" / "demo"
     counts = {}
-    for blocks in (0, 2):
-        payload = json.loads((sweep / f"freeze.vision_blocks={blocks}" / "metrics.json").read_text())
+    for run in [p for p in sweep.iterdir() if (p / "config.yaml").is_file()]:
+        blocks = yaml.safe_load((run / "config.yaml").read_text())["freeze"]["vision_blocks"]
+        payload = json.loads((run / "metrics.json").read_text())
         counts[blocks] = payload["metrics"]["trainable_parameters"]
         assert 0.0 <= payload["metrics"]["test/rank1"] <= 1.0
-    assert counts[2] > counts[0]
+    assert set(counts) == {0, 2} and counts[2] > counts[0]
 
 
 @pytest.mark.slow
