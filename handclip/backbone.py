@@ -97,8 +97,7 @@ def tiny_clip_config(spec: Mapping):
         width, heads = values.get("hidden_size", 0), values.get("num_attention_heads", 1)
         if width and width % heads:
             raise ConfigError(
-                f"backbone.config.{tower}: hidden_size={width} must be divisible by "
-                f"num_attention_heads={heads}"
+                f"backbone.config.{tower}: hidden_size={width} must be divisible by num_attention_heads={heads}"
             )
     # the tokenizer's special ids: the text tower pools at eos_token_id, so they must agree
     text.setdefault("bos_token_id", 49406)
@@ -158,9 +157,7 @@ def tiny_backbone_dir(spec: Mapping, cache_dir: str | Path | None = None) -> Pat
     model.save_pretrained(tmp, safe_serialization=True)
     build_clip_tokenizer(tmp)
     size = config.vision_config.image_size
-    CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    ).save_pretrained(tmp)
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
     if out.exists():  # another process won the race
         import shutil
 

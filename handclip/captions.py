@@ -2,7 +2,8 @@
 
 Templates are Python format strings over these fields: aspect ("dorsal right"), view
 ("dorsal"), side ("right"), person ("0000530"), gender, age, skin, accessories ("wearing a
-ring" or "without accessories"), nail_polish ("with painted nails" or "with bare nails").
+ring" or "without accessories"), nail_polish ("with painted nails" or "with bare nails"),
+and caption (a caption CSV's own text).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from handclip.errors import ConfigError
 
-FIELDS = ("aspect", "view", "side", "person", "gender", "age", "skin", "accessories", "nail_polish")
+FIELDS = ("aspect", "view", "side", "person", "gender", "age", "skin", "accessories", "nail_polish", "caption")
 DEFAULT_TEMPLATES = ("a photo of the {aspect} hand of person {person}",)
 
 
@@ -23,6 +24,8 @@ def caption_fields(row: Mapping[str, str]) -> dict[str, str]:
     fields = {"aspect": aspect, "person": row.get("person", ""), "view": aspect.split(" ")[0]}
     if " " in aspect:
         fields["side"] = aspect.split(" ")[1]
+    if row.get("caption"):  # a generic caption CSV brings its own captions
+        fields["caption"] = row["caption"]
     if row.get("gender"):
         fields["gender"] = row["gender"]
     if row.get("age"):

@@ -41,15 +41,15 @@ def check_config(cfg: Mapping) -> dict:
         raise ConfigError(f"loss.name={loss!r} is not a loss; choose one of {', '.join(LOSSES)}")
     batch = _number(cfg, "data.batch_size", 1, 1_000_000, integer=True)
     if batch < 2:
-        raise ConfigError(
-            f"data.batch_size={batch} is too small: a contrastive loss needs at least 2 pairs per batch"
-        )
+        raise ConfigError(f"data.batch_size={batch} is too small: a contrastive loss needs at least 2 pairs per batch")
     _number(cfg, "optim.lr", 1e-12, 1.0)
     _number(cfg, "optim.weight_decay", 0.0, 10.0)
     _number(cfg, "trainer.max_epochs", 1, 100_000, integer=True)
     data = cfg["data"]
     if data.get("on_bad_image", "skip") not in BAD_IMAGE_POLICIES:
-        raise ConfigError(f"data.on_bad_image={data.get('on_bad_image')!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
+        raise ConfigError(
+            f"data.on_bad_image={data.get('on_bad_image')!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}"
+        )
     Captioner(data.get("captions") or ["a photo of the {aspect} hand of person {person}"])
     check_augment(data.get("augment"))
     settings = settings_from_config(data)

@@ -73,10 +73,7 @@ class FreezeReport:
             "policy": self.policy,
             "total_parameters": self.total,
             "trainable_parameters": self.trainable,
-            "groups": [
-                {"group": r.group, "parameters": r.parameters, "trainable": r.status}
-                for r in self.rows
-            ],
+            "groups": [{"group": r.group, "parameters": r.parameters, "trainable": r.status} for r in self.rows],
         }
 
     def to_text(self) -> str:
@@ -228,9 +225,7 @@ def apply_freeze(model, policy: Any, always_trainable: tuple[str, ...] = ()) -> 
     `always_trainable` names parameter prefixes that train whatever the policy says
     (a replaced projection).
     """
-    policy = check_freeze_policy(
-        policy, _depth(model, "vision_model"), _depth(model, "text_model")
-    )
+    policy = check_freeze_policy(policy, _depth(model, "vision_model"), _depth(model, "text_model"))
     groups = _trainable_groups(policy, model)
     counts: dict[str, GroupRow] = {}
     for name, parameter in model.named_parameters():

@@ -44,4 +44,3 @@ def clamp_logit_scale(logit_scale: torch.Tensor) -> None:
     """Keep the learnable log-scale in [0, ln 100] (CLIP's clamp), in place."""
     with torch.no_grad():
         logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
-

@@ -1,10 +1,10 @@
 """Optional replacement of CLIP's projection heads.
 
-    name: keep                       # the backbone's own projections
-    name: replace                    # new heads, always trainable, seeded init
-    dim: 256
-    towers: [vision, text]           # replacing one tower is allowed only at the other's width
-    seed: 0
+name: keep                       # the backbone's own projections
+name: replace                    # new heads, always trainable, seeded init
+dim: 256
+towers: [vision, text]           # replacing one tower is allowed only at the other's width
+seed: 0
 """
 
 from __future__ import annotations

@@ -42,6 +42,29 @@ def ensure_synthetic(data: Mapping[str, Any]) -> None:
     tmp.rename(root)
 
 
+def text_table(results: dict[str, dict]):
+    """Zero-shot attribute accuracy and retrieval recall, baseline → fine-tuned."""
+    from rich.table import Table
+
+    labels = list(results)
+    table = Table(title=f"language side: zero-shot prompts and retrieval, % ({' → '.join(labels)})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("chance / majority", justify="right")
+    names = [
+        k
+        for k in results[labels[-1]]["metrics"]
+        if k.startswith(("zeroshot/", "retrieval/")) and not k.endswith("_majority")
+    ]
+    for name in names:
+        values = " → ".join(f"{100 * r['metrics'][name]:.1f}" for r in results.values() if name in r["metrics"])
+        majority = results[labels[-1]]["metrics"].get(name.replace("_accuracy", "_majority"))
+        table.add_row(
+            name, values, f"{100 * majority:.1f}" if majority is not None and name.endswith("_accuracy") else ""
+        )
+    return table
+
+
 def _quiet_libraries() -> None:
     """Keep the console to what a user reads: our tables, progress bars and warnings."""
     import logging
@@ -65,7 +88,9 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_model(model, rows, root, backbone, cache_size: int, eval_cfg: Mapping, include_test: bool = True) -> dict:
+def evaluate_model(
+    model, rows, root, backbone, cache_size: int, eval_cfg: Mapping, include_test: bool = True, captioner=None
+) -> dict:
     """Features of every image the protocol needs, then all its scores (see handclip.evaluation)."""
     from handclip.data.dataset import ManifestImages
     from handclip.evaluation import extract_image_features, images_needed, score_protocol
@@ -77,7 +102,18 @@ def evaluate_model(model, rows, root, backbone, cache_size: int, eval_cfg: Mappi
     features = extract_image_features(
         model, dataset, int(eval_cfg.get("batch_size", 64)), flip=bool(eval_cfg.get("flip_tta", False)), progress=True
     )
-    return score_protocol(features, image_rows, rows, include_test)
+    result = score_protocol(features, image_rows, rows, include_test)
+    if include_test and eval_cfg.get("text", True) and captioner is not None:
+        from handclip.zeroshot import text_metrics
+
+        # the test images (and, on 11k, the other aspects' gallery images): never trained on
+        test = [i for i, r in enumerate(image_rows) if r["split"] not in ("train", "val")]
+        if test:
+            chosen = [image_rows[i] for i in test]
+            result["metrics"].update(text_metrics(
+                features[test], chosen, [captioner(r) for r in chosen], model, backbone.tokenizer
+            ))  # fmt: skip
+    return result
 
 
 def build_logger(cfg: Mapping, run_dir: Path):
@@ -214,15 +250,20 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
         if resume and baseline_path.is_file():  # the untrained model's scores do not change
             baseline = json.loads(baseline_path.read_text())
         else:
-            baseline = evaluate_model(model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test)
+            baseline = evaluate_model(
+                model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test, datamodule.captioner
+            )
             _write_json(baseline_path, baseline)
         results["baseline"] = baseline
         metrics.update({f"baseline/{k}": v for k, v in baseline["metrics"].items()})
         shown = baseline["metrics"]
         console.print(
             f"baseline (untrained): val Rank-1 {100 * shown['val/rank1']:.1f}%"
-            + (f", test Rank-1 {100 * shown['test/rank1']:.1f}% mAP {100 * shown['test/mAP']:.1f}%"
-               if "test/rank1" in shown else "")
+            + (
+                f", test Rank-1 {100 * shown['test/rank1']:.1f}% mAP {100 * shown['test/mAP']:.1f}%"
+                if "test/rank1" in shown
+                else ""
+            )
         )
 
     checkpoints = ModelCheckpoint(
@@ -244,7 +285,9 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
         module.load_state_dict(load_checkpoint_file(best)["state_dict"])
     if checkpoints.best_model_score is not None:
         metrics["val/rank1"] = float(checkpoints.best_model_score)
-    final = evaluate_model(model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test)
+    final = evaluate_model(
+        model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test, datamodule.captioner
+    )
     results["fine-tuned"] = final
     metrics.update(final["metrics"])
     metrics["wall_time_s"] = time.time() - started
@@ -252,6 +295,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
     for prefix in ("test", "test_all"):
         if f"{prefix}/rank1" in final["metrics"]:
             console.print(protocol_table(results, prefix))
+    console.print(text_table(results))
     payload = {
         "metrics": metrics,
         "runs": {label: r["runs"] for label, r in results.items()},
@@ -266,7 +310,8 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
         logger.finalize("success")
     summary = ", ".join(
         f"{name} {100 * metrics[key]:.1f}% (baseline {100 * metrics['baseline/' + key]:.1f}%)"
-        if "baseline/" + key in metrics else f"{name} {100 * metrics[key]:.1f}%"
+        if "baseline/" + key in metrics
+        else f"{name} {100 * metrics[key]:.1f}%"
         for name, key in (("test Rank-1", "test/rank1"), ("test mAP", "test/mAP"))
         if key in metrics
     )
@@ -280,4 +325,3 @@ def _peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-

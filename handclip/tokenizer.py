@@ -24,9 +24,7 @@ _NUM_MERGES = 49152 - 256 - 2
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2 / CLIP)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = list(printable)
     extra = 0
@@ -63,9 +61,7 @@ def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
     tokens += ["".join(m.split()) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(tokens)}
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
-    )
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return out_dir
 
 

@@ -34,7 +34,9 @@ def no_decay(name: str, parameter: torch.Tensor) -> bool:
     return parameter.ndim < 2 or "embedding" in name or "norm" in name or name.endswith("logit_scale")
 
 
-def parameter_groups(model, weight_decay: float, lr: float, head_prefixes: Sequence[str] = (), head_lr_multiplier: float = 1.0) -> list[dict]:
+def parameter_groups(
+    model, weight_decay: float, lr: float, head_prefixes: Sequence[str] = (), head_lr_multiplier: float = 1.0
+) -> list[dict]:
     """AdamW groups over trainable parameters: decay / no decay, new heads at a higher lr."""
     groups: dict[tuple[bool, bool], list] = {}
     names: dict[tuple[bool, bool], list] = {}
@@ -149,7 +151,9 @@ class ClipFineTuner(L.LightningModule):
 class HandDataModule(L.LightningDataModule):
     """Training pairs (image, caption, identity) and the validation images, from manifest rows."""
 
-    def __init__(self, rows: Sequence[dict], root: str | Path, backbone, data: Mapping[str, Any], cache_size: int, seed: int):
+    def __init__(
+        self, rows: Sequence[dict], root: str | Path, backbone, data: Mapping[str, Any], cache_size: int, seed: int
+    ):
         super().__init__()
         self.rows = list(rows)
         self.root = root
@@ -191,7 +195,9 @@ class HandDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=int(self.data.get("eval_batch_size", 64)), shuffle=False, **self._workers())
+        return DataLoader(
+            self.val_set, batch_size=int(self.data.get("eval_batch_size", 64)), shuffle=False, **self._workers()
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -26,10 +26,16 @@ def test_every_experiment_composes(tmp_path, experiment):
 
 
 def test_published_experiments_use_the_protocol_settings(tmp_path):
-    aspects = {e: compose_plain(tmp_path, f"experiment={e}")["data"]["aspect"]
-               for e in ("dorsal_hand", "dorsal_left_hand", "palmar_hand", "palmar_left_hand")}
-    assert aspects == {"dorsal_hand": "dorsal right", "dorsal_left_hand": "dorsal left",
-                       "palmar_hand": "palmar right", "palmar_left_hand": "palmar left"}
+    aspects = {
+        e: compose_plain(tmp_path, f"experiment={e}")["data"]["aspect"]
+        for e in ("dorsal_hand", "dorsal_left_hand", "palmar_hand", "palmar_left_hand")
+    }
+    assert aspects == {
+        "dorsal_hand": "dorsal right",
+        "dorsal_left_hand": "dorsal left",
+        "palmar_hand": "palmar right",
+        "palmar_left_hand": "palmar left",
+    }
     cfg = compose_plain(tmp_path, "experiment=dorsal_hand")
     assert cfg["backbone"]["source"] == "openai/clip-vit-base-patch32"
     assert cfg["freeze"]["name"] == "text_frozen" and cfg["data"]["no_accessories"] is True
@@ -51,7 +57,7 @@ def test_demo_config_passes_the_checks(tmp_path):
         ("optim.lr=0", "optim.lr=0 is out of range"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 is out of range"),
         ("projection=replace|projection.towers=[vision]|projection.dim=32", "both towers must share one width"),
-        ("data.captions=[\"{person} {colour}\"]", "unknown field 'colour'"),
+        ('data.captions=["{person} {colour}"]', "unknown field 'colour'"),
         ("+data.augment.hflip=true", "turns a right hand into a left one"),
         ("data.on_bad_image=ignore", "data.on_bad_image='ignore': choose one of skip, fail"),
     ],

@@ -8,8 +8,16 @@ def blocks(tower: str, indices) -> set[str]:
     prefix = f"{tower}_model.encoder.layers"
     names = []
     for i in indices:
-        for part in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj",
-                     "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"):
+        for part in (
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.q_proj",
+            "self_attn.out_proj",
+            "layer_norm1",
+            "mlp.fc1",
+            "mlp.fc2",
+            "layer_norm2",
+        ):
             names += [f"{prefix}.{i}.{part}.weight", f"{prefix}.{i}.{part}.bias"]
     return set(names)
 
@@ -25,7 +33,11 @@ FINAL_LN = {"text_model.final_layer_norm.weight", "text_model.final_layer_norm.b
         (0, 0, PROJECTIONS | {"logit_scale"}),
         (1, 0, PROJECTIONS | {"logit_scale"} | POST_LN | blocks("vision", [2])),
         (2, 1, PROJECTIONS | {"logit_scale"} | POST_LN | blocks("vision", [1, 2]) | FINAL_LN | blocks("text", [1])),
-        (3, 2, PROJECTIONS | {"logit_scale"} | POST_LN | blocks("vision", [0, 1, 2]) | FINAL_LN | blocks("text", [0, 1])),
+        (
+            3,
+            2,
+            PROJECTIONS | {"logit_scale"} | POST_LN | blocks("vision", [0, 1, 2]) | FINAL_LN | blocks("text", [0, 1]),
+        ),
     ],
 )
 def test_last_n_trains_exactly_the_top_blocks(tiny_model, vision_blocks, text_blocks, expected):
@@ -56,8 +68,15 @@ def test_text_frozen_trains_the_whole_image_tower_only(tiny_model):
 
 
 def test_pattern_policy_uses_include_and_exclude(tiny_model):
-    apply_freeze(tiny_model, {"name": "pattern", "include": [r"\.mlp\.", r"^text_projection"],
-                              "exclude": [r"text_model"], "train_logit_scale": False})
+    apply_freeze(
+        tiny_model,
+        {
+            "name": "pattern",
+            "include": [r"\.mlp\.", r"^text_projection"],
+            "exclude": [r"text_model"],
+            "train_logit_scale": False,
+        },
+    )
     names = set(trainable_parameter_names(tiny_model))
     expected = {n for n, _ in tiny_model.named_parameters() if ".mlp." in n and n.startswith("vision_model")}
     assert names == expected | {"text_projection.weight"}
@@ -66,7 +85,13 @@ def test_pattern_policy_uses_include_and_exclude(tiny_model):
 def test_report_table_lists_groups_from_the_top(tiny_model):
     report = apply_freeze(tiny_model, {"name": "last_n", "vision_blocks": 1, "text_blocks": 0})
     groups = [r.group for r in report.rows]
-    assert groups[:5] == ["logit_scale", "visual_projection", "vision.post_layernorm", "vision.blocks.2", "vision.blocks.1"]
+    assert groups[:5] == [
+        "logit_scale",
+        "visual_projection",
+        "vision.post_layernorm",
+        "vision.blocks.2",
+        "vision.blocks.1",
+    ]
     status = {r.group: r.status for r in report.rows}
     assert status["vision.blocks.2"] == "yes" and status["vision.blocks.1"] == "no"
     text = report.to_text()

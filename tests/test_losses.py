@@ -34,8 +34,10 @@ def test_loss_equals_clip_reference_formula():
 def test_multi_positive_targets_spread_over_same_identity():
     targets = contrastive_targets(4, torch.tensor([7, 7, 3, 7]))
     third = 1 / 3
-    assert torch.allclose(targets, torch.tensor([[third, third, 0, third], [third, third, 0, third],
-                                                 [0, 0, 1.0, 0], [third, third, 0, third]]))
+    assert torch.allclose(
+        targets,
+        torch.tensor([[third, third, 0, third], [third, third, 0, third], [0, 0, 1.0, 0], [third, third, 0, third]]),
+    )
 
 
 def test_multi_positive_loss_hand_computed():

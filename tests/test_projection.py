@@ -32,7 +32,9 @@ def test_keep_changes_nothing(tiny_model):
 
 
 def test_one_tower_at_another_width_is_refused():
-    with pytest.raises(ConfigError, match=r"projection.towers=\[vision\] with projection.dim=8 leaves the text projection at 16"):
+    with pytest.raises(
+        ConfigError, match=r"projection.towers=\[vision\] with projection.dim=8 leaves the text projection at 16"
+    ):
         check_projection({"name": "replace", "dim": 8, "towers": ["vision"]}, current_dim=16)
     # at the same width replacing one tower is fine
     assert check_projection({"name": "replace", "dim": 16, "towers": ["vision"]}, 16)["towers"] == ["vision"]

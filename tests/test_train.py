@@ -29,8 +29,14 @@ QUICK = [
 def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK):
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HANDCLIP_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    command = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *base,
-               f"paths.root={tmp_path}", *overrides]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *(["-m"] if multirun else []),
+        *base,
+        f"paths.root={tmp_path}",
+        *overrides,
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -42,8 +48,16 @@ def test_demo_run_end_to_end(tmp_path):
     result = train(tmp_path)
     (run,) = (tmp_path / "runs" / "demo").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
-    for key in ("baseline/val/rank1", "baseline/test/rank1", "val/rank1", "test/rank1", "test/mAP",
-                "test/rank1_std", "test_all/rank1", "trainable_parameters"):
+    for key in (
+        "baseline/val/rank1",
+        "baseline/test/rank1",
+        "val/rank1",
+        "test/rank1",
+        "test/mAP",
+        "test/rank1_std",
+        "test_all/rank1",
+        "trainable_parameters",
+    ):
         assert key in metrics, key
         if "rank" in key or "mAP" in key:
             assert 0.0 <= metrics[key] <= 1.0

@@ -32,9 +32,7 @@ class ManifestImages(Dataset):
         self.image_root = cache_dir(root, cache_size) if cache_size else self.root
         self.transform = transform
         self.captioner = captioner
-        self.identity_index = identity_index or {
-            k: i for i, k in enumerate(sorted({r["identity"] for r in self.rows}))
-        }
+        self.identity_index = identity_index or {k: i for i, k in enumerate(sorted({r["identity"] for r in self.rows}))}
         self.seed = seed
 
     def __len__(self) -> int:

@@ -59,7 +59,9 @@ def _cache_one(source: Path, target: Path, size: int) -> str | None:
     return None
 
 
-def build_cache(root: str | Path, images: Iterable[str], size: int, on_bad_image: str = "skip", workers: int = 4) -> list[str]:
+def build_cache(
+    root: str | Path, images: Iterable[str], size: int, on_bad_image: str = "skip", workers: int = 4
+) -> list[str]:
     """Resize every image (shortest edge `size`) into `root/cache/size`; return the bad ones.
 
     A bad image (missing, zero bytes, truncated, not an image) is skipped with a warning, or

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from handclip.data.images import build_cache
-from handclip.data.readers import ASPECTS, aspect_slug, read_11k, read_hd
-from handclip.data.split import MANIFEST_COLUMNS, split_11k, split_hd, split_sizes
+from handclip.data.readers import ASPECTS, aspect_slug, read_11k, read_caption_csv, read_hd
+from handclip.data.split import MANIFEST_COLUMNS, split_11k, split_captions, split_hd, split_sizes
 from handclip.errors import ConfigError, DataError
 
-FORMATS = ("11k", "hd")
+FORMATS = ("11k", "hd", "csv")
 MANIFEST_VERSION = 1
 
 
@@ -33,6 +33,7 @@ MANIFEST_VERSION = 1
 class PrepareSettings:
     root: str
     format: str = "11k"
+    csv: str = "captions.csv"  # format csv: the caption file, relative to root
     aspect: str = "dorsal right"
     seed: int = 0
     runs: int = 10
@@ -53,13 +54,15 @@ class PrepareSettings:
 
     @property
     def name(self) -> str:
-        what = "hd" if self.format == "hd" else f"11k_{aspect_slug(self.aspect)}"
+        what = {"hd": "hd", "csv": f"csv_{Path(self.csv).stem}"}.get(self.format, f"11k_{aspect_slug(self.aspect)}")
         return f"{what}_seed{self.seed}_runs{self.runs}{'' if self.no_accessories else '_withacc'}"
 
     def as_dict(self) -> dict:
         settings = dict(self.__dict__)
         settings.pop("root")
         settings.pop("on_bad_image")
+        if self.format != "csv":
+            settings.pop("csv")
         return {"version": MANIFEST_VERSION, **settings}
 
 
@@ -102,9 +105,12 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     if settings.format == "11k":
         records = read_11k(root, no_accessories=settings.no_accessories)
         rows = split_11k(records, settings.aspect, settings.seed, settings.runs)
-    else:
+    elif settings.format == "hd":
         records = read_hd(root)
         rows = split_hd(records, settings.seed, settings.runs)
+    else:
+        records = read_caption_csv(root / settings.csv)
+        rows = split_captions(records, settings.seed, settings.runs)
     bad: list[str] = []
     if settings.cache_size:
         bad = build_cache(root, {r["image"] for r in rows}, settings.cache_size, settings.on_bad_image)
@@ -148,6 +154,7 @@ def settings_from_config(data: Mapping[str, Any], model_resize: int | None = Non
     return PrepareSettings(
         root=str(data["root"]),
         format=str(data.get("format", "11k")),
+        csv=str(data.get("csv") or "captions.csv"),
         aspect=str(data.get("aspect", "dorsal right")),
         seed=int(data.get("seed", 0)),
         runs=int(data.get("runs", 10)),

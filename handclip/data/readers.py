@@ -35,7 +35,7 @@ class ImageRecord:
     @property
     def identity(self) -> str:
         """Identity label: one person's hand seen from one aspect (aspects never match)."""
-        return f"{self.aspect.replace(' ', '_')}/{self.person}"
+        return f"{self.aspect.replace(' ', '_')}/{self.person}" if self.aspect else self.person
 
 
 def aspect_slug(aspect: str) -> str:
@@ -72,8 +72,7 @@ def read_11k(root: str | Path, no_accessories: bool = True) -> list[ImageRecord]
             raise DataError(f"{csv_path} line {line}: id {row['id']!r} is not a number")
         if row["aspectOfHand"] not in ASPECTS:
             raise DataError(
-                f"{csv_path} line {line}: aspectOfHand {row['aspectOfHand']!r} is not one of "
-                f"{', '.join(ASPECTS)}"
+                f"{csv_path} line {line}: aspectOfHand {row['aspectOfHand']!r} is not one of {', '.join(ASPECTS)}"
             )
         if row["accessories"] not in ("0", "1"):
             raise DataError(f"{csv_path} line {line}: accessories {row['accessories']!r} must be 0 or 1")
@@ -99,9 +98,7 @@ def read_hd(root: str | Path) -> list[ImageRecord]:
     root = Path(root)
     folders = [root / name for name in HD_FOLDERS]
     if not folders[0].is_dir():
-        raise DataError(
-            f"{folders[0]} not found: the HD dataset folder holds '1-501' and '502-712' subfolders"
-        )
+        raise DataError(f"{folders[0]} not found: the HD dataset folder holds '1-501' and '502-712' subfolders")
     records = []
     for folder in folders:
         if not folder.is_dir():
@@ -122,4 +119,41 @@ def read_hd(root: str | Path) -> list[ImageRecord]:
                     attributes={"distractor": str(int(folder.name == "502-712"))},
                 )
             )
+    return records
+
+
+def _inside(root: Path, name: str, where: str) -> str:
+    path = Path(name)
+    if not name or path.is_absolute() or ".." in path.parts:
+        raise DataError(f"{where}: image path {name!r} points outside the dataset root {root}")
+    return path.as_posix()
+
+
+def read_caption_csv(csv_path: str | Path) -> list[ImageRecord]:
+    """Records of a generic image-caption CSV (any domain).
+
+    Columns: `image` (path relative to the CSV's folder) and `caption`, required; `identity`
+    (images of one identity are positives of each other; default: each image its own) and
+    `split` (`train` or `test`; default: a seeded split by identity), optional.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path} not found: a caption CSV needs the columns image, caption")
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        for column in ("image", "caption"):
+            if column not in header:
+                raise DataError(f"{csv_path}: column '{column}' is missing (found: {', '.join(header) or 'none'})")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    records = []
+    for line, row in enumerate(rows, start=2):
+        image = _inside(csv_path.parent, row["image"], f"{csv_path} line {line}")
+        split = row.get("split", "")
+        if split not in ("", "train", "test"):
+            raise DataError(f"{csv_path} line {line}: split {split!r} must be train or test")
+        attributes = {"caption": row["caption"]}
+        if split:
+            attributes["split"] = split
+        records.append(ImageRecord(image=image, person=row.get("identity") or image, aspect="", attributes=attributes))
     return records

@@ -129,3 +129,25 @@ def split_sizes(rows: list[dict]) -> dict[str, tuple[int, int]]:
         identities[row["split"]].add(row["identity"])
         images[row["split"]] += 1
     return {split: (len(identities[split]), images[split]) for split in images}
+
+
+def split_captions(records: list[ImageRecord], seed: int = 0, runs: int = 10, test_share: float = 0.2) -> list[dict]:
+    """Manifest rows of a generic caption dataset: the `split` column, or a seeded split by
+    identity; training identities give validation images, test ones query/gallery runs."""
+    groups = _by_identity(records)
+    chosen = {k: v[0].attributes.get("split") for k, v in groups.items()}
+    if not any(chosen.values()):
+        rng = np.random.default_rng([seed, 99])
+        order = list(groups)
+        rng.shuffle(order)
+        test_count = max(1, int(round(test_share * len(order))))
+        chosen = {k: ("test" if i < test_count else "train") for i, k in enumerate(order)}
+    train = {k: v for k, v in groups.items() if chosen[k] != "test"}
+    test = {k: v for k, v in groups.items() if chosen[k] == "test"}
+    if not train or not test:
+        raise DataError(
+            f"the caption CSV has {len(train)} training and {len(test)} test identities: both must be non-empty"
+        )
+    rows = _train_val(train, np.random.default_rng([seed, 0]))
+    rows += _query_gallery(test, [seed, 0], runs)
+    return rows

@@ -92,11 +92,15 @@ def _finger(base: np.ndarray, angle: float, length: float, width: float) -> tupl
     direction = np.array([math.sin(math.radians(angle)), -math.cos(math.radians(angle))])
     normal = np.array([-direction[1], direction[0]])
     tip = base + direction * length
-    quad = np.array([base + normal * width / 2, tip + normal * width / 2, tip - normal * width / 2, base - normal * width / 2])
+    quad = np.array(
+        [base + normal * width / 2, tip + normal * width / 2, tip - normal * width / 2, base - normal * width / 2]
+    )
     return quad, tip
 
 
-def render_hand(person: Person, aspect: str, rng: np.random.Generator, size: tuple[int, int], ring: bool) -> Image.Image:
+def render_hand(
+    person: Person, aspect: str, rng: np.random.Generator, size: tuple[int, int], ring: bool
+) -> Image.Image:
     """Draw one image of `person`'s hand seen from `aspect`."""
     width, height = size
     dorsal = aspect.startswith("dorsal")
@@ -123,10 +127,29 @@ def render_hand(person: Person, aspect: str, rng: np.random.Generator, size: tup
         return [tuple(p) for p in (points * unit) @ rotation.T + centre]
 
     palm_w, palm_h = 0.5 * person.palm[0], 0.5 * person.palm[1]
-    palm = np.array([[-palm_w, -palm_h], [palm_w, -palm_h], [palm_w * 1.05, palm_h * 0.6], [palm_w * 0.7, palm_h * 1.3], [-palm_w * 0.7, palm_h * 1.3], [-palm_w * 1.05, palm_h * 0.6]])
+    palm = np.array(
+        [
+            [-palm_w, -palm_h],
+            [palm_w, -palm_h],
+            [palm_w * 1.05, palm_h * 0.6],
+            [palm_w * 0.7, palm_h * 1.3],
+            [-palm_w * 0.7, palm_h * 1.3],
+            [-palm_w * 1.05, palm_h * 0.6],
+        ]
+    )
     draw.polygon(to_pixels(palm), fill=skin)
     # wrist
-    draw.polygon(to_pixels([[-palm_w * 0.7, palm_h * 1.2], [palm_w * 0.7, palm_h * 1.2], [palm_w * 0.75, palm_h * 3], [-palm_w * 0.75, palm_h * 3]]), fill=skin)
+    draw.polygon(
+        to_pixels(
+            [
+                [-palm_w * 0.7, palm_h * 1.2],
+                [palm_w * 0.7, palm_h * 1.2],
+                [palm_w * 0.75, palm_h * 3],
+                [-palm_w * 0.75, palm_h * 3],
+            ]
+        ),
+        fill=skin,
+    )
 
     fingers = []
     bends = rng.uniform(0.9, 1.0, 5)
@@ -134,10 +157,22 @@ def render_hand(person: Person, aspect: str, rng: np.random.Generator, size: tup
     for i in range(4):  # index .. little
         base = np.array([bases_x[i], -palm_h * 0.92])
         spread = person.spread[i] + rng.normal(0, 2.5)
-        fingers.append((i + 1, *_finger(base, spread, person.finger_lengths[i + 1] * bends[i + 1], person.finger_widths[i + 1]), spread))
+        fingers.append(
+            (
+                i + 1,
+                *_finger(base, spread, person.finger_lengths[i + 1] * bends[i + 1], person.finger_widths[i + 1]),
+                spread,
+            )
+        )
     thumb_base = np.array([-palm_w * 0.95, palm_h * 0.1])
     thumb_angle = -person.thumb_angle + rng.normal(0, 4)
-    fingers.append((0, *_finger(thumb_base, thumb_angle, person.finger_lengths[0] * bends[0], person.finger_widths[0]), thumb_angle))
+    fingers.append(
+        (
+            0,
+            *_finger(thumb_base, thumb_angle, person.finger_lengths[0] * bends[0], person.finger_widths[0]),
+            thumb_angle,
+        )
+    )
 
     for index, quad, tip, finger_angle in fingers:
         w = person.finger_widths[index]
@@ -151,22 +186,37 @@ def render_hand(person: Person, aspect: str, rng: np.random.Generator, size: tup
             draw.polygon(to_pixels(_polygon_circle(*nail_centre, w * 0.3)), fill=colour)
             for knuckle in (0.35, 0.65):  # knuckle wrinkles across the finger
                 p = tip - direction * person.finger_lengths[index] * knuckle
-                draw.line(to_pixels([p - normal * w * 0.3, p + normal * w * 0.3]), fill=shade, width=max(1, int(unit * 0.012)))
+                draw.line(
+                    to_pixels([p - normal * w * 0.3, p + normal * w * 0.3]), fill=shade, width=max(1, int(unit * 0.012))
+                )
         else:
             for joint in (0.3, 0.62):  # finger joint creases
                 p = tip - direction * person.finger_lengths[index] * joint
-                draw.line(to_pixels([p - normal * w * 0.4, p + normal * w * 0.4]), fill=shade, width=max(1, int(unit * 0.015)))
+                draw.line(
+                    to_pixels([p - normal * w * 0.4, p + normal * w * 0.4]), fill=shade, width=max(1, int(unit * 0.015))
+                )
         if ring and index == 3:
             p = tip - direction * person.finger_lengths[index] * 0.82
-            band = np.array([p - normal * w * 0.6, p + normal * w * 0.6, p + normal * w * 0.6 + direction * 0.05, p - normal * w * 0.6 + direction * 0.05])
+            band = np.array(
+                [
+                    p - normal * w * 0.6,
+                    p + normal * w * 0.6,
+                    p + normal * w * 0.6 + direction * 0.05,
+                    p - normal * w * 0.6 + direction * 0.05,
+                ]
+            )
             draw.polygon(to_pixels(band), fill=(212, 175, 55))
 
     if dorsal:
         for mole in person.moles:
-            draw.polygon(to_pixels(_polygon_circle(mole[0] * palm_w * 2, mole[1] * palm_h * 2, 0.035, 8)), fill=(70, 45, 35))
+            draw.polygon(
+                to_pixels(_polygon_circle(mole[0] * palm_w * 2, mole[1] * palm_h * 2, 0.035, 8)), fill=(70, 45, 35)
+            )
         for k in range(3):  # tendons
             x = bases_x[k + 1] * 0.8
-            draw.line(to_pixels([[x, -palm_h * 0.8], [x * 0.5, palm_h * 0.9]]), fill=shade, width=max(1, int(unit * 0.01)))
+            draw.line(
+                to_pixels([[x, -palm_h * 0.8], [x * 0.5, palm_h * 0.9]]), fill=shade, width=max(1, int(unit * 0.01))
+            )
     else:
         for k, (a, b, c) in enumerate(person.creases):  # heart, head and life lines
             y = -palm_h * 0.5 + k * palm_h * 0.45

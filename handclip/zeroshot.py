@@ -1,0 +1,84 @@
+"""What fine-tuning did to CLIP's language side: attribute prompts and image-text retrieval.
+
+- Attribute classification: each image is given the class whose prompt embedding is closest
+  (aspect, gender, nail polish, accessories, as the metadata has them and where the images
+  hold more than one class). Accuracy is reported with the majority-class share beside it.
+- Retrieval: images and their captions; image->text and text->image Recall@1/5/10, where a
+  caption shared by several images (one person's hand) counts as right for each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from handclip.embeddings import text_embeddings
+
+_ASPECTS = ("dorsal right", "dorsal left", "palmar right", "palmar left")
+# metric name -> (manifest column, {class value: prompt})
+ATTRIBUTE_PROMPTS = {
+    "aspect": ("aspect", {a: f"a photo of the {a} hand" for a in _ASPECTS}),
+    "gender": ("gender", {"male": "a photo of a man's hand", "female": "a photo of a woman's hand"}),
+    "nail_polish": (
+        "nailPolish",
+        {"1": "a photo of a hand with painted nails", "0": "a photo of a hand with bare nails"},
+    ),
+    "accessories": ("accessories", {"1": "a photo of a hand wearing a ring", "0": "a photo of a hand with no ring"}),
+}
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Projected text embeddings of `texts`, on the CPU."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
+                           max_length=77, return_tensors="pt")  # fmt: skip
+        out.append(
+            text_embeddings(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
+        )
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def classify(image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest class prompt for each image (cosine similarity)."""
+    return (F.normalize(image_features, dim=-1) @ F.normalize(class_features, dim=-1).T).argmax(dim=1)
+
+
+def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Share of rows with a correct column among their top k (ties counted against the row)."""
+    best = scores.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
+    rank = ((scores >= best) & ~correct).sum(dim=1) + 1
+    return {k: float((rank <= k).float().mean()) for k in ks}
+
+
+def text_metrics(
+    image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], model, tokenizer
+) -> dict[str, float]:
+    """Zero-shot attribute accuracies and retrieval recalls for images with their rows and captions."""
+    metrics: dict[str, float] = {}
+    for name, (column, prompts) in ATTRIBUTE_PROMPTS.items():
+        labels = [r.get(column, "") for r in rows]
+        classes = sorted({label for label in labels if label in prompts})
+        if len(classes) < 2:
+            continue  # one class only (or none): nothing to tell apart
+        keep = torch.tensor([label in classes for label in labels])
+        truth = torch.tensor([classes.index(label) for label in labels if label in classes])
+        predicted = classify(image_features[keep], encode_texts(model, tokenizer, [prompts[c] for c in classes]))
+        metrics[f"zeroshot/{name}_accuracy"] = float((predicted == truth).float().mean())
+        metrics[f"zeroshot/{name}_majority"] = float(truth.bincount().max() / len(truth))
+    unique = sorted(set(captions))
+    text = encode_texts(model, tokenizer, unique)
+    index = torch.tensor([unique.index(c) for c in captions])
+    correct = index[:, None] == torch.arange(len(unique))[None, :]
+    scores = F.normalize(image_features, dim=-1) @ F.normalize(text, dim=-1).T
+    for direction, (s, c) in {"image_to_text": (scores, correct), "text_to_image": (scores.T, correct.T)}.items():
+        for k, value in recall_at_k(s, c).items():
+            metrics[f"retrieval/{direction}_R@{k}"] = value
+    return metrics

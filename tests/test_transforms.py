@@ -1,0 +1,34 @@
+import pytest
+import torch
+from PIL import Image
+
+from handclip.errors import ConfigError
+from handclip.transforms import check_augment, eval_transform, train_transform
+
+
+def test_eval_transform_matches_clip_processor():
+    from transformers import CLIPImageProcessor
+
+    image = Image.new("RGB", (160, 120), (200, 120, 40))
+    for x in range(0, 160, 7):
+        for y in range(0, 120, 5):
+            image.putpixel((x, y), (x, y, 255 - x))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ours = eval_transform(32, 32, processor.image_mean, processor.image_std)(image)
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, 32, 32)
+    # same geometry and normalisation; resampling kernels differ slightly between libraries
+    assert (ours - theirs).abs().mean() < 0.1
+
+
+def test_horizontal_flip_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="turns a right hand into a left one"):
+        check_augment({"hflip": True})
+
+
+def test_train_transform_output_shape_and_range():
+    image = Image.new("RGB", (160, 120), (10, 200, 90))
+    out = train_transform(32, 36, [0.5] * 3, [0.5] * 3, {"crop_scale": [0.6, 1.0], "rotation": 5, "color_jitter": 0.2})(
+        image
+    )
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
