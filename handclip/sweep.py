@@ -1,0 +1,164 @@
+"""Sweep summaries: one row per run, a CSV, a plot and a printed table.
+
+`summarise_sweep(sweep_dir)` reads each run's `config.yaml` and `metrics.json` (or
+`failed.json`), finds the swept keys as those whose values differ between runs (so it works for
+any sweeper: grid, Optuna, ...), and writes `summary.csv` and `summary.png` in the sweep
+directory. `SweepSummary` is the Hydra callback that calls it when a multirun ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IGNORED = ("paths.", "hydra.", "run_name", "ckpt_path", "overwrite", "sweep.")
+COLUMNS = (
+    "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std", "test/mAP", "test/mAP_std",
+    "test_all/rank1", "test_all/mAP", "wall_time_s", "peak_memory_mb",
+)  # fmt: skip
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
+    """(swept keys, one dict per run) for the runs under `sweep_dir`."""
+    runs = []
+    for config_path in sorted(Path(sweep_dir).glob("*/config.yaml")):
+        run_dir = config_path.parent
+        config = _flatten(yaml.safe_load(config_path.read_text()) or {})
+        row: dict[str, Any] = {"run": run_dir.name, "config": config}
+        if (run_dir / "metrics.json").is_file():
+            metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+            row.update({k: metrics.get(k) for k in COLUMNS if k in metrics}, status="finished")
+        elif (run_dir / "failed.json").is_file():
+            failure = json.loads((run_dir / "failed.json").read_text())
+            row.update(status="failed", error=failure.get("error", ""))
+        else:
+            row["status"] = "unfinished"
+        runs.append(row)
+    keys = sorted({k for r in runs for k in r["config"]})
+    swept = [
+        k
+        for k in keys
+        if not k.startswith(IGNORED) and len({json.dumps(r["config"].get(k), default=str) for r in runs}) > 1
+    ]
+    for row in runs:
+        for key in swept:
+            row[key] = row["config"].get(key)
+    return swept, runs
+
+
+def write_summary(sweep_dir: str | Path) -> tuple[Path, Path | None]:
+    """Write summary.csv (and summary.png when something finished); print the table."""
+    sweep_dir = Path(sweep_dir)
+    swept, runs = collect_runs(sweep_dir)
+    fields = ["run", *swept, *COLUMNS, "error"]
+    csv_path = sweep_dir / "summary.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(runs)
+    _print_table(swept, runs)
+    png = _plot(sweep_dir / "summary.png", swept, runs)
+    return csv_path, png
+
+
+def _print_table(swept: list[str], runs: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sweep summary (test: same-aspect gallery, mean ± std over runs)")
+    for name in [*swept, "status", "trainable", "val R1", "test R1", "test mAP", "time s"]:
+        table.add_column(name, justify="right")
+
+    def pct(row, key):
+        value = row.get(key)
+        if value is None:
+            return "-"
+        std = row.get(key + "_std")
+        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+    for row in runs:
+        table.add_row(
+            *[str(row.get(k)) for k in swept],
+            row["status"],
+            f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
+            pct(row, "val/rank1"),
+            pct(row, "test/rank1"),
+            pct(row, "test/mAP"),
+            f"{row['wall_time_s']:.0f}" if row.get("wall_time_s") else "-",
+        )
+    Console().print(table)
+
+
+def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
+    finished = [r for r in runs if r["status"] == "finished" and r.get("test/rank1") is not None]
+    if not finished:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = swept[0] if swept else None
+    numeric = key is not None and all(isinstance(r.get(key), (int, float)) for r in finished)
+    finished.sort(key=lambda r: r.get(key) if numeric else str(r.get(key)))
+    xs = [r[key] for r in finished] if numeric else list(range(len(finished)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric, marker in (("test/rank1", "o"), ("test/mAP", "s")):
+        ys = [100 * r[metric] for r in finished]
+        errors = [100 * (r.get(metric + "_std") or 0.0) for r in finished]
+        ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, label=metric.replace("test/", "test "))
+    if not numeric:
+        ax.set_xticks(xs, [str(r.get(key, r["run"])) for r in finished], rotation=30, ha="right")
+    ax.set_xlabel(key or "run")
+    ax.set_ylabel("%")
+    ax.set_title("test Rank-1 and mAP against " + (key or "run"))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def record_failure(run_dir: str | Path, error: BaseException) -> None:
+    """Mark a run of a sweep as failed (its summary row says so; the sweep goes on)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    (run_dir / "failed.json").write_text(json.dumps({"error": f"{type(error).__name__}: {message}"}, indent=2))
+
+
+def _sweep_dir(config) -> Path:
+    return Path(config.hydra.sweep.dir)
+
+
+try:  # the callback is glue: only defined where Hydra is installed
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback: summarise the sweep directory when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = _sweep_dir(config)
+        if sweep_dir.is_dir():
+            csv_path, png = write_summary(sweep_dir)
+            print(f"sweep summary: {csv_path}" + (f" and {png}" if png else ""))
