@@ -212,7 +212,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
     from handclip.evaluation import protocol_table
     from handclip.freeze import apply_freeze
     from handclip.projection import replace_projection
-    from handclip.training import AtomicCheckpointIO, ClipFineTuner, HandDataModule
+    from handclip.training import AtomicCheckpointIO, ClipFineTuner, HandDataModule, SaveOnInterrupt
 
     started = time.time()
     console = _console()
@@ -268,14 +268,24 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
 
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/rank1", mode="max",
-        save_last=True, save_top_k=1, auto_insert_metric_name=False,
+        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+    )  # fmt: skip
+    # Lightning's save_last only writes when a new best is saved, so "last" would go stale once
+    # val/rank1 stops improving: a monitor-free callback writes it after every epoch instead
+    latest = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
     )  # fmt: skip
     trainer_cfg = {k: v for k, v in cfg["trainer"].items() if k != "_target_"}
     trainer_cfg["precision"] = precision_for(str(trainer_cfg.get("precision", "auto")))
     logger = build_logger(cfg, run_dir)
     trainer = L.Trainer(
         **trainer_cfg, default_root_dir=run_dir, logger=logger,
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        callbacks=[
+            checkpoints,
+            latest,
+            LearningRateMonitor(logging_interval="step"),
+            SaveOnInterrupt(run_dir / "checkpoints" / "last.ckpt"),
+        ],
         plugins=[AtomicCheckpointIO()],
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

@@ -19,13 +19,14 @@ from handclip.captions import Captioner
 from handclip.checkpoints import load_checkpoint_file, save_atomic
 from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.embeddings import image_embeddings, text_embeddings
+from handclip.errors import HandClipError
 from handclip.evaluation import images_needed, score_protocol
 from handclip.losses import clamp_logit_scale, contrastive_loss
 from handclip.sampling import EpochSeededSampler
 from handclip.transforms import eval_transform, train_transform
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HandClipError):
     """The loss became NaN or infinite; the message gives the step, lr and logit_scale."""
 
 
@@ -209,3 +210,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return load_checkpoint_file(path, map_location)
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C: write a resumable `last.ckpt` before Lightning shuts down."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+            print(f"\ninterrupted: saved {self.path}; resume with ckpt_path=last", flush=True)
