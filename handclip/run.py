@@ -42,6 +42,49 @@ def ensure_synthetic(data: Mapping[str, Any]) -> None:
     tmp.rename(root)
 
 
+def _saveable(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def _figures(results: dict, final: dict, model, backbone, captioner, run_dir: Path, logger) -> None:
+    """CMC curves (baseline vs fine-tuned) and a PCA of test images and captions, as PNG + logger."""
+    from handclip.plots import plot_cmc, plot_embeddings
+    from handclip.zeroshot import encode_texts
+
+    figures = {}
+    if all("test" in r.get("cmc", {}) for r in results.values()):
+        figures["cmc"] = plot_cmc({label: r["cmc"]["test"] for label, r in results.items()}, run_dir / "cmc.png")
+    features, image_rows = final.get("_features"), final.get("_image_rows")
+    test = [
+        i
+        for i, r in enumerate(image_rows or [])
+        if r["split"].startswith(("query", "gallery")) and "_all" not in r["split"]
+    ]
+    if test and captioner is not None:
+        chosen = [image_rows[i] for i in test]
+        captions = sorted({(r["identity"], captioner(r)) for r in chosen})
+        text = encode_texts(model, backbone.tokenizer, [c for _, c in captions])
+        figures["embeddings"] = plot_embeddings(
+            features[test], [r["identity"] for r in chosen], text, [i for i, _ in captions], run_dir / "embeddings.png"
+        )
+    _log_figures(logger, figures)
+
+
+def _log_figures(logger, figures: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    for name, figure in figures.items():
+        try:
+            if logger is not None and type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                logger.experiment.log({f"plots/{name}": wandb.Image(figure)})
+            elif logger is not None and type(logger).__name__ == "TensorBoardLogger":
+                logger.experiment.add_figure(f"plots/{name}", figure)
+        finally:
+            plt.close(figure)
+
+
 def text_table(results: dict[str, dict]):
     """Zero-shot attribute accuracy and retrieval recall, baseline → fine-tuned."""
     from rich.table import Table
@@ -103,6 +146,7 @@ def evaluate_model(
         model, dataset, int(eval_cfg.get("batch_size", 64)), flip=bool(eval_cfg.get("flip_tta", False)), progress=True
     )
     result = score_protocol(features, image_rows, rows, include_test)
+    result["_features"], result["_image_rows"] = features, image_rows  # for plots; not saved
     if include_test and eval_cfg.get("text", True) and captioner is not None:
         from handclip.zeroshot import text_metrics
 
@@ -131,8 +175,24 @@ def build_logger(cfg: Mapping, run_dir: Path):
             tags=list(settings.get("tags") or []), save_dir=str(run_dir),
             offline=settings.get("mode") == "offline", mode=settings.get("mode"),
             name=run_dir.name, id=_stable_wandb_id(run_dir), resume="allow",
+            group=(cfg.get("sweep") or {}).get("name"),
         )  # fmt: skip
     raise ConfigError(f"logger.name={kind!r}: choose one of csv, tensorboard, wandb")
+
+
+def _log_run_facts(logger, cfg: Mapping, report) -> None:
+    """The resolved config and the freeze table, sent to the logger."""
+    logger.log_hyperparams({k: v for k, v in cfg.items() if k not in ("paths",)})
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        table = wandb.Table(columns=["group", "parameters", "trainable"])
+        for row in report.rows:
+            table.add_data(row.group, row.parameters, row.status)
+        logger.experiment.log({"freeze": table})
+        logger.experiment.summary["trainable_parameters"] = report.trainable
+    elif type(logger).__name__ == "TensorBoardLogger":
+        logger.experiment.add_text("freeze", "```\n" + report.to_text() + "\n```")
 
 
 def _stable_wandb_id(run_dir: Path) -> str:
@@ -253,7 +313,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
             baseline = evaluate_model(
                 model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test, datamodule.captioner
             )
-            _write_json(baseline_path, baseline)
+            _write_json(baseline_path, _saveable(baseline))
         results["baseline"] = baseline
         metrics.update({f"baseline/{k}": v for k, v in baseline["metrics"].items()})
         shown = baseline["metrics"]
@@ -278,6 +338,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
     trainer_cfg = {k: v for k, v in cfg["trainer"].items() if k != "_target_"}
     trainer_cfg["precision"] = precision_for(str(trainer_cfg.get("precision", "auto")))
     logger = build_logger(cfg, run_dir)
+    _log_run_facts(logger, cfg, report)
     trainer = L.Trainer(
         **trainer_cfg, default_root_dir=run_dir, logger=logger,
         callbacks=[
@@ -306,6 +367,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
         if f"{prefix}/rank1" in final["metrics"]:
             console.print(protocol_table(results, prefix))
     console.print(text_table(results))
+    _figures(results, final, model, backbone, datamodule.captioner, run_dir, logger)
     payload = {
         "metrics": metrics,
         "runs": {label: r["runs"] for label, r in results.items()},

@@ -68,7 +68,9 @@ def test_damaged_last_checkpoint_falls_back_to_best(tmp_path):
 
 def test_resume_with_a_changed_freeze_policy_is_refused(tmp_path):
     train(tmp_path, "trainer.max_epochs=1", "eval.baseline=false", "run_name=r")
-    result = train(tmp_path, "trainer.max_epochs=2", "run_name=r", "ckpt_path=last", "freeze.vision_blocks=2", check=False)
+    result = train(
+        tmp_path, "trainer.max_epochs=2", "run_name=r", "ckpt_path=last", "freeze.vision_blocks=2", check=False
+    )
     assert result.returncode == 2
     assert "cannot resume" in result.stderr and "freeze differs" in result.stderr and "init_from=" in result.stderr
     # and starting a new run from those weights works

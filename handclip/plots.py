@@ -1,0 +1,73 @@
+"""Figures a person would rather look at than read: CMC curves and an embedding map."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cmc(curves: Mapping[str, Sequence[float]], path: str | Path, title: str = "CMC, test (mean over runs)"):
+    """Rank-k for k = 1..len(curve), one line per label (e.g. baseline, fine-tuned)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o", markersize=3, label=label)
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("Rank-k accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def pca_2d(features: torch.Tensor) -> torch.Tensor:
+    """First two principal components of L2-normalised features."""
+    x = F.normalize(features.float(), dim=-1)
+    x = x - x.mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    return x @ v[:2].T
+
+
+def plot_embeddings(
+    image_features: torch.Tensor,
+    image_ids: Sequence[str],
+    text_features: torch.Tensor,
+    text_ids: Sequence[str],
+    path: str | Path,
+    title: str = "test identities: images (o) and captions (*), PCA",
+    max_identities: int = 10,
+):
+    """Images and captions of up to `max_identities` identities in one 2-D PCA, coloured by identity."""
+    plt = _pyplot()
+    chosen = sorted(set(image_ids))[:max_identities]
+    keep_images = [i for i, x in enumerate(image_ids) if x in chosen]
+    keep_texts = [i for i, x in enumerate(text_ids) if x in chosen]
+    points = pca_2d(torch.cat([image_features[keep_images], text_features[keep_texts]]))
+    image_points, text_points = points[: len(keep_images)], points[len(keep_images) :]
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for c, identity in enumerate(chosen):
+        mask = [image_ids[i] == identity for i in keep_images]
+        ax.scatter(*image_points[mask].T, color=colours(c % 10), s=18, alpha=0.7, label=identity.split("/")[-1])
+        mask = [text_ids[i] == identity for i in keep_texts]
+        ax.scatter(*text_points[mask].T, color=colours(c % 10), s=160, marker="*", edgecolors="black")
+    ax.set_title(title)
+    ax.legend(fontsize=7, title="identity", loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
