@@ -19,6 +19,8 @@ from handclip.losses import LOSSES
 from handclip.projection import check_projection
 from handclip.transforms import check_augment
 
+SAMPLERS = ("random", "identity_balanced")
+
 
 def _number(cfg: Mapping, key: str, low: float, high: float, integer: bool = False) -> Any:
     section, name = key.split(".")
@@ -42,6 +44,17 @@ def check_config(cfg: Mapping) -> dict:
     batch = _number(cfg, "data.batch_size", 1, 1_000_000, integer=True)
     if batch < 2:
         raise ConfigError(f"data.batch_size={batch} is too small: a contrastive loss needs at least 2 pairs per batch")
+    sampler = cfg["data"].get("sampler", "random")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"data.sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if sampler == "identity_balanced":
+        p = _number(cfg, "data.identities_per_batch", 2, 100_000, integer=True)
+        k = _number(cfg, "data.images_per_identity", 1, 100_000, integer=True)
+        if p * k != batch:
+            raise ConfigError(
+                f"data.batch_size={batch} must equal data.identities_per_batch x data.images_per_identity "
+                f"= {p} x {k} = {p * k} with data.sampler=identity_balanced"
+            )
     _number(cfg, "optim.lr", 1e-12, 1.0)
     _number(cfg, "optim.weight_decay", 0.0, 10.0)
     _number(cfg, "trainer.max_epochs", 1, 100_000, integer=True)

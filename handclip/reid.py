@@ -5,6 +5,10 @@ gallery order: a non-match scored equal to a true match counts as ranked above i
 collapsed embedding (all features equal) scores at chance, never 1.0, and permuting the
 gallery never changes a number.
 
+Scores closer than `TIE_TOLERANCE` count as tied: cosines that are equal in exact arithmetic
+(e.g. [1, 2] and [2, 1] against [2, 2]) can differ in the last float bit depending on where
+they sit in the matrix product, which would otherwise break ties by gallery position.
+
 A query whose identity has no image in the gallery has no defined rank or AP: it is left out
 of every metric and counted in `queries_without_match`.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+TIE_TOLERANCE = 1e-6
 
 
 def similarity(query_features: torch.Tensor, gallery_features: torch.Tensor) -> torch.Tensor:
@@ -23,7 +29,7 @@ def similarity(query_features: torch.Tensor, gallery_features: torch.Tensor) -> 
 def match_ranks(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
     """Rank (1-based) of each query's first true match, ties counted against it."""
     best = scores.masked_fill(~matches, float("-inf")).max(dim=1, keepdim=True).values
-    return ((scores >= best) & ~matches).sum(dim=1) + 1
+    return ((scores >= best - TIE_TOLERANCE) & ~matches).sum(dim=1) + 1
 
 
 def average_precision(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
@@ -31,9 +37,10 @@ def average_precision(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tens
     gallery_size = scores.shape[1]
     ascending = scores.sort(dim=1).values
     # number of gallery items scored >= each item (ties grouped), and of true matches among them
-    at_or_above = gallery_size - torch.searchsorted(ascending, scores.contiguous(), side="left")
+    threshold = (scores - TIE_TOLERANCE).contiguous()
+    at_or_above = gallery_size - torch.searchsorted(ascending, threshold, side="left")
     match_scores = scores.masked_fill(~matches, float("-inf")).sort(dim=1).values
-    matches_at_or_above = gallery_size - torch.searchsorted(match_scores, scores.contiguous(), side="left")
+    matches_at_or_above = gallery_size - torch.searchsorted(match_scores, threshold, side="left")
     precision = matches_at_or_above.float() / at_or_above.float()
     return (precision * matches).sum(dim=1) / matches.sum(dim=1)
 

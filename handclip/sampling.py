@@ -37,3 +37,49 @@ class EpochSeededSampler(Sampler):
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample in one epoch."""
     return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
+
+
+class IdentityBalancedBatchSampler(Sampler):
+    """Batches of P identities x K images each (PK sampling), seeded by (seed, epoch).
+
+    Identities with fewer than K images are sampled with repetition; an epoch has as many
+    batches as the training set holds full batches. Yields lists of (epoch, index) pairs.
+    """
+
+    def __init__(self, identities: list[int], identities_per_batch: int, images_per_identity: int, seed: int = 0):
+        from handclip.errors import ConfigError
+
+        self.by_identity: dict[int, list[int]] = {}
+        for index, identity in enumerate(identities):
+            self.by_identity.setdefault(identity, []).append(index)
+        self.p, self.k = identities_per_batch, images_per_identity
+        if self.p < 2:
+            raise ConfigError(f"data.identities_per_batch={self.p}: a contrastive batch needs at least 2 identities")
+        if self.k < 1:
+            raise ConfigError(f"data.images_per_identity={self.k} must be at least 1")
+        if len(self.by_identity) < self.p:
+            raise ConfigError(
+                f"data.identities_per_batch={self.p} cannot be filled: the training split has only "
+                f"{len(self.by_identity)} identities; lower it to at most {len(self.by_identity)}"
+            )
+        self.batches = max(1, len(identities) // (self.p * self.k))
+        # Lightning calls set_epoch on `batch_sampler.sampler`; this object carries the epoch
+        self.sampler = EpochSeededSampler(len(identities), seed)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        generator = torch.Generator().manual_seed(self.sampler.seed * 100_003 + epoch + 7)
+        keys = sorted(self.by_identity)
+        for _ in range(self.batches):
+            batch = []
+            for position in torch.randperm(len(keys), generator=generator)[: self.p].tolist():
+                images = self.by_identity[keys[position]]
+                if len(images) >= self.k:
+                    chosen = torch.randperm(len(images), generator=generator)[: self.k].tolist()
+                else:
+                    chosen = torch.randint(len(images), (self.k,), generator=generator).tolist()
+                batch += [(epoch, images[c]) for c in chosen]
+            yield batch

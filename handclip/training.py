@@ -22,7 +22,7 @@ from handclip.embeddings import image_embeddings, text_embeddings
 from handclip.errors import HandClipError
 from handclip.evaluation import images_needed, score_protocol
 from handclip.losses import clamp_logit_scale, contrastive_loss
-from handclip.sampling import EpochSeededSampler
+from handclip.sampling import EpochSeededSampler, IdentityBalancedBatchSampler
 from handclip.transforms import eval_transform, train_transform
 
 
@@ -175,6 +175,8 @@ class HandDataModule(L.LightningDataModule):
         self.val_set = ManifestImages(
             images_needed(val_rows, include_test=False), root, eval_transform(size, resize, mean, std), cache_size
         )
+        if self.data.get("sampler", "random") == "identity_balanced":
+            self.balanced_sampler()  # fails now, with the key, if it cannot be filled
         batch = int(self.data["batch_size"])
         if len(self.train_set) < batch:
             from handclip.errors import ConfigError
@@ -189,10 +191,19 @@ class HandDataModule(L.LightningDataModule):
         return {"num_workers": workers, "persistent_workers": workers > 0}
 
     def train_dataloader(self) -> DataLoader:
+        common = {"collate_fn": self.collate, "pin_memory": torch.cuda.is_available(), **self._workers()}
+        if self.data.get("sampler", "random") == "identity_balanced":
+            return DataLoader(self.train_set, batch_sampler=self.balanced_sampler(), **common)
         return DataLoader(
             self.train_set, batch_size=int(self.data["batch_size"]),
-            sampler=EpochSeededSampler(len(self.train_set), self.seed), drop_last=True,
-            collate_fn=self.collate, pin_memory=torch.cuda.is_available(), **self._workers(),
+            sampler=EpochSeededSampler(len(self.train_set), self.seed), drop_last=True, **common,
+        )  # fmt: skip
+
+    def balanced_sampler(self) -> IdentityBalancedBatchSampler:
+        identities = [self.train_set.identity_index[r["identity"]] for r in self.train_set.rows]
+        return IdentityBalancedBatchSampler(
+            identities, int(self.data.get("identities_per_batch", 8)), int(self.data.get("images_per_identity", 4)),
+            self.seed,
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from handclip.embeddings import text_embeddings
+from handclip.reid import match_ranks
 
 _ASPECTS = ("dorsal right", "dorsal left", "palmar right", "palmar left")
 # metric name -> (manifest column, {class value: prompt})
@@ -53,8 +54,7 @@ def classify(image_features: torch.Tensor, class_features: torch.Tensor) -> torc
 
 def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
     """Share of rows with a correct column among their top k (ties counted against the row)."""
-    best = scores.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
-    rank = ((scores >= best) & ~correct).sum(dim=1) + 1
+    rank = match_ranks(scores, correct)
     return {k: float((rank <= k).float().mean()) for k in ks}
 
 

@@ -1,0 +1,55 @@
+import csv
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from handclip.sweep import collect_runs
+from tests.test_config import CONF
+from tests.test_train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_three_point_sweep_with_a_failing_point_writes_summary_and_resumes(tmp_path):
+    # vision_blocks=9 exceeds the tiny model's depth: that point fails, the others go on
+    first = train(tmp_path, "freeze.vision_blocks=0,1,9", "eval.baseline=false", multirun=True)
+    sweep = tmp_path / "runs" / "sweeps" / "demo"
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    status = {row["freeze.vision_blocks"]: row["status"] for row in rows}
+    assert status == {"0": "finished", "1": "finished", "9": "failed"}
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert "vision_blocks=9 is out of range" in failed["error"]
+    assert all(0 <= float(r["test/rank1"]) <= 1 for r in rows if r["status"] == "finished")
+    assert (sweep / "summary.png").stat().st_size > 1000
+    assert "sweep summary" in first.stdout
+    # running the same sweep again does not repeat the finished points
+    again = train(tmp_path, "freeze.vision_blocks=0,1,9", "eval.baseline=false", multirun=True)
+    assert again.stdout.count("finished earlier, skipping") == 2
+    swept, runs = collect_runs(sweep)
+    assert swept == ["freeze.vision_blocks"] and len(runs) == 3
+
+
+def test_optuna_search_runs_and_maximises_validation(tmp_path):
+    result = train(
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "eval.baseline=false",
+        "eval.test=false",
+        "trainer.max_epochs=1",
+        multirun=True,
+    )
+    sweep = tmp_path / "runs" / "sweeps" / "demo"
+    assert len(list(sweep.glob("*/metrics.json"))) == 2
+    assert (sweep / "optimization_results.yaml").is_file()
+    assert "Best parameters" in result.stdout + result.stderr or (sweep / "summary.csv").is_file()
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["experiment=dorsal_hand", "launcher=slurm", f"paths.root={tmp_path}"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
