@@ -95,3 +95,14 @@ def test_missing_real_data_stops_at_once_with_directions(tmp_path):
     assert result.returncode != 0
     assert "11k does not exist" in result.stderr and "experiment=demo" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_fine_tuning_clearly_beats_the_baseline(tmp_path):
+    # the demo's own data and model, half its epochs: a broken loss, text pooling, optimiser or
+    # freeze policy shows up here as no gain
+    train(tmp_path, "trainer.max_epochs=40", "data.runs=3", base=["experiment=demo"])
+    metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())["metrics"]
+    assert metrics["test/rank1"] > metrics["baseline/test/rank1"] + 0.06
+    assert metrics["test/mAP"] > metrics["baseline/test/mAP"] + 0.06
+    assert metrics["val/rank1"] > metrics["baseline/val/rank1"]
