@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-quick lint clean
+.PHONY: help install demo test test-quick bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: install  ## run the whole test suite (what CI runs)
 
 test-quick: install  ## run the tests without the slow end-to-end runs
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install  ## benchmarks: image cache vs full-size decoding, step time per freeze policy
+	$(BIN)/python -m handclip.benchmark
 
 lint: install  ## ruff
 	$(BIN)/ruff check handclip tests train.py

@@ -106,3 +106,29 @@ def test_fine_tuning_clearly_beats_the_baseline(tmp_path):
     assert metrics["test/rank1"] > metrics["baseline/test/rank1"] + 0.06
     assert metrics["test/mAP"] > metrics["baseline/test/mAP"] + 0.06
     assert metrics["val/rank1"] > metrics["baseline/val/rank1"]
+
+
+@pytest.mark.slow
+def test_hd_format_trains_through_the_same_path_with_tensorboard(tmp_path):
+    # an HD-style folder (1-501, 502-712) made from synthetic hand images
+    from handclip.data.synthetic import generate_hands
+
+    source = tmp_path / "source"
+    generate_hands(source, identities=8, seed=2, image_size=(96, 72), aspects=["dorsal right"])
+    rows = (source / "HandInfo.csv").read_text().splitlines()[1:]
+    subjects = {}
+    for line in rows:
+        person, image = line.split(",")[0], line.split(",")[7]
+        if person not in subjects:  # 2 training subjects, 4 test subjects, 2 distractors
+            subjects[person] = [3, 440, 448, 450, 460, 470, 505, 600][len(subjects)]
+        subject = subjects[person]
+        folder = tmp_path / "data" / "HD" / ("1-501" if subject <= 501 else "502-712")
+        folder.mkdir(parents=True, exist_ok=True)
+        count = len(list(folder.glob(f"{subject}_*.jpg")))
+        (source / "Hands" / image).rename(folder / f"{subject}_{count}.jpg")
+    base = [q for q in QUICK if not q.startswith("data.synthetic")]
+    train(tmp_path, "data=hd", "data.batch_size=4", "logger=tensorboard", "eval.baseline=false", base=base)
+    (run,) = (tmp_path / "runs" / "demo").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["test/rank1"] <= 1 and "test_all/rank1" not in metrics
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
