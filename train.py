@@ -43,6 +43,10 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        print(f"error: {missing[0]} has no value; set it on the command line, e.g. {missing[0]}=...", file=sys.stderr)
+        sys.exit(2)
     plain = OmegaConf.to_container(cfg, resolve=True)
     if multirun:
         plain["sweep"] = {"dir": str(Path(hydra_cfg.sweep.dir)), "name": Path(hydra_cfg.sweep.dir).name}

@@ -264,3 +264,31 @@ def test_no_trust_remote_code_anywhere():
 
     sources = (Path(__file__).resolve().parents[1] / "handclip").rglob("*.py")
     assert not [p for p in sources if "trust_remote_code=True" in p.read_text()]
+
+
+# --- what the command line shows ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "first_line"),
+    [
+        (["freeze.vision_blocks=9"], "error: freeze.vision_blocks=9 is out of range: the backbone's vision"),
+        (["backbone=local"], "error: backbone.source has no value"),
+        (["data.batch_size=1"], "error: data.batch_size=1 is too small"),
+        (["data.sampler=identity_balanced", "data.identities_per_batch=64", "data.images_per_identity=2",
+          "data.batch_size=128"], "error: data.identities_per_batch=64 cannot be filled"),
+    ],
+)  # fmt: skip
+def test_command_line_config_errors_are_one_line_with_the_key(tmp_path, overrides, first_line):
+    from tests.test_train import QUICK, train
+
+    base = [q for q in QUICK if not q.startswith("data.batch_size")]
+    if "backbone=local" in overrides:  # the tiny backbone's settings do not apply to a local one
+        base = [q for q in base if not q.startswith("backbone.")]
+    result = train(tmp_path, *overrides, check=False, base=base)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines and lines[0].startswith(first_line), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
