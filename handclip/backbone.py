@@ -121,7 +121,16 @@ def read_backbone_config(spec: Mapping):
         raise _load_error(source, error) from error
 
 
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep + os.sep in source
+
+
 def _load_error(source: str, error: Exception) -> BackboneError:
+    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
+        return BackboneError(
+            f"backbone.source={source}: no such directory. A local backbone is a directory written by "
+            "CLIPModel.save_pretrained (with its tokenizer and image processor); check the path"
+        )
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     local = Path(source)
     tried = (

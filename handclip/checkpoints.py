@@ -32,11 +32,19 @@ def save_atomic(payload: Any, path: str | Path) -> None:
 
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a checkpoint with `weights_only=True`; a damaged file is named in the error."""
+    import pickle
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+    except pickle.UnpicklingError:
         raise HandClipError(
-            f"checkpoint {path} is damaged or not a checkpoint ({type(error).__name__}: {error})"
+            f"checkpoint {path} was refused: it holds pickled objects other than tensors and plain data, "
+            "which could run code when loaded. Only load checkpoints written by HandCLIP or Lightning"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - any other failure means a damaged file
+        reason = str(error).split(". ")[0].strip()
+        raise HandClipError(
+            f"checkpoint {path} is damaged or not a checkpoint ({type(error).__name__}: {reason})"
         ) from None

@@ -55,12 +55,17 @@ def test_local_directory_loads_like_a_hub_id(tmp_path):
     assert read_backbone_config({"source": str(directory)}).projection_dim == 16
 
 
-def test_missing_weights_error_says_what_was_tried_and_how_to_fix(tmp_path):
+def test_missing_weights_error_says_what_was_tried_and_how_to_fix():
     with pytest.raises(BackboneError) as error:
-        load_backbone({"name": "vit_b32", "source": str(tmp_path / "no-such-model")})
+        load_backbone({"name": "vit_b32", "source": "no-such-org/no-such-model"})
     message = str(error.value)
-    assert "Could not load backbone" in message and "not found" in message
-    assert "backbone=local" in message and "experiment=demo" in message
+    assert "Could not load backbone 'no-such-org/no-such-model'" in message and "not found" in message
+    assert "HF_HUB_OFFLINE=1" in message and "backbone=local" in message and "experiment=demo" in message
+
+
+def test_missing_local_directory_is_named(tmp_path):
+    with pytest.raises(BackboneError, match=r"backbone.source=.*no-such-model: no such directory"):
+        load_backbone({"name": "local", "source": str(tmp_path / "no-such-model")})
 
 
 def test_uneven_heads_are_a_config_error():

@@ -254,7 +254,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path,
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "evil.ckpt", "wb") as handle:
         pickle.dump({"state_dict": Exploit()}, handle)
-    with pytest.raises(HandClipError, match="evil.ckpt is damaged or not a checkpoint"):
+    with pytest.raises(HandClipError, match="evil.ckpt was refused: .*could run code"):
         load_checkpoint_file(tmp_path / "evil.ckpt")
     assert not (tmp_path / "pwned").exists()
 
