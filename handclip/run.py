@@ -375,7 +375,8 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
     )
     results["fine-tuned"] = final
     metrics.update(final["metrics"])
-    metrics["wall_time_s"] = time.time() - started
+    metrics["wall_time_s"] = time.time() - started  # this process
+    metrics["train_time_s"] = module.train_seconds()  # fit time, summed over resumes
     metrics["peak_memory_mb"] = _peak_memory_mb()
     for prefix in ("test", "test_all"):
         if f"{prefix}/rank1" in final["metrics"]:
@@ -391,7 +392,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
         "best_checkpoint": best,
     }
     _write_json(run_dir / "metrics.json", payload)
-    if logger is not None:
+    if type(logger).__name__ != "CSVLogger":  # the CSV logger's final numbers are metrics.json
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
         logger.finalize("success")
     summary = ", ".join(

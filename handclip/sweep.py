@@ -19,7 +19,7 @@ import yaml
 IGNORED = ("paths.", "hydra.", "run_name", "ckpt_path", "overwrite", "sweep.")
 COLUMNS = (
     "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std", "test/mAP", "test/mAP_std",
-    "test_all/rank1", "test_all/mAP", "wall_time_s", "peak_memory_mb",
+    "test_all/rank1", "test_all/mAP", "train_time_s", "wall_time_s", "peak_memory_mb",
 )  # fmt: skip
 
 

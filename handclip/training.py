@@ -6,6 +6,7 @@ datasets); nothing outside this module and `handclip.run` imports Lightning.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,23 @@ class ClipFineTuner(L.LightningModule):
         self.val_images = images_needed(self.val_rows, include_test=False) if self.val_rows else []
         self.head_prefixes = tuple(head_prefixes)
         self._val_features: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
+        # training time carried across resumes (wall time of one process would restart at 0)
+        self.seconds_before = 0.0
+        self._fit_started = time.time()
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.time()
+
+    def train_seconds(self) -> float:
+        """Seconds spent in fit, over this process and the runs it resumed."""
+        return self.seconds_before + time.time() - self._fit_started
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["handclip"] = {"signature": self.signature}
+        checkpoint["handclip"] = {"signature": self.signature, "train_seconds": self.train_seconds()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.seconds_before = float((checkpoint.get("handclip") or {}).get("train_seconds", 0.0))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return image_embeddings(self.model, pixel_values)
@@ -115,18 +130,25 @@ class ClipFineTuner(L.LightningModule):
         clamp_logit_scale(self.model.logit_scale)  # after every step, as CLIP does
 
     def on_validation_epoch_start(self) -> None:
-        self._val_features = []
+        self._val_features, self._val_index = [], []
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        self._val_features.append(image_embeddings(self.model, batch["pixel_values"]).float().cpu())
+        self._val_features.append(image_embeddings(self.model, batch["pixel_values"]).float())
+        self._val_index.append(batch["index"])
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_features:
             return
-        features = torch.cat(self._val_features)
-        metrics = score_protocol(features, self.val_images, self.val_rows, include_test=False)["metrics"]
+        features, index = torch.cat(self._val_features), torch.cat(self._val_index)
+        if self.trainer.world_size > 1:
+            # each process saw a shard (padded with repeats): gather and put back in order
+            features = self.all_gather(features).flatten(0, 1)
+            index = self.all_gather(index).flatten(0, 1)
+        ordered = torch.zeros(len(self.val_images), features.shape[1], device=features.device)
+        ordered[index] = features
+        metrics = score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False)["metrics"]
         for name in ("val/rank1", "val/rank5", "val/mAP"):
-            self.log(name, metrics[name], prog_bar=name == "val/rank1")
+            self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
 
     def configure_optimizers(self):
         from transformers import get_cosine_schedule_with_warmup

@@ -132,3 +132,14 @@ def test_hd_format_trains_through_the_same_path_with_tensorboard(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
     assert 0 <= metrics["test/rank1"] <= 1 and "test_all/rank1" not in metrics
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_two_processes_gather_features_for_loss_and_validation(tmp_path):
+    # DDP on the CPU (gloo): the loss sees the global batch, validation gathers every shard
+    train(tmp_path, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+          "data.batch_size=4", "eval.baseline=false", "run_name=ddp")  # fmt: skip
+    metrics = json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["val/rank1"] <= 1 and 0 <= metrics["test/rank1"] <= 1
+    log = (tmp_path / "runs" / "ddp" / "logs" / "metrics.csv").read_text()
+    assert "val/rank1" in log and "train/loss" in log
