@@ -262,7 +262,9 @@ def generate_hands(
     number = 0
     for pid in sorted({i for entries in plan.values() for i, _ in entries}):
         people[pid] = _person(np.random.default_rng([seed, pid]), pid)
-    for pid, person in people.items():
+    from tqdm.auto import tqdm
+
+    for pid, person in tqdm(people.items(), desc="drawing synthetic hands", unit="person", leave=False):
         for aspect in aspects:
             count = dict(plan.get(aspect, [])).get(pid, 0)
             for k in range(count):
