@@ -27,6 +27,9 @@ def _run_dir(name: str, run_name: str | None, overrides: str) -> str:
     return name if not overrides else f"{name}/{_short(overrides)}"
 
 
+# the directory train.py was started from; unlike ${hydra:runtime.cwd} it also resolves while
+# Hydra sets up a multirun's sweep directory (before its HydraConfig exists)
+OmegaConf.register_new_resolver("handclip.cwd", lambda: str(Path.cwd()), replace=True)
 OmegaConf.register_new_resolver("handclip.run_dir", _run_dir, replace=True)
 OmegaConf.register_new_resolver("handclip.short", _short, replace=True)
 

@@ -26,7 +26,7 @@ QUICK = [
 ]
 
 
-def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK):
+def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK, root=True):
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HANDCLIP_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     command = [
@@ -34,7 +34,7 @@ def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK):
         str(ROOT / "train.py"),
         *(["-m"] if multirun else []),
         *base,
-        f"paths.root={tmp_path}",
+        *([f"paths.root={tmp_path}"] if root else []),
         *overrides,
     ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -78,7 +78,8 @@ def test_same_seed_same_numbers(tmp_path):
 
 @pytest.mark.slow
 def test_two_point_sweep(tmp_path):
-    train(tmp_path, "freeze.vision_blocks=0,2", "eval.baseline=false", multirun=True)
+    # as the README writes it: no paths given, everything lands under the starting directory
+    train(tmp_path, "freeze.vision_blocks=0,2", "eval.baseline=false", multirun=True, root=False)
     sweep = tmp_path / "runs" / "sweeps" / "demo"
     counts = {}
     for run in [p for p in sweep.iterdir() if (p / "config.yaml").is_file()]:
