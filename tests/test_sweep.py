@@ -39,7 +39,7 @@ def test_optuna_search_runs_and_maximises_validation(tmp_path):
         "trainer.max_epochs=1",
         multirun=True,
     )
-    sweep = tmp_path / "runs" / "sweeps" / "demo"
+    sweep = tmp_path / "runs" / "sweeps" / "demo_optuna"
     assert len(list(sweep.glob("*/metrics.json"))) == 2
     assert (sweep / "optimization_results.yaml").is_file()
     assert "Best parameters" in result.stdout + result.stderr or (sweep / "summary.csv").is_file()
