@@ -17,6 +17,7 @@ class EpochSeededSampler(Sampler):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self.skip = 0  # items of this epoch already trained on (a mid-epoch resume); used once
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
@@ -31,7 +32,8 @@ class EpochSeededSampler(Sampler):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = range(self.size)
-        return iter([(self.epoch, i) for i in order])
+        skip, self.skip = self.skip, 0
+        return iter([(self.epoch, i) for i in list(order)[skip:]])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -63,6 +65,7 @@ class IdentityBalancedBatchSampler(Sampler):
                 f"{len(self.by_identity)} identities; lower it to at most {len(self.by_identity)}"
             )
         self.batches = max(1, len(identities) // (self.p * self.k))
+        self.skip = 0  # batches of this epoch already trained on (a mid-epoch resume); used once
         # Lightning calls set_epoch on `batch_sampler.sampler`; this object carries the epoch
         self.sampler = EpochSeededSampler(len(identities), seed)
 
@@ -73,7 +76,8 @@ class IdentityBalancedBatchSampler(Sampler):
         epoch = self.sampler.epoch
         generator = torch.Generator().manual_seed(self.sampler.seed * 100_003 + epoch + 7)
         keys = sorted(self.by_identity)
-        for _ in range(self.batches):
+        skip, self.skip = self.skip, 0
+        for number in range(self.batches):
             batch = []
             for position in torch.randperm(len(keys), generator=generator)[: self.p].tolist():
                 images = self.by_identity[keys[position]]
@@ -82,4 +86,5 @@ class IdentityBalancedBatchSampler(Sampler):
                 else:
                     chosen = torch.randint(len(images), (self.k,), generator=generator).tolist()
                 batch += [(epoch, images[c]) for c in chosen]
-            yield batch
+            if number >= skip:  # the draws above still happen, so later batches stay the same
+                yield batch

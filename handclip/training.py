@@ -90,6 +90,17 @@ class ClipFineTuner(L.LightningModule):
     def on_fit_start(self) -> None:
         self._fit_started = time.time()
 
+    def on_train_start(self) -> None:
+        # resuming a checkpoint taken mid-epoch (Ctrl-C): Lightning re-iterates the loader from
+        # the start of the epoch (and skips on_train_epoch_start), so skip the batches already
+        # trained on. The order is a function of (seed, epoch): the rest of the epoch is exactly
+        # what it would have been. Runs after the checkpoint is restored, before the loader is read.
+        loop = self.trainer.fit_loop
+        done = loop.epoch_loop.batch_progress.current.completed if loop.restarting else 0
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if done and isinstance(datamodule, HandDataModule):
+            datamodule.skip_batches(done)
+
     def train_seconds(self) -> float:
         """Seconds spent in fit, over this process and the runs it resumed."""
         return self.seconds_before + time.time() - self._fit_started
@@ -211,6 +222,15 @@ class HandDataModule(L.LightningDataModule):
     def _workers(self) -> dict:
         workers = int(self.data.get("num_workers", 0))
         return {"num_workers": workers, "persistent_workers": workers > 0}
+
+    def skip_batches(self, batches: int) -> None:
+        """Let the next iteration of the training loader start after `batches` batches."""
+        loader = self.trainer.train_dataloader if self.trainer else None
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if isinstance(batch_sampler, IdentityBalancedBatchSampler):
+            batch_sampler.skip = batches
+        elif batch_sampler is not None and isinstance(batch_sampler.sampler, EpochSeededSampler):
+            batch_sampler.sampler.skip = batches * batch_sampler.batch_size
 
     def train_dataloader(self) -> DataLoader:
         common = {"collate_fn": self.collate, "pin_memory": torch.cuda.is_available(), **self._workers()}

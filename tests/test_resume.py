@@ -17,10 +17,11 @@ pytestmark = pytest.mark.slow
 EPOCHS = ["trainer.max_epochs=6", "eval.baseline=false", "run_name=r"]
 
 
-def start(tmp_path, *overrides):
+def start(tmp_path, *overrides, script="train.py"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HANDCLIP_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    command = [sys.executable, str(ROOT / "train.py"), *QUICK, f"paths.root={tmp_path}", *overrides]
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-u", str(ROOT / script), *QUICK, f"paths.root={tmp_path}", *overrides]
     return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -88,20 +89,35 @@ def test_existing_checkpoints_are_not_overwritten_silently(tmp_path):
     train(tmp_path, "trainer.max_epochs=1", "eval.baseline=false", "run_name=r", "overwrite=true")
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
-    process = start(tmp_path, "trainer.max_epochs=1000", "eval.baseline=false", "run_name=r")
-    last = tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.is_file() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the next epoch
-    process.send_signal(signal.SIGINT)
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    overrides = ["trainer.max_epochs=6", "eval.baseline=false", "run_name=r", "data.batch_size=4"]
+    train(tmp_path / "whole", *overrides)
+    # interrupt right after step 8 starts: epoch 1 has 6 steps, so this is mid-epoch
+    process = start(tmp_path / "split", *overrides, script="tests/step_printer.py")
+    for line in process.stdout:
+        if line.strip() == "handclip-test-step 8":
+            process.send_signal(signal.SIGINT)
+            break
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0 and "interrupted: saved" in output
-    assert load_checkpoint_file(last)["global_step"] > 0
-    assert not (tmp_path / "runs" / "r" / "metrics.json").exists()
-    train(tmp_path, "trainer.max_epochs=30", "eval.baseline=false", "run_name=r", "ckpt_path=last")
-    assert (tmp_path / "runs" / "r" / "metrics.json").is_file()
+    last = tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint_file(last)
+    assert (
+        saved["global_step"] == 8
+        and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 2
+    )
+    assert not (tmp_path / "split" / "runs" / "r" / "metrics.json").exists()
+    train(tmp_path / "split", *overrides, "ckpt_path=last")
+    whole, split = metrics_of(tmp_path / "whole"), metrics_of(tmp_path / "split")
+    for key in ("val/rank1", "test/rank1", "test/mAP"):
+        assert split[key] == pytest.approx(whole[key], abs=1e-6), key
+    a, b = weights_of(tmp_path / "whole"), weights_of(tmp_path / "split")
+    assert (
+        load_checkpoint_file(tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt")["global_step"]
+        == (load_checkpoint_file(tmp_path / "whole" / "runs" / "r" / "checkpoints" / "last.ckpt")["global_step"])
+    )
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
 
 
 def test_wandb_offline_writes_its_files_and_a_resumed_run_keeps_its_id(tmp_path):

@@ -1,0 +1,19 @@
+"""Run train.py with each training step announced on stdout, so a test can interrupt at a chosen step."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import handclip.training
+
+_step = handclip.training.ClipFineTuner.training_step
+
+
+def training_step(self, batch, batch_index):
+    print(f"handclip-test-step {self.global_step}", flush=True)
+    return _step(self, batch, batch_index)
+
+
+handclip.training.ClipFineTuner.training_step = training_step
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"), run_name="__main__")
