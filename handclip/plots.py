@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,13 +20,18 @@ def _pyplot():
 
 def plot_cmc(curves: Mapping[str, Sequence[float]], path: str | Path, title: str = "CMC, test (mean over runs)"):
     """Rank-k for k = 1..len(curve), one line per label (e.g. baseline, fine-tuned)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o", markersize=3, label=label)
     ax.set_xlabel("rank k")
     ax.set_ylabel("Rank-k accuracy (%)")
     ax.set_ylim(0, 100)
+    return save_figure(fig, ax, path, title)
+
+
+def save_figure(fig, ax, path: str | Path, title: str):
+    """Title, grid and legend, then write the PNG; returns the figure."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -53,7 +58,7 @@ def plot_embeddings(
     max_identities: int = 10,
 ):
     """Images and captions of up to `max_identities` identities in one 2-D PCA, coloured by identity."""
-    plt = _pyplot()
+    plt = pyplot()
     chosen = sorted(set(image_ids))[:max_identities]
     keep_images = [i for i, x in enumerate(image_ids) if x in chosen]
     keep_texts = [i for i, x in enumerate(text_ids) if x in chosen]

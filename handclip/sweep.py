@@ -109,11 +109,9 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
     finished = [r for r in runs if r["status"] == "finished" and r.get("test/rank1") is not None]
     if not finished:
         return None
-    import matplotlib
+    from handclip.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     key = swept[0] if swept else None
     numeric = key is not None and all(isinstance(r.get(key), (int, float)) for r in finished)
     finished.sort(key=lambda r: r.get(key) if numeric else str(r.get(key)))
@@ -127,12 +125,7 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
         ax.set_xticks(xs, [str(r.get(key, r["run"])) for r in finished], rotation=30, ha="right")
     ax.set_xlabel(key or "run")
     ax.set_ylabel("%")
-    ax.set_title("test Rank-1 and mAP against " + (key or "run"))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plt.close(save_figure(fig, ax, path, "test Rank-1 and mAP against " + (key or "run")))
     return path
 
 
