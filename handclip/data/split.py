@@ -55,6 +55,11 @@ def _train_val(train: dict[str, list[ImageRecord]], rng: np.random.Generator) ->
             continue
         val = int(rng.integers(len(images)))
         rows += [_row(r, "val" if i == val else "train") for i, r in enumerate(images)]
+    if not any(row["split"] == "val" for row in rows):
+        raise DataError(
+            f"none of the {len(train)} training identities has two or more images, so there is no "
+            "validation image for model selection; each training identity needs at least two images"
+        )
     return rows
 
 
