@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from handclip.errors import BackboneError, ConfigError
+from handclip.settings import plain_dict
 
 TINY = "tiny"
 DEFAULT_CACHE = Path(os.environ.get("HANDCLIP_CACHE", Path.home() / ".cache" / "handclip"))
@@ -67,15 +68,6 @@ def _size_field(size: Any, key: str) -> Any:
     return getattr(size, key, None)
 
 
-def _plain(spec: Any) -> dict:
-    """A DictConfig or mapping as a plain dict (no Hydra import needed here)."""
-    if hasattr(spec, "_content"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(spec, resolve=True)
-    return dict(spec)
-
-
 def _source(spec: Mapping) -> str:
     source = spec.get("source")
     if not source:
@@ -109,7 +101,7 @@ def tiny_clip_config(spec: Mapping):
 
 def read_backbone_config(spec: Mapping):
     """The backbone's `CLIPConfig` without loading any weights (for validating a config)."""
-    spec = _plain(spec)
+    spec = plain_dict(spec, "backbone")
     source = _source(spec)
     if source == TINY:
         return tiny_clip_config(spec)
@@ -152,7 +144,7 @@ def tiny_backbone_dir(spec: Mapping, cache_dir: str | Path | None = None) -> Pat
 
     from handclip.tokenizer import build_clip_tokenizer
 
-    spec = _plain(spec)
+    spec = plain_dict(spec, "backbone")
     config = tiny_clip_config(spec)
     seed = int(spec.get("seed", 0))
     key = json.dumps({"config": spec.get("config"), "seed": seed}, sort_keys=True)
@@ -180,7 +172,7 @@ def load_backbone(spec: Mapping, cache_dir: str | Path | None = None) -> Backbon
     """Load model, tokenizer and image processor named by a backbone spec."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    spec = _plain(spec)
+    spec = plain_dict(spec, "backbone")
     source = _source(spec)
     path = str(tiny_backbone_dir(spec, cache_dir)) if source == TINY else source
     try:

@@ -18,11 +18,11 @@ Policies (the mapping in a `conf/freeze/*.yaml` file):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from handclip.errors import ConfigError
+from handclip.settings import plain_dict
 
 POLICIES = ("full", "frozen", "last_n", "text_frozen", "pattern")
 _KEYS = {
@@ -102,19 +102,9 @@ class FreezeReport:
         return table
 
 
-def _plain(policy: Any) -> dict:
-    if hasattr(policy, "_content"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(policy, resolve=True)
-    if not isinstance(policy, Mapping):
-        raise ConfigError(f"freeze policy must be a mapping with a 'name' (one of {POLICIES})")
-    return dict(policy)
-
-
 def check_freeze_policy(policy: Any, vision_depth: int, text_depth: int) -> dict:
     """Validate a policy against the model's depths (no weights needed); return it as a dict."""
-    policy = _plain(policy)
+    policy = plain_dict(policy, "freeze policy", f" with a 'name' (one of {POLICIES})")
     name = policy.get("name")
     if name not in POLICIES:
         raise ConfigError(f"freeze.name={name!r} is not a policy; choose one of {', '.join(POLICIES)}")

@@ -9,10 +9,10 @@ seed: 0
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from handclip.errors import ConfigError
+from handclip.settings import plain_dict
 
 PROJECTIONS = ("keep", "replace")
 TOWERS = ("vision", "text")
@@ -20,11 +20,8 @@ TOWERS = ("vision", "text")
 
 def check_projection(spec: Any, current_dim: int) -> dict:
     """Validate a projection spec against the backbone's projection width."""
-    if hasattr(spec, "_content"):
-        from omegaconf import OmegaConf
-
-        spec = OmegaConf.to_container(spec, resolve=True)
-    spec = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+    # a bare name ("keep") is accepted for the simplest case
+    spec = {"name": spec} if isinstance(spec, str) else plain_dict(spec, "projection")
     name = spec.get("name")
     if name not in PROJECTIONS:
         raise ConfigError(f"projection.name={name!r} is not valid; choose one of {', '.join(PROJECTIONS)}")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from handclip.errors import ConfigError, HandClipError
+from handclip.files import write_text_atomic
 
 
 def precision_for(setting: str) -> str:
@@ -128,9 +129,7 @@ def _console():
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=float))
 
 
 def evaluate_model(

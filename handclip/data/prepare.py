@@ -14,7 +14,6 @@ import argparse
 import csv
 import io
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from handclip.data.images import build_cache
 from handclip.data.readers import ASPECTS, aspect_slug, read_11k, read_caption_csv, read_hd
 from handclip.data.split import MANIFEST_COLUMNS, split_11k, split_captions, split_hd, split_sizes
 from handclip.errors import ConfigError, DataError
+from handclip.files import write_text_atomic
 
 FORMATS = ("11k", "hd", "csv")
 MANIFEST_VERSION = 1
@@ -86,12 +86,6 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     """Make sure the manifest (and image cache) for `settings` exist; return the manifest path."""
     settings.check()
@@ -128,7 +122,7 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
     sizes = split_sizes(rows)
     info = {
         "settings": settings.as_dict(),
@@ -136,7 +130,7 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
         "bad_images": bad,
         "cache_ready": {str(settings.cache_size): True},
     }
-    _write_atomic(info_path, json.dumps(info, indent=2))
+    write_text_atomic(info_path, json.dumps(info, indent=2))
     if not quiet:
         shown = {k: v for k, v in sorted(sizes.items()) if k in ("train", "val", "query0", "gallery0", "gallery_all0")}
         print(f"prepared {path}: " + ", ".join(f"{k} {v[0]} ids/{v[1]} images" for k, v in shown.items()))
