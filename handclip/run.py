@@ -208,19 +208,6 @@ def _stable_wandb_id(run_dir: Path) -> str:
     return run_id
 
 
-def _check_sampler(data: Mapping, rows: list[dict]) -> None:
-    """An identity-balanced sampler must be fillable by the training split."""
-    if data.get("sampler", "random") != "identity_balanced":
-        return
-    from handclip.sampling import IdentityBalancedBatchSampler
-
-    train = [r["identity"] for r in rows if r["split"] == "train"]
-    index = {k: i for i, k in enumerate(sorted(set(train)))}
-    IdentityBalancedBatchSampler(
-        [index[k] for k in train], int(data["identities_per_batch"]), int(data["images_per_identity"])
-    )
-
-
 def run_signature(cfg: Mapping) -> dict:
     """The settings a resumed run must share with the checkpoint it resumes."""
     return {key: cfg[key] for key in ("backbone", "freeze", "projection")}
@@ -286,6 +273,7 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
     from handclip.evaluation import protocol_table
     from handclip.freeze import apply_freeze
     from handclip.projection import replace_projection
+    from handclip.sampling import balanced_sampler_for
     from handclip.training import AtomicCheckpointIO, ClipFineTuner, HandDataModule, SaveOnInterrupt
 
     started = time.time()
@@ -298,7 +286,8 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
     settings = settings_from_config(data, facts["image_size"])
     manifest = prepare(settings)
     rows = read_manifest(manifest)
-    _check_sampler(data, rows)  # needs the split's identities, not the weights
+    if data.get("sampler", "random") == "identity_balanced":
+        balanced_sampler_for(rows, data)  # fillable? needs the split's identities, not the weights
 
     backbone = load_backbone(cfg["backbone"], cfg["paths"].get("cache"))
     model = backbone.model

@@ -7,6 +7,8 @@ continuation when a run resumes at an epoch boundary.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch.utils.data import Sampler
 
@@ -88,3 +90,18 @@ class IdentityBalancedBatchSampler(Sampler):
                 batch += [(epoch, images[c]) for c in chosen]
             if number >= skip:  # the draws above still happen, so later batches stay the same
                 yield batch
+
+
+def balanced_sampler_for(rows: list[dict], data: Mapping, seed: int = 0) -> IdentityBalancedBatchSampler:
+    """The P x K sampler over a manifest's training rows, as a `conf/data` mapping asks.
+
+    Raises ConfigError when the training split cannot fill it; needs no images or weights.
+    """
+    train = [r["identity"] for r in rows if r["split"] == "train"]
+    index = {identity: i for i, identity in enumerate(sorted(set(train)))}
+    return IdentityBalancedBatchSampler(
+        [index[identity] for identity in train],
+        int(data.get("identities_per_batch", 8)),
+        int(data.get("images_per_identity", 4)),
+        seed,
+    )

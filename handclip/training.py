@@ -20,10 +20,10 @@ from handclip.captions import Captioner
 from handclip.checkpoints import load_checkpoint_file, save_atomic
 from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.embeddings import image_embeddings, text_embeddings
-from handclip.errors import HandClipError
+from handclip.errors import ConfigError, HandClipError
 from handclip.evaluation import images_needed, score_protocol
 from handclip.losses import clamp_logit_scale, contrastive_loss
-from handclip.sampling import EpochSeededSampler, IdentityBalancedBatchSampler
+from handclip.sampling import EpochSeededSampler, IdentityBalancedBatchSampler, balanced_sampler_for
 from handclip.transforms import eval_transform, train_transform
 
 
@@ -212,8 +212,6 @@ class HandDataModule(L.LightningDataModule):
             self.balanced_sampler()  # fails now, with the key, if it cannot be filled
         batch = int(self.data["batch_size"])
         if len(self.train_set) < batch:
-            from handclip.errors import ConfigError
-
             raise ConfigError(
                 f"data.batch_size={batch} is larger than the {len(self.train_set)} training images: "
                 "lower it so at least one full batch exists"
@@ -242,11 +240,7 @@ class HandDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def balanced_sampler(self) -> IdentityBalancedBatchSampler:
-        identities = [self.train_set.identity_index[r["identity"]] for r in self.train_set.rows]
-        return IdentityBalancedBatchSampler(
-            identities, int(self.data.get("identities_per_batch", 8)), int(self.data.get("images_per_identity", 4)),
-            self.seed,
-        )  # fmt: skip
+        return balanced_sampler_for(self.train_set.rows, self.data, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
