@@ -2,9 +2,9 @@ import subprocess
 import sys
 
 LIBRARY = ["backbone", "tokenizer", "freeze", "projection", "losses", "reid", "evaluation", "captions",
-           "transforms", "embeddings", "zeroshot", "plots", "checkpoints", "rundir", "sampling", "config_check", "settings", "files",
-           "export", "features", "sweep", "data.readers", "data.split", "data.prepare", "data.images",
-           "data.dataset", "data.synthetic"]  # fmt: skip
+           "transforms", "embeddings", "zeroshot", "plots", "checkpoints", "rundir", "sampling", "config_check",
+           "settings", "files", "export", "features", "sweep", "data.readers", "data.split", "data.prepare",
+           "data.images", "data.dataset", "data.synthetic"]  # fmt: skip
 
 
 def test_the_library_imports_without_hydra_or_lightning():
