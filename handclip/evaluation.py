@@ -52,8 +52,12 @@ def extract_image_features(
 
 
 def run_count(rows: Sequence[dict]) -> int:
+    """Number of query/gallery runs: query0, query1, ... as far as they go."""
     splits = {r["split"] for r in rows}
-    return sum(1 for r in range(1000) if f"query{r}" in splits) if "query0" in splits else 0
+    runs = 0
+    while f"query{runs}" in splits:
+        runs += 1
+    return runs
 
 
 def protocol_pairs(rows: Sequence[dict], include_test: bool = True) -> list[tuple[str, int | None, str, str]]:

@@ -213,11 +213,9 @@ def run_signature(cfg: Mapping) -> dict:
     return {key: cfg[key] for key in ("backbone", "freeze", "projection")}
 
 
-def check_resume(path: str, signature: Mapping) -> None:
+def check_resume(path: str, checkpoint: Mapping, signature: Mapping) -> None:
     """Refuse to resume a checkpoint written under another freeze policy, projection or backbone."""
-    from handclip.checkpoints import load_checkpoint_file
-
-    saved = (load_checkpoint_file(path).get("handclip") or {}).get("signature")
+    saved = (checkpoint.get("handclip") or {}).get("signature")
     if saved is None:
         return
     changed = [key for key in signature if saved.get(key) != signature[key]]
@@ -246,28 +244,27 @@ def load_initial_weights(module, path: str) -> None:
 
 def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
     """Train and evaluate one configuration; returns the metrics written to metrics.json."""
-    from handclip.backbone import load_backbone
     from handclip.config_check import check_config
-    from handclip.rundir import RunLock
+    from handclip.rundir import RunLock, resolve_resume
 
     facts = check_config(cfg)  # before anything heavy
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        from handclip.rundir import resolve_resume
-
-        resume = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
-        if resume:
-            check_resume(resume, run_signature(cfg))
+        resume, checkpoint = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+        if checkpoint is not None:
+            check_resume(resume, checkpoint, run_signature(cfg))
+        del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
         if cfg.get("init_from") and not Path(cfg["init_from"]).is_file():
             raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")
-        return _train(cfg, run_dir, facts, resume, load_backbone)
+        return _train(cfg, run_dir, facts, resume)
 
 
-def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_backbone) -> dict:
+def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from handclip.backbone import load_backbone
     from handclip.checkpoints import load_checkpoint_file
     from handclip.data.prepare import prepare, read_manifest, settings_from_config
     from handclip.evaluation import protocol_table
@@ -358,8 +355,6 @@ def _train(cfg: Mapping, run_dir: Path, facts: dict, resume: str | None, load_ba
     best = checkpoints.best_model_path
     if best:
         module.load_state_dict(load_checkpoint_file(best)["state_dict"])
-    if checkpoints.best_model_score is not None:
-        metrics["val/rank1"] = float(checkpoints.best_model_score)
     final = evaluate_model(
         model, rows, settings.root, backbone, settings.cache_size, eval_cfg, include_test, datamodule.captioner
     )

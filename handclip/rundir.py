@@ -17,19 +17,22 @@ class RunDirError(HandClipError):
     """The run directory cannot be used as asked."""
 
 
-def _loadable(path: Path) -> bool:
+def _load_or_warn(path: Path) -> dict | None:
     from handclip.checkpoints import load_checkpoint_file
 
     try:
-        load_checkpoint_file(path)
+        return load_checkpoint_file(path)
     except HandClipError as error:
         warnings.warn(str(error), stacklevel=3)
-        return False
-    return True
+        return None
 
 
-def resolve_resume(run_dir: str | Path, ckpt_path: str | None, overwrite: bool = False) -> str | None:
-    """The checkpoint file to resume from, or None for a fresh start.
+def resolve_resume(
+    run_dir: str | Path, ckpt_path: str | None, overwrite: bool = False
+) -> tuple[str | None, dict | None]:
+    """The checkpoint file to resume from and its contents, or (None, None) for a fresh start.
+
+    The checkpoint is loaded here once, so the caller can check it without reading it again.
 
     `ckpt_path=last` means this run directory's latest checkpoint (found from any process,
     since the directory is stable); a damaged `last.ckpt` falls back to `best.ckpt`.
@@ -50,12 +53,14 @@ def resolve_resume(run_dir: str | Path, ckpt_path: str | None, overwrite: bool =
             shutil.rmtree(folder)
             for name in ("metrics.json", "baseline.json"):
                 (run_dir / name).unlink(missing_ok=True)
-        return None
+        return None, None
     if ckpt_path != "last":
+        from handclip.checkpoints import load_checkpoint_file
+
         path = Path(ckpt_path)
         if not path.is_file():
             raise RunDirError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-        return str(path)
+        return str(path), load_checkpoint_file(path)
     last, best = folder / "last.ckpt", folder / "best.ckpt"
     if not existing:
         raise RunDirError(
@@ -63,10 +68,11 @@ def resolve_resume(run_dir: str | Path, ckpt_path: str | None, overwrite: bool =
             "without ckpt_path, or give the run's name with run_name=NAME"
         )
     for candidate in (last, best):
-        if candidate.is_file() and _loadable(candidate):
+        checkpoint = _load_or_warn(candidate) if candidate.is_file() else None
+        if checkpoint is not None:
             if candidate == best:
                 warnings.warn(f"{last} is damaged or missing: resuming from {best} instead", stacklevel=2)
-            return str(candidate)
+            return str(candidate), checkpoint
     raise RunDirError(f"no loadable checkpoint in {folder}: last.ckpt and best.ckpt are damaged")
 
 
