@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from handclip.embeddings import image_embeddings
-from handclip.reid import cmc_curve, evaluate, match_ranks, similarity
+from handclip.reid import evaluate
 
 METRICS = ("rank1", "rank5", "rank10", "mAP")
+CMC_RANKS = tuple(range(1, 21))
 
 
 @torch.no_grad()
@@ -110,13 +111,12 @@ def score_protocol(
     for prefix, run, query_split, gallery_split in protocol_pairs(rows, include_test):
         query, query_ids = gather(query_split)
         gallery, gallery_ids = gather(gallery_split)
-        result = evaluate(query, query_ids, gallery, gallery_ids)
+        # one evaluation gives Rank-1..20: the CMC curve, and the per-run metrics it contains
+        scores = evaluate(query, query_ids, gallery, gallery_ids, ranks=CMC_RANKS)
+        cmc.setdefault(prefix, []).append([scores[f"rank{k}"] for k in CMC_RANKS])
+        result = {k: v for k, v in scores.items() if not k.startswith("rank") or k in METRICS}
         result["run"] = run
         per_prefix.setdefault(prefix, []).append(result)
-        matches = query_ids[:, None] == gallery_ids[None, :]
-        keep = matches.any(dim=1)
-        ranks = match_ranks(similarity(query[keep], gallery), matches[keep])
-        cmc.setdefault(prefix, []).append(cmc_curve(ranks, 20))
     metrics: dict[str, float] = {}
     for prefix, results in per_prefix.items():
         for name in METRICS:
@@ -125,7 +125,7 @@ def score_protocol(
             if len(values) > 1:
                 metrics[f"{prefix}/{name}_std"] = statistics.stdev(values)
         metrics[f"{prefix}/queries_without_match"] = sum(r["queries_without_match"] for r in results)
-    curves = {p: [statistics.fmean(c[k] for c in cs) for k in range(20)] for p, cs in cmc.items()}
+    curves = {p: [statistics.fmean(c[k] for c in cs) for k in range(len(CMC_RANKS))] for p, cs in cmc.items()}
     return {"metrics": metrics, "runs": per_prefix, "cmc": curves}
 
 

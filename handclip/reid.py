@@ -45,11 +45,6 @@ def average_precision(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tens
     return (precision * matches).sum(dim=1) / matches.sum(dim=1)
 
 
-def cmc_curve(ranks: torch.Tensor, max_rank: int = 20) -> list[float]:
-    """Share of queries with a true match in the top k, for k = 1..max_rank."""
-    return [float((ranks <= k).float().mean()) for k in range(1, max_rank + 1)]
-
-
 def evaluate(
     query_features: torch.Tensor,
     query_ids: torch.Tensor,

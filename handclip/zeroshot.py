@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from handclip.embeddings import text_embeddings
-from handclip.reid import match_ranks
+from handclip.reid import match_ranks, similarity
 
 _ASPECTS = ("dorsal right", "dorsal left", "palmar right", "palmar left")
 # metric name -> (manifest column, {class value: prompt})
@@ -49,7 +48,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) 
 
 def classify(image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
     """Index of the nearest class prompt for each image (cosine similarity)."""
-    return (F.normalize(image_features, dim=-1) @ F.normalize(class_features, dim=-1).T).argmax(dim=1)
+    return similarity(image_features, class_features).argmax(dim=1)
 
 
 def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
@@ -75,9 +74,10 @@ def text_metrics(
         metrics[f"zeroshot/{name}_majority"] = float(truth.bincount().max() / len(truth))
     unique = sorted(set(captions))
     text = encode_texts(model, tokenizer, unique)
-    index = torch.tensor([unique.index(c) for c in captions])
+    position = {caption: i for i, caption in enumerate(unique)}
+    index = torch.tensor([position[c] for c in captions])
     correct = index[:, None] == torch.arange(len(unique))[None, :]
-    scores = F.normalize(image_features, dim=-1) @ F.normalize(text, dim=-1).T
+    scores = similarity(image_features, text)
     for direction, (s, c) in {"image_to_text": (scores, correct), "text_to_image": (scores.T, correct.T)}.items():
         for k, value in recall_at_k(s, c).items():
             metrics[f"retrieval/{direction}_R@{k}"] = value
