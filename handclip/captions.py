@@ -46,6 +46,7 @@ class Captioner:
         templates = [templates] if isinstance(templates, str) else list(templates)
         if not templates:
             raise ConfigError("data.captions is empty: give at least one caption template")
+        self.fields: dict[str, set[str]] = {}  # template -> the fields it uses
         for template in templates:
             try:
                 names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
@@ -57,6 +58,7 @@ class Captioner:
                     f"data.captions: {template!r} uses unknown field '{sorted(unknown)[0]}'; "
                     f"allowed fields are {', '.join(FIELDS)}"
                 )
+            self.fields[template] = names
         self.templates = templates
 
     def check_rows(self, rows: Sequence[Mapping[str, str]]) -> None:
@@ -64,8 +66,7 @@ class Captioner:
         if not rows:
             return
         available = set(caption_fields(rows[0]))
-        for template in self.templates:
-            names = {n for _, n, _, _ in string.Formatter().parse(template) if n}
+        for template, names in self.fields.items():
             if names - available:
                 raise ConfigError(
                     f"data.captions: {template!r} needs '{sorted(names - available)[0]}', which this "

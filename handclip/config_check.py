@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from handclip.backbone import read_backbone_config
-from handclip.captions import Captioner
+from handclip.captions import DEFAULT_TEMPLATES, Captioner
 from handclip.data.images import BAD_IMAGE_POLICIES
 from handclip.data.prepare import settings_from_config
 from handclip.errors import ConfigError
@@ -34,7 +34,7 @@ def _number(cfg: Mapping, key: str, low: float, high: float, integer: bool = Fal
 
 def check_config(cfg: Mapping) -> dict:
     """Check a resolved run configuration (a plain dict); return the backbone's `CLIPConfig`
-    values used for the checks: {'vision_depth', 'text_depth', 'projection_dim', 'resize'}."""
+    values used for the checks: {'vision_depth', 'text_depth', 'projection_dim', 'image_size'}."""
     for section in ("backbone", "freeze", "projection", "loss", "data", "optim", "trainer"):
         if not isinstance(cfg.get(section), Mapping):
             raise ConfigError(f"config section '{section}' is missing")
@@ -63,7 +63,7 @@ def check_config(cfg: Mapping) -> dict:
         raise ConfigError(
             f"data.on_bad_image={data.get('on_bad_image')!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}"
         )
-    Captioner(data.get("captions") or ["a photo of the {aspect} hand of person {person}"])
+    Captioner(data.get("captions") or DEFAULT_TEMPLATES)
     check_augment(data.get("augment"))
     settings = settings_from_config(data)
     if not Path(settings.root).exists() and not data.get("synthetic"):

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
-from handclip.captions import Captioner
+from handclip.captions import DEFAULT_TEMPLATES, Captioner
 from handclip.checkpoints import load_checkpoint_file, save_atomic
 from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.embeddings import image_embeddings, text_embeddings
@@ -196,7 +196,7 @@ class HandDataModule(L.LightningDataModule):
         size, resize = backbone.image_size, backbone.resize_size
         mean, std = backbone.image_mean, backbone.image_std
         self.collate = CaptionCollator(backbone.tokenizer)
-        self.captioner = Captioner(self.data.get("captions") or ["a photo of the {aspect} hand of person {person}"])
+        self.captioner = Captioner(self.data.get("captions") or DEFAULT_TEMPLATES)
         train_rows = [r for r in self.rows if r["split"] == "train"]
         self.captioner.check_rows(train_rows)
         self.train_set = ManifestImages(
