@@ -24,7 +24,6 @@ class ManifestImages(Dataset):
         transform: Callable,
         cache_size: int = 0,
         captioner: Callable | None = None,
-        identity_index: dict[str, int] | None = None,
         seed: int = 0,
     ):
         self.rows = list(rows)
@@ -32,7 +31,8 @@ class ManifestImages(Dataset):
         self.image_root = cache_dir(root, cache_size) if cache_size else self.root
         self.transform = transform
         self.captioner = captioner
-        self.identity_index = identity_index or {k: i for i, k in enumerate(sorted({r["identity"] for r in self.rows}))}
+        # identities as 0..n-1 in sorted order (balanced_sampler_for numbers them the same way)
+        self.identity_index = {k: i for i, k in enumerate(sorted({r["identity"] for r in self.rows}))}
         self.seed = seed
 
     def __len__(self) -> int:
