@@ -1,27 +1,22 @@
 """Runs that survive: resume equivalence, SIGKILL, damaged checkpoints, refusals, Ctrl-C, wandb."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from handclip.checkpoints import load_checkpoint_file
-from tests.test_train import QUICK, ROOT, train
+from tests.test_train import train, train_command
 
 pytestmark = pytest.mark.slow
 EPOCHS = ["trainer.max_epochs=6", "eval.baseline=false", "run_name=r"]
 
 
 def start(tmp_path, *overrides, script="train.py"):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HANDCLIP_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(ROOT)
-    command = [sys.executable, "-u", str(ROOT / script), *QUICK, f"paths.root={tmp_path}", *overrides]
+    command, env = train_command(tmp_path, *overrides, script=script)
     return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -26,17 +26,25 @@ QUICK = [
 ]
 
 
-def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK, root=True):
+def train_command(tmp_path, *overrides, multirun=False, base=QUICK, root=True, script="train.py"):
+    """(command, environment) running `script` from `tmp_path`, offline, with a private cache."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HANDCLIP_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT)
     command = [
         sys.executable,
-        str(ROOT / "train.py"),
+        "-u",
+        str(ROOT / script),
         *(["-m"] if multirun else []),
         *base,
         *([f"paths.root={tmp_path}"] if root else []),
         *overrides,
     ]
+    return command, env
+
+
+def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK, root=True):
+    command, env = train_command(tmp_path, *overrides, multirun=multirun, base=base, root=root)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
