@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -10,28 +9,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from handclip.train.resolvers import register_resolvers
 
-def _short(overrides: str) -> str:
-    """Overrides as a directory name: readable, and hashed when too long for a file system."""
-    overrides = overrides.replace("/", "_")
-    if len(overrides) <= 120:
-        return overrides
-    return overrides[:80] + "-" + hashlib.sha1(overrides.encode()).hexdigest()[:10]
-
-
-def _run_dir(name: str, run_name: str | None, overrides: str) -> str:
-    # stable run directories (runs/<name> or runs/<name>/<overrides that matter>), so that
-    # `ckpt_path=last` from a new process finds the same run
-    if run_name:
-        return str(run_name)
-    return name if not overrides else f"{name}/{_short(overrides)}"
-
-
-# the directory train.py was started from; unlike ${hydra:runtime.cwd} it also resolves while
-# Hydra sets up a multirun's sweep directory (before its HydraConfig exists)
-OmegaConf.register_new_resolver("handclip.cwd", lambda: str(Path.cwd()), replace=True)
-OmegaConf.register_new_resolver("handclip.run_dir", _run_dir, replace=True)
-OmegaConf.register_new_resolver("handclip.short", _short, replace=True)
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -40,8 +20,9 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from handclip.errors import HandClipError
-    from handclip.run import run_training
-    from handclip.sweep import record_failure
+    from handclip.io import write_text_atomic
+    from handclip.train.run import run_training
+    from handclip.train.sweep import record_failure
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -53,6 +34,8 @@ def main(cfg: DictConfig) -> float:
     plain = OmegaConf.to_container(cfg, resolve=True)
     if multirun:
         plain["sweep"] = {"dir": str(Path(hydra_cfg.sweep.dir)), "name": Path(hydra_cfg.sweep.dir).name}
+        if "group" in plain["logger"] and plain["logger"]["group"] is None:
+            plain["logger"]["group"] = plain["sweep"]["name"]  # wandb groups a sweep's runs
         finished = run_dir / "metrics.json"
         if finished.is_file() and not plain.get("overwrite"):
             # a resumed sweep does not run finished points again
@@ -61,7 +44,7 @@ def main(cfg: DictConfig) -> float:
         if not plain.get("ckpt_path") and any((run_dir / "checkpoints").glob("*.ckpt")):
             plain["ckpt_path"] = "last"  # an interrupted point continues where it stopped
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(plain))
     (run_dir / "failed.json").unlink(missing_ok=True)
     try:
         metrics = run_training(plain, run_dir)

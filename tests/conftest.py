@@ -41,9 +41,8 @@ def _cache(tmp_path_factory, monkeypatch):
 def tiny_model():
     """A tiny randomly initialised CLIPModel: 3 vision blocks, 2 text blocks."""
     import torch
-    from transformers import CLIPModel
-
     from handclip.backbone import tiny_clip_config
+    from transformers import CLIPModel
 
     torch.manual_seed(0)
     return CLIPModel(tiny_clip_config(TINY))

@@ -4,9 +4,9 @@ import runpy
 import sys
 from pathlib import Path
 
-import handclip.training
+import handclip.train.module
 
-_step = handclip.training.ClipFineTuner.training_step
+_step = handclip.train.module.ClipFineTuner.training_step
 
 
 def training_step(self, batch, batch_index):
@@ -14,6 +14,6 @@ def training_step(self, batch, batch_index):
     return _step(self, batch, batch_index)
 
 
-handclip.training.ClipFineTuner.training_step = training_step
+handclip.train.module.ClipFineTuner.training_step = training_step
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"), run_name="__main__")

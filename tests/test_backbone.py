@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from handclip.backbone import load_backbone, read_backbone_config, tiny_backbone_dir
+
 from handclip.errors import BackboneError, ConfigError
 from tests.conftest import TINY
 

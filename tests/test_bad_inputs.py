@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from handclip.checkpoints import load_checkpoint_file, save_atomic
 from handclip.data.images import build_cache, load_rgb
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.readers import read_11k
+from handclip.data.sampling import IdentityBalancedBatchSampler
 from handclip.data.split import split_11k
 from handclip.errors import ConfigError, DataError, HandClipError
-from handclip.rundir import RunDirError, RunLock, resolve_resume
-from handclip.sampling import IdentityBalancedBatchSampler
+from handclip.io import load_checkpoint_file, save_atomic
+from handclip.train.rundir import RunDirError, RunLock, resolve_resume
 
 HEADER = "id,age,gender,skinColor,accessories,nailPolish,aspectOfHand,imageName,irregularities"
 
@@ -167,8 +167,9 @@ def test_identity_balanced_sampler_that_cannot_be_filled():
 
 def test_nan_loss_stops_with_step_lr_and_scale_and_keeps_the_good_checkpoint(tmp_path, synthetic_hands):
     from handclip.backbone import load_backbone
-    from handclip.freeze import apply_freeze
-    from handclip.training import AtomicCheckpointIO, ClipFineTuner, HandDataModule, NonFiniteLossError
+
+    from handclip.model.freeze import apply_freeze
+    from handclip.train.module import AtomicCheckpointIO, ClipFineTuner, HandDataModule, NonFiniteLossError
     from tests.conftest import TINY
 
     rows = read_manifest(prepare(PrepareSettings(root=str(synthetic_hands), cache_size=40), quiet=True))

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from handclip.captions import Captioner, caption_fields
+from handclip.data.captions import Captioner, caption_fields
 from handclip.errors import ConfigError
 
 ROW = {

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from handclip.evaluation import extract_image_features, images_needed, protocol_pairs, score_protocol
+from handclip.eval.protocol import extract_image_features, images_needed, protocol_pairs, score_protocol
 
 
 def rows_for(splits: dict[str, list[tuple[str, str]]]) -> list[dict]:

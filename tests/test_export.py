@@ -21,9 +21,8 @@ def finished_run(tmp_path_factory):
 
 
 def test_exported_directory_loads_in_plain_transformers_with_the_same_embeddings(finished_run, tmp_path):
-    from transformers import CLIPModel
-
     from handclip.embeddings import image_embeddings
+    from transformers import CLIPModel
 
     out = export(finished_run / "runs" / "r", tmp_path / "model")
     assert {p.name for p in out.iterdir()} >= {
@@ -52,9 +51,8 @@ def test_exported_directory_loads_in_plain_transformers_with_the_same_embeddings
 
 
 def test_wise_ft_interpolates_with_the_original(finished_run, tmp_path):
-    from transformers import CLIPModel
-
     from handclip.backbone import load_backbone
+    from transformers import CLIPModel
 
     run = finished_run / "runs" / "r"
     tuned, config = load_run_model(run)

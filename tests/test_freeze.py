@@ -1,7 +1,7 @@
 import pytest
 
 from handclip.errors import ConfigError
-from handclip.freeze import apply_freeze, check_freeze_policy, trainable_parameter_names
+from handclip.model.freeze import apply_freeze, check_freeze_policy, trainable_parameter_names
 
 
 def blocks(tower: str, indices) -> set[str]:
@@ -115,7 +115,7 @@ def test_unknown_policy_and_setting_are_named():
 
 
 def test_replaced_heads_train_under_any_policy(tiny_model):
-    from handclip.projection import replace_projection
+    from handclip.model.projection import replace_projection
 
     heads = replace_projection(tiny_model, {"name": "replace", "dim": 8})
     apply_freeze(tiny_model, {"name": "pattern", "include": ["^nothing$"]}, always_trainable=tuple(heads))

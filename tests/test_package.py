@@ -14,8 +14,8 @@ def test_the_library_imports_without_hydra_or_lightning():
         "    sys.modules[name] = None  # any import of them now fails\n"
         f"for module in {LIBRARY!r}:\n"
         "    __import__('handclip.' + module)\n"
-        "from handclip.freeze import apply_freeze\n"
-        "from handclip.reid import evaluate\n"
+        "from handclip.model.freeze import apply_freeze\n"
+        "from handclip.eval.reid import evaluate\n"
         "import torch\n"
         "print(evaluate(torch.eye(3), torch.arange(3), torch.eye(3), torch.arange(3))['rank1'])\n"
     )

@@ -1,7 +1,7 @@
 import torch
 from PIL import Image
 
-from handclip.plots import pca_2d, plot_cmc, plot_embeddings
+from handclip.eval.plots import pca_2d, plot_cmc, plot_embeddings
 
 
 def test_cmc_plot_is_written(tmp_path):

@@ -1,9 +1,9 @@
 import pytest
 import torch
-
 from handclip.embeddings import image_embeddings, text_embeddings
+
 from handclip.errors import ConfigError
-from handclip.projection import check_projection, replace_projection
+from handclip.model.projection import check_projection, replace_projection
 
 
 def test_replace_gives_both_towers_the_new_width(tiny_model):

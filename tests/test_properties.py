@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from handclip.data.readers import ImageRecord
 from handclip.data.split import THRESHOLDS_11K, split_11k
 from handclip.errors import DataError
-from handclip.reid import evaluate
+from handclip.eval.reid import evaluate
 
 
 @st.composite

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from handclip.reid import evaluate
+from handclip.eval.reid import evaluate
 
 
 def unit(*angles_deg):

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from handclip.checkpoints import load_checkpoint_file
+from handclip.io import load_checkpoint_file
 from tests.test_train import train, train_command
 
 pytestmark = pytest.mark.slow

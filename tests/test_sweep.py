@@ -3,7 +3,7 @@ import csv
 import pytest
 from hydra import compose, initialize_config_dir
 
-from handclip.sweep import collect_runs
+from handclip.train.sweep import collect_runs
 from tests.test_config import CONF
 from tests.test_train import train
 

@@ -1,6 +1,6 @@
 import json
 
-from handclip.tokenizer import build_clip_tokenizer, write_clip_tokenizer_files
+from handclip.model.tokenizer import build_clip_tokenizer, write_clip_tokenizer_files
 
 
 def test_vocabulary_files_match_clip(tmp_path):

@@ -6,11 +6,11 @@ import torch
 
 from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
-from handclip.freeze import apply_freeze
+from handclip.data.sampling import EpochSeededSampler
+from handclip.data.transforms import train_transform
 from handclip.losses import LOGIT_SCALE_MAX
-from handclip.sampling import EpochSeededSampler
-from handclip.training import ClipFineTuner, HandDataModule, parameter_groups, warmup_steps
-from handclip.transforms import train_transform
+from handclip.model.freeze import apply_freeze
+from handclip.train.module import ClipFineTuner, HandDataModule, parameter_groups, warmup_steps
 
 
 def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale(tiny_model):
@@ -29,7 +29,7 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale(tiny_model):
 
 
 def test_frozen_parameters_are_not_in_the_optimiser_and_heads_get_their_own_lr(tiny_model):
-    from handclip.projection import replace_projection
+    from handclip.model.projection import replace_projection
 
     heads = replace_projection(tiny_model, {"name": "replace", "dim": 8})
     apply_freeze(tiny_model, {"name": "frozen"}, always_trainable=tuple(heads))
@@ -74,6 +74,7 @@ def test_augmentation_is_seeded_per_sample_and_epoch(prepared, tiny_model):
 
 def test_training_steps_lower_the_loss_and_keep_logit_scale_clamped(prepared, tmp_path):
     from handclip.backbone import load_backbone
+
     from tests.conftest import TINY
 
     root, rows = prepared
@@ -116,6 +117,7 @@ def test_training_steps_lower_the_loss_and_keep_logit_scale_clamped(prepared, tm
 
 def test_collator_pads_and_keeps_identities(tmp_path):
     from handclip.backbone import load_backbone
+
     from tests.conftest import TINY
 
     tokenizer = load_backbone(TINY, tmp_path).tokenizer

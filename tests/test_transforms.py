@@ -2,8 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
+from handclip.data.transforms import check_augment, eval_transform, train_transform
 from handclip.errors import ConfigError
-from handclip.transforms import check_augment, eval_transform, train_transform
 
 
 def test_eval_transform_matches_clip_processor():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from handclip.zeroshot import classify, recall_at_k, text_metrics
+from handclip.eval.zeroshot import classify, recall_at_k, text_metrics
 
 
 def test_classify_picks_the_nearest_prompt():
@@ -19,6 +19,7 @@ def test_recall_counts_shared_captions_and_ties_against():
 
 def test_text_metrics_on_a_tiny_model(tmp_path):
     from handclip.backbone import load_backbone
+
     from tests.conftest import TINY
 
     backbone = load_backbone(TINY, tmp_path)

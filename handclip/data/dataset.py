@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from handclip.data.images import cache_dir, load_rgb
+from handclip.data.sampling import sample_seed
 from handclip.errors import DataError
-from handclip.sampling import sample_seed
 
 
 class ManifestImages(Dataset):
@@ -63,11 +63,10 @@ class ManifestImages(Dataset):
 
 
 class CaptionCollator:
-    """Stacks images and tokenizes the batch's captions (padded to the longest)."""
+    """Stacks images and tokenizes the batch's captions with the backbone's `tokenize`."""
 
-    def __init__(self, tokenizer, max_length: int = 77):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+    def __init__(self, tokenize: Callable[[list[str]], dict]):
+        self.tokenize = tokenize
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {
@@ -76,10 +75,7 @@ class CaptionCollator:
             "index": torch.tensor([i["index"] for i in items]),
         }
         if "caption" in items[0]:
-            tokens = self.tokenizer(
-                [i["caption"] for i in items], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            )  # fmt: skip
+            tokens = self.tokenize([i["caption"] for i in items])
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens["attention_mask"]
         return batch

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from handclip.data.hands import ASPECTS
 from handclip.data.images import build_cache
-from handclip.data.readers import ASPECTS, aspect_slug, read_11k, read_caption_csv, read_hd
+from handclip.data.readers import aspect_slug, read_11k, read_caption_csv, read_hd
 from handclip.data.split import MANIFEST_COLUMNS, split_11k, split_captions, split_hd, split_sizes
 from handclip.errors import ConfigError, DataError
-from handclip.files import write_text_atomic
+from handclip.io import write_text_atomic
 
 FORMATS = ("11k", "hd", "csv")
 MANIFEST_VERSION = 1

@@ -13,13 +13,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from handclip.data.hands import ASPECTS, HANDINFO_COLUMNS, HD_FOLDERS
 from handclip.errors import DataError
 
-HANDINFO_COLUMNS = (
-    "id", "age", "gender", "skinColor", "accessories", "nailPolish",
-    "aspectOfHand", "imageName", "irregularities",
-)  # fmt: skip
-ASPECTS = ("dorsal right", "dorsal left", "palmar right", "palmar left")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
@@ -90,7 +86,6 @@ def read_11k(root: str | Path, no_accessories: bool = True) -> list[ImageRecord]
     return records
 
 
-HD_FOLDERS = ("1-501", "502-712")
 
 
 def read_hd(root: str | Path) -> list[ImageRecord]:

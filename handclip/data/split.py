@@ -21,11 +21,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from handclip.data.readers import ASPECTS, ImageRecord
+from handclip.data.hands import ASPECTS, HD_TRAIN_MAX, THRESHOLDS_11K
+from handclip.data.readers import ImageRecord
 from handclip.errors import DataError
 
-THRESHOLDS_11K = {"dorsal right": 1050, "dorsal left": 1037, "palmar right": 1051, "palmar left": 1042}
-HD_TRAIN_MAX = 447
 MANIFEST_COLUMNS = ["image", "identity", "person", "aspect", "split"]
 
 

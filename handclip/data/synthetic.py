@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-COLUMNS = [
-    "id", "age", "gender", "skinColor", "accessories", "nailPolish",
-    "aspectOfHand", "imageName", "irregularities",
-]  # fmt: skip
-ASPECTS = ("dorsal right", "dorsal left", "palmar right", "palmar left")
+from handclip.data.hands import ASPECTS, HANDINFO_COLUMNS, THRESHOLDS_11K
+from handclip.io import atomic_write
+
 SKIN = {  # 11k's skinColor values and a base RGB for each
     "very fair": (236, 200, 178),
     "fair": (222, 178, 148),
@@ -35,7 +33,7 @@ SKIN = {  # 11k's skinColor values and a base RGB for each
     "dark": (130, 90, 64),
 }
 # split thresholds of the published protocol: the lowest one, and the highest
-_LOW_THRESHOLD, _HIGH_THRESHOLD, _MAX_ID = 1037, 1051, 1590
+_LOW_THRESHOLD, _HIGH_THRESHOLD, _MAX_ID = min(THRESHOLDS_11K.values()), max(THRESHOLDS_11K.values()), 1590
 
 
 @dataclass
@@ -281,9 +279,9 @@ def generate_hands(
                     int(person.nail_colour is not None), aspect, name, int(person.irregular),
                 ])  # fmt: skip
     csv_path = out / "HandInfo.csv"
-    with open(csv_path, "w", newline="") as handle:
+    with atomic_write(csv_path) as handle:
         writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
+        writer.writerow(HANDINFO_COLUMNS)
         writer.writerows(rows)
     return csv_path
 

@@ -18,7 +18,7 @@ class RunDirError(HandClipError):
 
 
 def _load_or_warn(path: Path) -> dict | None:
-    from handclip.checkpoints import load_checkpoint_file
+    from handclip.io import load_checkpoint_file
 
     try:
         return load_checkpoint_file(path)
@@ -55,7 +55,7 @@ def resolve_resume(
                 (run_dir / name).unlink(missing_ok=True)
         return None, None
     if ckpt_path != "last":
-        from handclip.checkpoints import load_checkpoint_file
+        from handclip.io import load_checkpoint_file
 
         path = Path(ckpt_path)
         if not path.is_file():

@@ -7,8 +7,6 @@ continuation when a run resumes at an epoch boundary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch.utils.data import Sampler
 
@@ -92,16 +90,14 @@ class IdentityBalancedBatchSampler(Sampler):
                 yield batch
 
 
-def balanced_sampler_for(rows: list[dict], data: Mapping, seed: int = 0) -> IdentityBalancedBatchSampler:
-    """The P x K sampler over a manifest's training rows, as a `conf/data` mapping asks.
+def balanced_sampler_for(
+    rows: list[dict], identities_per_batch: int, images_per_identity: int, seed: int
+) -> IdentityBalancedBatchSampler:
+    """The P x K sampler over a manifest's training rows.
 
     Raises ConfigError when the training split cannot fill it; needs no images or weights.
     """
     train = [r["identity"] for r in rows if r["split"] == "train"]
     index = {identity: i for i, identity in enumerate(sorted(set(train)))}
-    return IdentityBalancedBatchSampler(
-        [index[identity] for identity in train],
-        int(data.get("identities_per_batch", 8)),
-        int(data.get("images_per_identity", 4)),
-        seed,
-    )
+    return IdentityBalancedBatchSampler([index[identity] for identity in train], identities_per_batch,
+                                        images_per_identity, seed)  # fmt: skip

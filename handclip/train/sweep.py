@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from handclip.io import atomic_write, write_json_atomic
+
 IGNORED = ("paths.", "hydra.", "run_name", "ckpt_path", "overwrite", "sweep.")
 COLUMNS = (
     "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std", "test/mAP", "test/mAP_std",
@@ -68,7 +70,7 @@ def write_summary(sweep_dir: str | Path) -> tuple[Path, Path | None]:
     swept, runs = collect_runs(sweep_dir)
     fields = ["run", *swept, *COLUMNS, "error"]
     csv_path = sweep_dir / "summary.csv"
-    with open(csv_path, "w", newline="") as handle:
+    with atomic_write(csv_path) as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
@@ -109,7 +111,7 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
     finished = [r for r in runs if r["status"] == "finished" and r.get("test/rank1") is not None]
     if not finished:
         return None
-    from handclip.plots import pyplot, save_figure
+    from handclip.eval.plots import pyplot, save_figure
 
     plt = pyplot()
     key = swept[0] if swept else None
@@ -134,7 +136,7 @@ def record_failure(run_dir: str | Path, error: BaseException) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    (run_dir / "failed.json").write_text(json.dumps({"error": f"{type(error).__name__}: {message}"}, indent=2))
+    write_json_atomic(run_dir / "failed.json", {"error": f"{type(error).__name__}: {message}"})
 
 
 def _sweep_dir(config) -> Path:

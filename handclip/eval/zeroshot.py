@@ -13,13 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from handclip.embeddings import text_embeddings
-from handclip.reid import match_ranks, similarity
+from handclip.data.hands import ASPECTS
+from handclip.eval.reid import match_ranks, similarity
 
-_ASPECTS = ("dorsal right", "dorsal left", "palmar right", "palmar left")
 # metric name -> (manifest column, {class value: prompt})
 ATTRIBUTE_PROMPTS = {
-    "aspect": ("aspect", {a: f"a photo of the {a} hand" for a in _ASPECTS}),
+    "aspect": ("aspect", {a: f"a photo of the {a} hand" for a in ASPECTS}),
     "gender": ("gender", {"male": "a photo of a man's hand", "female": "a photo of a woman's hand"}),
     "nail_polish": (
         "nailPolish",
@@ -30,19 +29,17 @@ ATTRIBUTE_PROMPTS = {
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+def encode_texts(backbone, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Projected text embeddings of `texts`, on the CPU."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
     out = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                           max_length=77, return_tensors="pt")  # fmt: skip
-        out.append(
-            text_embeddings(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
-        )
-    model.train(was_training)
+        tokens = backbone.tokenize(texts[start : start + batch_size])
+        embedding = backbone.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        out.append(embedding.float().cpu())
+    backbone.train(was_training)
     return torch.cat(out)
 
 
@@ -58,7 +55,7 @@ def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] =
 
 
 def text_metrics(
-    image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], model, tokenizer
+    image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], backbone
 ) -> dict[str, float]:
     """Zero-shot attribute accuracies and retrieval recalls for images with their rows and captions."""
     metrics: dict[str, float] = {}
@@ -69,11 +66,11 @@ def text_metrics(
             continue  # one class only (or none): nothing to tell apart
         keep = torch.tensor([label in classes for label in labels])
         truth = torch.tensor([classes.index(label) for label in labels if label in classes])
-        predicted = classify(image_features[keep], encode_texts(model, tokenizer, [prompts[c] for c in classes]))
+        predicted = classify(image_features[keep], encode_texts(backbone, [prompts[c] for c in classes]))
         metrics[f"zeroshot/{name}_accuracy"] = float((predicted == truth).float().mean())
         metrics[f"zeroshot/{name}_majority"] = float(truth.bincount().max() / len(truth))
     unique = sorted(set(captions))
-    text = encode_texts(model, tokenizer, unique)
+    text = encode_texts(backbone, unique)
     position = {caption: i for i, caption in enumerate(unique)}
     index = torch.tensor([position[c] for c in captions])
     correct = index[:, None] == torch.arange(len(unique))[None, :]

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from handclip.io import atomic_write
+
 
 def pyplot():
     import matplotlib
@@ -36,7 +38,8 @@ def save_figure(fig, ax, path: str | Path, title: str):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, dpi=120, format="png")
     return fig
 
 
@@ -74,5 +77,34 @@ def plot_embeddings(
     ax.set_title(title)
     ax.legend(fontsize=7, title="identity", loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, dpi=120, format="png")
     return fig
+
+
+def run_figures(results: dict, backbone, captioner, run_dir: str | Path) -> dict:
+    """CMC curves (baseline vs fine-tuned) and a PCA of test images and captions, written as PNGs.
+
+    Returns {name: figure}; the caller logs and closes them.
+    """
+    from handclip.eval.zeroshot import encode_texts
+
+    run_dir = Path(run_dir)
+    final = list(results.values())[-1]
+    figures = {}
+    if all("test" in r.get("cmc", {}) for r in results.values()):
+        figures["cmc"] = plot_cmc({label: r["cmc"]["test"] for label, r in results.items()}, run_dir / "cmc.png")
+    features, image_rows = final.get("_features"), final.get("_image_rows")
+    test = [
+        i
+        for i, r in enumerate(image_rows or [])
+        if r["split"].startswith(("query", "gallery")) and "_all" not in r["split"]
+    ]
+    if test and captioner is not None:
+        chosen = [image_rows[i] for i in test]
+        captions = sorted({(r["identity"], captioner(r)) for r in chosen})
+        text = encode_texts(backbone, [c for _, c in captions])
+        figures["embeddings"] = plot_embeddings(
+            features[test], [r["identity"] for r in chosen], text, [i for i, _ in captions], run_dir / "embeddings.png"
+        )
+    return figures

@@ -7,8 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from handclip.losses.objective import LossInputs, LossTerm
+
 LOGIT_SCALE_MAX = math.log(100.0)
-LOSSES = ("clip",)
 
 
 def contrastive_targets(batch: int, identities: torch.Tensor | None, device=None) -> torch.Tensor:
@@ -44,3 +45,19 @@ def clamp_logit_scale(logit_scale: torch.Tensor) -> None:
     """Keep the learnable log-scale in [0, ln 100] (CLIP's clamp), in place."""
     with torch.no_grad():
         logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+
+class ContrastiveLoss(LossTerm):
+    """CLIP's symmetric contrastive loss; with `multi_positive`, same-identity pairs are positives."""
+
+    needs_text = True
+
+    def __init__(self, weight: float = 1.0, multi_positive: bool = True):
+        super().__init__(weight)
+        if not isinstance(multi_positive, bool):
+            raise self.error("multi_positive", multi_positive, "true or false")
+        self.multi_positive = multi_positive
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        identities = inputs.identities if self.multi_positive else None
+        return contrastive_loss(inputs.image, inputs.text, inputs.logit_scale, identities)

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from handclip.embeddings import image_embeddings
-from handclip.reid import evaluate
+from handclip.eval.reid import evaluate
 
 METRICS = ("rank1", "rank5", "rank10", "mAP")
 CMC_RANKS = tuple(range(1, 21))
@@ -27,7 +26,7 @@ CMC_RANKS = tuple(range(1, 21))
 
 @torch.no_grad()
 def extract_image_features(
-    model, dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False, progress: bool = False
+    backbone, dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False, progress: bool = False
 ) -> torch.Tensor:
     """Projected image embeddings of every item of `dataset`, in order, on the CPU.
 
@@ -36,19 +35,19 @@ def extract_image_features(
     """
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     features = []
     for batch in tqdm(loader, desc="extracting features", disable=not progress, leave=False):
         pixels = batch["pixel_values"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embedding = image_embeddings(model, pixels).float()
+            embedding = backbone.encode_image(pixels).float()
             if flip:
-                embedding = embedding + image_embeddings(model, pixels.flip(-1)).float()
+                embedding = embedding + backbone.encode_image(pixels.flip(-1)).float()
         features.append(embedding.cpu())
-    model.train(was_training)
+    backbone.train(was_training)
     return torch.cat(features) if features else torch.empty(0)
 
 
@@ -127,32 +126,3 @@ def score_protocol(
         metrics[f"{prefix}/queries_without_match"] = sum(r["queries_without_match"] for r in results)
     curves = {p: [statistics.fmean(c[k] for c in cs) for k in range(len(CMC_RANKS))] for p, cs in cmc.items()}
     return {"metrics": metrics, "runs": per_prefix, "cmc": curves}
-
-
-def protocol_table(results: dict[str, dict], prefix: str = "test"):
-    """A rich table of each run and the mean ± std; with several results (e.g. baseline and
-    fine-tuned) every cell reads `first → second → ...`."""
-    from rich.table import Table
-
-    title = {"test": "same-aspect gallery", "test_all": "gallery merged over aspects", "val": "validation"}
-    present = {label: r for label, r in results.items() if prefix in r["runs"]}
-    labels = " → ".join(present)
-    table = Table(title=f"{prefix}: {title.get(prefix, prefix)}, % ({labels})")
-    table.add_column("run", justify="right")
-    for name in METRICS:
-        table.add_column(name.replace("rank", "Rank-"), justify="right")
-    if not present:
-        return table
-    first = next(iter(present.values()))["runs"][prefix]
-    for i, run in enumerate(first):
-        cells = [" → ".join(f"{100 * r['runs'][prefix][i][n]:.1f}" for r in present.values()) for n in METRICS]
-        table.add_row("-" if run["run"] is None else str(run["run"]), *cells)
-    means = [
-        " → ".join(
-            f"{100 * r['metrics'][f'{prefix}/{n}']:.1f}±{100 * r['metrics'].get(f'{prefix}/{n}_std', 0.0):.1f}"
-            for r in present.values()
-        )
-        for n in METRICS
-    ]
-    table.add_row("mean±std", *means, style="bold")
-    return table

@@ -1,0 +1,77 @@
+"""Evaluation as one object, called on the backbone before and after training.
+
+`Evaluator(rows, root, cache_size, settings, captioner)(backbone)` extracts the features of every
+image the protocol needs once, scores validation and the test runs (see `handclip.eval.protocol`),
+and adds the language side (zero-shot attribute prompts, retrieval) on images never trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from handclip.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The `eval:` settings of a run (defaults in `conf/eval/default.yaml`)."""
+
+    baseline: bool  # evaluate the untrained model through the same protocol first
+    test: bool  # run the test protocol at the end with the best validation checkpoint
+    flip_tta: bool  # feature of image + mirrored image, for query and gallery alike
+    text: bool  # zero-shot attribute prompts and retrieval on the test images
+    batch_size: int  # images per forward pass in every evaluation, validation included
+
+    def __post_init__(self):
+        for key in ("baseline", "test", "flip_tta", "text"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"eval.{key}={getattr(self, key)!r} must be true or false")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size!r} must be a positive integer")
+
+
+class Evaluator:
+    """Scores a backbone by the re-identification protocol of a manifest's rows."""
+
+    def __init__(
+        self, rows: Sequence[dict], root: str | Path, cache_size: int, settings: EvalSettings,
+        captioner: Callable | None = None,
+    ):  # fmt: skip
+        self.rows = list(rows)
+        self.root = root
+        self.cache_size = cache_size
+        self.settings = settings
+        self.captioner = captioner
+
+    def __call__(self, backbone, include_test: bool | None = None) -> dict:
+        """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
+        from handclip.data.dataset import ManifestImages
+        from handclip.data.transforms import eval_transform
+        from handclip.eval.protocol import extract_image_features, images_needed, score_protocol
+
+        include_test = self.settings.test if include_test is None else include_test
+        image_rows = images_needed(self.rows, include_test)
+        transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
+        dataset = ManifestImages(image_rows, self.root, transform, self.cache_size)
+        features = extract_image_features(
+            backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True
+        )
+        result = score_protocol(features, image_rows, self.rows, include_test)
+        result["_features"], result["_image_rows"] = features, image_rows  # for plots; not saved
+        if include_test and self.settings.text and self.captioner is not None:
+            from handclip.eval.zeroshot import text_metrics
+
+            # the test images (and, on 11k, the other aspects' gallery images): never trained on
+            test = [i for i, r in enumerate(image_rows) if r["split"] not in ("train", "val")]
+            if test:
+                chosen = [image_rows[i] for i in test]
+                captions = [self.captioner(r) for r in chosen]
+                result["metrics"].update(text_metrics(features[test], chosen, captions, backbone))
+        return result
+
+
+def saveable(result: dict) -> dict:
+    """An evaluation result without its in-memory parts (features), for JSON."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}

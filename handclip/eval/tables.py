@@ -1,0 +1,57 @@
+"""Rich tables a person reads at the end of a run: the protocol's runs, and the language side."""
+
+from __future__ import annotations
+
+from handclip.eval.protocol import METRICS
+
+
+def protocol_table(results: dict[str, dict], prefix: str = "test"):
+    """A rich table of each run and the mean ± std; with several results (e.g. baseline and
+    fine-tuned) every cell reads `first → second → ...`."""
+    from rich.table import Table
+
+    title = {"test": "same-aspect gallery", "test_all": "gallery merged over aspects", "val": "validation"}
+    present = {label: r for label, r in results.items() if prefix in r["runs"]}
+    labels = " → ".join(present)
+    table = Table(title=f"{prefix}: {title.get(prefix, prefix)}, % ({labels})")
+    table.add_column("run", justify="right")
+    for name in METRICS:
+        table.add_column(name.replace("rank", "Rank-"), justify="right")
+    if not present:
+        return table
+    first = next(iter(present.values()))["runs"][prefix]
+    for i, run in enumerate(first):
+        cells = [" → ".join(f"{100 * r['runs'][prefix][i][n]:.1f}" for r in present.values()) for n in METRICS]
+        table.add_row("-" if run["run"] is None else str(run["run"]), *cells)
+    means = [
+        " → ".join(
+            f"{100 * r['metrics'][f'{prefix}/{n}']:.1f}±{100 * r['metrics'].get(f'{prefix}/{n}_std', 0.0):.1f}"
+            for r in present.values()
+        )
+        for n in METRICS
+    ]
+    table.add_row("mean±std", *means, style="bold")
+    return table
+
+
+def text_table(results: dict[str, dict]):
+    """Zero-shot attribute accuracy and retrieval recall, baseline → fine-tuned."""
+    from rich.table import Table
+
+    labels = list(results)
+    table = Table(title=f"language side: zero-shot prompts and retrieval, % ({' → '.join(labels)})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("chance / majority", justify="right")
+    names = [
+        k
+        for k in results[labels[-1]]["metrics"]
+        if k.startswith(("zeroshot/", "retrieval/")) and not k.endswith("_majority")
+    ]
+    for name in names:
+        values = " → ".join(f"{100 * r['metrics'][name]:.1f}" for r in results.values() if name in r["metrics"])
+        majority = results[labels[-1]]["metrics"].get(name.replace("_accuracy", "_majority"))
+        table.add_row(
+            name, values, f"{100 * majority:.1f}" if majority is not None and name.endswith("_accuracy") else ""
+        )
+    return table

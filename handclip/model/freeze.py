@@ -1,0 +1,242 @@
+"""Freeze policies: which parameters of a backbone train.
+
+A policy is an object that validates its own settings, checks them against the backbone's
+depths before any weights load (`check`), and answers, for each layer group and parameter,
+whether it trains (`trains`). Groups come from `Backbone.layer_groups`, counted from the top of
+each tower as open_clip's `lock_image_tower` does (see `handclip.model.backbone`).
+
+Built-in policies (one `conf/freeze/*.yaml` file each, chosen with `freeze=NAME`):
+
+    Full          everything trains
+    Frozen        only the projections (and logit_scale)
+    LastN         projection, final norm and the top N blocks of each tower (N=0: projection only)
+    TextFrozen    the whole image tower; the text tower is frozen
+    Pattern       parameters whose model name matches an include regex and no exclude regex
+
+A policy of your own: subclass `FreezePolicy`, implement `trains`, and point a config file's
+`_target_` at it. `train_logit_scale` is every policy's switch for the temperature.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from handclip.errors import ConfigError
+from handclip.model.backbone import TOWERS, Backbone, BackboneFacts, LayerGroup
+
+# settings of the built-in policies: an experiment may set them for one policy (last_n) and the
+# command line switch to another (full), so each policy accepts the others' settings and ignores them
+_SHARED_SETTINGS = ("vision_blocks", "text_blocks", "include", "exclude")
+
+
+class FreezePolicy:
+    """Base class: decides `requires_grad` per layer group (and, if it wants, per parameter name)."""
+
+    def __init__(self, train_logit_scale: bool = True, **ignored):
+        unknown = sorted(set(ignored) - set(_SHARED_SETTINGS))
+        if unknown:
+            known = ["train_logit_scale", *self.settings(), *_SHARED_SETTINGS]
+            near = difflib.get_close_matches(unknown[0], known, n=1)
+            raise ConfigError(
+                f"freeze.{unknown[0]} is not a freeze setting"
+                + (f" (did you mean freeze.{near[0]}?)" if near else "")
+                + f"; settings of {type(self).__name__} are {', '.join(['train_logit_scale', *self.settings()])}"
+            )
+        if not isinstance(train_logit_scale, bool):
+            raise ConfigError(f"freeze.train_logit_scale={train_logit_scale!r} must be true or false")
+        self.train_logit_scale = train_logit_scale
+
+    def settings(self) -> tuple[str, ...]:
+        """The policy's own setting names (for messages)."""
+        return ()
+
+    @property
+    def label(self) -> str:
+        """How the freeze table names the policy."""
+        return type(self).__name__
+
+    def check(self, facts: BackboneFacts) -> None:
+        """Refuse settings the backbone cannot satisfy (from its config, before weights load)."""
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        """Whether parameter `name` (a model name, in `group`) trains."""
+        raise NotImplementedError
+
+
+class Full(FreezePolicy):
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return True
+
+
+class Frozen(FreezePolicy):
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return group.kind == "projection"
+
+
+class TextFrozen(FreezePolicy):
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return group.tower == "vision"
+
+
+def _block_count(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"freeze.{key}={value!r} is out of range: a number of blocks is an integer >= 0")
+    return value
+
+
+class LastN(FreezePolicy):
+    """The top `vision_blocks` / `text_blocks` blocks of each tower, with its final norm and projection."""
+
+    def __init__(self, vision_blocks: int = 0, text_blocks: int = 0, train_logit_scale: bool = True, **ignored):
+        super().__init__(train_logit_scale, **ignored)
+        self.blocks = {
+            "vision": _block_count(vision_blocks, "vision_blocks"),
+            "text": _block_count(text_blocks, "text_blocks"),
+        }
+
+    def settings(self) -> tuple[str, ...]:
+        return ("vision_blocks", "text_blocks")
+
+    @property
+    def label(self) -> str:
+        return f"LastN (vision_blocks={self.blocks['vision']}, text_blocks={self.blocks['text']})"
+
+    def check(self, facts: BackboneFacts) -> None:
+        for tower in TOWERS:
+            depth, value = facts.depth(tower), self.blocks[tower]
+            if value > depth:
+                raise ConfigError(
+                    f"freeze.{tower}_blocks={value} is out of range: the backbone's {tower} tower has "
+                    f"{depth} blocks, so {tower}_blocks must be an integer from 0 to {depth}"
+                )
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        blocks = self.blocks[group.tower]
+        # depth 0 is the projection; the top block and the final norm are depth 1, and so on
+        return group.depth == 0 or (group.kind != "embeddings" and group.depth <= blocks)
+
+
+class Pattern(FreezePolicy):
+    """Parameters whose model name matches any `include` regex and no `exclude` regex."""
+
+    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = (), train_logit_scale: bool = True,
+                 **ignored):  # fmt: skip
+        super().__init__(train_logit_scale, **ignored)
+        self.include = self._compile(include, "include")
+        self.exclude = self._compile(exclude, "exclude")
+        if not self.include:
+            raise ConfigError("freeze.include is empty: policy Pattern needs at least one regex")
+
+    def settings(self) -> tuple[str, ...]:
+        return ("include", "exclude")
+
+    @staticmethod
+    def _compile(patterns, key: str) -> list[re.Pattern]:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        compiled = []
+        for pattern in patterns:
+            try:
+                compiled.append(re.compile(pattern))
+            except (re.error, TypeError) as error:
+                raise ConfigError(f"freeze.{key}: {pattern!r} is not a regular expression: {error}") from None
+        return compiled
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return any(p.search(name) for p in self.include) and not any(p.search(name) for p in self.exclude)
+
+
+@dataclass
+class GroupRow:
+    group: str
+    parameters: int
+    trainable: int
+
+    @property
+    def status(self) -> str:
+        if self.trainable == 0:
+            return "no"
+        return "yes" if self.trainable == self.parameters else "partial"
+
+
+@dataclass
+class FreezeReport:
+    """What a policy did: per group parameter counts and trainability, and totals."""
+
+    policy: str
+    rows: list[GroupRow] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(r.parameters for r in self.rows)
+
+    @property
+    def trainable(self) -> int:
+        return sum(r.trainable for r in self.rows)
+
+    def as_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "total_parameters": self.total,
+            "trainable_parameters": self.trainable,
+            "groups": [{"group": r.group, "parameters": r.parameters, "trainable": r.status} for r in self.rows],
+        }
+
+    def to_text(self) -> str:
+        """A plain-text table (also what goes to the log file)."""
+        width = max(len(r.group) for r in self.rows + [GroupRow("total", 0, 0)])
+        lines = [f"freeze policy: {self.policy}", f"{'group':<{width}}  {'parameters':>12}  trainable"]
+        for r in self.rows:
+            lines.append(f"{r.group:<{width}}  {r.parameters:>12,}  {r.status}")
+        share = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(f"{'total':<{width}}  {self.total:>12,}  {self.trainable:,} ({share:.2f}%)")
+        return "\n".join(lines)
+
+    def to_rich(self):
+        """A `rich.table.Table` for the console."""
+        from rich.table import Table
+
+        table = Table(title=f"freeze policy: {self.policy}")
+        table.add_column("group")
+        table.add_column("parameters", justify="right")
+        table.add_column("trainable")
+        for r in self.rows:
+            colour = {"yes": "green", "partial": "yellow", "no": "dim"}[r.status]
+            table.add_row(r.group, f"{r.parameters:,}", f"[{colour}]{r.status}[/{colour}]")
+        share = 100.0 * self.trainable / max(self.total, 1)
+        table.add_row("total", f"{self.total:,}", f"{self.trainable:,} ({share:.2f}%)", style="bold")
+        return table
+
+
+def freeze_report(backbone: Backbone, label: str) -> FreezeReport:
+    """The table of the backbone's current `requires_grad`: logit_scale, then each tower top down."""
+    rows = [GroupRow("logit_scale", backbone.logit_scale.numel(),
+                     backbone.logit_scale.numel() if backbone.logit_scale.requires_grad else 0)]  # fmt: skip
+    for tower in TOWERS:
+        for group in reversed(backbone.layer_groups(tower)):
+            trainable = sum(p.numel() for p in group.parameters.values() if p.requires_grad)
+            rows.append(GroupRow(group.name, group.numel(), trainable))
+    return FreezeReport(policy=label, rows=rows)
+
+
+def apply_freeze(backbone: Backbone, policy: FreezePolicy, always_trainable: Sequence = ()) -> FreezeReport:
+    """Set `requires_grad` on every parameter of `backbone` by `policy`; return the report.
+
+    `always_trainable` holds parameters that train whatever the policy says (a replaced projection).
+    """
+    if not isinstance(policy, FreezePolicy):
+        raise ConfigError(f"freeze must be a FreezePolicy (got {type(policy).__name__}); see conf/freeze/")
+    keep = {id(p) for p in always_trainable}
+    for group in backbone.all_groups():
+        for name, parameter in group.parameters.items():
+            parameter.requires_grad_(id(parameter) in keep or bool(policy.trains(group, name)))
+    backbone.logit_scale.requires_grad_(policy.train_logit_scale)
+    return freeze_report(backbone, policy.label)
+
+
+def trainable_parameter_names(backbone: Backbone) -> list[str]:
+    """Model names of the parameters that currently require gradients (logit_scale included)."""
+    names = [n for g in backbone.all_groups() for n, p in g.parameters.items() if p.requires_grad]
+    return (["logit_scale"] if backbone.logit_scale.requires_grad else []) + names

@@ -1,0 +1,1 @@
+"""Command-line tools: export, features, benchmark (also run as `python -m handclip.NAME`)."""

@@ -1,0 +1,1 @@
+"""Training glue: the only subpackage that imports Lightning or Hydra."""

@@ -1,0 +1,172 @@
+"""Build every component of a run from its configuration, and check it before anything heavy.
+
+Each group of `conf/` names its component with `_target_`; `build_components` instantiates them
+with `hydra.utils.instantiate` (the objective and the logger with `_partial_`, finished at run
+time). Every constructor validates its own settings, so building them *is* the check; then the
+settings that depend on the backbone (freeze depth, projection width) are checked against its
+config, read without weights. Errors are `ConfigError`s that name the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from handclip.errors import ConfigError, HandClipError
+from handclip.eval.evaluator import EvalSettings
+from handclip.model.backbone import BackboneFacts
+from handclip.model.freeze import FreezePolicy
+
+# the top-level settings a run reads; anything else is a typo
+TOP_LEVEL = (
+    "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "paths", "backbone", "freeze",
+    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep",
+)  # fmt: skip
+# what a resumed run must share with the checkpoint it resumes
+SIGNATURE_KEYS = ("backbone", "freeze", "projection", "loss")
+
+
+@dataclass
+class Components:
+    """A run's parts, built and checked, nothing heavy loaded."""
+
+    backbone: Any  # a backbone spec: .facts(), .load(cache_dir)
+    facts: BackboneFacts
+    freeze: FreezePolicy
+    projection: Any  # Keep | Replace: .check(facts), .apply(backbone)
+    objective: Callable  # finished with num_identities / embed_dim
+    optimization: Any
+    data: Any  # HandDataModule
+    eval: EvalSettings
+    logger: Callable  # finished with save_dir
+    callbacks: list
+    trainer: Callable  # finished with logger, callbacks, plugins, default_root_dir
+
+
+def _flat_keys(tree: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, Mapping):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _nearest(key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not near:  # a misplaced key: compare by its last part (max_epoch -> trainer.max_epochs)
+        last = {k.rsplit(".", 1)[-1]: k for k in known}
+        near = [last[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(last), n=1, cutoff=0.7)]
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _settings_of(target: Any) -> list[str]:
+    try:
+        return [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs", "ignored")]
+    except (TypeError, ValueError):
+        return []
+
+
+def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
+    """A one-line ConfigError from whatever went wrong while building `section`."""
+    cause = error
+    while cause.__cause__ is not None and not isinstance(cause, HandClipError):
+        cause = cause.__cause__
+    if isinstance(cause, HandClipError):
+        return cause if isinstance(cause, ConfigError) else ConfigError(str(cause))
+    message = str(cause)
+    target = spec.get("_target_") if isinstance(spec, Mapping) else None
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if unexpected:
+        from handclip.build import locate
+
+        try:
+            known = _settings_of(locate(str(target)))
+        except ConfigError:
+            known = []
+        key = unexpected.group(1)
+        return ConfigError(
+            f"{section}.{key} is not a setting of {target}{_nearest(key, known)}; "
+            f"its settings are {', '.join(known) or 'none'}"
+        )
+    missing = re.search(r"missing \d+ required (?:keyword-only )?argument[s]?: '(\w+)'", message)
+    if missing:
+        return ConfigError(f"{section}.{missing.group(1)} is missing: {target} needs it")
+    if "Error locating target" in message or "Could not locate" in message or "not found" in message:
+        return ConfigError(f"{section}._target_={target!r} cannot be imported: {message.splitlines()[0]}")
+    first = message.strip().splitlines()[0] if message.strip() else type(cause).__name__
+    return ConfigError(f"{section}: {first}")
+
+
+def _build(section: str, spec: Any, **kwargs) -> Any:
+    from hydra.utils import instantiate
+
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"config section '{section}' is missing or not a mapping (see conf/{section}/)")
+    if "_target_" not in spec:
+        raise ConfigError(f"{section} has no _target_: choose one of the files in conf/{section}/")
+    try:
+        return instantiate(spec, _convert_="all", **kwargs)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line naming the key
+        raise _explain(section, spec, error) from None
+
+
+def _check_top_level(cfg: Mapping) -> None:
+    unknown = [k for k in cfg if k not in TOP_LEVEL and k != "hydra"]
+    if unknown:
+        known = _flat_keys({k: v for k, v in cfg.items() if k in TOP_LEVEL})
+        raise ConfigError(
+            f"{unknown[0]} is not a setting{_nearest(unknown[0], known)}"
+            "; it would be ignored. Remove it, or set the key that does what you meant"
+        )
+    for section in ("backbone", "freeze", "projection", "loss", "optim", "data", "trainer", "logger", "eval"):
+        if not isinstance(cfg.get(section), Mapping):
+            raise ConfigError(f"config section '{section}' is missing")
+
+
+def _integer(cfg: Mapping, key: str, low: int, high: int) -> int:
+    section, name = key.split(".")
+    value = (cfg.get(section) or {}).get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{key}={value!r} is out of range: it must be an integer from {low} to {high}")
+    return value
+
+
+def build_components(cfg: Mapping) -> Components:
+    """Every component of a resolved run configuration (a plain dict), built and checked, no weights."""
+    _check_top_level(cfg)
+    if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
+    _integer(cfg, "trainer.max_epochs", 1, 100_000)
+    _integer(cfg, "trainer.accumulate_grad_batches", 1, 100_000)
+    freeze = _build("freeze", cfg["freeze"])
+    if not isinstance(freeze, FreezePolicy):
+        raise ConfigError(f"freeze._target_={cfg['freeze']['_target_']} is not a handclip.model.FreezePolicy")
+    projection = _build("projection", cfg["projection"])
+    objective = _build("loss", cfg["loss"])
+    optimization = _build("optim", cfg["optim"])
+    data = _build("data", cfg["data"])
+    settings = _build("eval", cfg["eval"])
+    logger = _build("logger", cfg["logger"])
+    callbacks = [_build(f"callbacks.{name}", spec) for name, spec in (cfg.get("callbacks") or {}).items()]
+    trainer = _build("trainer", cfg["trainer"], _partial_=True)
+    backbone = _build("backbone", cfg["backbone"])
+    facts = backbone.facts()  # the model config only: no weights
+    freeze.check(facts)
+    projection.check(facts)
+    return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
+                      callbacks, trainer)  # fmt: skip
+
+
+def check_config(cfg: Mapping) -> Components:
+    """Check a resolved run configuration before any weights or images load; return its components."""
+    return build_components(cfg)
+
+
+def run_signature(cfg: Mapping) -> dict:
+    """The settings a resumed run must share with the checkpoint it resumes."""
+    return {key: cfg[key] for key in SIGNATURE_KEYS}

@@ -1,0 +1,177 @@
+"""The data module: validates the `data:` settings, prepares the dataset, serves the loaders.
+
+Built from `conf/data/*.yaml` by its `_target_`; the constructor only checks settings (no I/O),
+so a bad value is refused before anything heavy. Then, in order:
+
+    datamodule.prepare(image_size)   # synthetic data on first use, the split manifest, the image cache
+    datamodule.attach(backbone)      # datasets with the backbone's preprocessing values and tokenizer
+    trainer.fit(module, datamodule)  # loaders
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from handclip.data.captions import Captioner
+from handclip.data.dataset import CaptionCollator, ManifestImages
+from handclip.data.images import BAD_IMAGE_POLICIES
+from handclip.data.prepare import PrepareSettings, prepare, read_manifest
+from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler, balanced_sampler_for
+from handclip.data.transforms import check_augment, eval_transform, train_transform
+from handclip.errors import ConfigError
+from handclip.eval.protocol import images_needed
+
+SAMPLERS = ("random", "identity_balanced")
+
+
+def _integer(key: str, value: Any, low: int, high: int = 1_000_000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"data.{key}={value!r} is out of range: it must be an integer from {low} to {high:g}")
+    return value
+
+
+class HandDataModule(L.LightningDataModule):
+    """Training pairs (image, caption, identity) and the validation images, from a split manifest."""
+
+    def __init__(
+        self, *, name: str, format: str, root: str, aspect: str, seed: int, run_seed: int, runs: int,
+        no_accessories: bool,
+        cache_size: int | str, on_bad_image: str, batch_size: int, sampler: str, identities_per_batch: int,
+        images_per_identity: int, num_workers: int, captions: Sequence[str], augment: Mapping[str, Any] | None,
+        synthetic: Mapping[str, Any] | None = None, csv: str = "captions.csv",
+    ):  # fmt: skip
+        super().__init__()
+        self.name = name
+        batch_size = _integer("batch_size", batch_size, 1)
+        if batch_size < 2:
+            raise ConfigError(
+                f"data.batch_size={batch_size} is too small: a contrastive loss needs at least 2 pairs per batch"
+            )
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"data.sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if sampler == "identity_balanced":
+            p = _integer("identities_per_batch", identities_per_batch, 2)
+            k = _integer("images_per_identity", images_per_identity, 1)
+            if p * k != batch_size:
+                raise ConfigError(
+                    f"data.batch_size={batch_size} must equal data.identities_per_batch x data.images_per_identity "
+                    f"= {p} x {k} = {p * k} with data.sampler=identity_balanced"
+                )
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"data.on_bad_image={on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
+        self.num_workers = _integer("num_workers", num_workers, 0, 256)
+        self.captioner = Captioner(captions)
+        self.augment = check_augment(augment)
+        self.batch_size, self.sampler = batch_size, sampler
+        self.identities_per_batch, self.images_per_identity = identities_per_batch, images_per_identity
+        if isinstance(run_seed, bool) or not isinstance(run_seed, int):
+            raise ConfigError(f"data.run_seed={run_seed!r} must be an integer (it follows the run's seed)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"data.seed={seed!r} must be an integer (it seeds the split)")
+        self.seed = run_seed  # batch order, augmentation, captions; `seed` seeds the split
+        self.synthetic = dict(synthetic) if synthetic else None
+        if cache_size in (None, False):
+            cache_size = 0
+        if cache_size != "auto":
+            _integer("cache_size", cache_size, 0, 100_000)
+        self._cache_size = cache_size
+        self.prepare_settings = PrepareSettings(
+            root=str(root), format=str(format), csv=str(csv or "captions.csv"), aspect=str(aspect), seed=seed,
+            runs=_integer("runs", runs, 1, 100), no_accessories=bool(no_accessories), cache_size=0,
+            on_bad_image=on_bad_image,
+        ).check()  # fmt: skip
+        if not Path(root).exists() and not self.synthetic:
+            raise ConfigError(
+                f"data.root={root} does not exist. Put the dataset there (see data/README.md), "
+                "point data.root at it, or try the demo on synthetic hands: python train.py experiment=demo"
+            )
+        self.rows: list[dict] = []
+        self.manifest: Path | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.prepare_settings.root)
+
+    def cache_size_for(self, image_size: int) -> int:
+        """The resized cache's shortest edge; `auto` is a little above the model's input for crops."""
+        return int(round(image_size * 1.15)) if self._cache_size == "auto" else int(self._cache_size)
+
+    # before weights ---------------------------------------------------------------------------
+    def ensure_synthetic(self) -> None:
+        """Generate the synthetic dataset at `root` on first use (beside it, then renamed)."""
+        if not self.synthetic or (self.root / "HandInfo.csv").is_file():
+            return
+        from handclip.data.synthetic import generate_hands
+
+        width, height = self.synthetic["image_size"]
+        identities = int(self.synthetic["identities"])
+        print(f"generating synthetic hands in {self.root} ({identities} identities) ...", flush=True)
+        tmp = self.root.with_name(self.root.name + f".tmp{os.getpid()}")
+        generate_hands(tmp, identities, int(self.synthetic["seed"]), (int(width), int(height)))
+        tmp.rename(self.root)
+
+    def prepare(self, image_size: int) -> list[dict]:
+        """Synthetic data if asked, the manifest and the image cache; the rows. Checks the sampler can be filled."""
+        from dataclasses import replace
+
+        self.ensure_synthetic()
+        self.prepare_settings = replace(self.prepare_settings, cache_size=self.cache_size_for(image_size))
+        self.manifest = prepare(self.prepare_settings)
+        self.rows = read_manifest(self.manifest)
+        self.train_rows = [r for r in self.rows if r["split"] == "train"]
+        self.val_rows = [r for r in self.rows if r["split"] in ("train", "val")]
+        self.captioner.check_rows(self.train_rows)
+        if self.sampler == "identity_balanced":
+            self.balanced_sampler()  # fails now, with the key, if it cannot be filled
+        if len(self.train_rows) < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.train_rows)} training images: "
+                "lower it so at least one full batch exists"
+            )
+        return self.rows
+
+    @property
+    def num_identities(self) -> int:
+        """Identities in the training split (what identity heads are sized by)."""
+        return len({r["identity"] for r in self.train_rows})
+
+    # with the backbone ------------------------------------------------------------------------
+    def attach(self, backbone, eval_batch_size: int) -> None:
+        """Build the datasets with the backbone's preprocessing values and tokenizer."""
+        size, resize = backbone.image_size, backbone.resize_size
+        mean, std = backbone.image_mean, backbone.image_std
+        cache = self.prepare_settings.cache_size
+        self.collate = CaptionCollator(backbone.tokenize)
+        self.eval_batch_size = eval_batch_size
+        self.train_set = ManifestImages(
+            self.train_rows, self.root, train_transform(size, resize, mean, std, self.augment), cache,
+            self.captioner, seed=self.seed,
+        )  # fmt: skip
+        self.val_set = ManifestImages(
+            images_needed(self.val_rows, include_test=False), self.root, eval_transform(size, resize, mean, std), cache
+        )
+
+    def _workers(self) -> dict:
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+
+    def balanced_sampler(self) -> IdentityBalancedBatchSampler:
+        return balanced_sampler_for(self.rows, self.identities_per_batch, self.images_per_identity, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        common = {"collate_fn": self.collate, "pin_memory": torch.cuda.is_available(), **self._workers()}
+        if self.sampler == "identity_balanced":
+            return DataLoader(self.train_set, batch_sampler=self.balanced_sampler(), **common)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=EpochSeededSampler(len(self.train_set), self.seed),
+            drop_last=True, **common,
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, **self._workers())

@@ -1,0 +1,144 @@
+"""The Lightning module: a backbone trained by an objective, validated by re-identification.
+
+It wraps plain parts of the package: the backbone (`handclip.model`), the objective
+(`handclip.losses`), the optimisation (`handclip.train.optim`) and the protocol's scoring
+(`handclip.eval.protocol`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from handclip.errors import HandClipError
+from handclip.eval.protocol import images_needed, score_protocol
+from handclip.losses import LossInputs, Objective, clamp_logit_scale
+from handclip.model.backbone import Backbone
+from handclip.train.optim import Optimization, ParameterInfo
+
+
+class NonFiniteLossError(HandClipError):
+    """The loss became NaN or infinite; the message gives the step, lr and logit_scale."""
+
+
+class FineTuner(L.LightningModule):
+    """Fine-tuning of a backbone by an objective; `val/rank1` on the validation images picks the best epoch."""
+
+    def __init__(
+        self, backbone: Backbone, objective: Objective, optimization: Optimization, val_rows: Sequence[dict] = (),
+        heads: Sequence[torch.nn.Parameter] = (), signature: Mapping[str, Any] | None = None,
+    ):  # fmt: skip
+        super().__init__()
+        # what a resumed run must share with the run that wrote the checkpoint
+        self.signature = dict(signature or {})
+        # from_pretrained returns a model in eval mode, and Lightning keeps the mode it finds
+        self.backbone = backbone.train()
+        self.objective = objective
+        self.optimization = optimization
+        self.val_rows = list(val_rows)
+        self.val_images = images_needed(self.val_rows, include_test=False) if self.val_rows else []
+        self._heads = {id(p) for p in heads}
+        self._val_features: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
+        # training time carried across resumes (wall time of one process would restart at 0)
+        self.seconds_before = 0.0
+        self._fit_started = time.time()
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.time()
+
+    def train_seconds(self) -> float:
+        """Seconds spent in fit, over this process and the runs it resumed."""
+        return self.seconds_before + time.time() - self._fit_started
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["handclip"] = {"signature": self.signature, "train_seconds": self.train_seconds()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.seconds_before = float((checkpoint.get("handclip") or {}).get("train_seconds", 0.0))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_image(pixel_values)
+
+    def _gather(self, tensor: torch.Tensor | None, grads: bool = True) -> torch.Tensor | None:
+        # negatives from the global batch: features (with gradients) from every process
+        if tensor is None or self.trainer.world_size <= 1:
+            return tensor
+        return self.all_gather(tensor, sync_grads=grads).flatten(0, 1)
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        image = self.backbone.encode_image(batch["pixel_values"])
+        text = None
+        if self.objective.needs_text:
+            text = self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+        inputs = LossInputs(
+            image=self._gather(image), text=self._gather(text), logit_scale=self.backbone.logit_scale,
+            identities=self._gather(batch["identities"], grads=False),
+        )  # fmt: skip
+        loss, parts = self.objective(inputs)
+        if not torch.isfinite(loss):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                f"last lr {lr:.3g}, logit_scale {self.backbone.logit_scale.item():.3f}. The last good "
+                "checkpoint is kept: lower optim.lr or raise trainer.gradient_clip_val and resume"
+            )
+        size = len(batch["pixel_values"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if len(parts) > 1:
+            for name, value in parts.items():
+                self.log(f"train/loss_{name}", value, batch_size=size)
+        self.log("train/temperature", 1.0 / self.backbone.logit_scale.exp(), batch_size=size)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        clamp_logit_scale(self.backbone.logit_scale)  # after every step, as CLIP does
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_features, self._val_index = [], []
+
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        self._val_features.append(self.backbone.encode_image(batch["pixel_values"]).float())
+        self._val_index.append(batch["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_features:
+            return
+        features, index = torch.cat(self._val_features), torch.cat(self._val_index)
+        if self.trainer.world_size > 1:
+            # each process saw a shard (padded with repeats): gather and put back in order
+            features = self.all_gather(features).flatten(0, 1)
+            index = self.all_gather(index).flatten(0, 1)
+        ordered = torch.zeros(len(self.val_images), features.shape[1], device=features.device)
+        ordered[index] = features
+        metrics = score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False)["metrics"]
+        for name in ("val/rank1", "val/rank5", "val/mAP"):
+            self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
+
+    def optimised_parameters(self) -> list[ParameterInfo]:
+        """Every parameter of the backbone and the objective, trainable now or later."""
+        group_of = self.backbone.group_of()
+        infos = []
+        for module_name, module in (("backbone", self.backbone), ("objective", self.objective)):
+            for name, parameter in module.named_parameters():
+                group = group_of.get(id(parameter))
+                # no decay: biases and norms (1-D), embeddings, logit_scale (in no group)
+                decay = parameter.ndim >= 2 and group is not None and group.kind != "embeddings"
+                if module_name == "objective":
+                    decay = parameter.ndim >= 2
+                head = module_name == "objective" or id(parameter) in self._heads
+                infos.append(ParameterInfo(f"{module_name}.{name}", parameter, decay, head))
+        return infos
+
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = self.optimization.build(self.optimised_parameters(), total)
+        if scheduler is None:
+            return optimizer
+        # stepped once per optimiser step, with its length counted in optimiser steps
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

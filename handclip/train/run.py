@@ -1,0 +1,229 @@
+"""One training run from a resolved configuration: check, prepare, baseline, fit, test, report.
+
+`train.py` composes the configuration with Hydra and calls `run_training`; everything a run
+writes lands in its run directory: `config.yaml` (resolved), `freeze.txt`, `metrics.json`,
+`checkpoints/`, and the logger's files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handclip.errors import HandClipError
+from handclip.io import load_checkpoint_file, write_json_atomic, write_text_atomic
+from handclip.train.config import Components, check_config, run_signature
+
+
+def precision_for(setting: str) -> str:
+    """`auto` means bf16-mixed on a GPU and 32-true on a CPU (bf16 matmuls crawl on CPUs)."""
+    if setting != "auto":
+        return setting
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def check_resume(path: str, checkpoint: Mapping, signature: Mapping) -> None:
+    """Refuse to resume a checkpoint written under another backbone, freeze policy, projection or objective."""
+    saved = (checkpoint.get("handclip") or {}).get("signature")
+    if saved is None:
+        return
+    changed = [key for key in signature if saved.get(key) != signature[key]]
+    if changed:
+        key = changed[0]
+        raise HandClipError(
+            f"cannot resume {path}: {key} differs from the run that wrote it "
+            f"(checkpoint: {saved.get(key)}, now: {signature[key]}). To start a new run from "
+            f"these weights with a fresh optimiser, use init_from={path} with a new run_name"
+        )
+
+
+def load_initial_weights(module, path: str) -> None:
+    """init_from: the weights of a checkpoint, nothing else (fresh optimiser and schedule)."""
+    state = load_checkpoint_file(path)["state_dict"]
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise HandClipError(
+            f"init_from={path}: its weights do not fit this model ({str(error).splitlines()[1].strip()}); "
+            "use the same backbone, projection and loss as the run that wrote it"
+        ) from None
+
+
+def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
+    """Train and evaluate one configuration; returns the metrics written to metrics.json."""
+    from handclip.train.rundir import RunLock, resolve_resume
+
+    parts = check_config(cfg)  # before anything heavy
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        resume, checkpoint = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+        if checkpoint is not None:
+            check_resume(resume, checkpoint, run_signature(cfg))
+        del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
+        if cfg.get("init_from") and not Path(cfg["init_from"]).is_file():
+            raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")
+        return _train(cfg, parts, run_dir, resume)
+
+
+def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from handclip.eval.evaluator import Evaluator
+    from handclip.model.freeze import apply_freeze
+    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, SaveOnInterrupt
+    from handclip.train.module import FineTuner
+
+    started = time.time()
+    console = _console()
+    _quiet_libraries()
+    L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
+
+    # data first: a dataset that cannot be used fails before the weights load
+    datamodule = parts.data
+    rows = datamodule.prepare(parts.facts.image_size)
+
+    backbone = parts.backbone.load(cfg["paths"].get("cache"))
+    heads = parts.projection.apply(backbone)
+    report = apply_freeze(backbone, parts.freeze, always_trainable=heads)
+    console.print(report.to_rich())
+    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
+    objective = parts.objective(num_identities=datamodule.num_identities, embed_dim=backbone.projection_dim)
+    datamodule.attach(backbone, parts.eval.batch_size)
+
+    metrics: dict[str, Any] = {
+        "trainable_parameters": report.trainable,
+        "total_parameters": report.total,
+        "data/bad_images": len(json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])),
+    }
+    evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, parts.eval,
+                         datamodule.captioner)  # fmt: skip
+    module = FineTuner(backbone, objective, parts.optimization, datamodule.val_rows, heads, run_signature(cfg))
+    if cfg.get("init_from") and not resume:
+        load_initial_weights(module, cfg["init_from"])
+
+    results: dict[str, dict] = {}
+    if parts.eval.baseline:
+        results["baseline"] = _baseline(evaluate, backbone, run_dir, resume)
+        metrics.update({f"baseline/{k}": v for k, v in results["baseline"]["metrics"].items()})
+        _print_baseline(console, results["baseline"]["metrics"])
+
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/rank1", mode="max",
+        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+    )  # fmt: skip
+    # Lightning's save_last only writes when a new best is saved, so "last" would go stale once
+    # val/rank1 stops improving: a monitor-free callback writes it after every epoch instead
+    latest = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
+    )  # fmt: skip
+    logger = parts.logger(save_dir=str(run_dir))
+    from handclip.train.loggers import log_figures, log_run_facts
+
+    log_run_facts(logger, cfg, report)
+    trainer = parts.trainer(
+        precision=precision_for(str(cfg["trainer"]["precision"])), default_root_dir=run_dir, logger=logger,
+        callbacks=[checkpoints, latest, SaveOnInterrupt(run_dir / "checkpoints" / "last.ckpt"), ExactResume(),
+                   *parts.callbacks],
+        plugins=[AtomicCheckpointIO()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+
+    best = checkpoints.best_model_path
+    if best:
+        module.load_state_dict(load_checkpoint_file(best)["state_dict"])
+    final = evaluate(backbone)
+    results["fine-tuned"] = final
+    metrics.update(final["metrics"])
+    metrics["wall_time_s"] = time.time() - started  # this process
+    metrics["train_time_s"] = module.train_seconds()  # fit time, summed over resumes
+    metrics["peak_memory_mb"] = _peak_memory_mb()
+    _print_tables(console, results)
+    from handclip.eval.plots import run_figures
+
+    log_figures(logger, run_figures(results, backbone, datamodule.captioner, run_dir))
+    payload = {
+        "metrics": metrics,
+        "runs": {label: r["runs"] for label, r in results.items()},
+        "cmc": {label: r["cmc"] for label, r in results.items()},
+        "freeze": report.as_dict(),
+        "manifest": str(datamodule.manifest),
+        "best_checkpoint": best,
+    }
+    write_json_atomic(run_dir / "metrics.json", payload)
+    if type(logger).__name__ != "CSVLogger":  # the CSV logger's final numbers are metrics.json
+        logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+        logger.finalize("success")
+    console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
+    return metrics
+
+
+def _baseline(evaluate, backbone, run_dir: Path, resume: str | None) -> dict:
+    """The untrained model's scores (kept in baseline.json: a resumed run does not score them again)."""
+    from handclip.eval.evaluator import saveable
+
+    path = run_dir / "baseline.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    baseline = evaluate(backbone)
+    write_json_atomic(path, saveable(baseline))
+    return baseline
+
+
+def _print_baseline(console, shown: Mapping) -> None:
+    test = f", test Rank-1 {100 * shown['test/rank1']:.1f}% mAP {100 * shown['test/mAP']:.1f}%"
+    console.print(f"baseline (untrained): val Rank-1 {100 * shown['val/rank1']:.1f}%"
+                  + (test if "test/rank1" in shown else ""))  # fmt: skip
+
+
+def _print_tables(console, results: dict) -> None:
+    from handclip.eval.tables import protocol_table, text_table
+
+    final = results["fine-tuned"]["metrics"]
+    for prefix in ("test", "test_all"):
+        if f"{prefix}/rank1" in final:
+            console.print(protocol_table(results, prefix))
+    console.print(text_table(results))
+
+
+def _summary(metrics: Mapping) -> str:
+    return ", ".join(
+        f"{name} {100 * metrics[key]:.1f}% (baseline {100 * metrics['baseline/' + key]:.1f}%)"
+        if "baseline/" + key in metrics
+        else f"{name} {100 * metrics[key]:.1f}%"
+        for name, key in (("test Rank-1", "test/rank1"), ("test mAP", "test/mAP"))
+        if key in metrics
+    )
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to what a user reads: our tables, progress bars and warnings."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # ExactResume skips the batches already trained on, so a mid-epoch resume is exact
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
