@@ -17,10 +17,11 @@ from handclip.errors import HandClipError
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "w", sync: bool = True) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success it replaces `path`.
 
-    On any error the temporary file is removed and `path` keeps its previous content.
+    On any error the temporary file is removed and `path` keeps its previous content. `sync=False`
+    skips the fsync, for many small files that a later run can rebuild (the image cache).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +31,8 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
         with open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if text else {})) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -39,13 +39,15 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def tiny_model():
-    """A tiny randomly initialised CLIPModel: 3 vision blocks, 2 text blocks."""
+    """A tiny randomly initialised CLIP backbone: 3 vision blocks, 2 text blocks, no tokenizer."""
     import torch
-    from handclip.backbone import tiny_clip_config
-    from transformers import CLIPModel
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from handclip.model.hf import HFBackbone, tiny_clip_config
 
     torch.manual_seed(0)
-    return CLIPModel(tiny_clip_config(TINY))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return HFBackbone(CLIPModel(tiny_clip_config(TINY["config"])), None, processor, "tiny")
 
 
 @pytest.fixture(scope="session")

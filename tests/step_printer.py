@@ -6,7 +6,7 @@ from pathlib import Path
 
 import handclip.train.module
 
-_step = handclip.train.module.ClipFineTuner.training_step
+_step = handclip.train.module.FineTuner.training_step
 
 
 def training_step(self, batch, batch_index):
@@ -14,6 +14,6 @@ def training_step(self, batch, batch_index):
     return _step(self, batch, batch_index)
 
 
-handclip.train.module.ClipFineTuner.training_step = training_step
+handclip.train.module.FineTuner.training_step = training_step
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"), run_name="__main__")

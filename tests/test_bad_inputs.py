@@ -166,24 +166,22 @@ def test_identity_balanced_sampler_that_cannot_be_filled():
 
 
 def test_nan_loss_stops_with_step_lr_and_scale_and_keeps_the_good_checkpoint(tmp_path, synthetic_hands):
-    from handclip.backbone import load_backbone
-
-    from handclip.model.freeze import apply_freeze
-    from handclip.train.module import AtomicCheckpointIO, ClipFineTuner, HandDataModule, NonFiniteLossError
+    from handclip.model import Full, apply_freeze, load_backbone
+    from handclip.train.callbacks import AtomicCheckpointIO
+    from handclip.train.module import NonFiniteLossError
     from tests.conftest import TINY
+    from tests.test_module import datamodule_for, fine_tuner
 
-    rows = read_manifest(prepare(PrepareSettings(root=str(synthetic_hands), cache_size=40), quiet=True))
     backbone = load_backbone(TINY, tmp_path)
-    apply_freeze(backbone.model, {"name": "full"})
-    data = {"batch_size": 8, "num_workers": 0}
-    datamodule = HandDataModule(rows, synthetic_hands, backbone, data, 40, seed=0)
-    module = ClipFineTuner(backbone.model, {"lr": 1e-3, "weight_decay": 0.0}, {"name": "clip"}, datamodule.val_rows)
+    apply_freeze(backbone, Full())
+    datamodule = datamodule_for(synthetic_hands, backbone)
+    module = fine_tuner(backbone, datamodule, lr=1e-3)
 
     class Poison(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == 1:  # after one good epoch and its checkpoint
                 with torch.no_grad():
-                    pl_module.model.visual_projection.weight.fill_(float("nan"))
+                    pl_module.backbone.model.visual_projection.weight.fill_(float("nan"))
 
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
     trainer = L.Trainer(

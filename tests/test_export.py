@@ -21,8 +21,9 @@ def finished_run(tmp_path_factory):
 
 
 def test_exported_directory_loads_in_plain_transformers_with_the_same_embeddings(finished_run, tmp_path):
-    from handclip.embeddings import image_embeddings
     from transformers import CLIPModel
+
+    from handclip.model.hf import HFBackbone
 
     out = export(finished_run / "runs" / "r", tmp_path / "model")
     assert {p.name for p in out.iterdir()} >= {
@@ -34,8 +35,8 @@ def test_exported_directory_loads_in_plain_transformers_with_the_same_embeddings
     backbone, _ = load_run_model(finished_run / "runs" / "r")
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        expected = image_embeddings(backbone.model.eval(), pixels)
-        loaded = image_embeddings(CLIPModel.from_pretrained(out).eval(), pixels)
+        expected = backbone.eval().encode_image(pixels)
+        loaded = HFBackbone(CLIPModel.from_pretrained(out), None, backbone.image_processor).eval().encode_image(pixels)
     assert torch.allclose(expected, loaded, atol=1e-6)
     # a zero-shot pipeline, in a process where handclip cannot be imported
     script = (
@@ -51,8 +52,9 @@ def test_exported_directory_loads_in_plain_transformers_with_the_same_embeddings
 
 
 def test_wise_ft_interpolates_with_the_original(finished_run, tmp_path):
-    from handclip.backbone import load_backbone
     from transformers import CLIPModel
+
+    from handclip.model import load_backbone
 
     run = finished_run / "runs" / "r"
     tuned, config = load_run_model(run)

@@ -1,7 +1,8 @@
 import pytest
 
 from handclip.errors import ConfigError
-from handclip.model.freeze import apply_freeze, check_freeze_policy, trainable_parameter_names
+from handclip.model import Frozen, Full, LastN, Pattern, Replace, TextFrozen, apply_freeze, trainable_parameter_names
+from handclip.model.backbone import BackboneFacts, TowerFacts
 
 
 def blocks(tower: str, indices) -> set[str]:
@@ -41,82 +42,91 @@ FINAL_LN = {"text_model.final_layer_norm.weight", "text_model.final_layer_norm.b
     ],
 )
 def test_last_n_trains_exactly_the_top_blocks(tiny_model, vision_blocks, text_blocks, expected):
-    apply_freeze(tiny_model, {"name": "last_n", "vision_blocks": vision_blocks, "text_blocks": text_blocks})
+    apply_freeze(tiny_model, LastN(vision_blocks=vision_blocks, text_blocks=text_blocks))
     assert set(trainable_parameter_names(tiny_model)) == expected
+    # requires_grad itself, not only the names the helper reports
+    trainable = {n.removeprefix("model.") for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable == expected
 
 
 def test_frozen_trains_projections_and_optionally_logit_scale(tiny_model):
-    apply_freeze(tiny_model, {"name": "frozen"})
+    apply_freeze(tiny_model, Frozen())
     assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS | {"logit_scale"}
-    apply_freeze(tiny_model, {"name": "frozen", "train_logit_scale": False})
+    apply_freeze(tiny_model, Frozen(train_logit_scale=False))
     assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS
 
 
 def test_full_trains_everything_and_report_counts_match(tiny_model):
-    report = apply_freeze(tiny_model, {"name": "full"})
+    report = apply_freeze(tiny_model, Full())
     total = sum(p.numel() for p in tiny_model.parameters())
     assert report.total == report.trainable == total
     assert all(row.status == "yes" for row in report.rows)
 
 
 def test_text_frozen_trains_the_whole_image_tower_only(tiny_model):
-    apply_freeze(tiny_model, {"name": "text_frozen"})
+    apply_freeze(tiny_model, TextFrozen())
     names = set(trainable_parameter_names(tiny_model))
-    vision = {n for n, _ in tiny_model.named_parameters() if n.startswith("vision_model.")}
+    vision = {n for n, _ in tiny_model.model.named_parameters() if n.startswith("vision_model.")}
     assert names == vision | {"visual_projection.weight", "logit_scale"}
     assert "vision_model.embeddings.patch_embedding.weight" in names
 
 
 def test_pattern_policy_uses_include_and_exclude(tiny_model):
     apply_freeze(
-        tiny_model,
-        {
-            "name": "pattern",
-            "include": [r"\.mlp\.", r"^text_projection"],
-            "exclude": [r"text_model"],
-            "train_logit_scale": False,
-        },
+        tiny_model, Pattern(include=[r"\.mlp\.", r"^text_projection"], exclude=[r"text_model"], train_logit_scale=False)
     )
     names = set(trainable_parameter_names(tiny_model))
-    expected = {n for n, _ in tiny_model.named_parameters() if ".mlp." in n and n.startswith("vision_model")}
+    expected = {n for n, _ in tiny_model.model.named_parameters() if ".mlp." in n and n.startswith("vision_model")}
     assert names == expected | {"text_projection.weight"}
 
 
 def test_report_table_lists_groups_from_the_top(tiny_model):
-    report = apply_freeze(tiny_model, {"name": "last_n", "vision_blocks": 1, "text_blocks": 0})
+    report = apply_freeze(tiny_model, LastN(vision_blocks=1, text_blocks=0))
     groups = [r.group for r in report.rows]
     assert groups[:5] == [
         "logit_scale",
-        "visual_projection",
-        "vision.post_layernorm",
+        "vision.projection",
+        "vision.final_norm",
         "vision.blocks.2",
         "vision.blocks.1",
     ]
     status = {r.group: r.status for r in report.rows}
     assert status["vision.blocks.2"] == "yes" and status["vision.blocks.1"] == "no"
+    assert report.policy == "last_n (vision_blocks=1, text_blocks=0)" and Full().label == "full"
+    assert TextFrozen().label == "text_frozen"
     text = report.to_text()
     assert "vision.blocks.2" in text and f"{report.trainable:,}" in text
 
 
+FACTS = BackboneFacts(vision=TowerFacts(3, 32, 2, 64), text=TowerFacts(2, 32, 2, 64), projection_dim=16, image_size=32)
+
+
 @pytest.mark.parametrize(("key", "value"), [("vision_blocks", 4), ("text_blocks", 3), ("vision_blocks", -1)])
 def test_too_many_or_negative_blocks_is_a_config_error(key, value):
-    policy = {"name": "last_n", "vision_blocks": 0, "text_blocks": 0, key: value}
-    with pytest.raises(ConfigError, match=rf"freeze.{key}={value}.*from 0 to"):
-        check_freeze_policy(policy, vision_depth=3, text_depth=2)
+    with pytest.raises(ConfigError, match=rf"freeze.{key}={value} is out of range"):
+        LastN(**{"vision_blocks": 0, "text_blocks": 0, key: value}).check(FACTS)
+    LastN(vision_blocks=3, text_blocks=2).check(FACTS)  # the largest values pass
 
 
-def test_unknown_policy_and_setting_are_named():
-    with pytest.raises(ConfigError, match="freeze.name='last'.*full, frozen, last_n, text_frozen, pattern"):
-        check_freeze_policy({"name": "last"}, 3, 2)
-    with pytest.raises(ConfigError, match="freeze.vision_block is not a freeze setting"):
-        check_freeze_policy({"name": "last_n", "vision_block": 1}, 3, 2)
+def test_unknown_settings_and_bad_values_are_named():
+    with pytest.raises(ConfigError, match="freeze.vision_block is not a freeze setting .did you mean .*vision_blocks"):
+        LastN(vision_block=1)
     with pytest.raises(ConfigError, match="not a regular expression"):
-        check_freeze_policy({"name": "pattern", "include": ["("]}, 3, 2)
+        Pattern(include=["("])
+    with pytest.raises(ConfigError, match="freeze.include is empty"):
+        Pattern(include=[])
+    with pytest.raises(ConfigError, match="freeze.train_logit_scale='yes' must be true or false"):
+        Full(train_logit_scale="yes")
+    # an experiment's last_n settings do not stop a switch to another policy on the command line
+    assert Full(vision_blocks=4, text_blocks=4).train_logit_scale is True
+
+
+def test_applying_a_policy_checks_it_against_the_model(tiny_model):
+    with pytest.raises(ConfigError, match="freeze.vision_blocks=4 is out of range: the backbone's vision tower has 3"):
+        apply_freeze(tiny_model, LastN(vision_blocks=4))
 
 
 def test_replaced_heads_train_under_any_policy(tiny_model):
-    from handclip.model.projection import replace_projection
-
-    heads = replace_projection(tiny_model, {"name": "replace", "dim": 8})
-    apply_freeze(tiny_model, {"name": "pattern", "include": ["^nothing$"]}, always_trainable=tuple(heads))
+    heads = Replace(dim=8).apply(tiny_model)
+    apply_freeze(tiny_model, Pattern(include=["^nothing$"]), always_trainable=heads)
     assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS | {"logit_scale"}

@@ -63,3 +63,60 @@ def test_clamp_keeps_logit_scale_in_range():
     parameter.data.fill_(-1.0)
     clamp_logit_scale(parameter)
     assert parameter.item() == 0.0
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+
+def inputs(identities=None):
+    from handclip.losses import LossInputs
+
+    torch.manual_seed(0)
+    return LossInputs(image=torch.randn(4, 3), text=torch.randn(4, 3), logit_scale=torch.tensor(1.5),
+                      identities=identities)  # fmt: skip
+
+
+def test_objective_sums_its_terms_by_weight():
+    from handclip.losses import ContrastiveLoss, Objective
+
+    batch = inputs(torch.tensor([0, 0, 1, 2]))
+    objective = Objective({"a": ContrastiveLoss(weight=1.0), "b": ContrastiveLoss(weight=0.5, multi_positive=False)})
+    total, parts = objective(batch)
+    multi = contrastive_loss(batch.image, batch.text, batch.logit_scale, batch.identities)
+    single = contrastive_loss(batch.image, batch.text, batch.logit_scale)
+    assert parts["a"].item() == pytest.approx(multi.item()) and parts["b"].item() == pytest.approx(single.item())
+    assert total.item() == pytest.approx(multi.item() + 0.5 * single.item())
+    assert objective.needs_text
+
+
+def test_a_term_built_later_gets_the_number_of_identities_and_its_parameters_are_the_objectives():
+    import functools
+
+    from handclip.losses import LossTerm, Objective
+
+    class Classifier(LossTerm):
+        def __init__(self, num_identities: int, embed_dim: int, weight: float = 1.0):
+            super().__init__(weight)
+            self.head = torch.nn.Linear(embed_dim, num_identities)
+
+        def forward(self, batch):
+            return F.cross_entropy(self.head(batch.image), batch.identities)
+
+    objective = Objective({"id": functools.partial(Classifier, weight=2.0)}, num_identities=5, embed_dim=3)
+    assert objective.terms["id"].head.out_features == 5
+    assert {n for n, _ in objective.named_parameters()} == {"terms.id.head.weight", "terms.id.head.bias"}
+    total, parts = objective(inputs(torch.tensor([0, 1, 2, 4])))
+    assert total.item() == pytest.approx(2.0 * parts["id"].item())
+    assert not objective.needs_text
+
+
+def test_bad_objectives_are_named():
+    from handclip.errors import ConfigError
+    from handclip.losses import ContrastiveLoss, Objective
+
+    with pytest.raises(ConfigError, match="loss.terms is empty"):
+        Objective({})
+    with pytest.raises(ConfigError, match="loss weight=-1 of ContrastiveLoss"):
+        ContrastiveLoss(weight=-1)
+    with pytest.raises(ConfigError, match="loss.terms.x: dict is not a handclip.losses.LossTerm"):
+        Objective({"x": dict})

@@ -41,11 +41,11 @@ def test_metrics_in_range_monotone_and_gallery_order_free(problem):
         assert abs(permuted[key] - result[key]) < 1e-6
 
 
-@given(st.lists(st.integers(0, 7), min_size=1, max_size=20), st.integers(2, 8))
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=20), st.integers(8, 32))
 @settings(max_examples=100, deadline=None)
 def test_a_perfect_embedding_scores_one(gallery_ids, dim):
-    # one orthogonal direction per identity: every true match is strictly nearest
-    basis = torch.eye(8)
+    # one orthogonal direction per identity, in a `dim`-dimensional space: every true match is strictly nearest
+    basis = torch.eye(dim)
     gallery_ids = torch.tensor(gallery_ids)
     query_ids = gallery_ids.unique()
     result = evaluate(basis[query_ids], query_ids, basis[gallery_ids], gallery_ids)

@@ -32,3 +32,22 @@ def test_train_transform_output_shape_and_range():
         image
     )
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    # normalised with mean 0.5 and std 0.5: pixel values 0..1 land in -1..1, and the colour survives
+    assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
+    green, red = out[1].mean().item(), out[0].mean().item()
+    assert green > 0.3 and red < -0.5  # (10, 200, 90) is mostly green
+
+
+@pytest.mark.parametrize(
+    ("augment", "message"),
+    [
+        ({"crop_scale": ["a", "b"]}, r"data.augment.crop_scale=\['a', 'b'\] must be \[low, high\]"),
+        ({"crop_scale": [0.9, 0.5]}, "must be .low, high. with 0 < low <= high <= 1"),
+        ({"rotation": "abc"}, "data.augment.rotation='abc' must be a number from 0 to 180"),
+        ({"color_jitter": 2}, "data.augment.color_jitter=2 must be a number from 0 to 1"),
+        ({"blur": 1}, "data.augment.blur is unknown"),
+    ],
+)
+def test_bad_augmentation_settings_are_named(augment, message):
+    with pytest.raises(ConfigError, match=message):
+        check_augment(augment)

@@ -18,8 +18,7 @@ def test_recall_counts_shared_captions_and_ties_against():
 
 
 def test_text_metrics_on_a_tiny_model(tmp_path):
-    from handclip.backbone import load_backbone
-
+    from handclip.model import load_backbone
     from tests.conftest import TINY
 
     backbone = load_backbone(TINY, tmp_path)
@@ -28,7 +27,7 @@ def test_text_metrics_on_a_tiny_model(tmp_path):
         {"aspect": "palmar left", "gender": "female", "nailPolish": "1", "accessories": "0"},
     ] * 3
     features = torch.randn(6, 16)
-    metrics = text_metrics(features, rows, ["a", "b", "c", "a", "b", "c"], backbone.model, backbone.tokenizer)
+    metrics = text_metrics(features, rows, ["a", "b", "c", "a", "b", "c"], backbone)
     assert {"zeroshot/aspect_accuracy", "zeroshot/gender_accuracy", "zeroshot/nail_polish_accuracy"} <= set(metrics)
     assert "zeroshot/accessories_accuracy" not in metrics  # one class only: nothing to tell apart
     assert metrics["zeroshot/gender_majority"] == pytest.approx(0.5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handclip.errors import DataError
+from handclip.io import atomic_write
 
 BAD_IMAGE_POLICIES = ("skip", "fail")
 # a dataset where more than this share of images is unreadable is broken, not noisy
@@ -52,10 +52,9 @@ def _cache_one(source: Path, target: Path, size: int) -> str | None:
         return f"{source}: listed but not found"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         return f"{source}: cannot be decoded ({error})"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    image.save(tmp, "JPEG", quality=95)
-    os.replace(tmp, target)
+    # an empty file (a crash before the data reached the disk) counts as missing next time
+    with atomic_write(target, "wb", sync=False) as handle:
+        image.save(handle, "JPEG", quality=95)
     return None
 
 

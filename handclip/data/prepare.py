@@ -14,10 +14,8 @@ import argparse
 import csv
 import io
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from handclip.data.hands import ASPECTS
 from handclip.data.images import build_cache
@@ -136,27 +134,6 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
         shown = {k: v for k, v in sorted(sizes.items()) if k in ("train", "val", "query0", "gallery0", "gallery_all0")}
         print(f"prepared {path}: " + ", ".join(f"{k} {v[0]} ids/{v[1]} images" for k, v in shown.items()))
     return path
-
-
-def settings_from_config(data: Mapping[str, Any], model_resize: int | None = None) -> PrepareSettings:
-    """`PrepareSettings` from a `conf/data/*.yaml` mapping; cache_size 'auto' follows the model."""
-    cache = data.get("cache_size", "auto")
-    if cache == "auto":
-        # a little above the model's resize so random crops still have room
-        cache = int(round((model_resize or 224) * 1.15))
-    elif cache in (None, False):
-        cache = 0
-    return PrepareSettings(
-        root=str(data["root"]),
-        format=str(data.get("format", "11k")),
-        csv=str(data.get("csv") or "captions.csv"),
-        aspect=str(data.get("aspect", "dorsal right")),
-        seed=int(data.get("seed", 0)),
-        runs=int(data.get("runs", 10)),
-        no_accessories=bool(data.get("no_accessories", True)),
-        cache_size=int(cache),
-        on_bad_image=str(data.get("on_bad_image", "skip")),
-    ).check()
 
 
 def main(argv=None) -> None:

@@ -86,8 +86,6 @@ def read_11k(root: str | Path, no_accessories: bool = True) -> list[ImageRecord]
     return records
 
 
-
-
 def read_hd(root: str | Path) -> list[ImageRecord]:
     """Records of the HD hand dorsal dataset; `attributes['distractor']` marks subjects 502-712."""
     root = Path(root)

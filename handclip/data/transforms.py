@@ -25,10 +25,19 @@ def check_augment(augment: Mapping[str, Any] | None) -> dict:
     unknown = set(augment) - set(AUGMENT_KEYS)
     if unknown:
         raise ConfigError(f"data.augment.{sorted(unknown)[0]} is unknown; settings are {', '.join(AUGMENT_KEYS)}")
-    scale = augment.get("crop_scale", [1.0, 1.0])
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"data.augment.crop_scale={list(scale)} must be [low, high] with 0 < low <= high <= 1")
+    scale = augment.setdefault("crop_scale", [1.0, 1.0])  # no crop unless asked
+    numbers = isinstance(scale, (list, tuple)) and all(_is_number(v) for v in scale)
+    if not numbers or len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.augment.crop_scale={scale!r} must be [low, high] with 0 < low <= high <= 1")
+    for key, high in (("rotation", 180), ("color_jitter", 1)):
+        value = augment.get(key, 0)
+        if value is None or not _is_number(value) or not 0 <= value <= high:
+            raise ConfigError(f"data.augment.{key}={value!r} must be a number from 0 to {high}")
     return augment
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def eval_transform(image_size: int, resize_size: int, mean, std):
@@ -51,7 +60,7 @@ def train_transform(image_size: int, resize_size: int, mean, std, augment: Mappi
     from torchvision.transforms import v2
 
     augment = check_augment(augment)
-    low, high = augment.get("crop_scale", [0.8, 1.0])
+    low, high = augment["crop_scale"]
     steps = [v2.ToImage(), v2.Resize(resize_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     if augment.get("rotation"):
         steps.append(v2.RandomRotation(float(augment["rotation"]), fill=255))

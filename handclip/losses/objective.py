@@ -63,7 +63,10 @@ def _finish(name: str, term: Any, facts: Mapping[str, Any]) -> LossTerm:
         return term
     if not callable(term):
         raise ConfigError(f"loss.terms.{name} must be a loss term with a _target_ (got {term!r})")
-    wanted = inspect.signature(term).parameters
+    try:
+        wanted = inspect.signature(term).parameters
+    except (TypeError, ValueError):  # a builtin: it asks for nothing
+        wanted = {}
     term = term(**{k: v for k, v in facts.items() if k in wanted and v is not None})
     if not isinstance(term, LossTerm):
         raise ConfigError(f"loss.terms.{name}: {type(term).__name__} is not a handclip.losses.LossTerm")

@@ -1,8 +1,8 @@
 """The CLIP model: the backbone interface, its layer groups, freeze policies and projections.
 
-    from handclip.model import HuggingFaceCLIP, LastN, apply_freeze
-    backbone = HuggingFaceCLIP("openai/clip-vit-base-patch32").load()
-    report = apply_freeze(backbone, LastN(vision_blocks=2))
+from handclip.model import HuggingFaceCLIP, LastN, apply_freeze
+backbone = HuggingFaceCLIP("openai/clip-vit-base-patch32").load()
+report = apply_freeze(backbone, LastN(vision_blocks=2))
 """
 
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts

@@ -83,13 +83,17 @@ class Backbone(nn.Module):
     """
 
     source: str
-    facts: BackboneFacts
 
     # preprocessing values, the same in training and evaluation
     image_size: int  # side of the square crop the vision tower takes
     resize_size: int  # shortest edge images are resized to before the crop
     image_mean: list[float]
     image_std: list[float]
+
+    @property
+    def facts(self) -> BackboneFacts:
+        """The towers' depths, widths and sizes, as the model stands (after a replaced projection too)."""
+        raise NotImplementedError
 
     @property
     def logit_scale(self) -> nn.Parameter:

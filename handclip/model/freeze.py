@@ -55,8 +55,8 @@ class FreezePolicy:
 
     @property
     def label(self) -> str:
-        """How the freeze table names the policy."""
-        return type(self).__name__
+        """How the freeze table names the policy: the class name in snake case (LastN -> last_n)."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
 
     def check(self, facts: BackboneFacts) -> None:
         """Refuse settings the backbone cannot satisfy (from its config, before weights load)."""
@@ -102,7 +102,7 @@ class LastN(FreezePolicy):
 
     @property
     def label(self) -> str:
-        return f"LastN (vision_blocks={self.blocks['vision']}, text_blocks={self.blocks['text']})"
+        return f"last_n (vision_blocks={self.blocks['vision']}, text_blocks={self.blocks['text']})"
 
     def check(self, facts: BackboneFacts) -> None:
         for tower in TOWERS:
@@ -228,6 +228,7 @@ def apply_freeze(backbone: Backbone, policy: FreezePolicy, always_trainable: Seq
     """
     if not isinstance(policy, FreezePolicy):
         raise ConfigError(f"freeze must be a FreezePolicy (got {type(policy).__name__}); see conf/freeze/")
+    policy.check(backbone.facts)
     keep = {id(p) for p in always_trainable}
     for group in backbone.all_groups():
         for name, parameter in group.parameters.items():

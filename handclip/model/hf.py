@@ -100,6 +100,21 @@ def _load_error(source: str, error: Exception) -> BackboneError:
     )
 
 
+def facts_of(config) -> BackboneFacts:
+    """A `CLIPConfig`'s depths, widths and sizes."""
+    vision, text = config.vision_config, config.text_config
+
+    def tower(c) -> TowerFacts:
+        return TowerFacts(int(c.num_hidden_layers), int(c.hidden_size), int(c.num_attention_heads),
+                          int(c.intermediate_size))  # fmt: skip
+
+    return BackboneFacts(
+        vision=tower(vision), text=tower(text), projection_dim=int(config.projection_dim),
+        image_size=int(vision.image_size), patch_size=int(vision.patch_size),
+        context_length=int(text.max_position_embeddings),
+    )  # fmt: skip
+
+
 class HuggingFaceCLIP:
     """A backbone spec for `transformers.CLIPModel`: cheap to build, `load()` brings the weights."""
 
@@ -132,18 +147,7 @@ class HuggingFaceCLIP:
 
     def facts(self) -> BackboneFacts:
         """Depths, widths and sizes of the towers, from the config alone."""
-        config = self.clip_config()
-        vision, text = config.vision_config, config.text_config
-
-        def tower(c) -> TowerFacts:
-            return TowerFacts(int(c.num_hidden_layers), int(c.hidden_size), int(c.num_attention_heads),
-                              int(c.intermediate_size))  # fmt: skip
-
-        return BackboneFacts(
-            vision=tower(vision), text=tower(text), projection_dim=int(config.projection_dim),
-            image_size=int(vision.image_size), patch_size=int(vision.patch_size),
-            context_length=int(text.max_position_embeddings),
-        )  # fmt: skip
+        return facts_of(self.clip_config())
 
     def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
         """Build the tiny backbone once (seeded random weights) and return its directory."""
@@ -223,6 +227,10 @@ class HFBackbone(Backbone):
     @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
+
+    @property
+    def facts(self) -> BackboneFacts:
+        return facts_of(self.model.config)
 
     @property
     def projection_dim(self) -> int:

@@ -1,10 +1,10 @@
 """The projection choice: keep the backbone's projections, or put new ones on.
 
-    _target_: handclip.model.projection.Keep
-    _target_: handclip.model.projection.Replace   # new heads, always trainable, seeded init
-    dim: 256
-    towers: [vision, text]                       # replacing one tower is allowed only at the other's width
-    seed: 0
+_target_: handclip.model.projection.Keep
+_target_: handclip.model.projection.Replace   # new heads, always trainable, seeded init
+dim: 256
+towers: [vision, text]                       # replacing one tower is allowed only at the other's width
+seed: 0
 """
 
 from __future__ import annotations

@@ -76,10 +76,12 @@ def export(source: str | Path, out_dir: str | Path, alpha: float | None = None) 
 
     backbone, config = load_run_model(source)
     if alpha is not None:
-        if (config.get("projection") or {}).get("name") == "replace":
+        from handclip.model.projection import Keep
+
+        if not isinstance(build(config["projection"], "projection"), Keep):
             raise HandClipError(
                 "WiSE-FT needs an original for every weight, and this run replaced its projection heads "
-                "(projection.name=replace), which have none: export without --wise-ft"
+                f"(projection: {config['projection'].get('_target_')}), which have none: export without --wise-ft"
             )
         original = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
         wise_ft(backbone, original, alpha)

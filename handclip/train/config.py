@@ -35,7 +35,7 @@ class Components:
     """A run's parts, built and checked, nothing heavy loaded."""
 
     backbone: Any  # a backbone spec: .facts(), .load(cache_dir)
-    facts: BackboneFacts
+    facts: BackboneFacts | None
     freeze: FreezePolicy
     projection: Any  # Keep | Replace: .check(facts), .apply(backbone)
     objective: Callable  # finished with num_identities / embed_dim
@@ -71,8 +71,27 @@ def _settings_of(target: Any) -> list[str]:
         return []
 
 
+def _target_path(prefix: str, spec: Any, target: str) -> str:
+    """The key under which `target` is named, e.g. `loss.terms.clip`."""
+    if isinstance(spec, Mapping):
+        if spec.get("_target_") == target:
+            return prefix
+        for key, value in spec.items():
+            found = _target_path(f"{prefix}.{key}", value, target)
+            if found:
+                return found
+    return "" if prefix.count(".") else prefix
+
+
 def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
     """A one-line ConfigError from whatever went wrong while building `section`."""
+    located = re.search(r"Error locating target '([^']+)'", str(error))
+    if located:
+        where = _target_path(section, spec, located.group(1))
+        return ConfigError(
+            f"{where}._target_={located.group(1)!r} cannot be imported: check the module and name "
+            f"(the files in conf/{section.split('.')[0]}/ name the built-in choices)"
+        )
     cause = error
     while cause.__cause__ is not None and not isinstance(cause, HandClipError):
         cause = cause.__cause__
@@ -96,8 +115,6 @@ def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
     missing = re.search(r"missing \d+ required (?:keyword-only )?argument[s]?: '(\w+)'", message)
     if missing:
         return ConfigError(f"{section}.{missing.group(1)} is missing: {target} needs it")
-    if "Error locating target" in message or "Could not locate" in message or "not found" in message:
-        return ConfigError(f"{section}._target_={target!r} cannot be imported: {message.splitlines()[0]}")
     first = message.strip().splitlines()[0] if message.strip() else type(cause).__name__
     return ConfigError(f"{section}: {first}")
 
@@ -136,8 +153,12 @@ def _integer(cfg: Mapping, key: str, low: int, high: int) -> int:
     return value
 
 
-def build_components(cfg: Mapping) -> Components:
-    """Every component of a resolved run configuration (a plain dict), built and checked, no weights."""
+def build_components(cfg: Mapping, read_backbone_config: bool = True) -> Components:
+    """Every component of a resolved run configuration (a plain dict), built and checked, no weights.
+
+    With `read_backbone_config=False` the backbone's config is not read (it may live on a hub this
+    machine cannot reach), so the settings that depend on it are not checked and `facts` is None.
+    """
     _check_top_level(cfg)
     if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
         raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
@@ -155,9 +176,11 @@ def build_components(cfg: Mapping) -> Components:
     callbacks = [_build(f"callbacks.{name}", spec) for name, spec in (cfg.get("callbacks") or {}).items()]
     trainer = _build("trainer", cfg["trainer"], _partial_=True)
     backbone = _build("backbone", cfg["backbone"])
-    facts = backbone.facts()  # the model config only: no weights
-    freeze.check(facts)
-    projection.check(facts)
+    facts = None
+    if read_backbone_config:
+        facts = backbone.facts()  # the model config only: no weights
+        freeze.check(facts)
+        projection.check(facts)
     return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
                       callbacks, trainer)  # fmt: skip
 

@@ -65,6 +65,8 @@ def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
         resume, checkpoint = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
         if checkpoint is not None:
             check_resume(resume, checkpoint, run_signature(cfg))
+            where = f"epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}"
+            print(f"resuming {resume}: {where}", flush=True)
         del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
         if cfg.get("init_from") and not Path(cfg["init_from"]).is_file():
             raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")

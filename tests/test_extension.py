@@ -1,0 +1,68 @@
+"""A user adds a freeze policy and a loss of their own: one Python module and one config file each."""
+
+import json
+import subprocess
+import textwrap
+
+import pytest
+
+from tests.test_train import train_command
+
+MODULE = '''
+import torch.nn.functional as F
+
+from handclip.losses import LossTerm
+from handclip.model import FreezePolicy
+
+
+class OnlyBiases(FreezePolicy):
+    """BitFit-like: every bias trains, plus the projections."""
+
+    def trains(self, group, name):
+        return name.endswith(".bias") or group.kind == "projection"
+
+
+class Alignment(LossTerm):
+    """Pull each image towards its own caption: 1 - cosine similarity."""
+
+    needs_text = True
+
+    def forward(self, inputs):
+        return 1 - F.cosine_similarity(inputs.image, inputs.text).mean()
+'''
+
+FREEZE = """
+_target_: my_parts.OnlyBiases
+train_logit_scale: false
+"""
+
+LOSS = """
+_target_: handclip.losses.Objective
+_partial_: true
+terms:
+  align: {_target_: my_parts.Alignment, weight: 1.0}
+"""
+
+
+@pytest.mark.slow
+def test_a_policy_and_a_loss_from_outside_the_package_train_the_demo(tmp_path):
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "my_parts.py").write_text(textwrap.dedent(MODULE))
+    for group, name, text in (("freeze", "only_biases", FREEZE), ("loss", "align", LOSS)):
+        (tmp_path / "conf" / group).mkdir(parents=True)
+        (tmp_path / "conf" / group / f"{name}.yaml").write_text(text)
+    command, env = train_command(
+        tmp_path / "work", "freeze=only_biases", "loss=align", "trainer.max_epochs=1", "run_name=own",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+    )  # fmt: skip
+    env["PYTHONPATH"] += f":{tmp_path / 'ext'}"
+    result = subprocess.run(command, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "work" / "runs" / "own"
+    payload = json.loads((run / "metrics.json").read_text())
+    assert payload["freeze"]["policy"] == "only_biases"
+    status = {g["group"]: g["trainable"] for g in payload["freeze"]["groups"]}
+    assert status["logit_scale"] == "no" and status["vision.projection"] == "yes"
+    assert status["vision.blocks.0"] == "partial" and status["text.embeddings"] == "no"
+    assert 0.0 <= payload["metrics"]["test/rank1"] <= 1.0
+    assert "val/rank1" in (run / "logs" / "metrics.csv").read_text()
