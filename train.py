@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from handclip.train.resolvers import register_resolvers
+from handclip.train.resolvers import register_resolvers, run_name_problem, runs_dir
 
+STARTED = time.time()
 register_resolvers()
+
+
+def refuse(message: str, run_dir: Path, runs: Path) -> None:
+    """Print one error line, take back the directories this process made for the run, exit 2."""
+    from handclip.train.rundir import remove_new_empty_dirs
+
+    print(f"error: {message}", file=sys.stderr)
+    remove_new_empty_dirs(run_dir, since=STARTED, stop=runs)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -20,17 +31,22 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from handclip.errors import HandClipError
-    from handclip.io import write_text_atomic
     from handclip.train.run import run_training
     from handclip.train.sweep import record_failure
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    runs = Path(cfg.paths.runs)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        print(f"error: {missing[0]} has no value; set it on the command line, e.g. {missing[0]}=...", file=sys.stderr)
-        sys.exit(2)
+        refuse(f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=...", run_dir, runs)
+    if runs.exists() and not runs.is_dir():
+        refuse(f"paths.runs={runs} is a file: point it at a folder (where run directories go)", run_dir,
+               Path(runs_dir(str(runs))))  # fmt: skip
+    problem = run_name_problem(cfg.get("run_name"))
+    if problem:
+        refuse(problem, run_dir, runs)
     plain = OmegaConf.to_container(cfg, resolve=True)
     if multirun:
         plain["sweep"] = {"dir": str(Path(hydra_cfg.sweep.dir)), "name": Path(hydra_cfg.sweep.dir).name}
@@ -38,24 +54,39 @@ def main(cfg: DictConfig) -> float:
             plain["logger"]["group"] = plain["sweep"]["name"]  # wandb groups a sweep's runs
         finished = run_dir / "metrics.json"
         if finished.is_file() and not plain.get("overwrite"):
-            # a resumed sweep does not run finished points again
-            print(f"{run_dir.name}: finished earlier, skipping")
-            return float(json.loads(finished.read_text())["metrics"].get("val/rank1", float("nan")))
+            # a resumed sweep does not run finished points again, if they were run with these settings
+            import yaml
+
+            from handclip.train.sweep import changed_settings
+
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+            changed = changed_settings(saved or {}, plain)
+            if not changed:
+                print(f"{run_dir.name}: finished earlier, skipping")
+                (run_dir / "failed.json").unlink(missing_ok=True)
+                return float(json.loads(finished.read_text())["metrics"].get("val/rank1", float("nan")))
+            key, before, now = changed[0]
+            message = (
+                f"{run_dir.name} finished earlier with other settings ({key}: {before} -> {now}"
+                + (f", and {len(changed) - 1} more" if len(changed) > 1 else "")
+                + "); its results are not reused. Run the point anew with overwrite=true, or give this "
+                "sweep its own folder with hydra.sweep.dir=runs/sweeps/NAME"
+            )
+            record_failure(run_dir, HandClipError(message), plain)
+            print(f"error in {message}", file=sys.stderr)
+            return float("nan")
         if not plain.get("ckpt_path") and any((run_dir / "checkpoints").glob("*.ckpt")):
             plain["ckpt_path"] = "last"  # an interrupted point continues where it stopped
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(plain))
-    (run_dir / "failed.json").unlink(missing_ok=True)
     try:
+        # writes config.yaml only once the configuration is checked and the run directory is locked
         metrics = run_training(plain, run_dir)
     except Exception as error:
         if multirun:  # one failed point is recorded and the sweep goes on
-            record_failure(run_dir, error)
+            record_failure(run_dir, error, plain)
             print(f"error in {run_dir.name}: {error}", file=sys.stderr)
             return float("nan")
         if isinstance(error, HandClipError):
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            refuse(str(error), run_dir, runs)
         raise
     # what a sweeper optimises: validation, never test
     return float(metrics.get("val/rank1", 0.0))

@@ -31,6 +31,30 @@ def locate(target: str) -> Any:
     raise ConfigError(f"_target_={target!r}: no such importable object")
 
 
+def check_keywords(key: str, made: Any) -> None:
+    """For a partial (`_partial_: true`), refuse now the keywords its function does not take."""
+    import difflib
+    import functools
+    import inspect
+
+    if not isinstance(made, functools.partial):
+        return
+    try:
+        parameters = inspect.signature(made.func).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    for name in made.keywords:
+        if name not in parameters:
+            near = difflib.get_close_matches(name, list(parameters), n=1)
+            raise ConfigError(
+                f"{key}.{name} is not a setting of {getattr(made.func, '__qualname__', made.func)}"
+                + (f" (did you mean {key}.{near[0]}?)" if near else "")
+                + f"; its settings are {', '.join(p for p in parameters if p != 'self')}"
+            )
+
+
 def build(spec: Mapping, key: str) -> Any:
     """Call `spec['_target_']` with the other (non-underscore) entries of `spec` as keyword arguments."""
     if not isinstance(spec, Mapping) or "_target_" not in spec:

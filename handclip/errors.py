@@ -1,8 +1,17 @@
 """Errors a user should see as one clear line, not a traceback."""
 
+import sys
+from typing import NoReturn
+
 
 class HandClipError(Exception):
     """Base class: the message names the problem and what to do about it."""
+
+
+def exit_with(error: BaseException) -> NoReturn:
+    """A command's refusal: one `error:` line on stderr and exit status 2 (as train.py does)."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 class ConfigError(HandClipError, ValueError):

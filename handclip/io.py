@@ -67,9 +67,15 @@ def save_atomic(payload: Any, path: str | Path) -> None:
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a checkpoint with `weights_only=True`; a damaged file is named in the error."""
     import pickle
+    import zipfile
 
     import torch
 
+    # PyTorch writes zip archives (older versions, a bare pickle stream, which starts with 0x80)
+    if Path(path).is_file() and not zipfile.is_zipfile(path) and Path(path).open("rb").read(1) != b"\x80":
+        raise HandClipError(
+            f"checkpoint {path} is damaged or not a checkpoint (not a complete zip archive, as PyTorch writes)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

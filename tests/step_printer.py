@@ -1,4 +1,5 @@
-"""Run train.py with each training step announced on stdout, so a test can interrupt at a chosen step."""
+"""Run train.py with each training step, optimiser step and validation batch announced on stdout,
+so a test can send a signal at a chosen moment."""
 
 import runpy
 import sys
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import handclip.train.module
 
-_step = handclip.train.module.FineTuner.training_step
+Module = handclip.train.module.FineTuner
+_step, _optimizer_step, _validation_step = Module.training_step, Module.optimizer_step, Module.validation_step
 
 
 def training_step(self, batch, batch_index):
@@ -14,6 +16,16 @@ def training_step(self, batch, batch_index):
     return _step(self, batch, batch_index)
 
 
-handclip.train.module.FineTuner.training_step = training_step
+def optimizer_step(self, *args, **kwargs):
+    _optimizer_step(self, *args, **kwargs)
+    print(f"handclip-test-stepped {self.global_step}", flush=True)
+
+
+def validation_step(self, batch, batch_index):
+    print(f"handclip-test-validation {self.current_epoch}", flush=True)
+    return _validation_step(self, batch, batch_index)
+
+
+Module.training_step, Module.optimizer_step, Module.validation_step = training_step, optimizer_step, validation_step
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"), run_name="__main__")

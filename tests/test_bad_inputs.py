@@ -2,6 +2,7 @@
 
 import csv
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -94,6 +95,19 @@ def test_missing_zero_byte_and_truncated_images_are_skipped_and_counted(hands):
     bad = {f"Hands/{n}" for n in names[:3]}
     assert bad <= set(info["bad_images"])
     assert not bad & {r["image"] for r in read_manifest(path)}
+
+
+def test_a_decompression_bomb_is_skipped_and_counted_like_any_bad_image(hands, monkeypatch):
+    rows = rows_of(hands)
+    names = [r["imageName"] for r in rows if r["accessories"] == "0"]
+    # Pillow refuses images over 2 x MAX_IMAGE_PIXELS; the 160x120 hands stay under it, this one does not
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 9_700)
+    Image.new("RGB", (200, 200), (200, 150, 120)).save(hands / "Hands" / names[0], "JPEG")
+    with pytest.warns(UserWarning, match="skipping bad image"):
+        path = prepare(PrepareSettings(root=str(hands), aspect=rows[0]["aspectOfHand"], cache_size=40), quiet=True)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert f"Hands/{names[0]}" in info["bad_images"]
+    assert f"Hands/{names[0]}" not in {r["image"] for r in read_manifest(path)}
 
 
 def test_bad_image_with_fail_policy_stops_at_once(hands):
@@ -256,6 +270,12 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path,
     with pytest.raises(HandClipError, match="evil.ckpt was refused: .*could run code"):
         load_checkpoint_file(tmp_path / "evil.ckpt")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_text_file_given_as_a_checkpoint_is_called_what_it_is(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("these are my notes")
+    with pytest.raises(HandClipError, match="notes.ckpt is damaged or not a checkpoint .not a complete zip archive"):
+        load_checkpoint_file(tmp_path / "notes.ckpt")
 
 
 def test_no_trust_remote_code_anywhere():

@@ -33,5 +33,17 @@ def test_unknown_field_and_missing_attribute_are_named():
     with pytest.raises(ConfigError, match="unknown field 'colour'.*allowed fields are aspect"):
         Captioner(["{colour} hand"])
     captioner = Captioner(["a {gender} hand"])
-    with pytest.raises(ConfigError, match="needs 'gender', which this dataset does not record"):
-        captioner.check_rows([{"aspect": "dorsal", "person": "0001"}])
+    with pytest.raises(ConfigError, match="needs 'gender', which image a.jpg does not have"):
+        captioner.check_rows([{"aspect": "dorsal", "person": "0001", "image": "a.jpg"}])
+
+
+def test_every_row_is_checked_before_training_not_only_the_first():
+    captioner = Captioner(["{caption}"])
+    rows = [{"image": "a.jpg", "caption": "a hand"}, {"image": "b.jpg", "caption": "  "}]
+    with pytest.raises(ConfigError, match="needs 'caption', which image b.jpg does not have .empty"):
+        captioner.check_rows(rows)
+
+
+def test_a_number_format_on_a_text_field_is_refused_when_the_template_is_read():
+    with pytest.raises(ConfigError, match=r"'\{person:05d\}' cannot be filled"):
+        Captioner(["{person:05d}"])

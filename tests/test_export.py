@@ -95,3 +95,81 @@ def test_feature_cli_embeds_a_folder(finished_run, tmp_path):
     assert len(saved["names"]) == len(list(images.glob("*.jpg"))) and saved["features"].shape[1] == width
     assert np.allclose(np.linalg.norm(saved["features"], axis=1), 1.0, atol=1e-5)
     assert saved["names"][0] in result.stdout
+
+
+def test_feature_cli_skips_what_is_not_an_image_and_refuses_bad_paths_at_once(finished_run, tmp_path):
+    import shutil
+
+    out = export(finished_run / "runs" / "r", tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted((finished_run / "data" / "synthetic_hands" / "Hands").glob("*.jpg"))[:3]:
+        shutil.copy(source, images / source.name)
+    (images / "notes.jpg").write_text("not an image")
+    (images / "folder.jpg").mkdir()
+
+    def features(*args):
+        command = [sys.executable, "-m", "handclip.features", *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    result = features(out, images, "--out", tmp_path / "f")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipping" in result.stderr and "notes.jpg" in result.stderr
+    assert len(np.load(tmp_path / "f")["names"]) == 3 and not (tmp_path / "f.npz").exists()  # the name as given
+    for args, message in (
+        ((out, tmp_path / "nowhere"), "no such folder of images"),
+        ((tmp_path / "no-model", images), "is not a model directory"),
+        ((out, images, "--out", tmp_path / "no" / "dir" / "f.npz"), "does not exist"),
+    ):
+        bad = features(*args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+
+
+# --- exporting never destroys what it did not make ------------------------------------------------
+
+
+def test_export_refuses_a_folder_with_other_files_and_never_touches_a_run(finished_run, tmp_path):
+    run = finished_run / "runs" / "r"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(HandClipError, match="not empty and is not a previous export"):
+        export(run, mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    for target in (run, run.parent, run / ".."):  # the run itself, or a folder that holds it
+        with pytest.raises(HandClipError, match="holds the run"):
+            export(run, target, overwrite=True)
+    with pytest.raises(HandClipError, match="is a run directory"):
+        export(run, _other_run(tmp_path), overwrite=True)
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    # --overwrite writes the model's files into the folder and leaves the rest
+    export(run, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".mine.*"))
+
+
+def _other_run(tmp_path):
+    other = tmp_path / "other_run"
+    (other / "checkpoints").mkdir(parents=True)
+    return other
+
+
+def test_a_previous_export_is_replaced_whole(finished_run, tmp_path):
+    from transformers import CLIPModel
+
+    run = finished_run / "runs" / "r"
+    out = export(run, tmp_path / "model")
+    (out / "stale.bin").write_bytes(b"old")  # a file from the previous export's time
+    export(run, tmp_path / "model", alpha=0.5)
+    assert not (out / "stale.bin").exists() and json.loads((out / "handclip_export.json").read_text())["wise_ft"] == 0.5
+    assert CLIPModel.from_pretrained(out).config.projection_dim == 64
+
+
+def test_export_errors_exit_2_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "handclip.export", str(tmp_path / "no-run"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from handclip.errors import ConfigError
@@ -111,6 +113,8 @@ def test_too_many_or_negative_blocks_is_a_config_error(key, value):
 def test_unknown_settings_and_bad_values_are_named():
     with pytest.raises(ConfigError, match="freeze.vision_block is not a freeze setting .did you mean .*vision_blocks"):
         LastN(vision_block=1)
+    with pytest.raises(ConfigError, match="freeze.text_blocks is missing"):
+        LastN(vision_blocks=1)
     with pytest.raises(ConfigError, match="not a regular expression"):
         Pattern(include=["("])
     with pytest.raises(ConfigError, match="freeze.include is empty"):
@@ -123,10 +127,18 @@ def test_unknown_settings_and_bad_values_are_named():
 
 def test_applying_a_policy_checks_it_against_the_model(tiny_model):
     with pytest.raises(ConfigError, match="freeze.vision_blocks=4 is out of range: the backbone's vision tower has 3"):
-        apply_freeze(tiny_model, LastN(vision_blocks=4))
+        apply_freeze(tiny_model, LastN(vision_blocks=4, text_blocks=0))
+
+
+def test_a_pattern_that_matches_nothing_or_a_policy_that_trains_nothing_is_refused(tiny_model):
+    message = re.escape("freeze.include: '^visual_proj$' matches no parameter of this model")
+    with pytest.raises(ConfigError, match=message):
+        apply_freeze(tiny_model, Pattern(include=["^visual_proj$"]))
+    with pytest.raises(ConfigError, match="leaves nothing to train"):
+        apply_freeze(tiny_model, Pattern(include=["^visual_projection"], exclude=["weight"], train_logit_scale=False))
 
 
 def test_replaced_heads_train_under_any_policy(tiny_model):
     heads = Replace(dim=8).apply(tiny_model)
-    apply_freeze(tiny_model, Pattern(include=["^nothing$"]), always_trainable=heads)
+    apply_freeze(tiny_model, Pattern(include=["^text_model.embeddings.token"], exclude=["."]), always_trainable=heads)
     assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS | {"logit_scale"}

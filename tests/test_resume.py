@@ -1,5 +1,6 @@
 """Runs that survive: resume equivalence, SIGKILL, damaged checkpoints, refusals, Ctrl-C, wandb."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from handclip.io import load_checkpoint_file
+from handclip.train.rundir import RunLock
 from tests.test_train import train, train_command
 
 pytestmark = pytest.mark.slow
@@ -76,43 +78,83 @@ def test_resume_with_a_changed_freeze_policy_is_refused(tmp_path):
 
 def test_existing_checkpoints_are_not_overwritten_silently(tmp_path):
     train(tmp_path, "trainer.max_epochs=1", "eval.baseline=false", "run_name=r")
-    before = (tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt").read_bytes()
-    result = train(tmp_path, "trainer.max_epochs=1", "run_name=r", check=False)
+    run = tmp_path / "runs" / "r"
+    before, config = (run / "checkpoints" / "last.ckpt").read_bytes(), (run / "config.yaml").read_text()
+    (run / "failed.json").write_text("{}")  # whatever the run holds stays as it is
+    # refused with another setting: the run's config.yaml must still describe its checkpoints
+    result = train(tmp_path, "trainer.max_epochs=1", "run_name=r", "projection=replace", check=False)
     assert result.returncode == 2
     assert "already holds checkpoints" in result.stderr and "ckpt_path=last" in result.stderr
-    assert (tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert (run / "config.yaml").read_text() == config and (run / "failed.json").is_file()
+    # refused because another process holds the run: nothing written either
+    with RunLock(run):
+        locked = train(tmp_path, "trainer.max_epochs=2", "run_name=r", "ckpt_path=last", check=False)
+    assert locked.returncode == 2 and "in use by another process" in locked.stderr
+    assert (run / "config.yaml").read_text() == config and (run / "failed.json").is_file()
     train(tmp_path, "trainer.max_epochs=1", "eval.baseline=false", "run_name=r", "overwrite=true")
 
 
-def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path):
-    overrides = ["trainer.max_epochs=6", "eval.baseline=false", "run_name=r", "data.batch_size=4"]
-    train(tmp_path / "whole", *overrides)
-    # interrupt right after step 8 starts: epoch 1 has 6 steps, so this is mid-epoch
-    process = start(tmp_path / "split", *overrides, script="tests/step_printer.py")
+INTERRUPTS = [
+    # (what the child prints when the signal is sent, signal, exit status)
+    ("handclip-test-step 8", signal.SIGINT, 1),  # mid-step, mid-epoch (epoch 1 has steps 6..11)
+    ("handclip-test-stepped 8", signal.SIGINT, 1),  # just after the optimiser step
+    ("handclip-test-validation 1", signal.SIGINT, 1),  # during validation: the epoch's training is done
+    ("handclip-test-step 8", signal.SIGTERM, 143),  # pre-emption (SLURM, docker stop, Kubernetes)
+]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """The uninterrupted run every interrupted one must end equal to."""
+    root = tmp_path_factory.mktemp("whole")
+    train(root, *STOPPED)
+    return root
+
+
+STOPPED = ["trainer.max_epochs=4", "eval.baseline=false", "run_name=r", "data.batch_size=4"]
+
+
+@pytest.mark.parametrize(("when", "signum", "status"), INTERRUPTS, ids=["mid-step", "after-step", "validation", "term"])
+def test_a_signal_at_any_moment_saves_a_checkpoint_that_resumes_exactly(tmp_path, whole_run, when, signum, status):
+    process = start(tmp_path, *STOPPED, script="tests/step_printer.py")
     for line in process.stdout:
-        if line.strip() == "handclip-test-step 8":
-            process.send_signal(signal.SIGINT)
+        if line.strip() == when:
+            process.send_signal(signum)
             break
     output = process.communicate(timeout=120)[0]
-    assert process.returncode != 0 and "interrupted: saved" in output
-    last = tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt"
+    assert process.returncode == status, output[-2000:]
+    assert f"{signum.name}: stopping after this batch" in output and f"{signum.name}: saved" in output
+    last = tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"
     saved = load_checkpoint_file(last)
-    assert (
-        saved["global_step"] == 8
-        and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 2
-    )
-    assert not (tmp_path / "split" / "runs" / "r" / "metrics.json").exists()
-    train(tmp_path / "split", *overrides, "ckpt_path=last")
-    whole, split = metrics_of(tmp_path / "whole"), metrics_of(tmp_path / "split")
+    progress = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    # weights, optimiser and progress all after the same batch: the batch in flight finished, nothing after it
+    whole_last = load_checkpoint_file(whole_run / "runs" / "r" / "checkpoints" / "last.ckpt")
+    per_epoch = whole_last["global_step"] // 4
+    assert saved["global_step"] >= 9 and saved["global_step"] == saved["epoch"] * per_epoch + progress["completed"]
+    assert not (tmp_path / "runs" / "r" / "metrics.json").exists()
+    train(tmp_path, *STOPPED, "ckpt_path=last")
+    whole, split = metrics_of(whole_run), metrics_of(tmp_path)
     for key in ("val/rank1", "test/rank1", "test/mAP"):
         assert split[key] == pytest.approx(whole[key], abs=1e-6), key
-    a, b = weights_of(tmp_path / "whole"), weights_of(tmp_path / "split")
+    a, b = weights_of(whole_run), weights_of(tmp_path)
     assert (
-        load_checkpoint_file(tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt")["global_step"]
-        == (load_checkpoint_file(tmp_path / "whole" / "runs" / "r" / "checkpoints" / "last.ckpt")["global_step"])
-    )
+        load_checkpoint_file(last)["global_step"]
+        == load_checkpoint_file(whole_run / "runs" / "r" / "checkpoints" / "last.ckpt")["global_step"]
+    )  # no epoch skipped, no batch applied twice
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_a_resumed_run_keeps_its_whole_csv_history(tmp_path):
+    train(tmp_path, "trainer.max_epochs=2", "eval.baseline=false", "run_name=r")
+    history = tmp_path / "runs" / "r" / "logs" / "metrics.csv"
+    epochs = [row["epoch"] for row in csv.DictReader(history.open()) if row.get("val/rank1")]
+    assert epochs == ["0", "1"]
+    result = train(tmp_path, "trainer.max_epochs=3", "eval.baseline=false", "run_name=r", "ckpt_path=last")
+    epochs = [row["epoch"] for row in csv.DictReader(history.open()) if row.get("val/rank1")]
+    assert epochs == ["0", "1", "2"]  # the first process's epochs are still there, none twice
+    assert "trainer.max_epochs was 2, now 3" in result.stdout
 
 
 def test_wandb_offline_writes_its_files_and_a_resumed_run_keeps_its_id(tmp_path):

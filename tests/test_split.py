@@ -96,3 +96,36 @@ def test_prepare_writes_manifest_settings_and_cache(synthetic_hands):
     # a new cache size makes a new cache
     prepare(PrepareSettings(root=str(synthetic_hands), aspect="dorsal right", seed=0, cache_size=40), quiet=True)
     assert min(Image.open(synthetic_hands / "cache" / "40" / rows[0]["image"]).size) == 40
+
+
+def test_a_caption_csv_with_several_captions_per_image_never_puts_one_image_on_both_sides(tmp_path):
+    from handclip.data.readers import read_caption_csv
+    from handclip.data.split import split_captions
+
+    lines = ["image,caption,identity"]
+    for person in range(10):
+        for image in range(3):
+            for caption in range(4):  # COCO style: several captions of one image
+                lines.append(f"p{person}_{image}.jpg,caption {caption} of {person},{person}")
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    rows = split_captions(read_caption_csv(tmp_path / "captions.csv"), seed=0, runs=3)
+    sides = {}
+    for row in rows:
+        sides.setdefault(row["image"], set()).add(row["split"])
+    for splits in sides.values():
+        assert not ({"train", "val"} <= splits)
+        for run in range(3):
+            assert not ({f"query{run}", f"gallery{run}"} <= splits)
+    # every caption of an image goes with it
+    assert sum(1 for r in rows if r["split"] == "val") % 4 == 0
+
+
+def test_a_caption_csv_without_identities_is_refused_with_the_reason(tmp_path):
+    from handclip.data.readers import read_caption_csv
+    from handclip.data.split import split_captions
+    from handclip.errors import DataError
+
+    lines = ["image,caption"] + [f"img{i}.jpg,caption {k} of image {i}" for i in range(20) for k in range(5)]
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="without an identity column makes each image its own identity"):
+        split_captions(read_caption_csv(tmp_path / "captions.csv"))

@@ -29,6 +29,22 @@ def test_three_point_sweep_with_a_failing_point_writes_summary_and_resumes(tmp_p
     assert again.stdout.count("finished earlier, skipping") == 2
     swept, runs = collect_runs(sweep)
     assert swept == ["freeze.vision_blocks"] and len(runs) == 3
+    # the same points with a setting left out of their folder names: not reused, and said so
+    third = train(
+        tmp_path, "freeze.vision_blocks=0,1", "eval.baseline=false", "trainer.max_epochs=3", multirun=True, check=False
+    )
+    assert third.returncode == 2  # now every point of the sweep has failed
+    assert third.stderr.count("finished earlier with other settings (trainer.max_epochs: 2 -> 3") == 2
+    assert "overwrite=true" in third.stderr and "finished earlier, skipping" not in third.stdout
+    status = {r["freeze.vision_blocks"]: r["status"] for r in csv.DictReader(open(sweep / "summary.csv"))}
+    assert status["0"] == status["1"] == "failed"
+
+
+def test_a_sweep_whose_every_point_fails_exits_with_an_error(tmp_path):
+    result = train(tmp_path, "freeze.vision_blocks=8,9", "eval.baseline=false", multirun=True, check=False)
+    assert result.returncode == 2 and "every point of the sweep failed" in result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "sweeps" / "demo" / "summary.csv")))
+    assert {r["freeze.vision_blocks"] for r in rows} == {"8", "9"} and {r["status"] for r in rows} == {"failed"}
 
 
 def test_optuna_search_runs_and_maximises_validation(tmp_path):

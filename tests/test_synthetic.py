@@ -74,3 +74,48 @@ def test_command_line(tmp_path, capsys):
     main(["--out", str(tmp_path / "x"), "--identities", "2", "--seed", "0", "--image-size", "64x48"])
     assert (tmp_path / "x" / "HandInfo.csv").is_file()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_generated_folder_is_made_anew_when_its_settings_change(tmp_path, capsys):
+    from handclip.data.synthetic import ensure_synthetic
+
+    root = tmp_path / "hands"
+    ensure_synthetic(root, identities=4, seed=0, image_size=[64, 48])
+    first = {p.name for p in (root / "Hands").iterdir()}
+    ensure_synthetic(root, identities=4, seed=0, image_size=[64, 48])  # same settings: kept as is
+    assert "making them anew" not in capsys.readouterr().out
+    ensure_synthetic(root, identities=6, seed=0, image_size=[64, 48])
+    assert "making them anew" in capsys.readouterr().out
+    people = {r["id"] for r in csv.DictReader(open(root / "HandInfo.csv"))}
+    assert len(people) == 6 and {p.name for p in (root / "Hands").iterdir()} != first
+    assert not list(tmp_path.glob("hands.tmp*"))
+
+
+def test_a_killed_generators_leftovers_are_cleaned_and_a_foreign_folder_is_left_alone(tmp_path):
+    from handclip.data.synthetic import ensure_synthetic
+
+    leftover = tmp_path / "hands.tmp999999999"  # no such process
+    (leftover / "Hands").mkdir(parents=True)
+    ensure_synthetic(tmp_path / "hands", identities=4, seed=0, image_size=[64, 48])
+    assert not leftover.exists() and (tmp_path / "hands" / "HandInfo.csv").is_file()
+    foreign = tmp_path / "mine"
+    (foreign / "Hands").mkdir(parents=True)
+    (foreign / "HandInfo.csv").write_text("id\n")
+    ensure_synthetic(foreign, identities=4, seed=0, image_size=[64, 48])
+    assert (foreign / "HandInfo.csv").read_text() == "id\n"
+
+
+def test_two_first_runs_at_once_generate_the_dataset_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from handclip.data.synthetic import ensure_synthetic\n"
+        "ensure_synthetic(sys.argv[1], identities=4, seed=0, image_size=[64, 48])\n"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "hands")], stderr=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert sum("generating synthetic hands" in out for out, _ in outputs) == 1
+    assert not list(tmp_path.glob("hands.tmp*"))

@@ -43,7 +43,7 @@ class Captioner:
     """Turns a row into a caption; in training a random template, in evaluation the first."""
 
     def __init__(self, templates: Sequence[str] = DEFAULT_TEMPLATES):
-        templates = [templates] if isinstance(templates, str) else list(templates)
+        templates = [templates] if isinstance(templates, str) else list(templates or [])
         if not templates:
             raise ConfigError("data.captions is empty: give at least one caption template")
         self.fields: dict[str, set[str]] = {}  # template -> the fields it uses
@@ -58,20 +58,28 @@ class Captioner:
                     f"data.captions: {template!r} uses unknown field '{sorted(unknown)[0]}'; "
                     f"allowed fields are {', '.join(FIELDS)}"
                 )
+            try:  # every field is text: a number format such as {person:05d} cannot apply
+                template.format(**dict.fromkeys(FIELDS, "text"))
+            except (ValueError, IndexError, KeyError) as error:
+                raise ConfigError(
+                    f"data.captions: {template!r} cannot be filled ({error}); fields are text, so use plain "
+                    "{name} placeholders"
+                ) from None
             self.fields[template] = names
         self.templates = templates
 
     def check_rows(self, rows: Sequence[Mapping[str, str]]) -> None:
-        """Fail early if a template needs an attribute this dataset does not have."""
-        if not rows:
-            return
-        available = set(caption_fields(rows[0]))
-        for template, names in self.fields.items():
-            if names - available:
-                raise ConfigError(
-                    f"data.captions: {template!r} needs '{sorted(names - available)[0]}', which this "
-                    f"dataset does not record; available fields: {', '.join(sorted(available))}"
-                )
+        """Fail before training if a template needs a field that a row lacks or leaves empty."""
+        for row in rows:
+            available = {k for k, v in caption_fields(row).items() if str(v).strip()}
+            for template, names in self.fields.items():
+                if names - available:
+                    missing = sorted(names - available)[0]
+                    raise ConfigError(
+                        f"data.captions: {template!r} needs '{missing}', which image {row.get('image', '?')} "
+                        f"does not have (empty or not recorded); fields it has: {', '.join(sorted(available))}. "
+                        "Fill it in the dataset, or use templates without it"
+                    )
 
     def __call__(self, row: Mapping[str, str], rng: random.Random | None = None) -> str:
         template = self.templates[0] if rng is None else rng.choice(self.templates)

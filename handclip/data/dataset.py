@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from handclip.data.images import cache_dir, load_rgb
@@ -46,7 +47,7 @@ class ManifestImages(Dataset):
         path = self.image_root / row["image"]
         try:
             image = load_rgb(path)
-        except (OSError, ValueError, SyntaxError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise DataError(f"cannot read image {path}: {error}; run prepare again to re-check the dataset") from None
         if epoch is None:
             pixels, rng = self.transform(image), None

@@ -50,7 +50,8 @@ def _cache_one(source: Path, target: Path, size: int) -> str | None:
         image = _resize_shortest(load_rgb(source), size)
     except FileNotFoundError:
         return f"{source}: listed but not found"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # a decompression bomb (more pixels than Pillow allows) is one more image that cannot be used
         return f"{source}: cannot be decoded ({error})"
     # an empty file (a crash before the data reached the disk) counts as missing next time
     with atomic_write(target, "wb", sync=False) as handle:

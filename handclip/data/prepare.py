@@ -21,7 +21,7 @@ from handclip.data.hands import ASPECTS
 from handclip.data.images import build_cache
 from handclip.data.readers import aspect_slug, read_11k, read_caption_csv, read_hd
 from handclip.data.split import MANIFEST_COLUMNS, split_11k, split_captions, split_hd, split_sizes
-from handclip.errors import ConfigError, DataError
+from handclip.errors import ConfigError, DataError, exit_with
 from handclip.io import write_text_atomic
 
 FORMATS = ("11k", "hd", "csv")
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     try:
         prepare(settings)
     except (DataError, ConfigError) as error:
-        raise SystemExit(f"error: {error}") from None
+        exit_with(error)
 
 
 if __name__ == "__main__":

@@ -132,13 +132,19 @@ def read_caption_csv(csv_path: str | Path) -> list[ImageRecord]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path} not found: a caption CSV needs the columns image, caption")
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        for column in ("image", "caption"):
-            if column not in header:
-                raise DataError(f"{csv_path}: column '{column}' is missing (found: {', '.join(header) or 'none'})")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            for column in ("image", "caption"):
+                if column not in header:
+                    raise DataError(f"{csv_path}: column '{column}' is missing (found: {', '.join(header) or 'none'})")
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{csv_path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8, "
+            "e.g. iconv -f latin1 -t utf-8"
+        ) from None
     records = []
     for line, row in enumerate(rows, start=2):
         image = _inside(csv_path.parent, row["image"], f"{csv_path} line {line}")

@@ -46,18 +46,33 @@ def _row(record: ImageRecord, split: str) -> dict:
     }
 
 
+def _by_image(records: list[ImageRecord]) -> list[list[ImageRecord]]:
+    """An identity's records grouped by image file (a caption CSV may give one image several captions).
+
+    Splits choose among distinct images, and every record of a chosen image goes with it, so no
+    image is ever on both sides of train/val or query/gallery.
+    """
+    groups: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        groups.setdefault(record.image, []).append(record)
+    return list(groups.values())
+
+
 def _train_val(train: dict[str, list[ImageRecord]], rng: np.random.Generator) -> list[dict]:
     rows = []
-    for images in train.values():
+    for records in train.values():
+        images = _by_image(records)
         if len(images) == 1:  # nothing left to train on if it became the validation image
-            rows.append(_row(images[0], "train"))
+            rows += [_row(r, "train") for r in images[0]]
             continue
         val = int(rng.integers(len(images)))
-        rows += [_row(r, "val" if i == val else "train") for i, r in enumerate(images)]
+        rows += [_row(r, "val" if i == val else "train") for i, group in enumerate(images) for r in group]
     if not any(row["split"] == "val" for row in rows):
         raise DataError(
-            f"none of the {len(train)} training identities has two or more images, so there is no "
-            "validation image for model selection; each training identity needs at least two images"
+            f"none of the {len(train)} training identities has two or more distinct images, so there is no "
+            "validation image for model selection; each training identity needs at least two images. "
+            "(A caption CSV without an identity column makes each image its own identity: add an "
+            "identity column naming whose images belong together)"
         )
     return rows
 
@@ -66,18 +81,20 @@ def _query_gallery(test: dict[str, list[ImageRecord]], seed: list[int], runs: in
     rows = []
     for run in range(runs):
         rng = np.random.default_rng(seed + [run + 1])
-        for images in test.values():
+        for records in test.values():
+            images = _by_image(records)
             chosen = int(rng.integers(len(images)))
-            for i, record in enumerate(images):
-                if i == chosen:
-                    rows.append(_row(record, f"gallery{prefix}{run}"))
-                elif not prefix:
-                    rows.append(_row(record, f"query{run}"))
+            for i, group in enumerate(images):
+                for record in group:
+                    if i == chosen:
+                        rows.append(_row(record, f"gallery{prefix}{run}"))
+                    elif not prefix:
+                        rows.append(_row(record, f"query{run}"))
     return rows
 
 
 def _check_test(test: dict[str, list[ImageRecord]], what: str) -> None:
-    single = [identity for identity, images in test.items() if len(images) < 2]
+    single = [identity for identity, records in test.items() if len(_by_image(records)) < 2]
     if single:
         warnings.warn(
             f"{what}: {len(single)} test identities have a single image (e.g. {single[0]}); "

@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,80 @@ def generate_hands(
         writer.writerow(HANDINFO_COLUMNS)
         writer.writerows(rows)
     return csv_path
+
+
+MARKER = "synthetic.json"  # the settings a generated folder was made with
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ensure_synthetic(root: str | Path, identities: int, seed: int, image_size: Sequence[int]) -> Path:
+    """The synthetic dataset at `root`, made with exactly these settings; generated when missing.
+
+    Generation runs under a lock beside `root` (two first runs at once generate it once), into a
+    temporary folder that is renamed into place, so a killed generator leaves no half dataset; its
+    leftovers are removed by the next one. A folder this function made with other settings is
+    made anew, with a message; a folder it did not make (no `synthetic.json`) is never touched.
+    """
+    import fcntl
+    import json
+    import shutil
+
+    root = Path(root)
+    settings = {"identities": int(identities), "seed": int(seed), "image_size": [int(v) for v in image_size]}
+    marker = root / MARKER
+
+    def made_with() -> dict | None:
+        try:
+            return json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None
+
+    if made_with() == settings:
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(f".{root.name}.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second first run waits here, then finds the dataset made
+        for leftover in root.parent.glob(f"{root.name}.tmp*"):
+            pid = leftover.name.rsplit(".tmp", 1)[-1].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)  # a killed generator's half-made folder
+        old = made_with()
+        if old == settings:
+            return root
+        if root.exists() and old is None:
+            if (root / "HandInfo.csv").is_file():
+                return root  # a dataset HandCLIP did not make (or made before it kept settings): used as it is
+            if any(root.iterdir()):
+                from handclip.errors import DataError
+
+                raise DataError(f"data.root={root} holds files but no HandInfo.csv; point data.root at an empty "
+                                "or missing folder to generate synthetic hands there")  # fmt: skip
+        if old is not None:
+            print(f"synthetic hands in {root} were made with {old}; this run asks for {settings}: making them anew",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"generating synthetic hands in {root} ({identities} identities) ...", flush=True)
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_hands(tmp, int(identities), int(seed), (int(image_size[0]), int(image_size[1])))
+        (tmp / MARKER).write_text(json.dumps(settings))
+        if root.exists():  # ours, made with other settings: replaced whole (its split and cache with it)
+            retired = root.with_name(f"{root.name}.tmp{os.getpid()}-old")
+            root.rename(retired)
+            tmp.rename(root)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            tmp.rename(root)
+    return root
 
 
 def _size(text: str) -> tuple[int, int]:

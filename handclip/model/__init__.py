@@ -2,7 +2,7 @@
 
 from handclip.model import HuggingFaceCLIP, LastN, apply_freeze
 backbone = HuggingFaceCLIP("openai/clip-vit-base-patch32").load()
-report = apply_freeze(backbone, LastN(vision_blocks=2))
+report = apply_freeze(backbone, LastN(vision_blocks=2, text_blocks=0))
 """
 
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,6 +90,8 @@ class Backbone(nn.Module):
     resize_size: int  # shortest edge images are resized to before the crop
     image_mean: list[float]
     image_std: list[float]
+    # texts -> tokens, as `tokenize`, but a small picklable object (what data loader workers get)
+    text_tokenizer: Any
 
     @property
     def facts(self) -> BackboneFacts:
@@ -141,14 +144,6 @@ class Backbone(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the model (safetensors), tokenizer and preprocessing so it loads without HandCLIP."""
-        raise NotImplementedError
-
-    def weights_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's weights by their own names (what export and WiSE-FT read)."""
-        raise NotImplementedError
-
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load weights named as `weights_state_dict` names them (strict)."""
         raise NotImplementedError
 
     # shared

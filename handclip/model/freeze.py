@@ -65,6 +65,14 @@ class FreezePolicy:
         """Whether parameter `name` (a model name, in `group`) trains."""
         raise NotImplementedError
 
+    def check_result(self, names: list[str], trainable: list[str]) -> None:
+        """Refuse a result that cannot be what was meant: nothing left to train."""
+        if not trainable:
+            raise ConfigError(
+                f"freeze: {self.label} leaves nothing to train (not even logit_scale); choose a policy that "
+                "trains something, e.g. freeze=last_n"
+            )
+
 
 class Full(FreezePolicy):
     def trains(self, group: LayerGroup, name: str) -> bool:
@@ -90,8 +98,12 @@ def _block_count(value, key: str) -> int:
 class LastN(FreezePolicy):
     """The top `vision_blocks` / `text_blocks` blocks of each tower, with its final norm and projection."""
 
-    def __init__(self, vision_blocks: int = 0, text_blocks: int = 0, train_logit_scale: bool = True, **ignored):
+    def __init__(self, vision_blocks: int | None = None, text_blocks: int | None = None, train_logit_scale: bool = True,
+                 **ignored):  # fmt: skip
         super().__init__(train_logit_scale, **ignored)
+        for key, value in (("vision_blocks", vision_blocks), ("text_blocks", text_blocks)):
+            if value is None:  # no default here: conf/freeze/last_n.yaml gives them
+                raise ConfigError(f"freeze.{key} is missing: LastN needs how many top blocks of each tower train")
         self.blocks = {
             "vision": _block_count(vision_blocks, "vision_blocks"),
             "text": _block_count(text_blocks, "text_blocks"),
@@ -146,6 +158,15 @@ class Pattern(FreezePolicy):
 
     def trains(self, group: LayerGroup, name: str) -> bool:
         return any(p.search(name) for p in self.include) and not any(p.search(name) for p in self.exclude)
+
+    def check_result(self, names: list[str], trainable: list[str]) -> None:
+        for pattern in self.include:
+            if not any(pattern.search(name) for name in names):
+                raise ConfigError(
+                    f"freeze.include: {pattern.pattern!r} matches no parameter of this model; names look like "
+                    f"{names[0]}, {names[len(names) // 2]}, {names[-1]}"
+                )
+        super().check_result(names, trainable)
 
 
 @dataclass
@@ -229,11 +250,14 @@ def apply_freeze(backbone: Backbone, policy: FreezePolicy, always_trainable: Seq
     if not isinstance(policy, FreezePolicy):
         raise ConfigError(f"freeze must be a FreezePolicy (got {type(policy).__name__}); see conf/freeze/")
     policy.check(backbone.facts)
+    backbone.check_partition()  # a parameter in no group would escape the policy and the report
     keep = {id(p) for p in always_trainable}
     for group in backbone.all_groups():
         for name, parameter in group.parameters.items():
             parameter.requires_grad_(id(parameter) in keep or bool(policy.trains(group, name)))
     backbone.logit_scale.requires_grad_(policy.train_logit_scale)
+    names = [n for g in backbone.all_groups() for n in g.parameters]
+    policy.check_result(names, trainable_parameter_names(backbone))
     return freeze_report(backbone, policy.label)
 
 

@@ -149,6 +149,17 @@ class HuggingFaceCLIP:
         """Depths, widths and sizes of the towers, from the config alone."""
         return facts_of(self.clip_config())
 
+    def skeleton(self) -> HFBackbone:
+        """The model's structure with no weights (on the meta device): what policies are checked on."""
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        config = self.clip_config()
+        with torch.device("meta"):
+            model = CLIPModel(config)
+        size = int(config.vision_config.image_size)
+        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return HFBackbone(model, None, processor, self.source)
+
     def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
         """Build the tiny backbone once (seeded random weights) and return its directory."""
         from transformers import CLIPImageProcessor, CLIPModel
@@ -207,6 +218,18 @@ def _layer_call(layer: nn.Module):
     return call
 
 
+class _Tokenize:
+    """Texts -> padded `input_ids` and `attention_mask`; small and picklable, for data loader workers."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
+                                return_tensors="pt")  # fmt: skip
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
 class HFBackbone(Backbone):
     """A loaded `CLIPModel` with its tokenizer and image processor."""
 
@@ -223,6 +246,7 @@ class HFBackbone(Backbone):
         self.image_mean = list(image_processor.image_mean)
         self.image_std = list(image_processor.image_std)
         self.context_length = int(model.config.text_config.max_position_embeddings)
+        self.text_tokenizer = _Tokenize(tokenizer, self.context_length)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -237,9 +261,7 @@ class HFBackbone(Backbone):
         return int(self.model.config.projection_dim)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
-                                return_tensors="pt")  # fmt: skip
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        return self.text_tokenizer(texts)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return _tensor(self.model.get_image_features(pixel_values=pixel_values))
@@ -345,9 +367,3 @@ class HFBackbone(Backbone):
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
         return out_dir
-
-    def weights_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(dict(state))

@@ -62,8 +62,8 @@ def bench_model(steps: int = 3, batch: int = 8) -> list[tuple[str, str, str]]:
     policies = [
         ("full", Full()),
         ("text_frozen", TextFrozen()),
-        ("last_n vision_blocks=4", LastN(vision_blocks=4)),
-        ("last_n vision_blocks=0", LastN(vision_blocks=0)),
+        ("last_n vision_blocks=4", LastN(vision_blocks=4, text_blocks=0)),
+        ("last_n vision_blocks=0", LastN(vision_blocks=0, text_blocks=0)),
     ]
     rows, reference = [], None
     for label, policy in policies:

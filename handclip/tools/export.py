@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from handclip.errors import HandClipError
+from handclip.errors import HandClipError, exit_with
 
 
 def find_checkpoint(source: str | Path) -> tuple[Path, Path]:
@@ -46,10 +46,16 @@ def load_run_model(source: str | Path):
     backbone = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
     build(config["projection"], "projection").apply(backbone)
     state = load_checkpoint_file(checkpoint)["state_dict"]
-    prefix = "backbone.model."
+    prefix = "backbone."  # the training module's own attribute; the rest is the backbone's business
     if not any(k.startswith(prefix) for k in state):
-        raise HandClipError(f"{checkpoint} holds no backbone weights ({prefix}*): was it written by HandCLIP?")
-    backbone.load_weights({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+        raise HandClipError(
+            f"{checkpoint} holds no backbone.* weights: it was written by a HandCLIP from before the model "
+            "interface (weights under model.*) or by another program; export it with the version that wrote it"
+        )
+    try:
+        backbone.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    except RuntimeError as error:
+        raise HandClipError(f"{checkpoint} does not fit the run's backbone: {str(error).splitlines()[0]}") from None
     return backbone, config
 
 
@@ -59,9 +65,9 @@ def wise_ft(backbone, original, alpha: float) -> None:
 
     if not 0.0 <= alpha <= 1.0:
         raise HandClipError(f"--wise-ft {alpha}: alpha must be in [0, 1] (1 = fine-tuned, 0 = original)")
-    reference = original.weights_state_dict()
+    reference = original.state_dict()
     with torch.no_grad():
-        for name, tensor in backbone.weights_state_dict().items():
+        for name, tensor in backbone.state_dict().items():
             if reference[name].shape != tensor.shape:
                 raise HandClipError(
                     f"WiSE-FT: {name} has shape {tuple(tensor.shape)} vs {tuple(reference[name].shape)}"
@@ -70,10 +76,58 @@ def wise_ft(backbone, original, alpha: float) -> None:
                 tensor.copy_((1 - alpha) * reference[name] + alpha * tensor)
 
 
-def export(source: str | Path, out_dir: str | Path, alpha: float | None = None) -> Path:
-    """Write the run's model as a Hugging Face directory; return it."""
+MARKER = "handclip_export.json"  # what makes a folder a previous export, which may be replaced
+
+
+def check_destination(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
+    """Refuse a destination that would touch a run or someone else's files."""
+    out, run = out_dir.resolve(), run_dir.resolve()
+    if out == run or out in run.parents:
+        raise HandClipError(f"{out_dir} holds the run {run_dir} itself: export into a new folder, e.g. exported/NAME")
+    if out.exists() and not out.is_dir():
+        raise HandClipError(f"{out_dir} is a file: give a folder to export into")
+    if (out / "checkpoints").is_dir() or (out / "metrics.json").is_file():
+        raise HandClipError(f"{out_dir} is a run directory: export into a new folder, e.g. exported/NAME")
+    foreign = out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file()
+    if foreign and not overwrite:
+        raise HandClipError(
+            f"{out_dir} is not empty and is not a previous export; export into a new folder, or pass --overwrite "
+            "to write the model's files into it (other files there are left as they are)"
+        )
+
+
+def _put_in_place(tmp: Path, out_dir: Path) -> None:
+    """Move the finished export in: a new folder, a previous export replaced whole, or files into a folder."""
+
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+    elif (out_dir / MARKER).is_file():  # a previous export: ours, replaced whole
+        retired = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+        os.replace(out_dir, retired)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(retired)
+    else:  # --overwrite into a folder of the user's: our files replace theirs by name, nothing else goes
+        for item in tmp.iterdir():  # save_pretrained writes files only
+            os.replace(item, out_dir / item.name)
+        tmp.rmdir()
+
+
+def export(source: str | Path, out_dir: str | Path, alpha: float | None = None, overwrite: bool = False) -> Path:
+    """Write the run's model as a Hugging Face directory; return it.
+
+    The model is written into a new temporary folder beside `out_dir` and moved into place only
+    when complete. A non-empty `out_dir` that is not a previous export is refused unless
+    `overwrite`; a run directory, or a folder holding the run, is always refused.
+    """
+    import json
+
     from handclip.build import build
 
+    out_dir = Path(out_dir)
+    checkpoint, run_dir = find_checkpoint(source)
+    check_destination(out_dir, run_dir, overwrite)
     backbone, config = load_run_model(source)
     if alpha is not None:
         from handclip.model.projection import Keep
@@ -85,13 +139,18 @@ def export(source: str | Path, out_dir: str | Path, alpha: float | None = None) 
             )
         original = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
         wise_ft(backbone, original, alpha)
-    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    backbone.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    if tmp.exists():
+        raise HandClipError(f"{tmp} exists: another export into {out_dir} may be running; remove it if not")
+    try:
+        backbone.save_pretrained(tmp)
+        marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder
+        raise
+    _put_in_place(tmp, out_dir)
     return out_dir
 
 
@@ -100,11 +159,12 @@ def main(argv=None) -> None:
     parser.add_argument("source", help="a run directory (runs/NAME) or a checkpoint file")
     parser.add_argument("out_dir", help="where to write the Hugging Face model directory")
     parser.add_argument("--wise-ft", type=float, default=None, metavar="ALPHA", help="interpolate with the original")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not an export")
     args = parser.parse_args(argv)
     try:
-        out = export(args.source, args.out_dir, args.wise_ft)
+        out = export(args.source, args.out_dir, args.wise_ft, args.overwrite)
     except HandClipError as error:
-        raise SystemExit(f"error: {error}") from None
+        exit_with(error)
     print(f"exported {out}: load it with CLIPModel.from_pretrained({str(out)!r})")
 
 

@@ -9,42 +9,73 @@ with --out, saves `names` and `features` arrays. Uses transformers only.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from handclip.data.readers import IMAGE_SUFFIXES
+from handclip.errors import HandClipError, exit_with
 
 
 def embed_folder(model_dir: str | Path, image_dir: str | Path, batch_size: int = 32):
-    """(names, L2-normalised image embeddings [n, dim]) of the images in `image_dir`."""
+    """(names, L2-normalised image embeddings [n, dim], skipped names) of the images in `image_dir`.
+
+    A file that cannot be decoded is skipped and named, as training does; it never stops the folder.
+    """
     import torch
+    from PIL import Image
     from transformers import CLIPImageProcessor, CLIPModel
 
     from handclip.data.images import load_rgb
     from handclip.model.hf import HFBackbone
 
-    paths = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    image_dir, model_dir = Path(image_dir), Path(model_dir)
+    if not image_dir.is_dir():
+        raise HandClipError(f"{image_dir}: no such folder of images")
+    if not (model_dir / "config.json").is_file():
+        raise HandClipError(f"{model_dir} is not a model directory (no config.json): give the folder export wrote")
+    paths = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
-    processor = CLIPImageProcessor.from_pretrained(model_dir)
-    backbone = HFBackbone(CLIPModel.from_pretrained(model_dir), None, processor, str(model_dir)).eval()
-    out = []
+        raise HandClipError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
+    try:
+        processor = CLIPImageProcessor.from_pretrained(model_dir)
+        backbone = HFBackbone(CLIPModel.from_pretrained(model_dir), None, processor, str(model_dir)).eval()
+    except (OSError, ValueError) as error:
+        raise HandClipError(f"{model_dir} cannot be loaded as a CLIP model: {str(error).splitlines()[0]}") from None
+    names, out, skipped = [], [], []
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
-            images = [load_rgb(p) for p in paths[start : start + batch_size]]
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-            out.append(torch.nn.functional.normalize(backbone.encode_image(pixels), dim=-1))
-    return [p.name for p in paths], torch.cat(out)
+            images = []
+            for path in paths[start : start + batch_size]:
+                try:
+                    images.append(load_rgb(path))
+                    names.append(path.name)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                    skipped.append(path.name)
+                    print(f"skipping {path}: cannot be decoded ({error})", file=sys.stderr)
+            if images:
+                pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+                out.append(torch.nn.functional.normalize(backbone.encode_image(pixels), dim=-1))
+    if not out:
+        raise HandClipError(f"none of the {len(paths)} images in {image_dir} could be decoded")
+    return names, torch.cat(out), skipped
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir")
     parser.add_argument("image_dir")
-    parser.add_argument("--out", help="save names and features to this .npz file")
+    parser.add_argument("--out", help="save names and features to this .npz file (the name as given)")
     args = parser.parse_args(argv)
-    names, features = embed_folder(args.model_dir, args.image_dir)
+    try:
+        if args.out and not Path(args.out).resolve().parent.is_dir():
+            raise HandClipError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+        names, features, skipped = embed_folder(args.model_dir, args.image_dir)
+    except HandClipError as error:
+        exit_with(error)
     for name, row in zip(names, features, strict=True):
         print(name, " ".join(f"{v:+.4f}" for v in row[:8].tolist()), "...")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not readable images", file=sys.stderr)
     if args.out:
         import numpy as np
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler
 from handclip.io import load_checkpoint_file, save_atomic
@@ -22,16 +25,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location)
 
 
-class SaveOnInterrupt(L.Callback):
-    """Ctrl-C: write a resumable `last.ckpt` before Lightning shuts down."""
+class StopRequested(KeyboardInterrupt):
+    """A Ctrl-C or SIGTERM, acted on between two batches, where the run's state is consistent."""
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C and SIGTERM (SLURM pre-emption, `docker stop`, Kubernetes) stop a run between batches.
+
+    The signal only sets a flag; the next training batch does not start, and a resumable
+    `last.ckpt` is written: weights, optimiser, schedule and progress all after the same batch, so
+    a resume is exact whenever the signal came (mid-step, just after the optimiser step, during
+    validation). A second Ctrl-C stops at once. `signal_name` tells the run how it ended.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: at once
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: stopping after this batch (Ctrl-C again to stop at once)", flush=True)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.signal_name:
+            raise StopRequested(self.signal_name)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+        self._restore()
+        # Lightning's own SIGTERM handling stops at the same kind of point (after a whole batch, or
+        # in validation after the epoch's last one), so its exception is saved like ours
+        if isinstance(exception, (StopRequested, SIGTERMException)) and trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
-            print(f"\ninterrupted: saved {self.path}; resume with ckpt_path=last", flush=True)
+            print(f"\n{self.signal_name}: saved {self.path}; resume with ckpt_path=last", flush=True)
+        elif isinstance(exception, KeyboardInterrupt):
+            print(f"\nstopped at once: {self.path} (if there) is from the end of the last epoch; resume with "
+                  "ckpt_path=last", flush=True)  # fmt: skip
 
 
 class ExactResume(L.Callback):
@@ -47,7 +91,9 @@ class ExactResume(L.Callback):
         loop = trainer.fit_loop
         done = loop.epoch_loop.batch_progress.current.completed if loop.restarting else 0
         batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
-        if not done or batch_sampler is None:
+        # a checkpoint taken after the epoch's last batch (during its validation) starts a new
+        # epoch: nothing of that one is skipped
+        if not done or batch_sampler is None or done >= len(batch_sampler):
             return
         if isinstance(batch_sampler, IdentityBalancedBatchSampler):
             batch_sampler.skip = done

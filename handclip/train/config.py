@@ -16,10 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from handclip.build import check_keywords
 from handclip.errors import ConfigError, HandClipError
 from handclip.eval.evaluator import EvalSettings
 from handclip.model.backbone import BackboneFacts
-from handclip.model.freeze import FreezePolicy
+from handclip.model.freeze import FreezePolicy, apply_freeze
 
 # the top-level settings a run reads; anything else is a typo
 TOP_LEVEL = (
@@ -99,6 +100,13 @@ def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
         return cause if isinstance(cause, ConfigError) else ConfigError(str(cause))
     message = str(cause)
     target = spec.get("_target_") if isinstance(spec, Mapping) else None
+    nested = re.search(r"full_key: ([\w.]+)", str(error))
+    if nested and isinstance(spec, Mapping):  # the failing part is inside this section (loss.terms.clip)
+        node: Any = spec
+        for part in nested.group(1).split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and "_target_" in node:
+            section, target = f"{section}.{nested.group(1)}", node["_target_"]
     unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
     if unexpected:
         from handclip.build import locate
@@ -108,11 +116,12 @@ def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
         except ConfigError:
             known = []
         key = unexpected.group(1)
+        elsewhere = [k for k in _flat_keys(spec) if k != key and not k.startswith("_")]
+        near = _nearest(key, known) or _nearest(key, elsewhere).replace("mean ", f"mean {section}.")
         return ConfigError(
-            f"{section}.{key} is not a setting of {target}{_nearest(key, known)}; "
-            f"its settings are {', '.join(known) or 'none'}"
+            f"{section}.{key} is not a setting of {target}{near}; its settings are {', '.join(known) or 'none'}"
         )
-    missing = re.search(r"missing \d+ required (?:keyword-only )?argument[s]?: '(\w+)'", message)
+    missing = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: '(\w+)'", message)
     if missing:
         return ConfigError(f"{section}.{missing.group(1)} is missing: {target} needs it")
     first = message.strip().splitlines()[0] if message.strip() else type(cause).__name__
@@ -153,6 +162,26 @@ def _integer(cfg: Mapping, key: str, low: int, high: int) -> int:
     return value
 
 
+# what Lightning's Trainer accepts, and `auto` (bf16-mixed on a GPU, 32-true on a CPU)
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
+
+
+def _check_precision(value: Any) -> None:
+    allowed = PRECISIONS
+    if str(value) not in allowed:
+        raise ConfigError(f"trainer.precision={value!r}: choose one of {', '.join(allowed)}")
+
+
+def _try_objective(objective: Callable, facts: BackboneFacts | None) -> None:
+    """Finish the objective once with stand-in run-time facts, so its terms' settings fail now."""
+    try:
+        objective(num_identities=2, embed_dim=facts.projection_dim if facts else 64)
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - one line naming the section
+        raise ConfigError(f"loss: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
 def build_components(cfg: Mapping, read_backbone_config: bool = True) -> Components:
     """Every component of a resolved run configuration (a plain dict), built and checked, no weights.
 
@@ -164,6 +193,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True) -> Compone
         raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
     _integer(cfg, "trainer.max_epochs", 1, 100_000)
     _integer(cfg, "trainer.accumulate_grad_batches", 1, 100_000)
+    _check_precision(cfg["trainer"].get("precision"))
     freeze = _build("freeze", cfg["freeze"])
     if not isinstance(freeze, FreezePolicy):
         raise ConfigError(f"freeze._target_={cfg['freeze']['_target_']} is not a handclip.model.FreezePolicy")
@@ -176,11 +206,17 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True) -> Compone
     callbacks = [_build(f"callbacks.{name}", spec) for name, spec in (cfg.get("callbacks") or {}).items()]
     trainer = _build("trainer", cfg["trainer"], _partial_=True)
     backbone = _build("backbone", cfg["backbone"])
+    for key, made in (("logger", logger), ("trainer", trainer), ("loss", objective)):
+        check_keywords(key, made)
     facts = None
     if read_backbone_config:
         facts = backbone.facts()  # the model config only: no weights
         freeze.check(facts)
         projection.check(facts)
+        # the policy on the model's structure (no weights): a pattern that matches nothing fails now
+        skeleton = backbone.skeleton()
+        apply_freeze(skeleton, freeze, always_trainable=projection.apply(skeleton))
+    _try_objective(objective, facts)
     return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
                       callbacks, trainer)  # fmt: skip
 

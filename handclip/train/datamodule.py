@@ -10,7 +10,6 @@ so a bad value is refused before anything heavy. Then, in order:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,22 @@ def _integer(key: str, value: Any, low: int, high: int = 1_000_000) -> int:
     return value
 
 
+def _check_synthetic(synthetic: Mapping[str, Any]) -> dict:
+    synthetic = dict(synthetic)
+    unknown = sorted(set(synthetic) - {"identities", "seed", "image_size"})
+    if unknown:
+        raise ConfigError(f"data.synthetic.{unknown[0]} is not a setting; settings are identities, seed, image_size")
+    identities = synthetic.get("identities")
+    if isinstance(identities, bool) or not isinstance(identities, int) or not 4 <= identities <= 1000:
+        raise ConfigError(f"data.synthetic.identities={identities!r} must be an integer from 4 to 1000")
+    if isinstance(synthetic.get("seed"), bool) or not isinstance(synthetic.get("seed"), int):
+        raise ConfigError(f"data.synthetic.seed={synthetic.get('seed')!r} must be an integer")
+    size = synthetic.get("image_size")
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(isinstance(v, int) and v >= 32 for v in size):
+        raise ConfigError(f"data.synthetic.image_size={size!r} must be [width, height], each at least 32 pixels")
+    return synthetic
+
+
 class HandDataModule(L.LightningDataModule):
     """Training pairs (image, caption, identity) and the validation images, from a split manifest."""
 
@@ -45,7 +60,7 @@ class HandDataModule(L.LightningDataModule):
         no_accessories: bool,
         cache_size: int | str, on_bad_image: str, batch_size: int, sampler: str, identities_per_batch: int,
         images_per_identity: int, num_workers: int, captions: Sequence[str], augment: Mapping[str, Any] | None,
-        synthetic: Mapping[str, Any] | None = None, csv: str = "captions.csv",
+        synthetic: Mapping[str, Any] | None, csv: str,
     ):  # fmt: skip
         super().__init__()
         self.name = name
@@ -76,14 +91,14 @@ class HandDataModule(L.LightningDataModule):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"data.seed={seed!r} must be an integer (it seeds the split)")
         self.seed = run_seed  # batch order, augmentation, captions; `seed` seeds the split
-        self.synthetic = dict(synthetic) if synthetic else None
+        self.synthetic = _check_synthetic(synthetic) if synthetic else None
         if cache_size in (None, False):
             cache_size = 0
         if cache_size != "auto":
             _integer("cache_size", cache_size, 0, 100_000)
         self._cache_size = cache_size
         self.prepare_settings = PrepareSettings(
-            root=str(root), format=str(format), csv=str(csv or "captions.csv"), aspect=str(aspect), seed=seed,
+            root=str(root), format=str(format), csv=str(csv), aspect=str(aspect), seed=seed,
             runs=_integer("runs", runs, 1, 100), no_accessories=bool(no_accessories), cache_size=0,
             on_bad_image=on_bad_image,
         ).check()  # fmt: skip
@@ -105,17 +120,11 @@ class HandDataModule(L.LightningDataModule):
 
     # before weights ---------------------------------------------------------------------------
     def ensure_synthetic(self) -> None:
-        """Generate the synthetic dataset at `root` on first use (beside it, then renamed)."""
-        if not self.synthetic or (self.root / "HandInfo.csv").is_file():
-            return
-        from handclip.data.synthetic import generate_hands
+        """The synthetic dataset at `root`, made with `data.synthetic`'s settings (generated on first use)."""
+        if self.synthetic:
+            from handclip.data.synthetic import ensure_synthetic
 
-        width, height = self.synthetic["image_size"]
-        identities = int(self.synthetic["identities"])
-        print(f"generating synthetic hands in {self.root} ({identities} identities) ...", flush=True)
-        tmp = self.root.with_name(self.root.name + f".tmp{os.getpid()}")
-        generate_hands(tmp, identities, int(self.synthetic["seed"]), (int(width), int(height)))
-        tmp.rename(self.root)
+            ensure_synthetic(self.root, **self.synthetic)
 
     def prepare(self, image_size: int) -> list[dict]:
         """Synthetic data if asked, the manifest and the image cache; the rows. Checks the sampler can be filled."""
@@ -127,7 +136,7 @@ class HandDataModule(L.LightningDataModule):
         self.rows = read_manifest(self.manifest)
         self.train_rows = [r for r in self.rows if r["split"] == "train"]
         self.val_rows = [r for r in self.rows if r["split"] in ("train", "val")]
-        self.captioner.check_rows(self.train_rows)
+        self.captioner.check_rows(self.rows)  # every row, before training: a bad one fails now, not mid-epoch
         if self.sampler == "identity_balanced":
             self.balanced_sampler()  # fails now, with the key, if it cannot be filled
         if len(self.train_rows) < self.batch_size:
@@ -148,7 +157,7 @@ class HandDataModule(L.LightningDataModule):
         size, resize = backbone.image_size, backbone.resize_size
         mean, std = backbone.image_mean, backbone.image_std
         cache = self.prepare_settings.cache_size
-        self.collate = CaptionCollator(backbone.tokenize)
+        self.collate = CaptionCollator(backbone.text_tokenizer)  # not the model: workers get a copy
         self.eval_batch_size = eval_batch_size
         self.train_set = ManifestImages(
             self.train_rows, self.root, train_transform(size, resize, mean, std, self.augment), cache,

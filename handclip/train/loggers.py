@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+import csv
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from handclip.io import write_text_atomic
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from handclip.io import atomic_write, write_text_atomic
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])  # new rows extend the same columns
+
+
+class HistoryCSVLogger(CSVLogger):
+    """CSV metrics that survive a resume: `logs/metrics.csv` keeps every epoch of the run.
+
+    `keep_until(step)` drops the rows a crashed process logged after the checkpoint it resumes
+    from, so no step appears twice.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def keep_until(self, step: int) -> None:
+        """Forget rows after optimiser step `step` (those the resumed checkpoint does not include)."""
+        path = os.path.join(self.log_dir, "metrics.csv")
+        if not os.path.isfile(path):
+            return
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) <= step]
+        if len(kept) != len(rows):
+            with atomic_write(path) as handle:
+                writer = csv.DictWriter(handle, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
 
 
 def stable_wandb_id(run_dir: str | Path) -> str:

@@ -56,7 +56,9 @@ class FineTuner(L.LightningModule):
         return self.seconds_before + time.time() - self._fit_started
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["handclip"] = {"signature": self.signature, "train_seconds": self.train_seconds()}
+        checkpoint["handclip"] = {
+            "signature": self.signature, "train_seconds": self.train_seconds(), "max_epochs": self.trainer.max_epochs,
+        }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.seconds_before = float((checkpoint.get("handclip") or {}).get("train_seconds", 0.0))

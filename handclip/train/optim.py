@@ -67,8 +67,27 @@ class Optimization:
         self.head_lr_multiplier = _number("head_lr_multiplier", head_lr_multiplier, 0.0, 1e6)
         if not callable(optimizer):
             raise ConfigError("optim.optimizer needs a _target_ (e.g. torch.optim.AdamW) and _partial_: true")
+        from handclip.build import check_keywords
+
+        check_keywords("optim.optimizer", optimizer)
+        check_keywords("optim.schedule", schedule)
         self.optimizer = optimizer
         self.schedule = schedule
+        self._try()
+
+    def _try(self) -> None:
+        """Build the optimiser and schedule once on a stand-in parameter, so bad settings fail now."""
+        try:
+            probe = self.optimizer([torch.nn.Parameter(torch.zeros(1))], lr=self.lr)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"optim.optimizer: {error}") from None
+        if self.schedule is not None:
+            try:
+                self.schedule(probe, 10)
+            except ConfigError:
+                raise
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"optim.schedule: {error}") from None
 
     def parameter_groups(self, parameters: Iterable[ParameterInfo]) -> list[dict]:
         """Groups by (no decay, head): every parameter given, trainable now or not."""

@@ -7,6 +7,7 @@ composed configuration resolves without importing `train.py`.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -18,9 +19,39 @@ def short(overrides: str) -> str:
     return overrides[:80] + "-" + hashlib.sha1(overrides.encode()).hexdigest()[:10]
 
 
+# where a run whose run_name would leave runs/ is pointed, so nothing is written outside runs/;
+# train.py refuses it before anything is written there
+REFUSED_RUN_NAME = ".refused-run-name"
+
+
+def run_name_problem(run_name) -> str | None:
+    """Why `run_name` cannot name a run directory under runs/, or None."""
+    if run_name is None:
+        return None
+    text = str(run_name)
+    if not text.strip() or text.startswith(("/", "~")) or ".." in Path(text).parts or "\\" in text:
+        return (
+            f"run_name={text!r} must be a relative name inside paths.runs (letters, digits, - _ . and /); "
+            "absolute paths and .. are not allowed. To keep runs elsewhere, set paths.runs=DIR"
+        )
+    return None
+
+
+def runs_dir(path: str) -> str:
+    """`paths.runs`, or, when it names a file, a stand-in folder that train.py refuses and removes:
+    Hydra makes the run directory before any check can run, and must not fail with a traceback."""
+    if Path(path).exists() and not Path(path).is_dir():
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / f"handclip-refused-{os.getpid()}")
+    return path
+
+
 def run_dir(name: str, run_name: str | None, overrides: str) -> str:
     """runs/<name> or runs/<name>/<overrides that matter>, or runs/<run_name>: stable, so that
     `ckpt_path=last` from a new process finds the same run."""
+    if run_name_problem(run_name):
+        return REFUSED_RUN_NAME
     if run_name:
         return str(run_name)
     return name if not overrides else f"{name}/{short(overrides)}"
@@ -34,4 +65,5 @@ def register_resolvers() -> None:
     # while Hydra sets up a multirun's sweep directory (before its HydraConfig exists)
     OmegaConf.register_new_resolver("handclip.cwd", lambda: str(Path.cwd()), replace=True)
     OmegaConf.register_new_resolver("handclip.run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("handclip.runs_dir", runs_dir, replace=True)
     OmegaConf.register_new_resolver("handclip.short", short, replace=True)

@@ -55,31 +55,41 @@ def load_initial_weights(module, path: str) -> None:
 
 
 def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
-    """Train and evaluate one configuration; returns the metrics written to metrics.json."""
-    from handclip.train.rundir import RunLock, resolve_resume
+    """Train and evaluate one configuration; returns the metrics written to metrics.json.
+
+    Nothing is written into the run directory before the configuration is checked, the directory
+    is locked for this process, and the resume is found to be possible.
+    """
+    import yaml
+
+    from handclip.train.rundir import RunLock, check_run_dir, resolve_resume
 
     parts = check_config(cfg)  # before anything heavy
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
     with RunLock(run_dir):
-        resume, checkpoint = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+        resume, checkpoint = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg["overwrite"]))
         if checkpoint is not None:
             check_resume(resume, checkpoint, run_signature(cfg))
             where = f"epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}"
             print(f"resuming {resume}: {where}", flush=True)
+            _say_what_happens_to_the_schedule(checkpoint, cfg)
+        resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
         del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
         if cfg.get("init_from") and not Path(cfg["init_from"]).is_file():
             raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")
-        return _train(cfg, parts, run_dir, resume)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
+        (run_dir / "failed.json").unlink(missing_ok=True)
+        return _train(cfg, parts, run_dir, resume, resume_step)
 
 
-def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None) -> dict:
+def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, resume_step: int | None) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from handclip.eval.evaluator import Evaluator
     from handclip.model.freeze import apply_freeze
-    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, SaveOnInterrupt
+    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, GracefulStop
     from handclip.train.module import FineTuner
 
     started = time.time()
@@ -126,16 +136,23 @@ def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None) -
         dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
     )  # fmt: skip
     logger = parts.logger(save_dir=str(run_dir))
+    if resume_step is not None and hasattr(logger, "keep_until"):
+        logger.keep_until(resume_step)  # the history up to the checkpoint stays; what came after is redone
     from handclip.train.loggers import log_figures, log_run_facts
 
     log_run_facts(logger, cfg, report)
+    stop = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
     trainer = parts.trainer(
         precision=precision_for(str(cfg["trainer"]["precision"])), default_root_dir=run_dir, logger=logger,
-        callbacks=[checkpoints, latest, SaveOnInterrupt(run_dir / "checkpoints" / "last.ckpt"), ExactResume(),
-                   *parts.callbacks],
+        callbacks=[checkpoints, latest, stop, ExactResume(), *parts.callbacks],
         plugins=[AtomicCheckpointIO()],
     )  # fmt: skip
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except SystemExit:  # Lightning ends a run stopped by Ctrl-C with exit status 1
+        _exit_if_stopped(stop)
+        raise
+    _exit_if_stopped(stop)  # a signal during the last validation: training is complete, but stop as asked
 
     best = checkpoints.best_model_path
     if best:
@@ -159,11 +176,32 @@ def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None) -
         "best_checkpoint": best,
     }
     write_json_atomic(run_dir / "metrics.json", payload)
-    if type(logger).__name__ != "CSVLogger":  # the CSV logger's final numbers are metrics.json
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not isinstance(logger, CSVLogger):  # the CSV logger's final numbers are metrics.json
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
         logger.finalize("success")
     console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
     return metrics
+
+
+def _say_what_happens_to_the_schedule(checkpoint: Mapping, cfg: Mapping) -> None:
+    before, now = (checkpoint.get("handclip") or {}).get("max_epochs"), cfg["trainer"]["max_epochs"]
+    if before is not None and before != now:
+        print(
+            f"note: trainer.max_epochs was {before}, now {now}: the warm-up and cosine schedule is laid over the "
+            f"new number of steps, and the learning rate continues from step {checkpoint.get('global_step')} of it "
+            "(a longer run raises it again). Give the old value to finish the run as it was planned",
+            flush=True,
+        )
+
+
+def _exit_if_stopped(stop) -> None:
+    """Ctrl-C exits 1; SIGTERM exits 143 (128 + 15), what schedulers read as terminated, never as success."""
+    if stop.signal_name == "SIGTERM":
+        raise SystemExit(143)
+    if stop.signal_name:
+        raise SystemExit(1)
 
 
 def _baseline(evaluate, backbone, run_dir: Path, resume: str | None) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 from handclip.errors import HandClipError
 
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 
 class RunDirError(HandClipError):
@@ -25,6 +26,20 @@ def _load_or_warn(path: Path) -> dict | None:
     except HandClipError as error:
         warnings.warn(str(error), stacklevel=3)
         return None
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse a run directory, or a checkpoints/ inside it, that exists but is not a directory."""
+    run_dir = Path(run_dir)
+    for path in (run_dir, run_dir / CHECKPOINTS):
+        if path.exists() and not path.is_dir():
+            raise RunDirError(
+                f"{path} is a file, where HandCLIP keeps a run's {'checkpoints' if path != run_dir else 'directory'}; "
+                "move it away or choose another run_name"
+            )
+    for parent in run_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise RunDirError(f"{parent} is a file, not a directory: set paths.runs to a directory")
 
 
 def resolve_resume(
@@ -76,11 +91,36 @@ def resolve_resume(
     raise RunDirError(f"no loadable checkpoint in {folder}: last.ckpt and best.ckpt are damaged")
 
 
+def remove_new_empty_dirs(path: str | Path, since: float, stop: str | Path) -> None:
+    """Remove `path` and its parents up to `stop` while each is empty and was made after `since`.
+
+    A refused command takes back the directories it made (Hydra makes the run directory before
+    the configuration can be checked) and never touches one that existed or holds anything.
+    """
+    path, stop = Path(path).absolute(), Path(stop).absolute()
+    lock = path / LOCK
+    try:
+        if lock.is_file() and lock.stat().st_ctime >= since and lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()  # this process's own lock of a run it was refused to start
+    except OSError:
+        pass
+    while path != path.parent:
+        try:
+            if path.stat().st_ctime < since or any(path.iterdir()):
+                return
+            path.rmdir()
+        except OSError:
+            return
+        if path == stop:
+            return
+        path = path.parent
+
+
 class RunLock:
     """An exclusive lock on a run directory; a second process is refused, not interleaved."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / ".lock"
+        self.path = Path(run_dir) / LOCK
         self.handle = None
 
     def __enter__(self) -> RunLock:

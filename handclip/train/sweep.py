@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,21 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
     """(swept keys, one dict per run) for the runs under `sweep_dir`."""
     runs = []
-    for config_path in sorted(Path(sweep_dir).glob("*/config.yaml")):
-        run_dir = config_path.parent
-        config = _flatten(yaml.safe_load(config_path.read_text()) or {})
-        row: dict[str, Any] = {"run": run_dir.name, "config": config}
-        if (run_dir / "metrics.json").is_file():
-            metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
-            row.update({k: metrics.get(k) for k in COLUMNS if k in metrics}, status="finished")
-        elif (run_dir / "failed.json").is_file():
-            failure = json.loads((run_dir / "failed.json").read_text())
+    points = sorted({p.parent for name in ("config.yaml", "failed.json") for p in Path(sweep_dir).glob(f"*/{name}")})
+    for run_dir in points:
+        failed, finished = run_dir / "failed.json", run_dir / "metrics.json"
+        failure = json.loads(failed.read_text()) if failed.is_file() else None
+        if (run_dir / "config.yaml").is_file():
+            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        else:  # refused before its run directory was written: the failure keeps what was asked
+            config = (failure or {}).get("config") or {}
+        row: dict[str, Any] = {"run": run_dir.name, "config": _flatten(config)}
+        # a failure recorded after the point finished (a rerun refused) is the point's state now
+        if failure is not None and (not finished.is_file() or failed.stat().st_mtime >= finished.stat().st_mtime):
             row.update(status="failed", error=failure.get("error", ""))
+        elif finished.is_file():
+            metrics = json.loads(finished.read_text())["metrics"]
+            row.update({k: metrics.get(k) for k in COLUMNS if k in metrics}, status="finished")
         else:
             row["status"] = "unfinished"
         runs.append(row)
@@ -131,12 +137,28 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
     return path
 
 
-def record_failure(run_dir: str | Path, error: BaseException) -> None:
+def record_failure(run_dir: str | Path, error: BaseException, config: Mapping | None = None) -> None:
     """Mark a run of a sweep as failed (its summary row says so; the sweep goes on)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    write_json_atomic(run_dir / "failed.json", {"error": f"{type(error).__name__}: {message}"})
+    payload = {"error": f"{type(error).__name__}: {message}", "config": dict(config) if config else None}
+    write_json_atomic(run_dir / "failed.json", payload)
+
+
+# settings that cannot change a point's result: where files go, how it is logged, how fast it loads
+NOT_RESULT = ("paths.", "sweep.", "hydra.", "logger.", "callbacks.", "ckpt_path", "overwrite", "run_name",
+              "data.num_workers", "eval.batch_size", "trainer.enable_progress_bar")  # fmt: skip
+
+
+def changed_settings(before: Mapping, now: Mapping) -> list[tuple[str, Any, Any]]:
+    """(key, before, now) for each setting that differs and could change a run's result."""
+    old, new = _flatten(before), _flatten(now)
+    return [
+        (key, old.get(key), new.get(key))
+        for key in sorted(set(old) | set(new))
+        if not key.startswith(NOT_RESULT) and old.get(key) != new.get(key)
+    ]
 
 
 def _sweep_dir(config) -> Path:
@@ -157,3 +179,7 @@ class SweepSummary(_HydraCallback):
         if sweep_dir.is_dir():
             csv_path, png = write_summary(sweep_dir)
             print(f"sweep summary: {csv_path}" + (f" and {png}" if png else ""))
+            _, runs = collect_runs(sweep_dir)
+            if runs and all(r["status"] == "failed" for r in runs):
+                print(f"error: every point of the sweep failed; see {csv_path}", file=sys.stderr)
+                sys.exit(2)

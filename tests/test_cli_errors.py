@@ -1,0 +1,98 @@
+"""Every bad input a user is known to have tried: one `error:` line naming the key or file, exit
+status 2, nothing heavy done, and nothing left behind for a refused configuration."""
+
+import subprocess
+
+import pytest
+from PIL import Image
+
+from tests.test_train import QUICK, train_command
+
+pytestmark = pytest.mark.slow
+
+CASES = [
+    (["seed=abc"], "seed='abc' must be an integer"),
+    (["data.runs=abc"], "data.runs='abc' is out of range"),
+    (["data.cache_size=abc"], "data.cache_size='abc' is out of range"),
+    (["data.augment.crop_scale=[a,b]"], "data.augment.crop_scale=['a', 'b'] must be [low, high]"),
+    (["data.augment.rotation=abc"], "data.augment.rotation='abc' must be a number"),
+    (["eval.batch_size=0"], "eval.batch_size=0 must be a positive integer"),
+    (["trainer.precision=abc"], "trainer.precision='abc': choose one of auto"),
+    (["optim.optimizer.betas=[1.5,0.9]"], "optim.optimizer: Invalid beta parameter"),
+    (["data.num_workers=-1"], "data.num_workers=-1 is out of range"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is out of range"),
+    (['data.captions=["{person:05d}"]'], "'{person:05d}' cannot be filled"),
+    (["data.captions=[]"], "data.captions is empty"),
+    (["optim.head_lr_multiplier=-1"], "optim.head_lr_multiplier=-1 is out of range"),
+    (["optim.schedule.warmup=-1"], "optim.schedule.warmup=-1 must be"),
+    (["freeze.vision_blocks=9"], "freeze.vision_blocks=9 is out of range"),
+    (["data.batch_size=1"], "data.batch_size=1 is too small"),
+    (["+max_epoch=3"], "max_epoch is not a setting (did you mean trainer.max_epochs?)"),
+    (["+freze=last_n"], "freze is not a setting (did you mean freeze?)"),
+    (["+trainer.max_epoch=3"], "trainer.max_epoch is not a setting of Trainer (did you mean trainer.max_epochs?)"),
+    (["+optim.betas=[0.9,0.9]"], "optim.betas is not a setting"),
+    (["run_name=../../etc"], "run_name='../../etc' must be a relative name inside paths.runs"),
+    (["run_name=/abs/path"], "run_name='/abs/path' must be a relative name"),
+    (["freeze=pattern", "freeze.include=[nothing_here]"], "freeze.include: 'nothing_here' matches no parameter"),
+]
+
+
+def run(tmp_path, *overrides, base=QUICK):
+    command, env = train_command(tmp_path, *overrides, base=base)
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def check_refused(result, message: str) -> None:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "baseline (untrained)" not in result.stdout and "Epoch" not in result.stdout  # nothing trained
+
+
+@pytest.mark.parametrize(("overrides", "message"), CASES, ids=[" ".join(o) for o, _ in CASES])
+def test_a_bad_setting_is_one_line_exit_2_and_leaves_no_run_behind(tmp_path, overrides, message):
+    result = run(tmp_path, *overrides)
+    check_refused(result, message)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+    assert not (tmp_path.parent / "etc").exists()
+
+
+def test_paths_runs_pointing_at_a_file(tmp_path):
+    (tmp_path / "runs.txt").write_text("mine")
+    check_refused(run(tmp_path, f"paths.runs={tmp_path / 'runs.txt'}"), "is a file: point it at a folder")
+    assert (tmp_path / "runs.txt").read_text() == "mine"
+
+
+def test_a_file_where_checkpoints_should_be(tmp_path):
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "checkpoints").write_text("mine")
+    check_refused(run(tmp_path, "run_name=x"), "checkpoints is a file")
+    assert (tmp_path / "runs" / "x" / "checkpoints").read_text() == "mine"
+    assert not (tmp_path / "runs" / "x" / "config.yaml").exists()
+
+
+def caption_dataset(root, captions: list[str], encoding: str = "utf-8"):
+    (root / "captions" / "img").mkdir(parents=True)
+    lines = ["image,caption,identity"]
+    for number, caption in enumerate(captions):
+        name = f"img/{number}.jpg"
+        Image.new("RGB", (48, 48), (number * 9 % 255, 120, 80)).save(root / "captions" / name)
+        lines.append(f"{name},{caption},{number // 3}")
+    (root / "captions" / "captions.csv").write_bytes(("\n".join(lines) + "\n").encode(encoding))
+
+
+@pytest.mark.parametrize(
+    ("captions", "encoding", "message"),
+    [
+        (["crème brûlée hand"] * 24, "latin-1", "captions.csv is not UTF-8"),
+        (["", *["a hand"] * 23], "utf-8", "needs 'caption', which image img/0.jpg does not have"),
+        ([*["a hand"] * 23, ""], "utf-8", "needs 'caption', which image img/23.jpg does not have"),
+    ],
+    ids=["latin-1", "empty first caption", "empty last caption"],
+)
+def test_a_bad_caption_file_is_named_before_training(tmp_path, captions, encoding, message):
+    caption_dataset(tmp_path / "data", captions, encoding)
+    base = [q for q in QUICK if not q.startswith("data.synthetic")]
+    result = run(tmp_path, "data=captions", "data.batch_size=4", "run_name=c", base=base)
+    check_refused(result, message)
