@@ -10,18 +10,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from handclip.train.resolvers import register_resolvers, run_name_problem, runs_dir
+from handclip.train.resolvers import register_resolvers, run_name_problem
 
 STARTED = time.time()
 register_resolvers()
 
 
-def refuse(message: str, run_dir: Path, runs: Path) -> None:
+def refuse(message: str, run_dir: Path) -> None:
     """Print one error line, take back the directories this process made for the run, exit 2."""
     from handclip.train.rundir import remove_new_empty_dirs
 
     print(f"error: {message}", file=sys.stderr)
-    remove_new_empty_dirs(run_dir, since=STARTED, stop=runs)
+    remove_new_empty_dirs(run_dir, since=STARTED)
     sys.exit(2)
 
 
@@ -40,14 +40,23 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        refuse(f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=...", run_dir, runs)
+        refuse(f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=...", run_dir)
     if runs.exists() and not runs.is_dir():
-        refuse(f"paths.runs={runs} is a file: point it at a folder (where run directories go)", run_dir,
-               Path(runs_dir(str(runs))))  # fmt: skip
+        refuse(f"paths.runs={runs} is a file: point it at a folder (where run directories go)", run_dir)
     problem = run_name_problem(cfg.get("run_name"))
     if problem:
-        refuse(problem, run_dir, runs)
+        refuse(problem, run_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)
+    if plain.get("dry_run"):
+        from handclip.train.dry_run import dry_run
+        from handclip.train.rundir import remove_new_empty_dirs
+
+        try:
+            dry_run(plain)
+        except HandClipError as error:
+            refuse(str(error), run_dir)
+        remove_new_empty_dirs(run_dir, since=STARTED)  # a dry run writes nothing
+        return float("nan")
     if multirun:
         plain["sweep"] = {"dir": str(Path(hydra_cfg.sweep.dir)), "name": Path(hydra_cfg.sweep.dir).name}
         if "group" in plain["logger"] and plain["logger"]["group"] is None:
@@ -86,7 +95,7 @@ def main(cfg: DictConfig) -> float:
             print(f"error in {run_dir.name}: {error}", file=sys.stderr)
             return float("nan")
         if isinstance(error, HandClipError):
-            refuse(str(error), run_dir, runs)
+            refuse(str(error), run_dir)
         raise
     # what a sweeper optimises: validation, never test
     return float(metrics.get("val/rank1", 0.0))

@@ -142,3 +142,23 @@ def test_replaced_heads_train_under_any_policy(tiny_model):
     heads = Replace(dim=8).apply(tiny_model)
     apply_freeze(tiny_model, Pattern(include=["^text_model.embeddings.token"], exclude=["."]), always_trainable=heads)
     assert set(trainable_parameter_names(tiny_model)) == PROJECTIONS | {"logit_scale"}
+
+
+def test_bias_only_trains_every_bias_and_the_projections(tiny_model):
+    from handclip.model import BiasOnly
+
+    apply_freeze(tiny_model, BiasOnly(train_projections=True))
+    names = set(trainable_parameter_names(tiny_model))
+    biases = {n for n, _ in tiny_model.model.named_parameters() if n.endswith(".bias")}
+    assert names == biases | PROJECTIONS | {"logit_scale"}
+    apply_freeze(tiny_model, BiasOnly(train_projections=False, train_logit_scale=False))
+    assert set(trainable_parameter_names(tiny_model)) == biases
+
+
+def test_norms_only_trains_exactly_the_layer_norms(tiny_model):
+    from handclip.model import NormsOnly
+
+    apply_freeze(tiny_model, NormsOnly(train_projections=False, train_logit_scale=False))
+    names = set(trainable_parameter_names(tiny_model))
+    norms = {n for n, _ in tiny_model.model.named_parameters() if "norm" in n}  # layer_norm1, pre_layrnorm, ...
+    assert names == norms and len(norms) == 2 * (2 * 3 + 2 + 2 * 2 + 1)  # weight+bias: blocks' 2, pre/post, final

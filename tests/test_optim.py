@@ -98,3 +98,22 @@ def test_a_negative_warmup_is_refused():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(ConfigError, match="optim.schedule.warmup=-1"):
         warmup_cosine(optimizer, 10, -1)
+
+
+def test_layer_decay_gives_each_group_lr_times_decay_to_its_depth(tiny_model):
+    heads = Replace(dim=8).apply(tiny_model)
+    apply_freeze(tiny_model, Full(), always_trainable=heads)
+    optim = optimization(layer_decay={"vision": 0.5, "text": None})
+    lrs = {n: g["lr"] for g in groups_of(tiny_model, optim, heads=heads) for n in g["names"]}
+    for group in tiny_model.layer_groups("vision"):
+        for name in group.parameters:
+            expected = 1e-4 * (10.0 if group.kind == "projection" else 0.5**group.depth)  # the new head: x10
+            assert lrs["backbone.model." + name] == expected, name
+    assert lrs["backbone.model.vision_model.encoder.layers.2.mlp.fc1.weight"] == 1e-4 * 0.5  # the top block: depth 1
+    assert lrs["backbone.model.vision_model.embeddings.patch_embedding.weight"] == 1e-4 * 0.5**4
+    assert {lrs["backbone.model." + n] for g in tiny_model.layer_groups("text")[:-1] for n in g.parameters} == {1e-4}
+    assert lrs["backbone.model.logit_scale"] == 1e-4
+    with pytest.raises(ConfigError, match="optim.layer_decay.audio is not a tower"):
+        optimization(layer_decay={"audio": 0.5})
+    with pytest.raises(ConfigError, match="optim.layer_decay.vision=0 is out of range"):
+        optimization(layer_decay={"vision": 0})

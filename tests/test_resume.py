@@ -167,3 +167,26 @@ def test_wandb_offline_writes_its_files_and_a_resumed_run_keeps_its_id(tmp_path)
     train(tmp_path, "trainer.max_epochs=2", *overrides, "ckpt_path=last")
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2 and all(p.name.endswith(run_id) for p in runs)
+
+
+def test_a_run_interrupted_before_an_unfreeze_point_resumes_across_it_exactly(tmp_path):
+    stages = (
+        "freeze.stages={0:{_target_:handclip.model.freeze.Frozen},"
+        "2:{_target_:handclip.model.freeze.LastN,vision_blocks:1,text_blocks:0}}"
+    )
+    staged = [*STOPPED, "freeze=staged", stages, "freeze.warmup_steps=3"]
+    train(tmp_path / "whole", *staged)
+    table = (tmp_path / "whole" / "runs" / "r" / "freeze.txt").read_text()
+    assert "epoch 2: freeze policy: last_n (vision_blocks=1, text_blocks=0)" in table
+    process = start(tmp_path / "split", *staged, script="tests/step_printer.py")
+    for line in process.stdout:
+        if line.strip() == "handclip-test-step 8":  # epoch 1: before the unfreeze at epoch 2
+            process.send_signal(signal.SIGINT)
+            break
+    assert process.communicate(timeout=120)[0] and process.returncode == 1
+    result = train(tmp_path / "split", *staged, "ckpt_path=last")
+    assert "epoch 2: freeze policy: last_n" in result.stdout
+    a, b = weights_of(tmp_path / "whole"), weights_of(tmp_path / "split")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert metrics_of(tmp_path / "split")["test/mAP"] == pytest.approx(metrics_of(tmp_path / "whole")["test/mAP"])

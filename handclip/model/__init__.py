@@ -7,11 +7,13 @@ report = apply_freeze(backbone, LastN(vision_blocks=2, text_blocks=0))
 
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts
 from handclip.model.freeze import (
+    BiasOnly,
     FreezePolicy,
     FreezeReport,
     Frozen,
     Full,
     LastN,
+    NormsOnly,
     Pattern,
     TextFrozen,
     apply_freeze,
@@ -22,9 +24,9 @@ from handclip.model.hf import HFBackbone, HuggingFaceCLIP, default_cache_dir
 from handclip.model.projection import Keep, Replace
 
 __all__ = [
-    "Backbone", "BackboneFacts", "FreezePolicy", "FreezeReport", "Frozen", "Full", "HFBackbone", "HuggingFaceCLIP",
-    "Keep", "LastN", "LayerGroup", "Pattern", "Replace", "TextFrozen", "TowerFacts", "apply_freeze",
-    "default_cache_dir", "freeze_report", "load_backbone", "trainable_parameter_names",
+    "Backbone", "BackboneFacts", "BiasOnly", "FreezePolicy", "FreezeReport", "Frozen", "Full", "HFBackbone",
+    "HuggingFaceCLIP", "Keep", "LastN", "LayerGroup", "NormsOnly", "Pattern", "Replace", "TextFrozen", "TowerFacts",
+    "apply_freeze", "default_cache_dir", "freeze_report", "load_backbone", "trainable_parameter_names",
 ]  # fmt: skip
 
 

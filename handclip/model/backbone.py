@@ -39,6 +39,7 @@ class LayerGroup:
     depth: int  # distance from the top: projection 0, final norm and top block 1, embeddings L+1
     parameters: dict[str, nn.Parameter] = field(default_factory=dict)
     block: int | None = None  # the block number for kind == "block"
+    norms: set[str] = field(default_factory=set)  # names of its parameters that belong to normalisation layers
 
     @property
     def name(self) -> str:

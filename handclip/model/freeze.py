@@ -29,7 +29,7 @@ from handclip.model.backbone import TOWERS, Backbone, BackboneFacts, LayerGroup
 
 # settings of the built-in policies: an experiment may set them for one policy (last_n) and the
 # command line switch to another (full), so each policy accepts the others' settings and ignores them
-_SHARED_SETTINGS = ("vision_blocks", "text_blocks", "include", "exclude")
+_SHARED_SETTINGS = ("vision_blocks", "text_blocks", "include", "exclude", "train_projections")
 
 
 class FreezePolicy:
@@ -82,6 +82,30 @@ class Full(FreezePolicy):
 class Frozen(FreezePolicy):
     def trains(self, group: LayerGroup, name: str) -> bool:
         return group.kind == "projection"
+
+
+class BiasOnly(FreezePolicy):
+    """BitFit: every bias trains (and the projections, with `train_projections`); weights stay."""
+
+    def __init__(self, train_projections: bool = True, train_logit_scale: bool = True, **ignored):
+        super().__init__(train_logit_scale, **ignored)
+        if not isinstance(train_projections, bool):
+            raise ConfigError(f"freeze.train_projections={train_projections!r} must be true or false")
+        self.train_projections = train_projections
+
+    def settings(self) -> tuple[str, ...]:
+        return ("train_projections",)
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return name.endswith(".bias") or (self.train_projections and group.kind == "projection")
+
+
+class NormsOnly(BiasOnly):
+    """Only the normalisation layers (LayerNorm scale and shift) train, and the projections with
+    `train_projections`."""
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return name in group.norms or (self.train_projections and group.kind == "projection")
 
 
 class TextFrozen(FreezePolicy):

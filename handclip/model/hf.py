@@ -288,10 +288,17 @@ class HFBackbone(Backbone):
         if first_norm:
             embeddings.update(named(getattr(transformer, first_norm), f"{prefix}.{first_norm}"))
         blocks = [named(layer, f"{prefix}.encoder.layers.{i}") for i, layer in enumerate(transformer.encoder.layers)]
-        return tower_groups(
+        groups = tower_groups(
             tower, embeddings, blocks, named(getattr(transformer, final_norm), f"{prefix}.{final_norm}"),
             named(getattr(model, projection), projection),
         )  # fmt: skip
+        norms = {
+            f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)
+            for p, _ in module.named_parameters()
+        }  # fmt: skip
+        for group in groups:
+            group.norms = norms & set(group.parameters)
+        return groups
 
     # partial forward -----------------------------------------------------------------------
     def _blocks(self, transformer, hidden: torch.Tensor, start: int, stop: int, mask=None) -> torch.Tensor:

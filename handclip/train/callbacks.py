@@ -78,6 +78,38 @@ class GracefulStop(L.Callback):
                   "ckpt_path=last", flush=True)  # fmt: skip
 
 
+class FollowFreezeSchedule(L.Callback):
+    """Applies an unfreeze schedule's policy at the start of every epoch (and of a resumed run),
+    printing the freeze table and appending it to `freeze.txt` whenever it changes."""
+
+    def __init__(self, schedule, heads, table_path: str | Path):
+        self.schedule, self.heads, self.table_path = schedule, list(heads), Path(table_path)
+        self.current: list | None = None
+
+    def _follow(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from handclip.model.freeze import apply_freeze
+
+        policy = self.schedule.policy_at(trainer.current_epoch)
+        report = apply_freeze(pl_module.backbone, policy, always_trainable=self.heads)
+        state = [(row.group, row.status) for row in report.rows]
+        first, changed = self.current is None, state != self.current
+        self.current = state
+        if not changed or (first and trainer.current_epoch == 0):
+            return  # nothing new trains, or the run printed the starting table already
+        text = f"epoch {trainer.current_epoch}: " + report.to_text()
+        print("\n" + text, flush=True)
+        with open(self.table_path, "a", encoding="utf-8") as handle:  # appended: the file's history
+            handle.write("\n" + text + "\n")
+        for logger in trainer.loggers:
+            logger.log_metrics({"freeze/trainable_parameters": report.trainable}, step=trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow(trainer, pl_module)  # a resumed run: on_train_epoch_start is skipped mid-epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow(trainer, pl_module)
+
+
 class ExactResume(L.Callback):
     """A run resumed from a mid-epoch checkpoint continues with the very next batch.
 

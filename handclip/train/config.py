@@ -24,7 +24,7 @@ from handclip.model.freeze import FreezePolicy, apply_freeze
 
 # the top-level settings a run reads; anything else is a typo
 TOP_LEVEL = (
-    "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "paths", "backbone", "freeze",
+    "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "dry_run", "paths", "backbone", "freeze",
     "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep",
 )  # fmt: skip
 # what a resumed run must share with the checkpoint it resumes
@@ -182,7 +182,7 @@ def _try_objective(objective: Callable, facts: BackboneFacts | None) -> None:
         raise ConfigError(f"loss: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
 
-def build_components(cfg: Mapping, read_backbone_config: bool = True) -> Components:
+def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data: bool = True) -> Components:
     """Every component of a resolved run configuration (a plain dict), built and checked, no weights.
 
     With `read_backbone_config=False` the backbone's config is not read (it may live on a hub this
@@ -201,6 +201,8 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True) -> Compone
     objective = _build("loss", cfg["loss"])
     optimization = _build("optim", cfg["optim"])
     data = _build("data", cfg["data"])
+    if need_data:
+        data.check_root()
     settings = _build("eval", cfg["eval"])
     logger = _build("logger", cfg["logger"])
     callbacks = [_build(f"callbacks.{name}", spec) for name, spec in (cfg.get("callbacks") or {}).items()]

@@ -102,13 +102,16 @@ class HandDataModule(L.LightningDataModule):
             runs=_integer("runs", runs, 1, 100), no_accessories=bool(no_accessories), cache_size=0,
             on_bad_image=on_bad_image,
         ).check()  # fmt: skip
-        if not Path(root).exists() and not self.synthetic:
-            raise ConfigError(
-                f"data.root={root} does not exist. Put the dataset there (see data/README.md), "
-                "point data.root at it, or try the demo on synthetic hands: python train.py experiment=demo"
-            )
         self.rows: list[dict] = []
         self.manifest: Path | None = None
+
+    def check_root(self) -> None:
+        """The dataset folder exists (or will be generated)."""
+        if not self.root.exists() and not self.synthetic:
+            raise ConfigError(
+                f"data.root={self.root} does not exist. Put the dataset there (see data/README.md), "
+                "point data.root at it, or try the demo on synthetic hands: python train.py experiment=demo"
+            )
 
     @property
     def root(self) -> Path:

@@ -18,6 +18,8 @@ from handclip.errors import HandClipError
 from handclip.eval.protocol import images_needed, score_protocol
 from handclip.losses import LossInputs, Objective, clamp_logit_scale
 from handclip.model.backbone import Backbone
+from handclip.model.freeze import FreezePolicy
+from handclip.model.schedule import FreezeSchedule
 from handclip.train.optim import Optimization, ParameterInfo
 
 
@@ -31,6 +33,7 @@ class FineTuner(L.LightningModule):
     def __init__(
         self, backbone: Backbone, objective: Objective, optimization: Optimization, val_rows: Sequence[dict] = (),
         heads: Sequence[torch.nn.Parameter] = (), signature: Mapping[str, Any] | None = None,
+        freeze: FreezePolicy | None = None,
     ):  # fmt: skip
         super().__init__()
         # what a resumed run must share with the run that wrote the checkpoint
@@ -41,7 +44,9 @@ class FineTuner(L.LightningModule):
         self.optimization = optimization
         self.val_rows = list(val_rows)
         self.val_images = images_needed(self.val_rows, include_test=False) if self.val_rows else []
+        self.heads = list(heads)
         self._heads = {id(p) for p in heads}
+        self.freeze = freeze
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
         # training time carried across resumes (wall time of one process would restart at 0)
@@ -122,9 +127,11 @@ class FineTuner(L.LightningModule):
         for name in ("val/rank1", "val/rank5", "val/mAP"):
             self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
 
-    def optimised_parameters(self) -> list[ParameterInfo]:
+    def optimised_parameters(self, steps_per_epoch: int = 0, epochs: int = 0) -> list[ParameterInfo]:
         """Every parameter of the backbone and the objective, trainable now or later."""
         group_of = self.backbone.group_of()
+        names = {id(p): n for g in self.backbone.all_groups() for n, p in g.parameters.items()}
+        schedule = self.freeze if isinstance(self.freeze, FreezeSchedule) else None
         infos = []
         for module_name, module in (("backbone", self.backbone), ("objective", self.objective)):
             for name, parameter in module.named_parameters():
@@ -134,12 +141,20 @@ class FineTuner(L.LightningModule):
                 if module_name == "objective":
                     decay = parameter.ndim >= 2
                 head = module_name == "objective" or id(parameter) in self._heads
-                infos.append(ParameterInfo(f"{module_name}.{name}", parameter, decay, head))
+                place = {"tower": group.tower, "depth": group.depth} if group is not None else {}
+                if schedule is not None and group is not None and id(parameter) not in self._heads:
+                    first = schedule.first_epoch(group, names[id(parameter)], epochs)
+                    place["starts_at"] = (first or 0) * steps_per_epoch
+                infos.append(ParameterInfo(f"{module_name}.{name}", parameter, decay, head, **place))
         return infos
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches)
-        optimizer, scheduler = self.optimization.build(self.optimised_parameters(), total)
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        warmup = self.freeze.warmup_steps if isinstance(self.freeze, FreezeSchedule) else 0
+        optimizer, scheduler = self.optimization.build(
+            self.optimised_parameters(total // epochs, epochs), total, warmup
+        )
         if scheduler is None:
             return optimizer
         # stepped once per optimiser step, with its length counted in optimiser steps

@@ -16,7 +16,7 @@ at `lr x head_lr_multiplier`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,9 @@ class ParameterInfo:
     parameter: nn.Parameter
     decay: bool  # weight decay applies
     head: bool  # a new head: lr x head_lr_multiplier
+    tower: str | None = None  # "vision" | "text" for a backbone parameter in a layer group
+    depth: int = 0  # its group's distance from the top of the tower (projection 0)
+    starts_at: int = 0  # the optimiser step at which it starts to train (an unfreeze schedule)
 
 
 def warmup_steps(warmup: float, total: int) -> int:
@@ -49,6 +52,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: fl
     return get_cosine_schedule_with_warmup(optimizer, warmup_steps(warmup, total_steps), max(total_steps, 1))
 
 
+def _layer_decay(layer_decay: Mapping[str, float | None] | None) -> dict[str, float | None]:
+    layer_decay = dict(layer_decay or {})
+    unknown = sorted(set(layer_decay) - {"vision", "text"})
+    if unknown:
+        raise ConfigError(f"optim.layer_decay.{unknown[0]} is not a tower; give vision and/or text")
+    for tower, value in layer_decay.items():
+        if value is not None:
+            _number(f"layer_decay.{tower}", value, 1e-6, 1.0)
+    return layer_decay
+
+
 def _number(key: str, value, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ConfigError(f"optim.{key}={value!r} is out of range: it must be a number from {low:g} to {high:g}")
@@ -61,7 +75,9 @@ class Optimization:
     def __init__(
         self, lr: float, weight_decay: float, head_lr_multiplier: float,
         optimizer: Callable[..., torch.optim.Optimizer], schedule: Callable | None = None,
+        layer_decay: Mapping[str, float | None] | None = None,
     ):  # fmt: skip
+        self.layer_decay = _layer_decay(layer_decay)
         self.lr = _number("lr", lr, 1e-12, 1.0)
         self.weight_decay = _number("weight_decay", weight_decay, 0.0, 10.0)
         self.head_lr_multiplier = _number("head_lr_multiplier", head_lr_multiplier, 0.0, 1e6)
@@ -89,22 +105,53 @@ class Optimization:
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"optim.schedule: {error}") from None
 
+    def lr_of(self, info: ParameterInfo) -> float:
+        """lr; x head_lr_multiplier for a new head; x decay ** depth under layer-wise decay."""
+        if info.head:
+            return self.lr * self.head_lr_multiplier
+        decay = self.layer_decay.get(info.tower) if info.tower else None
+        return self.lr * (decay**info.depth if decay is not None else 1.0)
+
     def parameter_groups(self, parameters: Iterable[ParameterInfo]) -> list[dict]:
-        """Groups by (no decay, head): every parameter given, trainable now or not."""
-        groups: dict[tuple[bool, bool], dict] = {}
+        """Groups by (no decay, lr): every parameter given, trainable now or not."""
+        groups: dict[tuple, dict] = {}
         for info in parameters:
-            key = (not info.decay, info.head)
+            lr = self.lr_of(info)
+            key = (not info.decay, info.head, -lr, info.starts_at)
             group = groups.setdefault(key, {
-                "params": [], "names": [], "weight_decay": 0.0 if not info.decay else self.weight_decay,
-                "lr": self.lr * (self.head_lr_multiplier if info.head else 1.0),
+                "params": [], "names": [], "weight_decay": 0.0 if not info.decay else self.weight_decay, "lr": lr,
+                "starts_at": info.starts_at,
             })  # fmt: skip
             group["params"].append(info.parameter)
             group["names"].append(info.name)
         return [groups[key] for key in sorted(groups)]
 
-    def build(self, parameters: Iterable[ParameterInfo], total_steps: int):
-        """(optimizer, scheduler or None) over `parameters`."""
+    def build(self, parameters: Iterable[ParameterInfo], total_steps: int, unfreeze_warmup: int = 0):
+        """(optimizer, scheduler or None) over `parameters`.
+
+        A group that starts to train later (an unfreeze schedule) ramps its learning rate up
+        linearly over `unfreeze_warmup` steps from then on, on top of the schedule.
+        """
         groups = self.parameter_groups(parameters)
-        optimizer = self.optimizer([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=self.lr)
+        optimizer = self.optimizer(
+            [{k: v for k, v in g.items() if k not in ("names", "starts_at")} for g in groups], lr=self.lr
+        )
         scheduler = self.schedule(optimizer, total_steps) if self.schedule is not None else None
+        starts = [g["starts_at"] for g in groups]
+        if unfreeze_warmup and any(starts):
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                raise ConfigError("freeze.warmup_steps needs a schedule built on LambdaLR (optim.schedule)")
+            scheduler.lr_lambdas = [
+                _ramped(f, start, unfreeze_warmup) for f, start in zip(scheduler.lr_lambdas, starts, strict=True)
+            ]
+            for group, base, ramp in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * ramp(scheduler.last_epoch)  # the first step's rates, ramps included
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         return optimizer, scheduler
+
+
+def _ramped(base: Callable[[int], float], start: int, steps: int) -> Callable[[int], float]:
+    """`base`, times a linear ramp from 0 at step `start` to 1 at `start + steps`."""
+    if not start:
+        return base
+    return lambda step: base(step) * min(1.0, max(0.0, (step - start + 1) / steps))

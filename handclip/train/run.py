@@ -89,7 +89,8 @@ def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, r
 
     from handclip.eval.evaluator import Evaluator
     from handclip.model.freeze import apply_freeze
-    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, GracefulStop
+    from handclip.model.schedule import FreezeSchedule
+    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, FollowFreezeSchedule, GracefulStop
     from handclip.train.module import FineTuner
 
     started = time.time()
@@ -116,7 +117,9 @@ def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, r
     }
     evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, parts.eval,
                          datamodule.captioner)  # fmt: skip
-    module = FineTuner(backbone, objective, parts.optimization, datamodule.val_rows, heads, run_signature(cfg))
+    module = FineTuner(
+        backbone, objective, parts.optimization, datamodule.val_rows, heads, run_signature(cfg), parts.freeze
+    )
     if cfg.get("init_from") and not resume:
         load_initial_weights(module, cfg["init_from"])
 
@@ -142,9 +145,14 @@ def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, r
 
     log_run_facts(logger, cfg, report)
     stop = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
+    schedule_callbacks = []
+    if isinstance(parts.freeze, FreezeSchedule):
+        plan = parts.freeze.plan(backbone, int(cfg["trainer"]["max_epochs"]), heads)
+        console.print("unfreeze plan: " + "; ".join(f"from epoch {e}, {r.trainable:,} trainable" for e, r in plan))
+        schedule_callbacks.append(FollowFreezeSchedule(parts.freeze, heads, run_dir / "freeze.txt"))
     trainer = parts.trainer(
         precision=precision_for(str(cfg["trainer"]["precision"])), default_root_dir=run_dir, logger=logger,
-        callbacks=[checkpoints, latest, stop, ExactResume(), *parts.callbacks],
+        callbacks=[checkpoints, latest, stop, ExactResume(), *schedule_callbacks, *parts.callbacks],
         plugins=[AtomicCheckpointIO()],
     )  # fmt: skip
     try:

@@ -91,13 +91,13 @@ def resolve_resume(
     raise RunDirError(f"no loadable checkpoint in {folder}: last.ckpt and best.ckpt are damaged")
 
 
-def remove_new_empty_dirs(path: str | Path, since: float, stop: str | Path) -> None:
-    """Remove `path` and its parents up to `stop` while each is empty and was made after `since`.
+def remove_new_empty_dirs(path: str | Path, since: float) -> None:
+    """Remove `path` and its parents while each is empty and was made after `since`.
 
     A refused command takes back the directories it made (Hydra makes the run directory before
     the configuration can be checked) and never touches one that existed or holds anything.
     """
-    path, stop = Path(path).absolute(), Path(stop).absolute()
+    path = Path(path).absolute()
     lock = path / LOCK
     try:
         if lock.is_file() and lock.stat().st_ctime >= since and lock.read_text().strip() == str(os.getpid()):
@@ -110,8 +110,6 @@ def remove_new_empty_dirs(path: str | Path, since: float, stop: str | Path) -> N
                 return
             path.rmdir()
         except OSError:
-            return
-        if path == stop:
             return
         path = path.parent
 

@@ -1,0 +1,148 @@
+"""Unfreeze schedules: freeze policies that change with the epoch.
+
+    Gradual   start from a policy, and every `every` epochs let `blocks` more groups of each
+              named tower train, from the top down (gradual unfreezing, as in ULMFiT)
+    Staged    an explicit list {epoch: policy}, e.g. the projection for two epochs, then the
+              last 4 vision blocks
+
+A schedule is itself a `FreezePolicy` (what it trains at epoch 0), so everything that applies a
+policy applies it; the training glue asks `policy_at(epoch)` at the start of each epoch. The
+policy is a pure function of the epoch, so a resumed run is at the same point of the schedule
+(its settings are part of the resume signature). Parameters that start frozen are already in the
+optimiser; `first_epoch` tells it when each group starts to train, for its own warm-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from handclip.errors import ConfigError
+from handclip.model.backbone import TOWERS, BackboneFacts, LayerGroup
+from handclip.model.freeze import FreezePolicy
+
+
+def _positive(key: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"freeze.{key}={value!r} must be an integer >= {low}")
+    return value
+
+
+def _policy(key: str, value) -> FreezePolicy:
+    if not isinstance(value, FreezePolicy):
+        raise ConfigError(f"freeze.{key} must be a freeze policy with a _target_ (see conf/freeze/), got {value!r}")
+    return value
+
+
+class FreezeSchedule(FreezePolicy):
+    """Base class: a policy per epoch. `warmup_steps`: the ramp of a group's lr after it unfreezes."""
+
+    def __init__(self, warmup_steps: int = 0, train_logit_scale: bool = True, **ignored):
+        super().__init__(train_logit_scale, **ignored)
+        self.warmup_steps = _positive("warmup_steps", warmup_steps, low=0)
+
+    def policy_at(self, epoch: int) -> FreezePolicy:
+        raise NotImplementedError
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return self.policy_at(0).trains(group, name)
+
+    def check_result(self, names: list[str], trainable: list[str]) -> None:
+        self.policy_at(0).check_result(names, trainable)
+
+    def first_epoch(self, group: LayerGroup, name: str, epochs: int) -> int | None:
+        """The first epoch in which parameter `name` trains, or None if it never does in `epochs`."""
+        return next((e for e in range(epochs) if self.policy_at(e).trains(group, name)), None)
+
+    def plan(self, backbone, epochs: int, always_trainable=()) -> list[tuple[int, object]]:
+        """(epoch, freeze report) at each epoch where what trains changes, applied to `backbone`
+        (a skeleton will do); the backbone is left as at epoch 0."""
+        from handclip.model.freeze import apply_freeze
+
+        changes, last = [], None
+        for epoch in range(epochs):
+            report = apply_freeze(backbone, self.policy_at(epoch), always_trainable=always_trainable)
+            state = [(row.group, row.status) for row in report.rows]
+            if state != last:
+                changes.append((epoch, report))
+                last = state
+        apply_freeze(backbone, self.policy_at(0), always_trainable=always_trainable)
+        return changes
+
+
+class _Frontier(FreezePolicy):
+    """`start`, plus every group of `towers` within `depth` of the top."""
+
+    def __init__(self, start: FreezePolicy, towers: Sequence[str], depth: int, train_logit_scale: bool):
+        super().__init__(train_logit_scale)
+        self.start, self.towers, self.depth = start, towers, depth
+
+    @property
+    def label(self) -> str:
+        return f"{self.start.label} + groups of depth <= {self.depth} in {', '.join(self.towers)}"
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return self.start.trains(group, name) or (group.tower in self.towers and group.depth <= self.depth)
+
+
+class Gradual(FreezeSchedule):
+    """Every `every` epochs, `blocks` more groups of each of `towers` train, from the top down."""
+
+    def __init__(self, start: FreezePolicy, every: int = 1, blocks: int = 1, towers: Sequence[str] = ("vision",),
+                 warmup_steps: int = 0, train_logit_scale: bool = True, **ignored):  # fmt: skip
+        super().__init__(warmup_steps, train_logit_scale, **ignored)
+        self.start = _policy("start", start)
+        self.every, self.blocks = _positive("every", every), _positive("blocks", blocks)
+        towers = [towers] if isinstance(towers, str) else list(towers)
+        if not towers or any(t not in TOWERS for t in towers):
+            raise ConfigError(f"freeze.towers={towers!r}: choose from {', '.join(TOWERS)}")
+        self.towers = towers
+
+    def settings(self) -> tuple[str, ...]:
+        return ("start", "every", "blocks", "towers", "warmup_steps")
+
+    @property
+    def label(self) -> str:
+        return f"gradual ({self.blocks} more group(s) of {'+'.join(self.towers)} every {self.every} epoch(s))"
+
+    def check(self, facts: BackboneFacts) -> None:
+        self.start.check(facts)
+
+    def policy_at(self, epoch: int) -> FreezePolicy:
+        depth = (epoch // self.every) * self.blocks
+        if depth == 0:
+            return self.start
+        return _Frontier(self.start, self.towers, depth, self.train_logit_scale)
+
+
+class Staged(FreezeSchedule):
+    """An explicit plan: `stages` maps the epoch a policy starts at to that policy (epoch 0 needed)."""
+
+    def __init__(self, stages: Mapping[int | str, FreezePolicy], warmup_steps: int = 0, train_logit_scale: bool = True,
+                 **ignored):  # fmt: skip
+        super().__init__(warmup_steps, train_logit_scale, **ignored)
+        if not isinstance(stages, Mapping) or not stages:
+            raise ConfigError("freeze.stages must map epochs to policies, e.g. {0: ..., 2: ...}")
+        parsed = {}
+        for epoch, policy in stages.items():
+            try:
+                number = int(epoch)
+            except (TypeError, ValueError):
+                raise ConfigError(f"freeze.stages: {epoch!r} is not an epoch number") from None
+            parsed[_positive(f"stages.{epoch}", number, low=0)] = _policy(f"stages.{epoch}", policy)
+        if 0 not in parsed:
+            raise ConfigError(f"freeze.stages starts at epoch {min(parsed)}: give the policy for epoch 0 too")
+        self.stages = dict(sorted(parsed.items()))
+
+    def settings(self) -> tuple[str, ...]:
+        return ("stages", "warmup_steps")
+
+    @property
+    def label(self) -> str:
+        return "staged (" + "; ".join(f"epoch {e}: {p.label}" for e, p in self.stages.items()) + ")"
+
+    def check(self, facts: BackboneFacts) -> None:
+        for policy in self.stages.values():
+            policy.check(facts)
+
+    def policy_at(self, epoch: int) -> FreezePolicy:
+        return self.stages[max(e for e in self.stages if e <= epoch)]
