@@ -139,6 +139,14 @@ class Backbone(nn.Module):
         """The text embedding from hidden states that `text_prefix(..., groups)` returned."""
         raise NotImplementedError
 
+    def adapter_host(self) -> nn.Module:
+        """The module that adapter targets are named relative to (peft injects into it)."""
+        raise NotImplementedError
+
+    def adapter_targets(self, tower: str, block: int) -> dict[str, str]:
+        """Names (relative to `adapter_host`) of a block's linear layers, by role: q, k, v, out, fc1, fc2."""
+        raise NotImplementedError
+
     def replace_projection(self, tower: str, dim: int, generator: torch.Generator) -> nn.Module:
         """Put a new, seeded projection of width `dim` on `tower`; return it."""
         raise NotImplementedError

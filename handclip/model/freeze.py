@@ -61,6 +61,9 @@ class FreezePolicy:
     def check(self, facts: BackboneFacts) -> None:
         """Refuse settings the backbone cannot satisfy (from its config, before weights load)."""
 
+    def adapt(self, backbone: Backbone) -> None:
+        """Add what the policy trains that the model lacks (adapters); once, before the optimiser is built."""
+
     def trains(self, group: LayerGroup, name: str) -> bool:
         """Whether parameter `name` (a model name, in `group`) trains."""
         raise NotImplementedError
@@ -274,6 +277,7 @@ def apply_freeze(backbone: Backbone, policy: FreezePolicy, always_trainable: Seq
     if not isinstance(policy, FreezePolicy):
         raise ConfigError(f"freeze must be a FreezePolicy (got {type(policy).__name__}); see conf/freeze/")
     policy.check(backbone.facts)
+    policy.adapt(backbone)
     backbone.check_partition()  # a parameter in no group would escape the policy and the report
     keep = {id(p) for p in always_trainable}
     for group in backbone.all_groups():

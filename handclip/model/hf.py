@@ -354,6 +354,17 @@ class HFBackbone(Backbone):
         position = input_ids.argmax(-1) if eos == 2 else (input_ids == eos).int().argmax(-1)
         return self.model.text_projection(hidden[rows, position])
 
+    # adapters --------------------------------------------------------------------------------
+    def adapter_host(self) -> nn.Module:
+        return self.model
+
+    def adapter_targets(self, tower: str, block: int) -> dict[str, str]:
+        layer = f"{'vision_model' if tower == 'vision' else 'text_model'}.encoder.layers.{block}"
+        return {
+            "q": f"{layer}.self_attn.q_proj", "k": f"{layer}.self_attn.k_proj", "v": f"{layer}.self_attn.v_proj",
+            "out": f"{layer}.self_attn.out_proj", "fc1": f"{layer}.mlp.fc1", "fc2": f"{layer}.mlp.fc2",
+        }  # fmt: skip
+
     # weights ---------------------------------------------------------------------------------
     def replace_projection(self, tower: str, dim: int, generator: torch.Generator) -> nn.Module:
         attribute = "visual_projection" if tower == "vision" else "text_projection"

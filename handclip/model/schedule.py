@@ -43,6 +43,15 @@ class FreezeSchedule(FreezePolicy):
     def policy_at(self, epoch: int) -> FreezePolicy:
         raise NotImplementedError
 
+    def policies(self) -> list[FreezePolicy]:
+        """Every policy the schedule can apply."""
+        raise NotImplementedError
+
+    def adapt(self, backbone) -> None:
+        # adapters of every stage exist from the start, so the optimiser holds them all
+        for policy in self.policies():
+            policy.adapt(backbone)
+
     def trains(self, group: LayerGroup, name: str) -> bool:
         return self.policy_at(0).trains(group, name)
 
@@ -107,6 +116,9 @@ class Gradual(FreezeSchedule):
     def check(self, facts: BackboneFacts) -> None:
         self.start.check(facts)
 
+    def policies(self) -> list[FreezePolicy]:
+        return [self.start]
+
     def policy_at(self, epoch: int) -> FreezePolicy:
         depth = (epoch // self.every) * self.blocks
         if depth == 0:
@@ -143,6 +155,9 @@ class Staged(FreezeSchedule):
     def check(self, facts: BackboneFacts) -> None:
         for policy in self.stages.values():
             policy.check(facts)
+
+    def policies(self) -> list[FreezePolicy]:
+        return list(self.stages.values())
 
     def policy_at(self, epoch: int) -> FreezePolicy:
         return self.stages[max(e for e in self.stages if e <= epoch)]

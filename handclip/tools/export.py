@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from handclip.errors import HandClipError, exit_with
+from handclip.model.lora import merge_lora
 
 
 def find_checkpoint(source: str | Path) -> tuple[Path, Path]:
@@ -45,6 +46,7 @@ def load_run_model(source: str | Path):
     config = yaml.safe_load(config_path.read_text())
     backbone = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
     build(config["projection"], "projection").apply(backbone)
+    _build_freeze(config["freeze"]).adapt(backbone)  # adapters (LoRA) the checkpoint holds weights for
     state = load_checkpoint_file(checkpoint)["state_dict"]
     prefix = "backbone."  # the training module's own attribute; the rest is the backbone's business
     if not any(k.startswith(prefix) for k in state):
@@ -57,6 +59,21 @@ def load_run_model(source: str | Path):
     except RuntimeError as error:
         raise HandClipError(f"{checkpoint} does not fit the run's backbone: {str(error).splitlines()[0]}") from None
     return backbone, config
+
+
+def _build_freeze(spec):
+    """The run's freeze policy (its nested parts too: a schedule's stages), without Hydra."""
+    from collections.abc import Mapping
+
+    from handclip.build import build
+
+    def make(value):
+        if isinstance(value, Mapping):
+            value = {k: make(v) for k, v in value.items()}
+            return build(value, "freeze") if "_target_" in value else value
+        return value
+
+    return make(spec)
 
 
 def wise_ft(backbone, original, alpha: float) -> None:
@@ -138,11 +155,13 @@ def export(source: str | Path, out_dir: str | Path, alpha: float | None = None, 
                 f"(projection: {config['projection'].get('_target_')}), which have none: export without --wise-ft"
             )
         original = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
+        merge_lora(backbone)
         wise_ft(backbone, original, alpha)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     if tmp.exists():
         raise HandClipError(f"{tmp} exists: another export into {out_dir} may be running; remove it if not")
+    merge_lora(backbone)  # adapters folded into the weights: the export loads without peft
     try:
         backbone.save_pretrained(tmp)
         marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha}
