@@ -97,6 +97,7 @@ def test_missing_zero_byte_and_truncated_images_are_skipped_and_counted(hands):
     assert not bad & {r["image"] for r in read_manifest(path)}
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_is_skipped_and_counted_like_any_bad_image(hands, monkeypatch):
     rows = rows_of(hands)
     names = [r["imageName"] for r in rows if r["accessories"] == "0"]
