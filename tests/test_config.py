@@ -91,6 +91,9 @@ def test_every_component_default_lives_in_conf(tmp_path):
         ("eval.batch_size=0", "eval.batch_size=0 must be a positive integer"),
         ("data.cache_size=abc", "data.cache_size='abc' is out of range"),
         ("seed=abc", "seed='abc' must be an integer"),
+        ("seed=-1", "seed=-1 must be an integer from 0 to 4294967295"),
+        ("trainer.gradient_clip_val=abc", "trainer: "),
+        ("ckpt_path=last|init_from=x.ckpt", "ckpt_path and init_from together"),
     ],
 )
 def test_bad_settings_are_refused_before_loading(tmp_path, override, message):

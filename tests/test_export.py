@@ -120,6 +120,7 @@ def test_feature_cli_skips_what_is_not_an_image_and_refuses_bad_paths_at_once(fi
         ((out, tmp_path / "nowhere"), "no such folder of images"),
         ((tmp_path / "no-model", images), "is not a model directory"),
         ((out, images, "--out", tmp_path / "no" / "dir" / "f.npz"), "does not exist"),
+        ((out, images, "--out", images), "is a folder: give a file name"),
     ):
         bad = features(*args)
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
@@ -140,6 +141,8 @@ def test_export_refuses_a_folder_with_other_files_and_never_touches_a_run(finish
     for target in (run, run.parent, run / ".."):  # the run itself, or a folder that holds it
         with pytest.raises(HandClipError, match="holds the run"):
             export(run, target, overwrite=True)
+    with pytest.raises(HandClipError, match="is inside the run"):
+        export(run, run / "exported")
     with pytest.raises(HandClipError, match="is a run directory"):
         export(run, _other_run(tmp_path), overwrite=True)
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()

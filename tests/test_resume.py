@@ -190,3 +190,20 @@ def test_a_run_interrupted_before_an_unfreeze_point_resumes_across_it_exactly(tm
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
     assert metrics_of(tmp_path / "split")["test/mAP"] == pytest.approx(metrics_of(tmp_path / "whole")["test/mAP"])
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 1), (signal.SIGTERM, 143)])
+def test_a_signal_during_the_final_evaluation_never_reports_success_and_the_run_completes_later(
+    tmp_path, signum, status
+):
+    process = start(tmp_path, *EPOCHS[:1], "trainer.max_epochs=2", "eval.baseline=false", "run_name=r",
+                    script="tests/step_printer.py")  # fmt: skip
+    for line in process.stdout:
+        if line.strip() == "handclip-test-evaluate":  # baseline off: the first evaluation is the final one
+            process.send_signal(signum)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == status and "during the final evaluation" in output, output[-2000:]
+    assert not (tmp_path / "runs" / "r" / "metrics.json").exists()
+    train(tmp_path, "trainer.max_epochs=2", "eval.baseline=false", "run_name=r", "ckpt_path=last")
+    assert 0.0 <= metrics_of(tmp_path)["test/rank1"] <= 1.0

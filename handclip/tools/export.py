@@ -6,11 +6,21 @@ writes safetensors weights, config, tokenizer and image processor; the result lo
 `CLIPModel.from_pretrained(OUT_DIR)` and `pipeline("zero-shot-image-classification", model=OUT_DIR)`.
 `--wise-ft ALPHA` interpolates the weights with the original backbone's (WiSE-FT:
 (1 - ALPHA) * original + ALPHA * fine-tuned), which keeps more zero-shot ability.
+
+A run whose backbone is an open_clip model (`handclip.model.openclip.OpenCLIP`, `backbone=oc_*`) is written
+in open_clip's own format instead: `open_clip_model.safetensors`, `open_clip_config.json` (model and
+preprocessing config) and `<name>.json` (the bare model config). It loads without HandCLIP with
+`open_clip.create_model_and_transforms("local-dir:OUT_DIR")` (tokenizer:
+`open_clip.get_tokenizer("local-dir:OUT_DIR")`), or with `open_clip.add_model_config("OUT_DIR/<name>.json")` and then
+`open_clip.create_model("<name>", pretrained="OUT_DIR/open_clip_model.safetensors")` (a tiny model built from
+a config, or a replaced projection, needs one of these two; an unchanged built-in architecture also loads with
+`open_clip.create_model(name, pretrained="OUT_DIR/open_clip_model.safetensors")`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -103,6 +113,8 @@ def check_destination(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
         raise HandClipError(f"{out_dir} holds the run {run_dir} itself: export into a new folder, e.g. exported/NAME")
     if out.exists() and not out.is_dir():
         raise HandClipError(f"{out_dir} is a file: give a folder to export into")
+    if run in out.parents:
+        raise HandClipError(f"{out_dir} is inside the run {run_dir}: export next to it, e.g. exported/NAME")
     if (out / "checkpoints").is_dir() or (out / "metrics.json").is_file():
         raise HandClipError(f"{out_dir} is a run directory: export into a new folder, e.g. exported/NAME")
     foreign = out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file()
@@ -163,8 +175,12 @@ def export(source: str | Path, out_dir: str | Path, alpha: float | None = None, 
         raise HandClipError(f"{tmp} exists: another export into {out_dir} may be running; remove it if not")
     merge_lora(backbone)  # adapters folded into the weights: the export loads without peft
     try:
-        backbone.save_pretrained(tmp)
+        backbone.save_pretrained(tmp)  # an open_clip backbone writes open_clip's own format
         marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha}
+        export_format = getattr(backbone, "export_format", None)
+        if export_format:  # absent (a Hugging Face directory) for the Hugging Face backbone, as before
+            marker["format"] = export_format
+            marker["load"] = backbone.load_hint(out_dir)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder
@@ -184,7 +200,8 @@ def main(argv=None) -> None:
         out = export(args.source, args.out_dir, args.wise_ft, args.overwrite)
     except HandClipError as error:
         exit_with(error)
-    print(f"exported {out}: load it with CLIPModel.from_pretrained({str(out)!r})")
+    marker = json.loads((out / MARKER).read_text()) if (out / MARKER).is_file() else {}
+    print(f"exported {out}: {marker.get('load') or f'load it with CLIPModel.from_pretrained({str(out)!r})'}")
 
 
 if __name__ == "__main__":

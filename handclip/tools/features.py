@@ -31,15 +31,30 @@ def embed_folder(model_dir: str | Path, image_dir: str | Path, batch_size: int =
     image_dir, model_dir = Path(image_dir), Path(model_dir)
     if not image_dir.is_dir():
         raise HandClipError(f"{image_dir}: no such folder of images")
-    if not (model_dir / "config.json").is_file():
+    open_clip_export = (model_dir / "open_clip_config.json").is_file()
+    if not (model_dir / "config.json").is_file() and not open_clip_export:
         raise HandClipError(f"{model_dir} is not a model directory (no config.json): give the folder export wrote")
     paths = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise HandClipError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
     try:
-        processor = CLIPImageProcessor.from_pretrained(model_dir)
-        backbone = HFBackbone(CLIPModel.from_pretrained(model_dir), None, processor, str(model_dir)).eval()
-    except (OSError, ValueError) as error:
+        if open_clip_export:  # an open_clip model: its own preprocessing values, the same transform as evaluation
+            from handclip.data.transforms import eval_transform
+            from handclip.model.openclip import OpenCLIP
+
+            backbone = OpenCLIP(name=f"local-dir:{model_dir}").load().eval()
+            transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean,
+                                       backbone.image_std)  # fmt: skip
+
+            def preprocess(images):
+                return torch.stack([transform(image) for image in images])
+        else:
+            processor = CLIPImageProcessor.from_pretrained(model_dir)
+            backbone = HFBackbone(CLIPModel.from_pretrained(model_dir), None, processor, str(model_dir)).eval()
+
+            def preprocess(images):
+                return processor(images=images, return_tensors="pt")["pixel_values"]
+    except (OSError, ValueError, HandClipError) as error:
         raise HandClipError(f"{model_dir} cannot be loaded as a CLIP model: {str(error).splitlines()[0]}") from None
     names, out, skipped = [], [], []
     with torch.no_grad():
@@ -53,7 +68,7 @@ def embed_folder(model_dir: str | Path, image_dir: str | Path, batch_size: int =
                     skipped.append(path.name)
                     print(f"skipping {path}: cannot be decoded ({error})", file=sys.stderr)
             if images:
-                pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+                pixels = preprocess(images)
                 out.append(torch.nn.functional.normalize(backbone.encode_image(pixels), dim=-1))
     if not out:
         raise HandClipError(f"none of the {len(paths)} images in {image_dir} could be decoded")
@@ -69,6 +84,10 @@ def main(argv=None) -> None:
     try:
         if args.out and not Path(args.out).resolve().parent.is_dir():
             raise HandClipError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+        if args.out and Path(args.out).is_dir():
+            raise HandClipError(
+                f"--out {args.out} is a folder: give a file name, e.g. {Path(args.out) / 'features.npz'}"
+            )
         names, features, skipped = embed_folder(args.model_dir, args.image_dir)
     except HandClipError as error:
         exit_with(error)

@@ -172,6 +172,27 @@ def _check_precision(value: Any) -> None:
         raise ConfigError(f"trainer.precision={value!r}: choose one of {', '.join(allowed)}")
 
 
+def _try_trainer(trainer: Callable) -> None:
+    """Build the Trainer once (no logger, no checkpoints), so Lightning's own checks fail now."""
+    import logging
+    import warnings
+
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, precision="32-true",
+                    callbacks=[])  # fmt: skip
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"trainer: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - Lightning's MisconfigurationException and the like
+        raise ConfigError(f"trainer: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    finally:
+        quiet.setLevel(level)
+
+
 def _try_objective(objective: Callable, facts: BackboneFacts | None) -> None:
     """Finish the objective once with stand-in run-time facts, so its terms' settings fail now."""
     try:
@@ -189,8 +210,14 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     machine cannot reach), so the settings that depend on it are not checked and `facts` is None.
     """
     _check_top_level(cfg)
-    if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
-        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} must be an integer from 0 to {2**32 - 1}")
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ConfigError(
+            "ckpt_path and init_from together: ckpt_path resumes a run (its own weights, optimiser and step), "
+            "init_from starts a new one from other weights; give one of them"
+        )
     _integer(cfg, "trainer.max_epochs", 1, 100_000)
     _integer(cfg, "trainer.accumulate_grad_batches", 1, 100_000)
     _check_precision(cfg["trainer"].get("precision"))
@@ -210,6 +237,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     backbone = _build("backbone", cfg["backbone"])
     for key, made in (("logger", logger), ("trainer", trainer), ("loss", objective)):
         check_keywords(key, made)
+    _try_trainer(trainer)
     facts = None
     if read_backbone_config:
         facts = backbone.facts()  # the model config only: no weights

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,11 @@ def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
             _say_what_happens_to_the_schedule(checkpoint, cfg)
         resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
         del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
-        if cfg.get("init_from") and not Path(cfg["init_from"]).is_file():
-            raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")
+        if cfg.get("init_from"):
+            if not Path(cfg["init_from"]).is_file():
+                raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")
+            if "state_dict" not in load_checkpoint_file(cfg["init_from"]):
+                raise HandClipError(f"init_from={cfg['init_from']}: not a training checkpoint (no state_dict)")
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
         (run_dir / "failed.json").unlink(missing_ok=True)
         return _train(cfg, parts, run_dir, resume, resume_step)
@@ -162,35 +166,60 @@ def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, r
         raise
     _exit_if_stopped(stop)  # a signal during the last validation: training is complete, but stop as asked
 
-    best = checkpoints.best_model_path
-    if best:
-        module.load_state_dict(load_checkpoint_file(best)["state_dict"])
-    final = evaluate(backbone)
-    results["fine-tuned"] = final
-    metrics.update(final["metrics"])
-    metrics["wall_time_s"] = time.time() - started  # this process
-    metrics["train_time_s"] = module.train_seconds()  # fit time, summed over resumes
-    metrics["peak_memory_mb"] = _peak_memory_mb()
-    _print_tables(console, results)
-    from handclip.eval.plots import run_figures
+    # the final evaluation: training is done and saved, so a signal now ends the run with a message
+    with _stop_on_signal():
+        best = checkpoints.best_model_path
+        if best:
+            module.load_state_dict(load_checkpoint_file(best)["state_dict"])
+        final = evaluate(backbone)
+        results["fine-tuned"] = final
+        metrics.update(final["metrics"])
+        metrics["wall_time_s"] = time.time() - started  # this process
+        metrics["train_time_s"] = module.train_seconds()  # fit time, summed over resumes
+        metrics["peak_memory_mb"] = _peak_memory_mb()
+        _print_tables(console, results)
+        from handclip.eval.plots import run_figures
 
-    log_figures(logger, run_figures(results, backbone, datamodule.captioner, run_dir))
-    payload = {
-        "metrics": metrics,
-        "runs": {label: r["runs"] for label, r in results.items()},
-        "cmc": {label: r["cmc"] for label, r in results.items()},
-        "freeze": report.as_dict(),
-        "manifest": str(datamodule.manifest),
-        "best_checkpoint": best,
-    }
-    write_json_atomic(run_dir / "metrics.json", payload)
-    from lightning.pytorch.loggers import CSVLogger
+        log_figures(logger, run_figures(results, backbone, datamodule.captioner, run_dir))
+        payload = {
+            "metrics": metrics,
+            "runs": {label: r["runs"] for label, r in results.items()},
+            "cmc": {label: r["cmc"] for label, r in results.items()},
+            "freeze": report.as_dict(),
+            "manifest": str(datamodule.manifest),
+            "best_checkpoint": best,
+        }
+        write_json_atomic(run_dir / "metrics.json", payload)
+        from lightning.pytorch.loggers import CSVLogger
 
-    if not isinstance(logger, CSVLogger):  # the CSV logger's final numbers are metrics.json
-        logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
-        logger.finalize("success")
-    console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
-    return metrics
+        if not isinstance(logger, CSVLogger):  # the CSV logger's final numbers are metrics.json
+            logger.log_metrics(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step
+            )
+            logger.finalize("success")
+        console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
+        return metrics
+
+
+@contextmanager
+def _stop_on_signal():
+    """Ctrl-C or SIGTERM after training: say what is kept and exit 1 / 143, never 0."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        name = str(interrupt) or "SIGINT"
+        print(f"\n{name} during the final evaluation: training is complete and its checkpoints are kept; "
+              "run the same command with ckpt_path=last to evaluate it", flush=True)  # fmt: skip
+        raise SystemExit(143 if name == "SIGTERM" else 1) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _say_what_happens_to_the_schedule(checkpoint: Mapping, cfg: Mapping) -> None:
