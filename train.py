@@ -85,7 +85,9 @@ def main(cfg: DictConfig) -> float:
             print(f"error in {message}", file=sys.stderr)
             return float("nan")
         if not plain.get("ckpt_path") and any((run_dir / "checkpoints").glob("*.ckpt")):
-            plain["ckpt_path"] = "last"  # an interrupted point continues where it stopped
+            # an interrupted point continues where it stopped; its checkpoint already holds any
+            # init_from weights, so init_from (which a resume refuses) is not given again
+            plain["ckpt_path"], plain["init_from"] = "last", None
     try:
         # writes config.yaml only once the configuration is checked and the run directory is locked
         metrics = run_training(plain, run_dir)

@@ -8,6 +8,12 @@ class HandClipError(Exception):
     """Base class: the message names the problem and what to do about it."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line of text, or its type's name when it has none (for one-line messages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def exit_with(error: BaseException) -> NoReturn:
     """A command's refusal: one `error:` line on stderr and exit status 2 (as train.py does)."""
     print(f"error: {error}", file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handclip.errors import BackboneError, ConfigError
+from handclip.errors import BackboneError, ConfigError, first_line
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts, tower_groups
 from handclip.settings import plain_dict
 
@@ -86,7 +86,7 @@ def _load_error(source: str, error: Exception) -> BackboneError:
             f"backbone.source={source}: no such directory. A local backbone is a directory written by "
             "CLIPModel.save_pretrained (with its tokenizer and image processor); check the path"
         )
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     local = Path(source)
     tried = (
         f"the local directory '{source}' ({'exists' if local.is_dir() else 'not found'})"

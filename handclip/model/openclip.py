@@ -81,7 +81,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handclip.errors import BackboneError, ConfigError
+from handclip.errors import BackboneError, ConfigError, first_line
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts, tower_groups
 from handclip.model.hf import default_cache_dir
 from handclip.settings import plain_dict
@@ -102,11 +102,6 @@ def _looks_like_file(value: str) -> bool:
     return (
         value.startswith(("/", "./", "../", "~")) or "/" in value or os.sep in value or value.endswith(WEIGHT_SUFFIXES)
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager
@@ -158,7 +153,7 @@ def _check_model_config(cfg: Mapping, key: str) -> None:
 
         vision_cfg, text_cfg = CLIPVisionCfg(**vision), CLIPTextCfg(**text)
     except TypeError as error:
-        raise ConfigError(f"{key}: {_first_line(error)} (see open_clip.model.CLIPVisionCfg / CLIPTextCfg)") from None
+        raise ConfigError(f"{key}: {first_line(error)} (see open_clip.model.CLIPVisionCfg / CLIPTextCfg)") from None
     _square(vision_cfg.image_size, f"{key}.vision_cfg.image_size")
     if isinstance(vision_cfg.layers, (list, tuple)):
         if len(vision_cfg.layers) != 4:
@@ -373,7 +368,7 @@ class OpenCLIP:
 
 def _load_error(name: str, pretrained: str | None, error: BaseException, tag: Mapping | None = None) -> BackboneError:
     """One line: what was tried, why it failed, how to fix it (as hf.py's `_load_error`)."""
-    first = _first_line(error)
+    first = first_line(error)
     offline = os.environ.get("HF_HUB_OFFLINE", "0")
     hub = (tag or {}).get("hf_hub", "").rstrip("/")
     if hub:

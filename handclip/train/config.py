@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handclip.build import check_keywords
-from handclip.errors import ConfigError, HandClipError
+from handclip.errors import ConfigError, HandClipError, first_line
 from handclip.eval.evaluator import EvalSettings
 from handclip.model.backbone import BackboneFacts
 from handclip.model.freeze import FreezePolicy, apply_freeze
@@ -124,8 +124,7 @@ def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
     missing = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: '(\w+)'", message)
     if missing:
         return ConfigError(f"{section}.{missing.group(1)} is missing: {target} needs it")
-    first = message.strip().splitlines()[0] if message.strip() else type(cause).__name__
-    return ConfigError(f"{section}: {first}")
+    return ConfigError(f"{section}: {first_line(cause)}")
 
 
 def _build(section: str, spec: Any, **kwargs) -> Any:
@@ -167,9 +166,8 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true
 
 
 def _check_precision(value: Any) -> None:
-    allowed = PRECISIONS
-    if str(value) not in allowed:
-        raise ConfigError(f"trainer.precision={value!r}: choose one of {', '.join(allowed)}")
+    if str(value) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={value!r}: choose one of {', '.join(PRECISIONS)}")
 
 
 def _try_trainer(trainer: Callable) -> None:
@@ -185,10 +183,8 @@ def _try_trainer(trainer: Callable) -> None:
             warnings.simplefilter("ignore")
             trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, precision="32-true",
                     callbacks=[])  # fmt: skip
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"trainer: {str(error).splitlines()[0]}") from None
-    except Exception as error:  # noqa: BLE001 - Lightning's MisconfigurationException and the like
-        raise ConfigError(f"trainer: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    except Exception as error:  # noqa: BLE001 - TypeError, ValueError, Lightning's MisconfigurationException
+        raise ConfigError(f"trainer: {first_line(error)}") from None
     finally:
         quiet.setLevel(level)
 
@@ -200,7 +196,7 @@ def _try_objective(objective: Callable, facts: BackboneFacts | None) -> None:
     except ConfigError:
         raise
     except Exception as error:  # noqa: BLE001 - one line naming the section
-        raise ConfigError(f"loss: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise ConfigError(f"loss: {first_line(error)}") from None
 
 
 def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data: bool = True) -> Components:
@@ -241,9 +237,8 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     facts = None
     if read_backbone_config:
         facts = backbone.facts()  # the model config only: no weights
-        freeze.check(facts)
         projection.check(facts)
-        # the policy on the model's structure (no weights): a pattern that matches nothing fails now
+        # the policy on the model's structure (no weights): its depths, and a pattern that matches nothing
         skeleton = backbone.skeleton()
         apply_freeze(skeleton, freeze, always_trainable=projection.apply(skeleton))
     _try_objective(objective, facts)

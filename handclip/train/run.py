@@ -43,9 +43,18 @@ def check_resume(path: str, checkpoint: Mapping, signature: Mapping) -> None:
         )
 
 
-def load_initial_weights(module, path: str) -> None:
+def initial_weights(path: str) -> dict:
+    """init_from's weights, read (and checked) before anything of the run is written."""
+    if not Path(path).is_file():
+        raise HandClipError(f"init_from={path}: no such checkpoint file")
+    checkpoint = load_checkpoint_file(path)
+    if "state_dict" not in checkpoint:
+        raise HandClipError(f"init_from={path}: not a training checkpoint (no state_dict)")
+    return checkpoint["state_dict"]
+
+
+def load_initial_weights(module, path: str, state: Mapping) -> None:
     """init_from: the weights of a checkpoint, nothing else (fresh optimiser and schedule)."""
-    state = load_checkpoint_file(path)["state_dict"]
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
@@ -77,17 +86,15 @@ def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
             _say_what_happens_to_the_schedule(checkpoint, cfg)
         resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
         del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
-        if cfg.get("init_from"):
-            if not Path(cfg["init_from"]).is_file():
-                raise HandClipError(f"init_from={cfg['init_from']}: no such checkpoint file")
-            if "state_dict" not in load_checkpoint_file(cfg["init_from"]):
-                raise HandClipError(f"init_from={cfg['init_from']}: not a training checkpoint (no state_dict)")
+        initial = initial_weights(cfg["init_from"]) if cfg.get("init_from") else None
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
         (run_dir / "failed.json").unlink(missing_ok=True)
-        return _train(cfg, parts, run_dir, resume, resume_step)
+        return _train(cfg, parts, run_dir, resume, resume_step, initial)
 
 
-def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, resume_step: int | None) -> dict:
+def _train(
+    cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, resume_step: int | None, initial: dict | None
+) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -124,8 +131,8 @@ def _train(cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, r
     module = FineTuner(
         backbone, objective, parts.optimization, datamodule.val_rows, heads, run_signature(cfg), parts.freeze
     )
-    if cfg.get("init_from") and not resume:
-        load_initial_weights(module, cfg["init_from"])
+    if initial is not None:
+        load_initial_weights(module, cfg["init_from"], initial)
 
     results: dict[str, dict] = {}
     if parts.eval.baseline:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from handclip.errors import first_line
 from handclip.io import atomic_write, write_json_atomic
 
 IGNORED = ("paths.", "hydra.", "run_name", "ckpt_path", "overwrite", "sweep.")
@@ -141,8 +142,7 @@ def record_failure(run_dir: str | Path, error: BaseException, config: Mapping | 
     """Mark a run of a sweep as failed (its summary row says so; the sweep goes on)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    payload = {"error": f"{type(error).__name__}: {message}", "config": dict(config) if config else None}
+    payload = {"error": f"{type(error).__name__}: {first_line(error)}", "config": dict(config) if config else None}
     write_json_atomic(run_dir / "failed.json", payload)
 
 
