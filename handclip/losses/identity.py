@@ -50,7 +50,6 @@ class IdentityLoss(LossTerm):
     With `feature: both`, each feature has its own neck and classifier and the loss is their mean.
     """
 
-    needs_identities = True
     needs_identity_batches = True
 
     def __init__(

@@ -42,19 +42,17 @@ def identity_text_to_image(
 class IdentityTextLoss(LossTerm):
     """i2t (and/or t2i) loss against one learnable text embedding per training identity."""
 
-    needs_identities = True
-
     def __init__(
         self, num_identities: int, embed_dim: int, weight: float = 1.0, direction: str = "i2t",
-        label_smoothing: float = 0.0, seed: int = 0,
+        label_smoothing: float = 0.0,
     ):  # fmt: skip
         super().__init__(weight)
         if direction not in DIRECTIONS:
             raise self.error("direction", direction, "one of " + ", ".join(DIRECTIONS))
         self.direction = direction
         self.label_smoothing = self.fraction("label_smoothing", label_smoothing)
-        generator = torch.Generator().manual_seed(int(seed))
-        self.texts = nn.Parameter(torch.randn(int(num_identities), int(embed_dim), generator=generator))
+        # drawn from the run's seeded generator, like every other head
+        self.texts = nn.Parameter(torch.randn(int(num_identities), int(embed_dim)))
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         image, ids = inputs.image.float(), inputs.identities

@@ -59,7 +59,6 @@ class LossTerm(nn.Module):
 
     needs_text = False  # whether the training step must encode the captions for this term
     needs_pre_projection = False  # whether it reads the pre-projection image feature
-    needs_identities = False  # whether it needs several images per identity in the data (identity terms)
     needs_identity_batches = False  # whether it needs P x K batches (K >= 2 images of each identity)
 
     def __init__(self, weight: float = 1.0):
@@ -119,7 +118,7 @@ class Objective(nn.Module):
         return any(term.needs_pre_projection for term in self.terms.values())
 
     def terms_needing(self, need: str) -> list[str]:
-        """Names of the terms with `need` (`needs_identities`, `needs_identity_batches`) set."""
+        """Names of the terms with `need` (e.g. `needs_identity_batches`) set."""
         return [name for name, term in self.terms.items() if getattr(term, need)]
 
     def neck(self) -> LossTerm | None:

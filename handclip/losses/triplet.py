@@ -41,7 +41,6 @@ def batch_hard_triplet(
 class TripletLoss(LossTerm):
     """Batch-hard triplet loss on the projected or pre-projection feature; needs P x K batches (K >= 2)."""
 
-    needs_identities = True
     needs_identity_batches = True
 
     def __init__(self, weight: float = 1.0, margin: float | None = 0.3, normalize: bool = True,

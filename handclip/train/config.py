@@ -40,7 +40,7 @@ class Components:
     facts: BackboneFacts | None
     freeze: FreezePolicy
     projection: Any  # Keep | Replace: .check(facts), .apply(backbone)
-    objective: Callable  # finished with num_identities / embed_dim
+    objective: Callable  # finished with num_identities / embed_dim / pre_projection_dim
     optimization: Any
     data: Any  # HandDataModule
     eval: EvalSettings

@@ -10,7 +10,6 @@ so a bad value is refused before anything heavy. Then, in order:
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from handclip.data.images import BAD_IMAGE_POLICIES
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler, balanced_sampler_for
 from handclip.data.transforms import check_augment, eval_transform, train_transform
-from handclip.errors import ConfigError, DataError
+from handclip.errors import ConfigError
 from handclip.eval.protocol import images_needed
 
 SAMPLERS = ("random", "identity_balanced")
@@ -130,9 +129,8 @@ class HandDataModule(L.LightningDataModule):
 
             ensure_synthetic(self.root, **self.synthetic)
 
-    def prepare(self, image_size: int, identity_terms: Sequence[str] = ()) -> list[dict]:
-        """Synthetic data if asked, the manifest and the image cache; the rows. Checks the sampler can be filled,
-        and that the data has identities when loss terms (`identity_terms`, by name) learn from them."""
+    def prepare(self, image_size: int) -> list[dict]:
+        """Synthetic data if asked, the manifest and the image cache; the rows. Checks the sampler can be filled."""
         from dataclasses import replace
 
         self.ensure_synthetic()
@@ -142,12 +140,6 @@ class HandDataModule(L.LightningDataModule):
         self.train_rows = [r for r in self.rows if r["split"] == "train"]
         self.val_rows = [r for r in self.rows if r["split"] in ("train", "val")]
         self.captioner.check_rows(self.rows)  # every row, before training: a bad one fails now, not mid-epoch
-        counts = Counter(r["identity"] for r in self.train_rows)
-        if identity_terms and counts and max(counts.values()) < 2:
-            raise DataError(
-                f"loss.terms.{identity_terms[0]} needs identities, but every training image of data={self.name} is "
-                "its own identity (a caption CSV without an identity column): add an identity column or drop the term"
-            )
         if self.sampler == "identity_balanced":
             self.balanced_sampler()  # fails now, with the key, if it cannot be filled
         if len(self.train_rows) < self.batch_size:

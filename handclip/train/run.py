@@ -112,10 +112,7 @@ def _train(
 
     # data first: a dataset that cannot be used fails before the weights load
     datamodule = parts.data
-    identity_terms = parts.objective(num_identities=2, embed_dim=8, pre_projection_dim=8).terms_needing(
-        "needs_identities"
-    )  # stand-in sizes: only which terms there are
-    rows = datamodule.prepare(parts.facts.image_size, identity_terms)
+    rows = datamodule.prepare(parts.facts.image_size)
 
     backbone = parts.backbone.load(cfg["paths"].get("cache"))
     heads = parts.projection.apply(backbone)
