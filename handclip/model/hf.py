@@ -292,8 +292,11 @@ class HFBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.text_tokenizer(texts)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _tensor(self.model.get_image_features(pixel_values=pixel_values))
+    def encode_image(self, pixel_values: torch.Tensor, pre_projection: bool = False):
+        if not pre_projection:
+            return _tensor(self.model.get_image_features(pixel_values=pixel_values))
+        pooled = self.model.vision_model(pixel_values=pixel_values).pooler_output  # post_layernorm(CLS)
+        return pooled, self.model.visual_projection(pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return _tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
@@ -347,11 +350,13 @@ class HFBackbone(Backbone):
         hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
         return self._blocks(vision, hidden, 0, blocks)
 
-    def image_suffix(self, hidden: torch.Tensor, groups: int) -> torch.Tensor:
+    def image_suffix(self, hidden: torch.Tensor, groups: int, pre_projection: bool = False):
         blocks = self._check_groups("vision", groups)
         vision = self.model.vision_model
         hidden = self._blocks(vision, hidden, blocks, len(vision.encoder.layers))
-        return self.model.visual_projection(vision.post_layernorm(hidden[:, 0, :]))
+        pooled = vision.post_layernorm(hidden[:, 0, :])
+        projected = self.model.visual_projection(pooled)
+        return (pooled, projected) if pre_projection else projected
 
     def _text_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         # CLIP's causal mask plus padding, as one additive mask [batch, 1, seq, seq]
