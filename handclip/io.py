@@ -109,3 +109,23 @@ def waiting_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_leftovers(folder: Path, name: str = "*") -> None:
+    """Remove `folder/NAME.tmpPID*` left by builder processes that were killed (call it under the build lock)."""
+    import shutil
+
+    for leftover in Path(folder).glob(f"{name}.tmp*"):
+        pid = leftover.name.rsplit(".tmp", 1)[-1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)

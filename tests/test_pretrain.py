@@ -55,6 +55,11 @@ def test_pretraining_builds_once_the_same_weights_and_loads_through_from_pretrai
     assert all(torch.equal(a[k], b[k]) for k in a)
     random = load_backbone(TINY, tmp_path / "a").model.state_dict()
     assert not torch.equal(random["visual_projection.weight"], a["visual_projection.weight"])
+    # a build killed half-way leaves a folder named after its process; the next build removes it
+    leftover = first.with_name(first.name + ".tmp999999999")
+    leftover.mkdir()
+    spec(epochs=1).tiny_dir(tmp_path / "a")
+    assert not leftover.exists()
     # another setting is another model in another directory; the same one is found, not rebuilt
     assert spec(epochs=1).tiny_dir(tmp_path / "a") != first
     stamp = (first / "model.safetensors").stat().st_mtime_ns

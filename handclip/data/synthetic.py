@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from handclip.data.hands import ASPECTS, HANDINFO_COLUMNS, THRESHOLDS_11K
-from handclip.io import atomic_write, waiting_lock
+from handclip.io import atomic_write, remove_dead_leftovers, waiting_lock
 
 SKIN = {  # 11k's skinColor values and a base RGB for each
     "very fair": (236, 200, 178),
@@ -304,16 +304,6 @@ MARKER = "synthetic.json"  # the settings a generated folder was made with
 VERSION = 2  # of the drawing; a folder drawn by another version is drawn anew (2: lighter palms)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def ensure_synthetic(root: str | Path, identities: int, seed: int, image_size: Sequence[int]) -> Path:
     """The synthetic dataset at `root`, made with exactly these settings; generated when missing.
 
@@ -340,10 +330,7 @@ def ensure_synthetic(root: str | Path, identities: int, seed: int, image_size: S
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with waiting_lock(root.with_name(f".{root.name}.lock")):  # a second first run waits, then finds it made
-        for leftover in root.parent.glob(f"{root.name}.tmp*"):
-            pid = leftover.name.rsplit(".tmp", 1)[-1].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)  # a killed generator's half-made folder
+        remove_dead_leftovers(root.parent, root.name)  # a killed generator's half-made folder
         old = made_with()
         if old == settings:
             return root

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from handclip.errors import BackboneError, ConfigError, first_line
-from handclip.io import waiting_lock, write_json_atomic
+from handclip.io import remove_dead_leftovers, waiting_lock, write_json_atomic
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts, tower_groups
 from handclip.settings import plain_dict
 
@@ -184,6 +184,7 @@ class HuggingFaceCLIP:
             return out
         # a second process building the same model waits here, then finds it built
         with waiting_lock(out.with_name(f".{out.name}.lock")):
+            remove_dead_leftovers(out.parent)  # killed builds' half-made folders
             if not built():
                 tmp = out.with_name(out.name + f".tmp{os.getpid()}")
                 self._build_tiny(tmp)
