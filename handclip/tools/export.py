@@ -149,7 +149,7 @@ def check_destination(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
     if foreign and not overwrite:
         raise HandClipError(
             f"{out_dir} is not empty and is not a previous export; export into a new folder, or pass --overwrite "
-            "to write the model's files into it (other files there are left as they are)"
+            "to write the model's files and its card (README.md) into it (other files there are left as they are)"
         )
 
 
