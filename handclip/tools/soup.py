@@ -73,11 +73,15 @@ def sweep_points(sweep_dir: Path) -> list[Path]:
 def _validation(config: Mapping):
     """A function scoring a backbone's validation Rank-1 on the run's data, as the run validated it."""
     from handclip.eval.evaluator import Evaluator
+    from handclip.eval.feature import ImageEncoder
     from handclip.train.config import build_components  # the run's own parts; greedy soups only
 
     parts = build_components(dict(config))
     rows = parts.data.prepare(parts.facts.image_size)
-    evaluate = Evaluator(rows, parts.data.root, parts.data.prepare_settings.cache_size, parts.eval)
+    # a BN-neck lives in the objective, which no export holds: the soup is scored on what it exports
+    feature = "projected" if parts.eval.feature == "bnneck" else parts.eval.feature
+    encode = ImageEncoder(feature)
+    evaluate = Evaluator(rows, parts.data.root, parts.data.prepare_settings.cache_size, parts.eval, None, encode)
     return lambda backbone: float(evaluate(backbone, include_test=False)["metrics"]["val/rank1"])
 
 
