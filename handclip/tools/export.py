@@ -1,11 +1,16 @@
 """Export a run as a Hugging Face model directory that loads without HandCLIP.
 
-    python -m handclip.export RUN_DIR_OR_CKPT OUT_DIR [--wise-ft ALPHA]
+    python -m handclip.export RUN_DIR_OR_CKPT OUT_DIR [--wise-ft ALPHA] [--weights ema|raw]
+    python -m handclip.export --soup runs/sweeps/NAME OUT_DIR [--greedy]
 
 writes safetensors weights, config, tokenizer and image processor; the result loads with
 `CLIPModel.from_pretrained(OUT_DIR)` and `pipeline("zero-shot-image-classification", model=OUT_DIR)`.
 `--wise-ft ALPHA` interpolates the weights with the original backbone's (WiSE-FT:
 (1 - ALPHA) * original + ALPHA * fine-tuned), which keeps more zero-shot ability.
+A run trained with an EMA (`ema.decay`) exports its EMA by default (`--weights raw` for the raw
+weights): the EMA's validation score chose the best checkpoint and its weights were the ones
+tested, so the export is the model the run's numbers describe. `--soup` averages a sweep's runs
+(`handclip.tools.soup`). Every export carries a model card, README.md (`handclip.tools.card`).
 
 A run whose backbone is an open_clip model (`handclip.model.openclip.OpenCLIP`, `backbone=oc_*`) is written
 in open_clip's own format instead: `open_clip_model.safetensors`, `open_clip_config.json` (model and
@@ -44,10 +49,26 @@ def find_checkpoint(source: str | Path) -> tuple[Path, Path]:
     raise HandClipError(f"{source}: no such run directory or checkpoint file")
 
 
-def load_run_model(source: str | Path):
-    """The fine-tuned backbone of a run (with its tokenizer and preprocessing) and the run's config."""
+WEIGHTS = ("ema", "raw")
+
+
+def load_run_model(source: str | Path, weights: str | None = None):
+    """The fine-tuned backbone of a run (with its tokenizer and preprocessing) and the run's config.
+
+    `weights`: `ema` (the run's moving average), `raw`, or None: the EMA when the checkpoint holds one.
+    """
+    backbone, config, _ = load_weights(source, weights)
+    return backbone, config
+
+
+def load_weights(source: str | Path, weights: str | None = None):
+    """(backbone, config, which weights: "ema" or "raw") of a run; see `load_run_model`."""
     from handclip.build import build
     from handclip.io import load_checkpoint_file
+    from handclip.model.averaging import ema_weights
+
+    if weights not in (None, *WEIGHTS):
+        raise HandClipError(f"--weights {weights}: choose one of {', '.join(WEIGHTS)}")
 
     checkpoint, run_dir = find_checkpoint(source)
     config_path = run_dir / "config.yaml"
@@ -57,7 +78,12 @@ def load_run_model(source: str | Path):
     backbone = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
     build(config["projection"], "projection").apply(backbone)
     _build_freeze(config["freeze"]).adapt(backbone)  # adapters (LoRA) the checkpoint holds weights for
-    state = load_checkpoint_file(checkpoint)["state_dict"]
+    saved = load_checkpoint_file(checkpoint)
+    state, averaged = saved["state_dict"], ema_weights(saved)
+    del saved
+    if weights == "ema" and averaged is None:
+        raise HandClipError(f"--weights ema: {checkpoint} holds no EMA weights (the run had ema.decay=null)")
+    chosen = weights or ("ema" if averaged is not None else "raw")
     prefix = "backbone."  # the training module's own attribute; the rest is the backbone's business
     if not any(k.startswith(prefix) for k in state):
         raise HandClipError(
@@ -68,7 +94,9 @@ def load_run_model(source: str | Path):
         backbone.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     except RuntimeError as error:
         raise HandClipError(f"{checkpoint} does not fit the run's backbone: {str(error).splitlines()[0]}") from None
-    return backbone, config
+    if chosen == "ema":
+        backbone.load_state_dict({**backbone.state_dict(), **averaged})
+    return backbone, config, chosen
 
 
 def _build_freeze(spec):
@@ -121,7 +149,7 @@ def check_destination(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
     if foreign and not overwrite:
         raise HandClipError(
             f"{out_dir} is not empty and is not a previous export; export into a new folder, or pass --overwrite "
-            "to write the model's files into it (other files there are left as they are)"
+            "to write the model's files and its card (README.md) into it (other files there are left as they are)"
         )
 
 
@@ -143,21 +171,25 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
         tmp.rmdir()
 
 
-def export(source: str | Path, out_dir: str | Path, alpha: float | None = None, overwrite: bool = False) -> Path:
-    """Write the run's model as a Hugging Face directory; return it.
+def export(
+    source: str | Path, out_dir: str | Path, alpha: float | None = None, overwrite: bool = False,
+    weights: str | None = None,
+) -> Path:  # fmt: skip
+    """Write the run's model as a Hugging Face directory with a model card; return it.
 
-    The model is written into a new temporary folder beside `out_dir` and moved into place only
-    when complete. A non-empty `out_dir` that is not a previous export is refused unless
-    `overwrite`; a run directory, or a folder holding the run, is always refused.
+    `weights`: `ema`, `raw`, or None (the EMA when the run kept one: its validation score picked the
+    best checkpoint and its weights were the ones tested). The model is written into a new
+    temporary folder beside `out_dir` and moved into place only when complete. A non-empty
+    `out_dir` that is not a previous export is refused unless `overwrite`; a run directory, or a
+    folder holding the run, is always refused.
     """
-    import json
-
     from handclip.build import build
+    from handclip.tools.card import model_card, run_files
 
     out_dir = Path(out_dir)
     checkpoint, run_dir = find_checkpoint(source)
     check_destination(out_dir, run_dir, overwrite)
-    backbone, config = load_run_model(source)
+    backbone, config, chosen = load_weights(source, weights)
     if alpha is not None:
         from handclip.model.projection import Keep
 
@@ -169,6 +201,19 @@ def export(source: str | Path, out_dir: str | Path, alpha: float | None = None, 
         original = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
         merge_lora(backbone)
         wise_ft(backbone, original, alpha)
+    marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha, "weights": chosen}
+    _, payload, policy = run_files(run_dir)
+
+    def card(export_format, load_hint):
+        return model_card(config, payload, policy, weights=chosen, export_format=export_format, load_hint=load_hint,
+                          wise_ft=alpha, source=str(checkpoint))  # fmt: skip
+
+    return write_export(backbone, out_dir, marker, card)
+
+
+def write_export(backbone, out_dir: Path, marker: dict, card) -> Path:
+    """Save the backbone, the marker and the model card (`card(export_format, load_hint)`) into a
+    temporary folder, then move it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     if tmp.exists():
@@ -176,12 +221,13 @@ def export(source: str | Path, out_dir: str | Path, alpha: float | None = None, 
     merge_lora(backbone)  # adapters folded into the weights: the export loads without peft
     try:
         backbone.save_pretrained(tmp)  # an open_clip backbone writes open_clip's own format
-        marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha}
         export_format = getattr(backbone, "export_format", None)
+        load_hint = backbone.load_hint(out_dir) if export_format else None
         if export_format:  # absent (a Hugging Face directory) for the Hugging Face backbone, as before
             marker["format"] = export_format
-            marker["load"] = backbone.load_hint(out_dir)
+            marker["load"] = load_hint
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        (tmp / "README.md").write_text(card(export_format, load_hint), encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder
         raise
@@ -191,13 +237,26 @@ def export(source: str | Path, out_dir: str | Path, alpha: float | None = None, 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a run directory (runs/NAME) or a checkpoint file")
+    parser.add_argument("source", help="a run directory (runs/NAME), a checkpoint file, or with --soup a sweep")
     parser.add_argument("out_dir", help="where to write the Hugging Face model directory")
     parser.add_argument("--wise-ft", type=float, default=None, metavar="ALPHA", help="interpolate with the original")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not an export")
+    parser.add_argument("--weights", choices=WEIGHTS, default=None,
+                        help="the run's EMA or raw weights (default: the EMA when the run kept one)")  # fmt: skip
+    parser.add_argument("--soup", action="store_true", help="average the finished points of the sweep SOURCE")
+    parser.add_argument("--greedy", action="store_true", help="with --soup: add points only if val Rank-1 holds")
     args = parser.parse_args(argv)
     try:
-        out = export(args.source, args.out_dir, args.wise_ft, args.overwrite)
+        if args.greedy and not args.soup:
+            raise HandClipError("--greedy needs --soup: it chooses which sweep points go in a soup")
+        if args.soup and args.wise_ft is not None:
+            raise HandClipError("--wise-ft with --soup: export the soup, or WiSE-FT one run, not both at once")
+        if args.soup:
+            from handclip.tools.soup import soup
+
+            out = soup(args.source, args.out_dir, args.greedy, args.overwrite, args.weights)
+        else:
+            out = export(args.source, args.out_dir, args.wise_ft, args.overwrite, args.weights)
     except HandClipError as error:
         exit_with(error)
     marker = json.loads((out / MARKER).read_text()) if (out / MARKER).is_file() else {}

@@ -26,7 +26,7 @@ from handclip.model.freeze import FreezePolicy, apply_freeze
 # the top-level settings a run reads; anything else is a typo
 TOP_LEVEL = (
     "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "dry_run", "paths", "backbone", "freeze",
-    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep",
+    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep", "ema",
 )  # fmt: skip
 # what a resumed run must share with the checkpoint it resumes
 SIGNATURE_KEYS = ("backbone", "freeze", "projection", "loss")
@@ -47,6 +47,7 @@ class Components:
     logger: Callable  # finished with save_dir
     callbacks: list
     trainer: Callable  # finished with logger, callbacks, plugins, default_root_dir
+    ema_decay: float | None = None  # an EMA of the trained weights (handclip.train.ema), or None
 
 
 def _flat_keys(tree: Mapping, prefix: str = "") -> list[str]:
@@ -203,6 +204,15 @@ def _try_objective(objective: Callable, facts: BackboneFacts | None):
         raise ConfigError(f"loss: {first_line(error)}") from None
 
 
+def check_decay(decay) -> float | None:
+    """`ema.decay`: null (off) or a number in (0, 1)."""
+    if decay is None:
+        return None
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+        raise ConfigError(f"ema.decay={decay!r}: give a number between 0 and 1 (e.g. 0.998), or null for no EMA")
+    return float(decay)
+
+
 def _check_identity_batches(objective, data: Mapping) -> None:
     """Triplet and identity terms need P identities x K >= 2 images in every batch: say what to set."""
     wanted = objective.terms_needing("needs_identity_batches")
@@ -262,8 +272,12 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     finished = _try_objective(objective, facts)
     _check_identity_batches(finished, cfg["data"])
     ImageEncoder(settings.feature, finished)  # eval.feature=bnneck needs a BN-neck in the objective
+    ema = cfg.get("ema") or {}
+    unknown = [k for k in ema if k != "decay"]
+    if unknown:
+        raise ConfigError(f"ema.{unknown[0]} is not a setting: ema has only decay (null, or e.g. 0.998)")
     return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
-                      callbacks, trainer)  # fmt: skip
+                      callbacks, trainer, check_decay(ema.get("decay")))  # fmt: skip
 
 
 def check_config(cfg: Mapping) -> Components:

@@ -126,16 +126,20 @@ class FineTuner(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_features:
             return
-        features, index = torch.cat(self._val_features), torch.cat(self._val_index)
+        metrics = self.validation_metrics(self._val_features, self._val_index)
+        for name in ("val/rank1", "val/rank5", "val/mAP"):
+            self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
+
+    def validation_metrics(self, features: list[torch.Tensor], index: list[torch.Tensor]) -> dict[str, float]:
+        """The validation protocol's metrics for the features of this process's validation batches."""
+        features, index = torch.cat(features), torch.cat(index)
         if self.trainer.world_size > 1:
             # each process saw a shard (padded with repeats): gather and put back in order
             features = self.all_gather(features).flatten(0, 1)
             index = self.all_gather(index).flatten(0, 1)
         ordered = torch.zeros(len(self.val_images), features.shape[1], device=features.device)
         ordered[index] = features
-        metrics = score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False)["metrics"]
-        for name in ("val/rank1", "val/rank5", "val/mAP"):
-            self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
+        return score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False)["metrics"]
 
     def optimised_parameters(self, steps_per_epoch: int = 0, epochs: int = 0) -> list[ParameterInfo]:
         """Every parameter of the backbone and the objective, trainable now or later."""

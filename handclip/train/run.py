@@ -81,6 +81,9 @@ def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
         resume, checkpoint = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg["overwrite"]))
         if checkpoint is not None:
             check_resume(resume, checkpoint, run_signature(cfg))
+            from handclip.train.ema import check_resume as check_ema_resume
+
+            check_ema_resume(resume, checkpoint, parts.ema_decay)
             where = f"epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}"
             print(f"resuming {resume}: {where}", flush=True)
             _say_what_happens_to_the_schedule(checkpoint, cfg)
@@ -145,8 +148,16 @@ def _train(
         metrics.update({f"baseline/{k}": v for k, v in results["baseline"]["metrics"].items()})
         _print_baseline(console, results["baseline"]["metrics"])
 
+    ema_callbacks = []
+    if parts.ema_decay is not None:
+        from handclip.train.ema import WeightEMA
+
+        schedule = parts.freeze if isinstance(parts.freeze, FreezeSchedule) else None
+        ema_callbacks.append(WeightEMA(parts.ema_decay, schedule))
+    # with an EMA, its validation score picks the best epoch: its weights are the ones tested and exported
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/rank1", mode="max",
+        dirpath=run_dir / "checkpoints", filename="best", monitor="ema/val/rank1" if ema_callbacks else "val/rank1",
+        mode="max",
         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
     )  # fmt: skip
     # Lightning's save_last only writes when a new best is saved, so "last" would go stale once
@@ -168,7 +179,8 @@ def _train(
         schedule_callbacks.append(FollowFreezeSchedule(parts.freeze, heads, run_dir / "freeze.txt"))
     trainer = parts.trainer(
         precision=precision_for(str(cfg["trainer"]["precision"])), default_root_dir=run_dir, logger=logger,
-        callbacks=[checkpoints, latest, stop, ExactResume(), *schedule_callbacks, *parts.callbacks],
+        callbacks=[checkpoints, latest, stop, ExactResume(), *schedule_callbacks, *ema_callbacks,
+                   *parts.callbacks],
         plugins=[AtomicCheckpointIO()],
     )  # fmt: skip
     try:
@@ -181,8 +193,20 @@ def _train(
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
         best = checkpoints.best_model_path
+        averaged = None
         if best:
-            module.load_state_dict(load_checkpoint_file(best)["state_dict"])
+            saved = load_checkpoint_file(best)
+            module.load_state_dict(saved["state_dict"])
+            from handclip.model.averaging import ema_weights
+
+            averaged = ema_weights(saved) if ema_callbacks else None
+            del saved
+        elif ema_callbacks:
+            averaged = ema_callbacks[0].weights()
+        if averaged is not None:  # the raw weights of the same checkpoint, scored too, reported under raw/
+            results["fine-tuned (raw)"] = evaluate(backbone)
+            metrics.update({f"raw/{k}": v for k, v in results["fine-tuned (raw)"]["metrics"].items()})
+            backbone.load_state_dict({**backbone.state_dict(), **averaged})  # the EMA: tested, shown in figures
         final = evaluate(backbone)
         results["fine-tuned"] = final
         metrics.update(final["metrics"])
@@ -201,6 +225,8 @@ def _train(
             "eval_feature": parts.eval.feature,
             "manifest": str(datamodule.manifest),
             "best_checkpoint": best,
+            # the weights behind test/*: the EMA's (raw/* holds the raw weights' scores) or the raw ones
+            "weights": "ema" if averaged is not None else "raw",
         }
         write_json_atomic(run_dir / "metrics.json", payload)
         from lightning.pytorch.loggers import CSVLogger

@@ -1,0 +1,147 @@
+"""Model soups: the average of a sweep's runs, exported like any run.
+
+    python -m handclip.export --soup runs/sweeps/NAME OUT [--greedy] [--weights ema|raw]
+
+Every finished point of the sweep (one with `metrics.json`) contributes its best checkpoint
+(its EMA when it kept one, unless `--weights raw`). Uniform by default: all points, equally
+weighted. `--greedy` (Wortsman et al., 2022) orders the points by their validation Rank-1 and
+adds each to the soup only if the soup's validation Rank-1 does not drop; validation uses the
+first point's data and evaluation settings. Points whose backbone, projection or LoRA adapters
+differ are refused: their weights do not average into one model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from handclip.errors import HandClipError
+
+# what must be the same in every ingredient (the freeze policy too when it adds adapters)
+SHARED = ("backbone", "projection")
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}"))
+    return flat
+
+
+def _adapters(config: Mapping) -> Mapping | None:
+    freeze = config.get("freeze") or {}
+    return freeze if "lora" in str(freeze.get("_target_", "")).lower() else None
+
+
+def check_ingredients(points: list[tuple[Path, Mapping]]) -> None:
+    """Refuse points whose backbone, projection or LoRA structure differ from the first point's."""
+    (first, reference), rest = points[0], points[1:]
+    for point, config in rest:
+        for section in SHARED:
+            mine, theirs = _flatten(config.get(section), section), _flatten(reference.get(section), section)
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    raise HandClipError(
+                        f"{point.name} cannot go in a soup with {first.name}: {key} differs ({mine.get(key)!r} vs "
+                        f"{theirs.get(key)!r}); a soup averages runs of one backbone and projection"
+                    )
+        if (_adapters(config) or _adapters(reference)) and config.get("freeze") != reference.get("freeze"):
+            raise HandClipError(
+                f"{point.name} cannot go in a soup with {first.name}: its LoRA adapters differ (freeze: "
+                f"{config.get('freeze')} vs {reference.get('freeze')})"
+            )
+
+
+def sweep_points(sweep_dir: Path) -> list[Path]:
+    """The finished points of a sweep, in name order; unfinished and failed ones are named and left out."""
+    if not sweep_dir.is_dir():
+        raise HandClipError(f"--soup {sweep_dir}: no such sweep directory")
+    points, skipped = [], []
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if (p / "config.yaml").is_file()):
+        finished = (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+        (points if finished and not (run_dir / "failed.json").is_file() else skipped).append(run_dir)
+    for run_dir in skipped:
+        print(f"soup: {run_dir.name} left out (not finished, or failed)", flush=True)
+    if not points:
+        raise HandClipError(f"--soup {sweep_dir}: no finished sweep points (folders with metrics.json and a best.ckpt)")
+    return points
+
+
+def _validation(config: Mapping):
+    """A function scoring a backbone's validation Rank-1 on the run's data, as the run validated it."""
+    from handclip.eval.evaluator import Evaluator
+    from handclip.eval.feature import ImageEncoder
+    from handclip.train.config import build_components  # the run's own parts; greedy soups only
+
+    parts = build_components(dict(config))
+    rows = parts.data.prepare(parts.facts.image_size)
+    # a BN-neck lives in the objective, which no export holds: the soup is scored on what it exports
+    feature = "projected" if parts.eval.feature == "bnneck" else parts.eval.feature
+    encode = ImageEncoder(feature)
+    evaluate = Evaluator(rows, parts.data.root, parts.data.prepare_settings.cache_size, parts.eval, None, encode)
+    return lambda backbone: float(evaluate(backbone, include_test=False)["metrics"]["val/rank1"])
+
+
+def soup(
+    sweep_dir: str | Path, out_dir: str | Path, greedy: bool = False, overwrite: bool = False,
+    weights: str | None = None,
+) -> Path:  # fmt: skip
+    """Average the sweep's finished points into one model and export it (with its model card)."""
+    from handclip.model.averaging import average_states
+    from handclip.model.lora import merge_lora
+    from handclip.tools.card import model_card, run_files
+    from handclip.tools.export import check_destination, load_weights, write_export
+
+    sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
+    check_destination(out_dir, sweep_dir, overwrite)
+    points = sweep_points(sweep_dir)
+    files = {p: run_files(p) for p in points}
+    check_ingredients([(p, files[p][0]) for p in points])
+
+    ingredients, states, chosen, backbone = [], {}, set(), None
+    for point in points:
+        loaded, config, used = load_weights(point, weights)
+        merge_lora(loaded)  # adapters folded in: soups average plain weights
+        states[point] = {k: v.detach().cpu() for k, v in loaded.state_dict().items()}
+        chosen.add(used)
+        backbone = backbone or loaded
+        metrics = files[point][1]["metrics"]
+        raw = "raw/" if used == "raw" and "raw/val/rank1" in metrics else ""
+        ingredients.append({"name": point.name, "val": metrics.get(f"{raw}val/rank1"),
+                            "test": metrics.get(f"{raw}test/rank1"), "path": str(point)})  # fmt: skip
+    shapes = {k: tuple(v.shape) for k, v in states[points[0]].items()}
+    for point in points[1:]:
+        if {k: tuple(v.shape) for k, v in states[point].items()} != shapes:
+            raise HandClipError(f"{point.name} cannot go in a soup with {points[0].name}: its weights differ in shape")
+
+    notes = []
+    if greedy:
+        score = _validation(files[points[0]][0])
+        order = sorted(ingredients, key=lambda item: -(item["val"] or 0.0))
+        kept = [order[0]]
+        backbone.load_state_dict(states[Path(order[0]["path"])])
+        best = score(backbone)
+        notes.append(f"greedy soup: {order[0]['name']} first (validation Rank-1 {100 * best:.1f}%)")
+        for item in order[1:]:
+            backbone.load_state_dict(average_states([states[Path(i["path"])] for i in [*kept, item]]))
+            candidate = score(backbone)
+            verdict = "kept" if candidate >= best else "left out"
+            notes.append(f"adding {item['name']}: validation Rank-1 {100 * candidate:.1f}%, {verdict}")
+            print(f"soup: {notes[-1]}", flush=True)
+            if candidate >= best:
+                kept, best = [*kept, item], candidate
+        ingredients = kept
+    backbone.load_state_dict(average_states([states[Path(i["path"])] for i in ingredients]))
+    used = chosen.pop() if len(chosen) == 1 else "mixed"
+    marker = {"source": str(sweep_dir), "soup": [i["path"] for i in ingredients], "greedy": greedy, "weights": used}
+    config, _, policy = files[Path(ingredients[0]["path"])]
+
+    def card(export_format, load_hint):
+        return model_card(config, None, policy, weights=used, export_format=export_format, load_hint=load_hint,
+                          ingredients=ingredients, notes=notes, source=str(sweep_dir))  # fmt: skip
+
+    print(f"soup of {len(ingredients)}: {', '.join(i['name'] for i in ingredients)}", flush=True)
+    return write_export(backbone, out_dir, marker, card)

@@ -1,0 +1,140 @@
+"""An exponential moving average (EMA) of the trained weights, kept, validated and saved beside them.
+
+`ema.decay=0.998` turns it on. After every optimiser step each backbone parameter that trains (or
+will train under an unfreeze schedule) moves its average by `average += (1 - decay) * (weight -
+average)` (`torch.optim.swa_utils.get_ema_multi_avg_fn`); frozen parameters get no copy. Every
+validation scores the raw weights (`val/rank1`) and the average (`ema/val/rank1`); the average's
+score picks `best.ckpt`. Checkpoints hold the average under `checkpoint["ema"]`, so a resume
+(mid-epoch too) continues it exactly and `handclip.export` can write either set of weights.
+
+Lightning's own `WeightAveraging` callback was weighed: it deep-copies the whole module (frozen
+towers included) and swaps the average in for validation, so only one of the two is ever scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from handclip.errors import HandClipError
+from handclip.model.averaging import PREFIX
+from handclip.train.config import check_decay
+
+
+def check_resume(path: str, checkpoint: Mapping, decay: float | None) -> None:
+    """Refuse a resume that would lose the average, or start it half-way, or change its decay."""
+    saved = (checkpoint.get("ema") or {}).get("decay")
+    if saved == decay:
+        return
+    if saved is None:
+        raise HandClipError(
+            f"cannot resume {path} with ema.decay={decay}: it was trained without an EMA (ema.decay=null). "
+            "Resume with ema.decay=null, or start a new run from its weights with init_from=..."
+        )
+    raise HandClipError(
+        f"cannot resume {path} with ema.decay={decay}: it kept its EMA with ema.decay={saved}; resume with that"
+    )
+
+
+@contextmanager
+def weights_swapped(backbone: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """`weights` (a subset of the backbone's parameters, by name) in place of its own, restored on exit."""
+    parameters = dict(backbone.named_parameters())
+    kept = {}
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            kept[name] = parameters[name].detach().clone()
+            parameters[name].copy_(tensor)
+        try:
+            yield
+        finally:
+            for name, tensor in kept.items():
+                parameters[name].copy_(tensor)
+
+
+class WeightEMA(L.Callback):
+    """Keeps the EMA of the trainable backbone parameters; validates it; saves it in checkpoints."""
+
+    def __init__(self, decay: float, schedule=None):
+        self.decay = check_decay(decay)
+        self.schedule = schedule  # a FreezeSchedule: what trains later needs an average too
+        self._update = get_ema_multi_avg_fn(self.decay)
+        self.names: list[str] = []
+        self.average: list[torch.Tensor] = []
+        self.updates = 0
+        self._restored: Mapping | None = None
+        self._last_step = -1
+
+    def _trainable_names(self, backbone, epochs: int) -> list[str]:
+        ever = {id(p) for p in backbone.parameters() if p.requires_grad}
+        if self.schedule is not None:
+            for group in backbone.all_groups():
+                for name, parameter in group.parameters.items():
+                    if self.schedule.first_epoch(group, name, epochs) is not None:
+                        ever.add(id(parameter))
+        return [name for name, p in backbone.named_parameters() if id(p) in ever]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._restored = checkpoint.get("ema")  # checked by check_resume; put on the device at fit start
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        backbone = pl_module.backbone
+        parameters = dict(backbone.named_parameters())
+        self.names = self._trainable_names(backbone, max(int(trainer.max_epochs or 1), 1))
+        if self._restored is not None:
+            state = self._restored["state"]
+            missing = [n for n in self.names if PREFIX + n not in state]
+            if missing:
+                raise HandClipError(f"the checkpoint's EMA weights lack {missing[0]}: it was written by another model")
+            self.average = [state[PREFIX + n].to(parameters[n].device, parameters[n].dtype) for n in self.names]
+            self.updates = int(self._restored["updates"])
+            self._restored = None
+        else:
+            self.average = [parameters[n].detach().clone() for n in self.names]
+            self.updates = 0
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:  # gradient accumulation: no optimiser step yet
+            return
+        self._last_step = trainer.global_step
+        parameters = dict(pl_module.backbone.named_parameters())
+        with torch.no_grad():
+            self._update(self.average, [parameters[n].detach() for n in self.names], self.updates)
+        self.updates += 1
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The averaged weights by backbone parameter name."""
+        return dict(zip(self.names, self.average, strict=True))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self.names:
+            return
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        features, index = [], []
+        with weights_swapped(pl_module.backbone, self.weights()):
+            for loader in loaders:
+                for batch in loader:
+                    pixels = batch["pixel_values"].to(pl_module.device)
+                    with trainer.precision_plugin.forward_context():  # the feature validation_step scores
+                        encoded = pl_module.encode(pl_module.backbone, pixels) if pl_module.encode else \
+                            pl_module.backbone.encode_image(pixels)  # fmt: skip
+                    features.append(encoded.float())
+                    index.append(batch["index"].to(pl_module.device))
+        if not features:
+            return
+        metrics = pl_module.validation_metrics(features, index)
+        for name in ("val/rank1", "val/rank5", "val/mAP"):
+            pl_module.log(f"ema/{name}", metrics[name], prog_bar=name == "val/rank1", rank_zero_only=False)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["ema"] = {
+            "decay": self.decay,
+            "updates": self.updates,
+            "state": {PREFIX + n: t.detach().cpu().clone() for n, t in zip(self.names, self.average, strict=True)},
+        }
