@@ -366,6 +366,23 @@ class HFBackbone(Backbone):
         }  # fmt: skip
 
     # weights ---------------------------------------------------------------------------------
+    def blocks(self, tower: str) -> list[nn.Module]:
+        model = self.model.vision_model if tower == "vision" else self.model.text_model
+        return list(model.encoder.layers)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            # non-reentrant: blocks whose inputs need no gradient (above a frozen prefix) still get theirs
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.model.is_gradient_checkpointing:
+            self.model.gradient_checkpointing_disable()
+
+    def set_attention(self, implementation: str) -> None:
+        try:
+            self.model.set_attn_implementation(implementation)
+        except (ValueError, ImportError) as error:
+            raise ConfigError(f"compute.attention={implementation}: {first_line(error)}") from None
+
     def replace_projection(self, tower: str, dim: int, generator: torch.Generator) -> nn.Module:
         attribute = "visual_projection" if tower == "vision" else "text_projection"
         old = getattr(self.model, attribute)

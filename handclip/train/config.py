@@ -13,7 +13,7 @@ import difflib
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from handclip.build import check_keywords
@@ -21,11 +21,12 @@ from handclip.errors import ConfigError, HandClipError, first_line
 from handclip.eval.evaluator import EvalSettings
 from handclip.model.backbone import BackboneFacts
 from handclip.model.freeze import FreezePolicy, apply_freeze
+from handclip.train.compute import Compute, contrastive_accumulation_refused
 
 # the top-level settings a run reads; anything else is a typo
 TOP_LEVEL = (
     "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "dry_run", "paths", "backbone", "freeze",
-    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep",
+    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep", "compute",
 )  # fmt: skip
 # what a resumed run must share with the checkpoint it resumes
 SIGNATURE_KEYS = ("backbone", "freeze", "projection", "loss")
@@ -46,6 +47,7 @@ class Components:
     logger: Callable  # finished with save_dir
     callbacks: list
     trainer: Callable  # finished with logger, callbacks, plugins, default_root_dir
+    compute: Compute = field(default_factory=Compute)  # accumulation, checkpointing, attention, compile
 
 
 def _flat_keys(tree: Mapping, prefix: str = "") -> list[str]:
@@ -189,10 +191,10 @@ def _try_trainer(trainer: Callable) -> None:
         quiet.setLevel(level)
 
 
-def _try_objective(objective: Callable, facts: BackboneFacts | None) -> None:
+def _try_objective(objective: Callable, facts: BackboneFacts | None):
     """Finish the objective once with stand-in run-time facts, so its terms' settings fail now."""
     try:
-        objective(num_identities=2, embed_dim=facts.projection_dim if facts else 64)
+        return objective(num_identities=2, embed_dim=facts.projection_dim if facts else 64)
     except ConfigError:
         raise
     except Exception as error:  # noqa: BLE001 - one line naming the section
@@ -241,9 +243,15 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
         # the policy on the model's structure (no weights): its depths, and a pattern that matches nothing
         skeleton = backbone.skeleton()
         apply_freeze(skeleton, freeze, always_trainable=projection.apply(skeleton))
-    _try_objective(objective, facts)
+    refused = contrastive_accumulation_refused(cfg["trainer"], _try_objective(objective, facts).needs_text)
+    if refused:
+        raise refused
+    compute = _build("compute", cfg.get("compute") or {"_target_": "handclip.train.compute.Compute"})
+    if not isinstance(compute, Compute):
+        raise ConfigError(f"compute._target_={cfg['compute']['_target_']} is not a handclip.train.compute.Compute")
+    compute.check(data.batch_size, cfg["trainer"], str(cfg["trainer"].get("precision")))
     return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
-                      callbacks, trainer)  # fmt: skip
+                      callbacks, trainer, compute)  # fmt: skip
 
 
 def check_config(cfg: Mapping) -> Components:

@@ -20,6 +20,8 @@ from handclip.losses import LossInputs, Objective, clamp_logit_scale
 from handclip.model.backbone import Backbone
 from handclip.model.freeze import FreezePolicy
 from handclip.model.schedule import FreezeSchedule
+from handclip.train.accumulate import accumulated_backward, split_batch
+from handclip.train.compute import Compute
 from handclip.train.optim import Optimization, ParameterInfo
 
 
@@ -33,7 +35,7 @@ class FineTuner(L.LightningModule):
     def __init__(
         self, backbone: Backbone, objective: Objective, optimization: Optimization, val_rows: Sequence[dict] = (),
         heads: Sequence[torch.nn.Parameter] = (), signature: Mapping[str, Any] | None = None,
-        freeze: FreezePolicy | None = None,
+        freeze: FreezePolicy | None = None, compute: Compute | None = None,
     ):  # fmt: skip
         super().__init__()
         # what a resumed run must share with the run that wrote the checkpoint
@@ -47,6 +49,7 @@ class FineTuner(L.LightningModule):
         self.heads = list(heads)
         self._heads = {id(p) for p in heads}
         self.freeze = freeze
+        self.compute = compute or Compute()
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
         # training time carried across resumes (wall time of one process would restart at 0)
@@ -55,6 +58,11 @@ class FineTuner(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_started = time.time()
+        if self.compute.accumulate > 1 and self.trainer.world_size > 1:
+            raise HandClipError(
+                f"compute.accumulate={self.compute.accumulate} runs on one device only (this run has "
+                f"{self.trainer.world_size} processes): use compute.accumulate=1 with several devices"
+            )
 
     def train_seconds(self) -> float:
         """Seconds spent in fit, over this process and the runs it resumed."""
@@ -78,6 +86,8 @@ class FineTuner(L.LightningModule):
         return self.all_gather(tensor, sync_grads=grads).flatten(0, 1)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        if self.compute.accumulate > 1:
+            return self._accumulated_step(batch)
         image = self.backbone.encode_image(batch["pixel_values"])
         text = None
         if self.objective.needs_text:
@@ -87,6 +97,10 @@ class FineTuner(L.LightningModule):
             identities=self._gather(batch["identities"], grads=False),
         )  # fmt: skip
         loss, parts = self.objective(inputs)
+        self._check_and_log(loss, parts, len(batch["pixel_values"]))
+        return loss
+
+    def _check_and_log(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor], size: int) -> None:
         if not torch.isfinite(loss):
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             raise NonFiniteLossError(
@@ -94,13 +108,46 @@ class FineTuner(L.LightningModule):
                 f"last lr {lr:.3g}, logit_scale {self.backbone.logit_scale.item():.3f}. The last good "
                 "checkpoint is kept: lower optim.lr or raise trainer.gradient_clip_val and resume"
             )
-        size = len(batch["pixel_values"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if len(parts) > 1:
             for name, value in parts.items():
                 self.log(f"train/loss_{name}", value, batch_size=size)
         self.log("train/temperature", 1.0 / self.backbone.logit_scale.exp(), batch_size=size)
-        return loss
+
+    # contrastive accumulation (handclip.train.accumulate): the batch in micro-batches, all negatives kept
+    def _trains(self, tower: str) -> bool:
+        return any(p.requires_grad for g in self.backbone.layer_groups(tower) for p in g.parameters.values())
+
+    def _accumulated_step(self, batch: dict) -> torch.Tensor:
+        self.zero_grad(set_to_none=True)  # Lightning's zero_grad is held back: the gradient is built here
+        size = len(batch["pixel_values"])
+        needs_text = self.objective.needs_text
+        trains = {"vision": self._trains("vision"), "text": needs_text and self._trains("text")}
+
+        def encode(chunk: dict, again: bool) -> dict:
+            features = {"image": None, "text": None}
+            if not again or trains["vision"]:
+                features["image"] = self.backbone.encode_image(chunk["pixel_values"])
+            if needs_text and (not again or trains["text"]):
+                features["text"] = self.backbone.encode_text(chunk["input_ids"], chunk["attention_mask"])
+            return features
+
+        def loss_of(features: dict) -> tuple[torch.Tensor, dict]:
+            inputs = LossInputs(
+                image=features["image"], text=features.get("text"), logit_scale=self.backbone.logit_scale,
+                identities=batch["identities"],
+            )  # fmt: skip
+            return self.objective(inputs)
+
+        chunks = split_batch(batch, self.compute.accumulate, size)
+        loss, parts, surrogate = accumulated_backward(encode, loss_of, chunks, self.device)
+        self._check_and_log(loss, parts, size)
+        return surrogate
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # with contrastive accumulation the gradient is partly built inside training_step, which runs first
+        if self.compute.accumulate == 1:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

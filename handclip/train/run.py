@@ -118,6 +118,7 @@ def _train(
     report = apply_freeze(backbone, parts.freeze, always_trainable=heads)
     console.print(report.to_rich())
     write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
+    parts.compute.apply(backbone)
     objective = parts.objective(num_identities=datamodule.num_identities, embed_dim=backbone.projection_dim)
     datamodule.attach(backbone, parts.eval.batch_size)
 
@@ -129,7 +130,14 @@ def _train(
     evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, parts.eval,
                          datamodule.captioner)  # fmt: skip
     module = FineTuner(
-        backbone, objective, parts.optimization, datamodule.val_rows, heads, run_signature(cfg), parts.freeze
+        backbone,
+        objective,
+        parts.optimization,
+        datamodule.val_rows,
+        heads,
+        run_signature(cfg),
+        parts.freeze,
+        parts.compute,
     )
     if initial is not None:
         load_initial_weights(module, cfg["init_from"], initial)
