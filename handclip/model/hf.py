@@ -371,11 +371,23 @@ class HFBackbone(Backbone):
         return list(model.encoder.layers)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
+        model = self.model
+        # transformers 5 renamed it activation checkpointing; 4.x has only the old names
+        if hasattr(model, "activation_checkpointing_enable"):
+            enable, disable = model.activation_checkpointing_enable, model.activation_checkpointing_disable
+            on, kwargs = model.is_activation_checkpointing, "activation_checkpointing_kwargs"
+        else:
+            enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+            on, kwargs = model.is_gradient_checkpointing, "gradient_checkpointing_kwargs"
         if enabled:
             # non-reentrant: blocks whose inputs need no gradient (above a frozen prefix) still get theirs
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.model.is_gradient_checkpointing:
-            self.model.gradient_checkpointing_disable()
+            enable(**{kwargs: {"use_reentrant": False}})
+            # enabling also hooks the token embeddings to require gradients (for reentrant checkpoints),
+            # which would run a frozen text tower's backward for nothing
+            if hasattr(model, "_require_grads_hook"):
+                model.disable_input_require_grads()
+        elif on:
+            disable()
 
     def set_attention(self, implementation: str) -> None:
         try:
