@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from handclip.errors import ConfigError
 from handclip.losses import ContrastiveLoss, LossInputs, LossTerm, Objective
 from handclip.model import Full, LastN, TextFrozen, apply_freeze, load_backbone
-from handclip.train.accumulate import accumulated_backward, split_batch
+from handclip.train.accumulate import accumulated_backward, contrastive_step, split_batch
 from handclip.train.compute import Compute, contrastive_accumulation_refused
 from handclip.train.module import FineTuner
 from handclip.train.optim import Optimization, warmup_cosine
@@ -59,14 +59,13 @@ def gradients(backbone, objective) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in named if p.grad is not None}
 
 
-def encoder(backbone):
-    def encode(chunk: dict, again: bool) -> dict:
-        return {
-            "image": backbone.encode_image(chunk["pixel_values"]),
-            "text": backbone.encode_text(chunk["input_ids"], chunk["attention_mask"]),
-        }
-
-    return encode
+def step_gradients(backbone, objective, data: dict, accumulate: int) -> tuple[dict, float, float]:
+    """Gradients after one step's backward, the loss, and the value of what was back-propagated."""
+    backbone.zero_grad(set_to_none=True)
+    objective.zero_grad(set_to_none=True)
+    loss, _, backward = contrastive_step(backbone, objective, data, accumulate, torch.device("cpu"))
+    backward.backward()
+    return gradients(backbone, objective), loss.item(), backward.item()
 
 
 def loss_over(backbone, objective, identities):
@@ -76,47 +75,32 @@ def loss_over(backbone, objective, identities):
     return loss_of
 
 
-def big_batch_gradients(backbone, objective, data: dict) -> dict:
-    backbone.zero_grad(set_to_none=True)
-    objective.zero_grad(set_to_none=True)
-    loss, _ = loss_over(backbone, objective, data["identities"])(encoder(backbone)(data, False))
-    loss.backward()
-    return gradients(backbone, objective)
-
-
 @pytest.mark.parametrize("policy", [Full(), LastN(vision_blocks=1, text_blocks=0)], ids=["full", "last_1"])
 def test_four_micro_batches_of_8_give_the_gradients_of_one_batch_of_32(tiny_model, policy):
     apply_freeze(tiny_model, policy)
     terms, data = objective(), batch(32)
-    expected = big_batch_gradients(tiny_model, terms, data)
-
-    tiny_model.zero_grad(set_to_none=True)
-    terms.zero_grad(set_to_none=True)
-    chunks = split_batch(data, 4, 32)
-    assert [len(c["pixel_values"]) for c in chunks] == [8, 8, 8, 8]
-    loss, parts, surrogate = accumulated_backward(
-        encoder(tiny_model), loss_over(tiny_model, terms, data["identities"]), chunks, torch.device("cpu")
-    )
-    surrogate.backward()
-    got = gradients(tiny_model, terms)
+    assert [len(c["pixel_values"]) for c in split_batch(data, 4, 32)] == [8, 8, 8, 8]
+    expected, whole_loss, _ = step_gradients(tiny_model, terms, data, 1)
+    got, loss, backward = step_gradients(tiny_model, terms, data, 4)
 
     assert set(got) == set(expected)
     assert "objective.terms.sig.bias" in got and "objective.terms.sig.head.weight" in got
     assert "backbone.model.logit_scale" in got
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, msg=name)
-    assert surrogate.item() == pytest.approx(loss.item())  # what a callback reads as the step's loss
+    assert loss == pytest.approx(whole_loss, rel=1e-5)
+    assert backward == pytest.approx(loss)  # what a callback reads as the step's loss
 
 
 def test_ordinary_accumulation_is_a_different_objective(tiny_model):
     # what Lightning's accumulate_grad_batches computes: a loss per micro-batch, gradients summed
     apply_freeze(tiny_model, Full())
     terms, data = objective(), batch(32)
-    expected = big_batch_gradients(tiny_model, terms, data)
+    expected, _, _ = step_gradients(tiny_model, terms, data, 1)
     tiny_model.zero_grad(set_to_none=True)
     terms.zero_grad(set_to_none=True)
     for chunk in split_batch(data, 4, 32):
-        loss, _ = loss_over(tiny_model, terms, chunk["identities"])(encoder(tiny_model)(chunk, False))
+        loss, _, _ = contrastive_step(tiny_model, terms, chunk, 1, torch.device("cpu"))
         (loss / 4).backward()
     got = gradients(tiny_model, terms)
     name = "backbone.model.visual_projection.weight"

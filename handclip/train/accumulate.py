@@ -27,6 +27,8 @@ from contextlib import contextmanager
 
 import torch
 
+from handclip.losses import LossInputs
+
 Features = Mapping[str, torch.Tensor | None]
 
 
@@ -108,3 +110,39 @@ def accumulated_backward(
     # the loss's value with the surrogate's gradient, so whoever reads the step's output sees the loss
     surrogate = surrogate - surrogate.detach() + loss
     return loss, {name: value.detach() for name, value in parts.items()}, surrogate
+
+
+def trains(backbone, tower: str) -> bool:
+    """Whether any parameter of `tower` trains now (a frozen tower's features need no second pass)."""
+    return any(p.requires_grad for g in backbone.layer_groups(tower) for p in g.parameters.values())
+
+
+def contrastive_step(backbone, objective, batch: Mapping, accumulate: int, device: torch.device):
+    """(loss, parts, what to back-propagate) of one training batch, in `accumulate` micro-batches.
+
+    With `accumulate=1` the plain forward: back-propagating the loss. Otherwise the gradient is
+    partly accumulated here and the returned surrogate's backward completes it (see above).
+    """
+    needs_text = objective.needs_text
+
+    def loss_of(features: Mapping) -> tuple[torch.Tensor, dict]:
+        inputs = LossInputs(features["image"], features.get("text"), backbone.logit_scale, batch["identities"])
+        return objective(inputs)
+
+    towers = {"vision": True, "text": needs_text}
+    if accumulate > 1:
+        towers = {"vision": trains(backbone, "vision"), "text": needs_text and trains(backbone, "text")}
+
+    def encode(chunk: Mapping, again: bool) -> dict:
+        features = {"image": None, "text": None}
+        if not again or towers["vision"]:
+            features["image"] = backbone.encode_image(chunk["pixel_values"])
+        if needs_text and (not again or towers["text"]):
+            features["text"] = backbone.encode_text(chunk["input_ids"], chunk["attention_mask"])
+        return features
+
+    if accumulate == 1:
+        loss, parts = loss_of(encode(batch, False))
+        return loss, parts, loss
+    size = len(batch["pixel_values"])
+    return accumulated_backward(encode, loss_of, split_batch(batch, accumulate, size), device)

@@ -20,7 +20,7 @@ from handclip.losses import LossInputs, Objective, clamp_logit_scale
 from handclip.model.backbone import Backbone
 from handclip.model.freeze import FreezePolicy
 from handclip.model.schedule import FreezeSchedule
-from handclip.train.accumulate import accumulated_backward, split_batch
+from handclip.train.accumulate import contrastive_step
 from handclip.train.compute import Compute
 from handclip.train.optim import Optimization, ParameterInfo
 
@@ -114,34 +114,13 @@ class FineTuner(L.LightningModule):
                 self.log(f"train/loss_{name}", value, batch_size=size)
         self.log("train/temperature", 1.0 / self.backbone.logit_scale.exp(), batch_size=size)
 
-    # contrastive accumulation (handclip.train.accumulate): the batch in micro-batches, all negatives kept
-    def _trains(self, tower: str) -> bool:
-        return any(p.requires_grad for g in self.backbone.layer_groups(tower) for p in g.parameters.values())
-
     def _accumulated_step(self, batch: dict) -> torch.Tensor:
+        # contrastive accumulation (handclip.train.accumulate): micro-batches, every negative kept
         self.zero_grad(set_to_none=True)  # Lightning's zero_grad is held back: the gradient is built here
-        size = len(batch["pixel_values"])
-        needs_text = self.objective.needs_text
-        trains = {"vision": self._trains("vision"), "text": needs_text and self._trains("text")}
-
-        def encode(chunk: dict, again: bool) -> dict:
-            features = {"image": None, "text": None}
-            if not again or trains["vision"]:
-                features["image"] = self.backbone.encode_image(chunk["pixel_values"])
-            if needs_text and (not again or trains["text"]):
-                features["text"] = self.backbone.encode_text(chunk["input_ids"], chunk["attention_mask"])
-            return features
-
-        def loss_of(features: dict) -> tuple[torch.Tensor, dict]:
-            inputs = LossInputs(
-                image=features["image"], text=features.get("text"), logit_scale=self.backbone.logit_scale,
-                identities=batch["identities"],
-            )  # fmt: skip
-            return self.objective(inputs)
-
-        chunks = split_batch(batch, self.compute.accumulate, size)
-        loss, parts, surrogate = accumulated_backward(encode, loss_of, chunks, self.device)
-        self._check_and_log(loss, parts, size)
+        loss, parts, surrogate = contrastive_step(
+            self.backbone, self.objective, batch, self.compute.accumulate, self.device
+        )
+        self._check_and_log(loss, parts, len(batch["pixel_values"]))
         return surrogate
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
