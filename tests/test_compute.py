@@ -157,3 +157,35 @@ def test_mfu_from_the_gpu_name_or_a_given_peak():
     assert 40e9 < flops < 46e9
     assert mfu(1000.0, flops, 989e12) == pytest.approx(1000 * flops / 989e12)
     assert mfu(1000.0, None, 989e12) is None
+
+
+def test_the_dry_run_estimates_less_memory_with_micro_batches_and_checkpointing(tmp_path):
+    from rich.console import Console
+
+    from handclip.train.dry_run import dry_run
+    from tests.test_config import compose_plain
+
+    def estimate(*overrides: str) -> tuple[int, str]:
+        console = Console(record=True, width=200)
+        plan = dry_run(compose_plain(tmp_path, "experiment=demo", "freeze=full", *overrides), console)
+        return plan["memory_bytes"], console.export_text()
+
+    whole, _ = estimate()
+    micro, text = estimate("compute.accumulate=4")
+    checkpointed, _ = estimate("compute.accumulate=4", "compute.gradient_checkpointing=true")
+    assert "memory at batch 32 (4 micro-batches of 8)" in text
+    assert checkpointed < micro < whole
+
+
+def test_a_run_config_refuses_lightnings_accumulation_with_a_contrastive_loss(tmp_path):
+    from handclip.train.config import build_components
+    from tests.test_config import compose_plain
+
+    cfg = compose_plain(tmp_path, "experiment=demo", "trainer.accumulate_grad_batches=2")
+    with pytest.raises(ConfigError, match="compute.accumulate=2 to hold it in memory in 2 micro-batches"):
+        build_components(cfg, need_data=False)
+    cfg = compose_plain(tmp_path, "experiment=demo", "compute.accumulate=2", "trainer.devices=2")
+    with pytest.raises(ConfigError, match="runs on one device only"):
+        build_components(cfg, need_data=False)
+    parts = build_components(compose_plain(tmp_path, "experiment=demo", "compute.accumulate=2"), need_data=False)
+    assert parts.compute.accumulate == 2
