@@ -1,7 +1,7 @@
 """Samples/s, peak memory and MFU of one training step under compute settings, run on purpose (never in tests).
 
     python -m handclip.tools.step_bench --model vit_b32 --policy last_2 --batch 64 \\
-        --settings accumulate=1 accumulate=2 accumulate=2,checkpointing [--steps 6] [--json FILE]
+        --settings accumulate=1 accumulate=2 accumulate=2,checkpointing [--steps 6] [--repeat 2] [--json FILE]
 
 Each setting runs in its own process (so peak memory is its own): a random-weight model of the
 named architecture, a fixed random batch of images and 16-token captions, the contrastive step
@@ -156,6 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--settings", nargs="+", default=["accumulate=1", "accumulate=2"])
+    parser.add_argument("--repeat", type=int, default=1, help="run the settings this many times, interleaved")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak, when its name is unknown")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: one setting
@@ -165,7 +166,7 @@ def main(argv=None) -> None:
         print(json.dumps(row))
         return
     rows = []
-    for text in args.settings:
+    for text in [t for _ in range(args.repeat) for t in args.settings]:
         _setting(text)
         command = [sys.executable, "-m", "handclip.tools.step_bench", "--one", text, "--model", args.model,
                    "--policy", args.policy, "--batch", str(args.batch), "--steps", str(args.steps)]  # fmt: skip
@@ -176,6 +177,14 @@ def main(argv=None) -> None:
             raise SystemExit(f"{text}: {done.stderr.strip().splitlines()[-1]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+    if args.repeat > 1:  # on a shared machine the best of the interleaved runs is the least disturbed
+        best = {}
+        for row in rows:
+            key = tuple((k, v) for k, v in row.items() if k in ("accumulate", "checkpointing", "compile"))
+            if key not in best or row["samples_per_s"] > best[key]["samples_per_s"]:
+                best[key] = row
+        rows = list(best.values())
+        print("best of each:", *map(json.dumps, rows), sep="\n")
     if args.json:
         from handclip.io import write_json_atomic
 
