@@ -140,7 +140,7 @@ def _capture_gradients(grads: list):
     return Capture()
 
 
-def _fit_one_step(synthetic_hands, tmp_path, accumulate: int, policy) -> dict:
+def _fit_one_step(synthetic_hands, tmp_path, accumulate: int, policy, precision: str = "32-true") -> dict:
     backbone = load_backbone(TINY, tmp_path)
     apply_freeze(backbone, policy)
     datamodule = datamodule_for(synthetic_hands, backbone, batch_size=16)
@@ -153,7 +153,7 @@ def _fit_one_step(synthetic_hands, tmp_path, accumulate: int, policy) -> dict:
     L.Trainer(
         max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
-        gradient_clip_val=0.05, callbacks=[_capture_gradients(grads)],
+        gradient_clip_val=0.05, callbacks=[_capture_gradients(grads)], precision=precision,
     ).fit(module, datamodule=datamodule)  # fmt: skip
     return grads
 
@@ -167,6 +167,15 @@ def test_a_lightning_step_in_4_micro_batches_has_the_big_batch_gradients(synthet
         assert set(step_whole) == set(step_micro)
         for name in step_whole:
             torch.testing.assert_close(step_micro[name], step_whole[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow  # bf16 matmuls are slow on a CPU
+def test_bf16_mixed_micro_batches_agree_with_the_whole_batch_to_bf16_precision(synthetic_hands, tmp_path):
+    whole = _fit_one_step(synthetic_hands, tmp_path, 1, TextFrozen(), "bf16-mixed")
+    micro = _fit_one_step(synthetic_hands, tmp_path, 2, TextFrozen(), "bf16-mixed")
+    for name in whole[0]:
+        assert micro[0][name].dtype == torch.float32  # the parameters' gradients stay fp32
+        torch.testing.assert_close(micro[0][name], whole[0][name], atol=2e-3, rtol=5e-2, msg=name)
 
 
 def test_settings_that_would_train_something_else_are_refused():
