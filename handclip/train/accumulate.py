@@ -112,16 +112,21 @@ def accumulated_backward(
     return loss, {name: value.detach() for name, value in parts.items()}, surrogate
 
 
-def trains(backbone, tower: str) -> bool:
-    """Whether any parameter of `tower` trains now (a frozen tower's features need no second pass)."""
-    return any(p.requires_grad for g in backbone.layer_groups(tower) for p in g.parameters.values())
+def frozen_prefix(backbone, tower: str) -> tuple[bool, int]:
+    """(whether anything in `tower` trains now, how many groups from its input are frozen, at most all blocks)."""
+    groups = backbone.layer_groups(tower)
+    trained = [g.index for g in groups if any(p.requires_grad for p in g.parameters.values())]
+    blocks = sum(1 for g in groups if g.kind == "block")
+    return bool(trained), min(min(trained, default=len(groups)), blocks + 1)
 
 
 def contrastive_step(backbone, objective, batch: Mapping, accumulate: int, device: torch.device):
     """(loss, parts, what to back-propagate) of one training batch, in `accumulate` micro-batches.
 
     With `accumulate=1` the plain forward: back-propagating the loss. Otherwise the gradient is
-    partly accumulated here and the returned surrogate's backward completes it (see above).
+    partly accumulated here and the returned surrogate's backward completes it (see above). The
+    second pass starts above each tower's frozen prefix, from hidden states kept from the first
+    (one [batch, tokens, width] tensor per tower), and skips a tower in which nothing trains.
     """
     needs_text = objective.needs_text
 
@@ -129,20 +134,33 @@ def contrastive_step(backbone, objective, batch: Mapping, accumulate: int, devic
         inputs = LossInputs(features["image"], features.get("text"), backbone.logit_scale, batch["identities"])
         return objective(inputs)
 
-    towers = {"vision": True, "text": needs_text}
-    if accumulate > 1:
-        towers = {"vision": trains(backbone, "vision"), "text": needs_text and trains(backbone, "text")}
+    if accumulate == 1:
+        image = backbone.encode_image(batch["pixel_values"])
+        text = backbone.encode_text(batch["input_ids"], batch["attention_mask"]) if needs_text else None
+        loss, parts = loss_of({"image": image, "text": text})
+        return loss, parts, loss
+    vision_trains, vision_prefix = frozen_prefix(backbone, "vision")
+    text_trains, text_prefix = frozen_prefix(backbone, "text") if needs_text else (False, 0)
 
-    def encode(chunk: Mapping, again: bool) -> dict:
+    def encode(chunk: dict, again: bool) -> dict:
         features = {"image": None, "text": None}
-        if not again or towers["vision"]:
-            features["image"] = backbone.encode_image(chunk["pixel_values"])
-        if needs_text and (not again or towers["text"]):
-            features["text"] = backbone.encode_text(chunk["input_ids"], chunk["attention_mask"])
+        if not again:  # the frozen prefixes once, kept in the chunk for the second pass
+            if vision_prefix:
+                chunk["image_hidden"] = backbone.image_prefix(chunk["pixel_values"], vision_prefix)
+            if needs_text and text_prefix:
+                chunk["text_hidden"] = backbone.text_prefix(chunk["input_ids"], chunk["attention_mask"], text_prefix)
+        if not again or vision_trains:
+            if vision_prefix:
+                features["image"] = backbone.image_suffix(chunk["image_hidden"], vision_prefix)
+            else:
+                features["image"] = backbone.encode_image(chunk["pixel_values"])
+        if needs_text and (not again or text_trains):
+            ids, mask = chunk["input_ids"], chunk["attention_mask"]
+            if text_prefix:
+                features["text"] = backbone.text_suffix(chunk["text_hidden"], ids, mask, text_prefix)
+            else:
+                features["text"] = backbone.encode_text(ids, mask)
         return features
 
-    if accumulate == 1:
-        loss, parts = loss_of(encode(batch, False))
-        return loss, parts, loss
     size = len(batch["pixel_values"])
     return accumulated_backward(encode, loss_of, split_batch(batch, accumulate, size), device)
