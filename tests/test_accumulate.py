@@ -193,3 +193,14 @@ def test_settings_that_would_train_something_else_are_refused():
     with pytest.raises(ConfigError, match="compute.accumulate=0 must be an integer"):
         Compute(0)
     Compute(2).check(8, {"devices": 1, "accumulate_grad_batches": 1}, "bf16-mixed")
+
+
+def test_the_second_pass_runs_only_what_trains(tiny_model):
+    apply_freeze(tiny_model, LastN(vision_blocks=1, text_blocks=0))
+    calls = {"vision": 0, "text": 0}
+    for tower in calls:
+        for block in tiny_model.blocks(tower):
+            block.register_forward_hook(lambda *args, tower=tower: calls.__setitem__(tower, calls[tower] + 1))
+    contrastive_step(tiny_model, objective(), batch(16), 2, torch.device("cpu"))
+    # first pass: 3 vision and 2 text blocks for each of 2 micro-batches; second: the top vision block only
+    assert calls == {"vision": 3 * 2 + 1 * 2, "text": 2 * 2}
