@@ -90,3 +90,22 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
         raise HandClipError(
             f"checkpoint {path} is damaged or not a checkpoint ({type(error).__name__}: {reason})"
         ) from None
+
+
+@contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing), waiting for whoever holds it.
+
+    For things built once on first use: a second process waits here, then finds the thing built.
+    The lock goes with the process, so a killed builder never leaves it held.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

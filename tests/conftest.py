@@ -58,3 +58,9 @@ def synthetic_hands(tmp_path_factory):
     root = tmp_path_factory.mktemp("hands")
     generate_hands(root, identities=12, seed=3, image_size=(160, 120))
     return root
+
+
+@pytest.fixture(scope="session")
+def pretrained_cache(tmp_path_factory):
+    """A cache directory shared by the tests that use the demo's pretrained tiny backbone (built once, by the first)."""
+    return tmp_path_factory.mktemp("pretrained-cache")

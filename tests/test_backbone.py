@@ -152,3 +152,19 @@ def test_save_pretrained_writes_a_directory_plain_transformers_loads(tmp_path):
     again = CLIPModel.from_pretrained(out)
     assert torch.equal(again.visual_projection.weight, backbone.model.visual_projection.weight)
     assert AutoTokenizer.from_pretrained(out)("a hand")["input_ids"][-1] == 49407
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_the_pre_projection_feature_is_what_the_projection_maps_to_the_embedding(tiny_model, groups):
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        full = tiny_model.encode_image(pixels)
+        pre, projected = tiny_model.encode_image(pixels, pre_projection=True)
+        assert pre.shape == (3, tiny_model.facts.vision.width) and torch.allclose(projected, full, atol=1e-5)
+        assert torch.allclose(tiny_model.model.visual_projection(pre), full, atol=1e-5)
+        pooled = tiny_model.model.vision_model(pixel_values=pixels).pooler_output
+        assert torch.allclose(pre, pooled, atol=1e-5)
+        suffix_pre, suffix = tiny_model.image_suffix(
+            tiny_model.image_prefix(pixels, groups), groups, pre_projection=True
+        )
+        assert torch.allclose(suffix_pre, pre, atol=1e-5) and torch.allclose(suffix, full, atol=1e-5)

@@ -32,8 +32,8 @@ def test_every_experiment_composes_resolves_and_builds_every_component(tmp_path,
     parts = build_components(cfg, read_backbone_config=local)
     assert isinstance(parts.backbone, HuggingFaceCLIP) and isinstance(parts.freeze, FreezePolicy)
     assert isinstance(parts.data, HandDataModule) and parts.data.batch_size >= 2
-    objective = parts.objective(num_identities=10, embed_dim=64)
-    assert isinstance(objective, Objective) and objective.needs_text
+    objective = parts.objective(num_identities=10, embed_dim=64, pre_projection_dim=32)
+    assert isinstance(objective, Objective) and len(objective.terms) >= 1
     assert parts.optimization.lr > 0 and parts.eval.batch_size >= 1
     assert callable(parts.logger) and callable(parts.trainer) and parts.callbacks
     assert (parts.facts is not None) == local
@@ -94,6 +94,22 @@ def test_every_component_default_lives_in_conf(tmp_path):
         ("seed=-1", "seed=-1 must be an integer from 0 to 4294967295"),
         ("trainer.gradient_clip_val=abc", "trainer: "),
         ("ckpt_path=last|init_from=x.ckpt", "ckpt_path and init_from together"),
+        (
+            "loss=strong",
+            "loss.terms.identity needs P x K batches: set data.sampler=identity_balanced with "
+            "data.images_per_identity>=2 and data.batch_size = data.identities_per_batch x data.images_per_identity "
+            "(now data.sampler=random",
+        ),
+        (
+            "experiment=demo_strong|data.images_per_identity=1|data.identities_per_batch=32",
+            "now data.sampler=identity_balanced, data.images_per_identity=1",
+        ),
+        ("loss=strong|~loss.terms.identity", "loss.terms.triplet needs P x K batches"),
+        ("eval.feature=bnneck", "eval.feature=bnneck needs a BN-neck: add an identity term to loss.terms"),
+        ("eval.feature=cls", "eval.feature='cls': choose one of projected, pre_projection, bnneck, concat"),
+        ("loss=strong|loss.terms.identity.feature=cls", "IdentityLoss.feature='cls' must be one of projected"),
+        ("loss=strong|loss.terms.triplet.margin=-1", "TripletLoss.margin=-1 must be a number >= 0"),
+        ("loss=siglip|loss.terms.siglip.init_bias=abc", "SigLIPLoss.init_bias='abc' must be a finite number"),
     ],
 )
 def test_bad_settings_are_refused_before_loading(tmp_path, override, message):

@@ -126,3 +126,33 @@ def test_collator_pads_and_keeps_identities(tmp_path):
     batch = CaptionCollator(backbone.tokenize)(items)
     assert batch["input_ids"].shape[0] == 2 and batch["identities"].tolist() == [0, 1]
     assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
+
+
+def test_identity_heads_are_in_the_optimiser_at_the_head_lr_and_change_after_a_step(synthetic_hands, tmp_path):
+    from handclip.losses import IdentityLoss, TripletLoss
+
+    backbone = load_backbone(TINY, tmp_path)
+    apply_freeze(backbone, TextFrozen())
+    datamodule = datamodule_for(synthetic_hands, backbone, sampler="identity_balanced")
+    objective = Objective(
+        {"identity": IdentityLoss(datamodule.num_identities, backbone.projection_dim, backbone.facts.vision.width,
+                                  feature="both"), "triplet": TripletLoss(feature="pre_projection")},
+    )  # fmt: skip
+    optimization = Optimization(
+        lr=1e-4, weight_decay=0.0, head_lr_multiplier=10.0, optimizer=functools.partial(torch.optim.AdamW),
+        schedule=None,
+    )  # fmt: skip
+    module = FineTuner(backbone, objective, optimization, datamodule.val_rows)
+    classifier = objective.terms["identity"].necks["pre_projection"].classifier.weight
+    assert classifier.shape == (datamodule.num_identities, backbone.facts.vision.width)
+    before = {n: p.detach().clone() for n, p in objective.named_parameters()}
+    fit = trainer(1)
+    fit.fit(module, datamodule=datamodule)
+    (optimizer,) = fit.optimizers
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, parameter in objective.named_parameters():
+        assert lr_of[id(parameter)] == pytest.approx(1e-3), name  # 10 x the backbone's lr
+        if parameter.requires_grad:
+            assert not torch.equal(parameter, before[name]), f"{name} did not train"
+    neck = objective.terms["identity"].necks["projected"].norm
+    assert torch.all(neck.bias == 0) and neck.running_mean.abs().sum() > 0  # no shift learned; statistics kept

@@ -383,3 +383,19 @@ def test_lora_targets_the_mlp_only(tmp_path):
     with pytest.raises(ConfigError, match="ModifiedResNet"):
         apply_freeze(load(RN, tmp_path), Lora(rank=2, alpha=4, dropout=0.0, targets=["fc1"], towers=["vision"],
                                               blocks=1))  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", [VIT, RN], ids=["vit", "rn"])
+def test_the_pre_projection_feature_and_the_embedding_come_from_one_forward(tmp_path, spec):
+    backbone = load(spec, tmp_path).eval()
+    pixels = torch.randn(2, 3, backbone.image_size, backbone.image_size)
+    with torch.no_grad():
+        pre, projected = backbone.encode_image(pixels, pre_projection=True)
+        assert torch.allclose(projected, backbone.model.encode_image(pixels), atol=1e-5)
+        assert pre.shape == (2, backbone.facts.vision.width)
+        visual = backbone.model.visual
+        if backbone.is_resnet:  # before the attention pool: the average-pooled last stage
+            hidden = backbone.image_prefix(pixels, backbone.facts.depth("vision") + 1)
+            assert torch.allclose(pre, hidden.mean(dim=(2, 3)), atol=1e-5)
+        else:
+            assert torch.allclose(pre @ visual.proj, projected, atol=1e-5)

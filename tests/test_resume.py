@@ -30,10 +30,19 @@ def weights_of(path):
     return load_checkpoint_file(path / "runs" / "r" / "checkpoints" / "last.ckpt")["state_dict"]
 
 
-def test_killed_run_resumes_from_a_new_process_and_equals_an_uninterrupted_one(tmp_path):
-    train(tmp_path / "whole", *EPOCHS)
+# the strong baseline's objective: BN-neck identity heads (with running statistics) and triplet, P x K batches
+HEADS = [
+    "loss=strong", "loss.terms.identity.feature=both", "data.sampler=identity_balanced", "data.identities_per_batch=4",
+    "data.images_per_identity=2", "eval.feature=bnneck",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", [[], HEADS], ids=["clip", "identity_heads"])
+def test_killed_run_resumes_from_a_new_process_and_equals_an_uninterrupted_one(tmp_path, objective):
+    overrides = [*EPOCHS, *objective]
+    train(tmp_path / "whole", *overrides)
     # the same run, killed with SIGKILL once its first checkpoint exists
-    process = start(tmp_path / "split", *EPOCHS)
+    process = start(tmp_path / "split", *overrides)
     last = tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.is_file() and time.time() < deadline and process.poll() is None:
@@ -45,14 +54,17 @@ def test_killed_run_resumes_from_a_new_process_and_equals_an_uninterrupted_one(t
     epoch_at_kill, step_at_kill = load_checkpoint_file(last)["epoch"], load_checkpoint_file(last)["global_step"]
     assert epoch_at_kill < 5
     # a new process continues the same run directory
-    result = train(tmp_path / "split", *EPOCHS, "ckpt_path=last")
+    result = train(tmp_path / "split", *overrides, "ckpt_path=last")
     assert f"resuming {last}: epoch {epoch_at_kill}, step {step_at_kill}" in result.stdout
     whole, split = metrics_of(tmp_path / "whole"), metrics_of(tmp_path / "split")
     for key in ("val/rank1", "test/rank1", "test/mAP", "test_all/mAP"):
         assert split[key] == pytest.approx(whole[key], abs=1e-6), key
     a, b = weights_of(tmp_path / "whole"), weights_of(tmp_path / "split")
+    if objective:  # the heads and the necks' statistics are saved and resumed too
+        assert {"objective.terms.identity.necks.pre_projection.classifier.weight",
+                "objective.terms.identity.necks.projected.norm.running_mean"} <= set(a)  # fmt: skip
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5), name
 
 
 def test_damaged_last_checkpoint_falls_back_to_best(tmp_path):
@@ -74,6 +86,13 @@ def test_resume_with_a_changed_freeze_policy_is_refused(tmp_path):
     # and starting a new run from those weights works
     checkpoint = tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"
     train(tmp_path, "trainer.max_epochs=1", "eval.baseline=false", "run_name=r2", f"init_from={checkpoint}")
+
+
+def test_resume_with_another_objective_is_refused(tmp_path):
+    train(tmp_path, "trainer.max_epochs=1", "eval.baseline=false", "run_name=r")
+    result = train(tmp_path, "trainer.max_epochs=2", "run_name=r", "ckpt_path=last", "loss=siglip", check=False)
+    assert result.returncode == 2
+    assert "cannot resume" in result.stderr and "loss differs" in result.stderr
 
 
 def test_existing_checkpoints_are_not_overwritten_silently(tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from handclip.data.hands import ASPECTS, HANDINFO_COLUMNS, THRESHOLDS_11K
-from handclip.io import atomic_write
+from handclip.io import atomic_write, waiting_lock
 
 SKIN = {  # 11k's skinColor values and a base RGB for each
     "very fair": (236, 200, 178),
@@ -33,6 +33,7 @@ SKIN = {  # 11k's skinColor values and a base RGB for each
     "medium": (190, 140, 105),
     "dark": (130, 90, 64),
 }
+PALM = (238, 196, 182)  # the colour palms tend towards
 # split thresholds of the published protocol: the lowest one, and the highest
 _LOW_THRESHOLD, _HIGH_THRESHOLD, _MAX_ID = min(THRESHOLDS_11K.values()), max(THRESHOLDS_11K.values()), 1590
 
@@ -56,7 +57,9 @@ class Person:
     irregular: bool
 
 
-def _person(rng: np.random.Generator, pid: int) -> Person:
+def make_person(seed: int, pid: int) -> Person:
+    """Person `pid` of the population drawn with `seed` (the same person for the same pair)."""
+    rng = np.random.default_rng([seed, pid])
     skin = list(SKIN)[rng.integers(len(SKIN))]
     gender = "male" if rng.random() < 0.5 else "female"
     size = 1.06 if gender == "male" else 0.96
@@ -110,7 +113,8 @@ def render_hand(
     draw = ImageDraw.Draw(image)
 
     light = rng.uniform(0.85, 1.12)
-    tone = person.tone * (1.0 if dorsal else 1.08) * light
+    # palms are lighter and pinker than the back of the hand, the more so the darker the skin
+    tone = (person.tone if dorsal else 0.55 * person.tone + 0.45 * np.array(PALM)) * light
     skin = tuple(int(c) for c in np.clip(tone, 0, 255))
     shade = tuple(int(c) for c in np.clip(tone * 0.78, 0, 255))
 
@@ -227,6 +231,20 @@ def render_hand(
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def person_images(
+    person: Person, aspect: str, count: int, seed: int, size: tuple[int, int]
+) -> list[tuple[bool, bytes]]:
+    """`count` images of `person` from `aspect`, as (wears a ring, JPEG bytes); the same for the same arguments."""
+    images = []
+    for k in range(count):
+        rng = np.random.default_rng([seed, person.id, ASPECTS.index(aspect), k])
+        ring = bool(rng.random() < person.ring_share)
+        buffer = io.BytesIO()
+        render_hand(person, aspect, rng, size, ring).save(buffer, "JPEG", quality=90)
+        images.append((ring, buffer.getvalue()))
+    return images
+
+
 def identity_ids(identities: int, rng: np.random.Generator) -> list[int]:
     """Ids in 11k's range, half below every split threshold and half above."""
     low = identities // 2
@@ -260,21 +278,16 @@ def generate_hands(
     rows = []
     number = 0
     for pid in sorted({i for entries in plan.values() for i, _ in entries}):
-        people[pid] = _person(np.random.default_rng([seed, pid]), pid)
+        people[pid] = make_person(seed, pid)
     from tqdm.auto import tqdm
 
     for pid, person in tqdm(people.items(), desc="drawing synthetic hands", unit="person", leave=False):
         for aspect in aspects:
             count = dict(plan.get(aspect, [])).get(pid, 0)
-            for k in range(count):
+            for ring, data in person_images(person, aspect, count, seed, image_size):
                 number += 1
-                image_rng = np.random.default_rng([seed, pid, ASPECTS.index(aspect), k])
-                ring = bool(image_rng.random() < person.ring_share)
                 name = f"Hand_{number:07d}.jpg"
-                image = render_hand(person, aspect, image_rng, image_size, ring)
-                buffer = io.BytesIO()
-                image.save(buffer, "JPEG", quality=90)
-                (out / "Hands" / name).write_bytes(buffer.getvalue())
+                (out / "Hands" / name).write_bytes(data)
                 rows.append([
                     f"{pid:07d}", person.age, person.gender, person.skin, int(ring),
                     int(person.nail_colour is not None), aspect, name, int(person.irregular),
@@ -288,6 +301,7 @@ def generate_hands(
 
 
 MARKER = "synthetic.json"  # the settings a generated folder was made with
+VERSION = 2  # of the drawing; a folder drawn by another version is drawn anew (2: lighter palms)
 
 
 def _alive(pid: int) -> bool:
@@ -308,12 +322,12 @@ def ensure_synthetic(root: str | Path, identities: int, seed: int, image_size: S
     leftovers are removed by the next one. A folder this function made with other settings is
     made anew, with a message; a folder it did not make (no `synthetic.json`) is never touched.
     """
-    import fcntl
     import json
     import shutil
 
     root = Path(root)
-    settings = {"identities": int(identities), "seed": int(seed), "image_size": [int(v) for v in image_size]}
+    settings = {"identities": int(identities), "seed": int(seed), "image_size": [int(v) for v in image_size],
+                "version": VERSION}  # fmt: skip
     marker = root / MARKER
 
     def made_with() -> dict | None:
@@ -325,8 +339,7 @@ def ensure_synthetic(root: str | Path, identities: int, seed: int, image_size: S
     if made_with() == settings:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.with_name(f".{root.name}.lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second first run waits here, then finds the dataset made
+    with waiting_lock(root.with_name(f".{root.name}.lock")):  # a second first run waits, then finds it made
         for leftover in root.parent.glob(f"{root.name}.tmp*"):
             pid = leftover.name.rsplit(".tmp", 1)[-1].split("-")[0]
             if pid.isdigit() and not _alive(int(pid)):

@@ -23,8 +23,13 @@ class EvalSettings:
     flip_tta: bool  # feature of image + mirrored image, for query and gallery alike
     text: bool  # zero-shot attribute prompts and retrieval on the test images
     batch_size: int  # images per forward pass in every evaluation, validation included
+    feature: str = "projected"  # the image feature scored (handclip.eval.feature); the default is in conf/eval
 
     def __post_init__(self):
+        from handclip.eval.feature import EVAL_FEATURES
+
+        if self.feature not in EVAL_FEATURES:
+            raise ConfigError(f"eval.feature={self.feature!r}: choose one of {', '.join(EVAL_FEATURES)}")
         for key in ("baseline", "test", "flip_tta", "text"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"eval.{key}={getattr(self, key)!r} must be true or false")
@@ -37,9 +42,10 @@ class Evaluator:
 
     def __init__(
         self, rows: Sequence[dict], root: str | Path, cache_size: int, settings: EvalSettings,
-        captioner: Callable | None = None,
+        captioner: Callable | None = None, encode: Callable | None = None,
     ):  # fmt: skip
         self.rows = list(rows)
+        self.encode = encode  # the evaluation feature (handclip.eval.feature.ImageEncoder); None: projected
         self.root = root
         self.cache_size = cache_size
         self.settings = settings
@@ -56,10 +62,12 @@ class Evaluator:
         transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
         dataset = ManifestImages(image_rows, self.root, transform, self.cache_size)
         features = extract_image_features(
-            backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True
+            backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True, encode=self.encode
         )
         result = score_protocol(features, image_rows, self.rows, include_test)
-        result["_features"], result["_image_rows"] = features, image_rows  # for plots; not saved
+        joint = getattr(self.encode, "feature", "projected") == "projected"  # comparable with text embeddings
+        # for plots (in the joint space, beside captions); not saved
+        result["_features"], result["_image_rows"] = (features, image_rows) if joint else (None, None)
         if include_test and self.settings.text and self.captioner is not None:
             from handclip.eval.zeroshot import text_metrics
 
@@ -68,7 +76,13 @@ class Evaluator:
             if test:
                 chosen = [image_rows[i] for i in test]
                 captions = [self.captioner(r) for r in chosen]
-                result["metrics"].update(text_metrics(features[test], chosen, captions, backbone))
+                projected = features
+                if not joint:
+                    projected = extract_image_features(
+                        backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta
+                    )
+                    result["_features"], result["_image_rows"] = projected, image_rows
+                result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone))
         return result
 
 

@@ -26,13 +26,20 @@ CMC_RANKS = tuple(range(1, 21))
 
 @torch.no_grad()
 def extract_image_features(
-    backbone, dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False, progress: bool = False
-) -> torch.Tensor:
-    """Projected image embeddings of every item of `dataset`, in order, on the CPU.
+    backbone, dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False, progress: bool = False,
+    encode=None,
+) -> torch.Tensor:  # fmt: skip
+    """Image features of every item of `dataset`, in order, on the CPU: projected embeddings, or `encode(backbone,
+    pixels)` (a `handclip.eval.feature.ImageEncoder`).
 
     With `flip`, each feature is the sum of the image's and its mirror image's embedding
     (test-time augmentation; it is applied to query and gallery alike).
     """
+    if encode is None:
+
+        def encode(model, pixels):
+            return model.encode_image(pixels)
+
     from tqdm.auto import tqdm
 
     device = next(backbone.parameters()).device
@@ -43,9 +50,9 @@ def extract_image_features(
     for batch in tqdm(loader, desc="extracting features", disable=not progress, leave=False):
         pixels = batch["pixel_values"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embedding = backbone.encode_image(pixels).float()
+            embedding = encode(backbone, pixels).float()
             if flip:
-                embedding = embedding + backbone.encode_image(pixels.flip(-1)).float()
+                embedding = embedding + encode(backbone, pixels.flip(-1)).float()
         features.append(embedding.cpu())
     backbone.train(was_training)
     return torch.cat(features) if features else torch.empty(0)

@@ -1,7 +1,7 @@
 """What fine-tuning did to CLIP's language side: attribute prompts and image-text retrieval.
 
 - Attribute classification: each image is given the class whose prompt embedding is closest
-  (aspect, gender, nail polish, accessories, as the metadata has them and where the images
+  (aspect, gender, skin, nail polish, accessories, as the metadata has them and where the images
   hold more than one class). Accuracy is reported with the majority-class share beside it.
 - Retrieval: images and their captions; image->text and text->image Recall@1/5/10, where a
   caption shared by several images (one person's hand) counts as right for each of them.
@@ -20,6 +20,7 @@ from handclip.eval.reid import match_ranks, similarity
 ATTRIBUTE_PROMPTS = {
     "aspect": ("aspect", {a: f"a photo of the {a} hand" for a in ASPECTS}),
     "gender": ("gender", {"male": "a photo of a man's hand", "female": "a photo of a woman's hand"}),
+    "skin": ("skinColor", {s: f"a photo of a hand with {s} skin" for s in ("very fair", "fair", "medium", "dark")}),
     "nail_polish": (
         "nailPolish",
         {"1": "a photo of a hand with painted nails", "0": "a photo of a hand with bare nails"},

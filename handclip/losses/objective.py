@@ -8,7 +8,8 @@ the backbone.
 
 Some terms can only be built once the data is read (an identity head needs the number of
 identities): their config says `_partial_: true`, and the objective finishes them with the
-run-time facts their constructor asks for by name (`num_identities`, `embed_dim`).
+run-time facts their constructor asks for by name (`num_identities`, `embed_dim` (the projected
+width) and `pre_projection_dim` (the image tower's width before the projection)).
 
     _target_: handclip.losses.Objective
     _partial_: true
@@ -28,21 +29,37 @@ from torch import nn
 
 from handclip.errors import ConfigError
 
+FEATURES = ("projected", "pre_projection")  # the image features a term can ask for
+
 
 @dataclass
 class LossInputs:
-    """What a loss term may read. Features are unnormalised [batch, dim]."""
+    """What a loss term may read. Features are unnormalised [batch, dim].
+
+    `image` is the projected image embedding; `image_pre_projection` the image tower's pooled
+    feature before the projection, given when a term asks for it (`needs_pre_projection`).
+    """
 
     image: torch.Tensor
     text: torch.Tensor | None
     logit_scale: torch.Tensor
     identities: torch.Tensor | None = None
+    image_pre_projection: torch.Tensor | None = None
+
+    def feature(self, name: str) -> torch.Tensor:
+        """The image feature `projected` or `pre_projection`."""
+        feature = self.image if name == "projected" else self.image_pre_projection
+        if feature is None:
+            raise ValueError(f"the {name} image feature was not computed for this batch")
+        return feature
 
 
 class LossTerm(nn.Module):
     """Base class of a loss term: a weight, and `forward(inputs) -> scalar`."""
 
     needs_text = False  # whether the training step must encode the captions for this term
+    needs_pre_projection = False  # whether it reads the pre-projection image feature
+    needs_identity_batches = False  # whether it needs P x K batches (K >= 2 images of each identity)
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -52,6 +69,12 @@ class LossTerm(nn.Module):
 
     def error(self, key: str, value: Any, allowed: str) -> ConfigError:
         return ConfigError(f"loss: {type(self).__name__}.{key}={value!r} must be {allowed}")
+
+    def fraction(self, key: str, value: Any) -> float:
+        """`value` as a number in [0, 1), or a one-line error naming `key`."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise self.error(key, value, "a number in [0, 1)")
+        return float(value)
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -76,16 +99,31 @@ def _finish(name: str, term: Any, facts: Mapping[str, Any]) -> LossTerm:
 class Objective(nn.Module):
     """Weighted sum of loss terms; owns their learnable parts."""
 
-    def __init__(self, terms: Mapping[str, Any], num_identities: int | None = None, embed_dim: int | None = None):
+    def __init__(
+        self, terms: Mapping[str, Any], num_identities: int | None = None, embed_dim: int | None = None,
+        pre_projection_dim: int | None = None,
+    ):  # fmt: skip
         super().__init__()
         if not isinstance(terms, Mapping) or not terms:
             raise ConfigError("loss.terms is empty: give at least one loss term (see conf/loss/)")
-        facts = {"num_identities": num_identities, "embed_dim": embed_dim}
+        facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim}
         self.terms = nn.ModuleDict({name: _finish(name, term, facts) for name, term in terms.items()})
 
     @property
     def needs_text(self) -> bool:
         return any(term.needs_text for term in self.terms.values())
+
+    @property
+    def needs_pre_projection(self) -> bool:
+        return any(term.needs_pre_projection for term in self.terms.values())
+
+    def terms_needing(self, need: str) -> list[str]:
+        """Names of the terms with `need` (e.g. `needs_identity_batches`) set."""
+        return [name for name, term in self.terms.items() if getattr(term, need)]
+
+    def neck(self) -> LossTerm | None:
+        """The first term with a BN-neck (an identity loss), whose output can be the evaluation feature."""
+        return next((term for term in self.terms.values() if hasattr(term, "neck_features")), None)
 
     def forward(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, each term's unweighted value)."""

@@ -108,8 +108,12 @@ class Backbone(nn.Module):
         """`input_ids` and `attention_mask` for `texts`, padded to the longest, truncated to the context."""
         raise NotImplementedError
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected, unnormalised image embeddings [batch, projection_dim]."""
+    def encode_image(self, pixel_values: torch.Tensor, pre_projection: bool = False):
+        """Projected, unnormalised image embeddings [batch, projection_dim].
+
+        With `pre_projection`, the pair (pooled feature before the projection [batch, vision width],
+        projected embedding), from one forward pass.
+        """
         raise NotImplementedError
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,8 +129,11 @@ class Backbone(nn.Module):
         """Hidden states after the first `groups` image groups (1 = embeddings only, L+1 = all blocks)."""
         raise NotImplementedError
 
-    def image_suffix(self, hidden: torch.Tensor, groups: int) -> torch.Tensor:
-        """The image embedding from hidden states that `image_prefix(..., groups)` returned."""
+    def image_suffix(self, hidden: torch.Tensor, groups: int, pre_projection: bool = False):
+        """The image embedding from hidden states that `image_prefix(..., groups)` returned.
+
+        With `pre_projection`, the pair (pre-projection feature, embedding), as `encode_image`.
+        """
         raise NotImplementedError
 
     def text_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, groups: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from handclip.errors import BackboneError, ConfigError, first_line
+from handclip.io import waiting_lock, write_json_atomic
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts, tower_groups
 from handclip.settings import plain_dict
 
@@ -119,7 +120,7 @@ class HuggingFaceCLIP:
     """A backbone spec for `transformers.CLIPModel`: cheap to build, `load()` brings the weights."""
 
     def __init__(self, source: str | None = None, name: str | None = None, config: Mapping | None = None,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, pretrain: Mapping | None = None):  # fmt: skip
         if not source:
             raise ConfigError(
                 "backbone.source is missing: give a hub id (openai/clip-vit-base-patch32), "
@@ -133,6 +134,13 @@ class HuggingFaceCLIP:
         self.name = name or self.source
         self.config = plain_dict(config or {}, "backbone.config")
         self.seed = seed
+        if pretrain is not None and source != TINY:
+            raise ConfigError(f"backbone.pretrain is only for source=tiny; backbone.source={source} is already trained")
+        self.pretrain = None
+        if pretrain is not None:
+            from handclip.model.pretrain import Pretraining
+
+            self.pretrain = Pretraining.from_settings(plain_dict(pretrain, "backbone.pretrain"))
 
     def clip_config(self):
         """The model's `CLIPConfig`, without loading any weights."""
@@ -161,33 +169,54 @@ class HuggingFaceCLIP:
         return HFBackbone(model, None, processor, self.source)
 
     def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
-        """Build the tiny backbone once (seeded random weights) and return its directory."""
-        from transformers import CLIPImageProcessor, CLIPModel
+        """Build the tiny backbone once (seeded random weights, then pretrained if asked) and return its directory."""
+        key = {"config": self.config, "seed": self.seed}
+        if self.pretrain is not None:
+            key["pretrain"] = self.pretrain.key()
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        kind = "tiny" if self.pretrain is None else "tiny-pretrained"
+        out = Path(cache_dir or default_cache_dir()) / "backbones" / f"{kind}-{digest}"
+
+        def built() -> bool:
+            return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+        if built():
+            return out
+        # a second process building the same model waits here, then finds it built
+        with waiting_lock(out.with_name(f".{out.name}.lock")):
+            if not built():
+                tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+                self._build_tiny(tmp)
+                tmp.rename(out)
+        return out
+
+    def _build_tiny(self, out: Path) -> None:
+        import shutil
+
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         from handclip.model.tokenizer import build_clip_tokenizer
 
+        shutil.rmtree(out, ignore_errors=True)  # a killed build of this process id
         config = tiny_clip_config(self.config)
-        key = json.dumps({"config": self.config, "seed": self.seed}, sort_keys=True)
-        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-        out = Path(cache_dir or default_cache_dir()) / "backbones" / f"tiny-{digest}"
-        if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-            return out
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         # a private random stream: building the cache must not change the run's own random numbers
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = CLIPModel(config)
-        model.save_pretrained(tmp, safe_serialization=True)
-        build_clip_tokenizer(tmp)
-        size = config.vision_config.image_size
-        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
-        if out.exists():  # another process won the race
-            import shutil
+            build_clip_tokenizer(out)
+            size = config.vision_config.image_size
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+            processor.save_pretrained(out)
+            if self.pretrain is not None:
+                from handclip.model.pretrain import pretrain_tiny
 
-            shutil.rmtree(tmp, ignore_errors=True)
-            return out
-        tmp.rename(out)
-        return out
+                print("pretraining the tiny CLIP once on synthetic hands (a few minutes on a CPU); "
+                      f"kept in {out.parent}", flush=True)  # fmt: skip
+                backbone = HFBackbone(model, AutoTokenizer.from_pretrained(out), processor, TINY)
+                report = pretrain_tiny(backbone, self.pretrain, self.seed)
+                write_json_atomic(out / "pretraining.json", report)
+                print(f"pretrained in {report['seconds']:.0f} s; loss by epoch {report['epoch_loss']}", flush=True)
+        model.save_pretrained(out, safe_serialization=True)
 
     def load(self, cache_dir: str | Path | None = None) -> HFBackbone:
         """Model, tokenizer and image processor through `from_pretrained`."""
@@ -263,8 +292,11 @@ class HFBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.text_tokenizer(texts)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _tensor(self.model.get_image_features(pixel_values=pixel_values))
+    def encode_image(self, pixel_values: torch.Tensor, pre_projection: bool = False):
+        if not pre_projection:
+            return _tensor(self.model.get_image_features(pixel_values=pixel_values))
+        pooled = self.model.vision_model(pixel_values=pixel_values).pooler_output  # post_layernorm(CLS)
+        return pooled, self.model.visual_projection(pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return _tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
@@ -318,11 +350,13 @@ class HFBackbone(Backbone):
         hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
         return self._blocks(vision, hidden, 0, blocks)
 
-    def image_suffix(self, hidden: torch.Tensor, groups: int) -> torch.Tensor:
+    def image_suffix(self, hidden: torch.Tensor, groups: int, pre_projection: bool = False):
         blocks = self._check_groups("vision", groups)
         vision = self.model.vision_model
         hidden = self._blocks(vision, hidden, blocks, len(vision.encoder.layers))
-        return self.model.visual_projection(vision.post_layernorm(hidden[:, 0, :]))
+        pooled = vision.post_layernorm(hidden[:, 0, :])
+        projected = self.model.visual_projection(pooled)
+        return (pooled, projected) if pre_projection else projected
 
     def _text_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         # CLIP's causal mask plus padding, as one additive mask [batch, 1, seq, seq]

@@ -527,8 +527,10 @@ class OpenCLIPBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.text_tokenizer(texts)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor, pre_projection: bool = False):
         self._keep_frozen_batchnorm()
+        if pre_projection:
+            return self.image_suffix(self.image_prefix(pixel_values, 1), 1, pre_projection=True)
         return self.model.encode_image(pixel_values)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -642,17 +644,20 @@ class OpenCLIPBackbone(Backbone):
             return hidden
         return self._blocks(visual.transformer, visual._embeds(pixel_values), 0, blocks)
 
-    def image_suffix(self, hidden: torch.Tensor, groups: int) -> torch.Tensor:
+    def image_suffix(self, hidden: torch.Tensor, groups: int, pre_projection: bool = False):
         blocks = self._check_groups("vision", groups)
         self._keep_frozen_batchnorm()
         visual = self.model.visual
         if self.is_resnet:
             for stage in self._stages()[blocks:]:
                 hidden = stage(hidden)
-            return visual.attnpool(hidden)
+            projected = visual.attnpool(hidden)
+            # the attention pool is the projection: before it, the average-pooled map (as CLIP-ReID's RN50)
+            return (hidden.mean(dim=(2, 3)), projected) if pre_projection else projected
         hidden = self._blocks(visual.transformer, hidden, blocks, len(visual.transformer.resblocks))
         pooled, _ = visual._pool(hidden)
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        projected = pooled @ visual.proj if visual.proj is not None else pooled
+        return (pooled, projected) if pre_projection else projected
 
     def _text_mask(self, length: int) -> torch.Tensor | None:
         mask = getattr(self._text, "attn_mask", None)

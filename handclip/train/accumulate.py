@@ -129,31 +129,39 @@ def contrastive_step(backbone, objective, batch: Mapping, accumulate: int, devic
     (one [batch, tokens, width] tensor per tower), and skips a tower in which nothing trains.
     """
     needs_text = objective.needs_text
+    needs_pre = bool(getattr(objective, "needs_pre_projection", False))
 
     def loss_of(features: Mapping) -> tuple[torch.Tensor, dict]:
-        inputs = LossInputs(features["image"], features.get("text"), backbone.logit_scale, batch["identities"])
+        inputs = LossInputs(
+            features["image"], features.get("text"), backbone.logit_scale, batch["identities"],
+            image_pre_projection=features.get("image_pre_projection"),
+        )  # fmt: skip
         return objective(inputs)
 
+    def image_features(pixels: torch.Tensor, hidden: torch.Tensor | None, prefix: int) -> dict:
+        # (pre-projection feature when a term reads it, projected embedding), from the pixels or a prefix's output
+        out = backbone.image_suffix(hidden, prefix, needs_pre) if prefix else backbone.encode_image(pixels, needs_pre)
+        pre, image = out if needs_pre else (None, out)
+        return {"image": image, "image_pre_projection": pre}
+
     if accumulate == 1:
-        image = backbone.encode_image(batch["pixel_values"])
-        text = backbone.encode_text(batch["input_ids"], batch["attention_mask"]) if needs_text else None
-        loss, parts = loss_of({"image": image, "text": text})
+        features = image_features(batch["pixel_values"], None, 0)
+        if needs_text:
+            features["text"] = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+        loss, parts = loss_of(features)
         return loss, parts, loss
     vision_trains, vision_prefix = frozen_prefix(backbone, "vision")
     text_trains, text_prefix = frozen_prefix(backbone, "text") if needs_text else (False, 0)
 
     def encode(chunk: dict, again: bool) -> dict:
-        features = {"image": None, "text": None}
+        features: dict = {"image": None, "image_pre_projection": None, "text": None}
         if not again:  # the frozen prefixes once, kept in the chunk for the second pass
             if vision_prefix:
                 chunk["image_hidden"] = backbone.image_prefix(chunk["pixel_values"], vision_prefix)
             if needs_text and text_prefix:
                 chunk["text_hidden"] = backbone.text_prefix(chunk["input_ids"], chunk["attention_mask"], text_prefix)
         if not again or vision_trains:
-            if vision_prefix:
-                features["image"] = backbone.image_suffix(chunk["image_hidden"], vision_prefix)
-            else:
-                features["image"] = backbone.encode_image(chunk["pixel_values"])
+            features.update(image_features(chunk["pixel_values"], chunk.get("image_hidden"), vision_prefix))
         if needs_text and (not again or text_trains):
             ids, mask = chunk["input_ids"], chunk["attention_mask"]
             if text_prefix:

@@ -19,6 +19,7 @@ from typing import Any
 from handclip.build import check_keywords
 from handclip.errors import ConfigError, HandClipError, first_line
 from handclip.eval.evaluator import EvalSettings
+from handclip.eval.feature import ImageEncoder
 from handclip.model.backbone import BackboneFacts
 from handclip.model.freeze import FreezePolicy, apply_freeze
 from handclip.train.compute import Compute, contrastive_accumulation_refused
@@ -40,7 +41,7 @@ class Components:
     facts: BackboneFacts | None
     freeze: FreezePolicy
     projection: Any  # Keep | Replace: .check(facts), .apply(backbone)
-    objective: Callable  # finished with num_identities / embed_dim
+    objective: Callable  # finished with num_identities / embed_dim / pre_projection_dim
     optimization: Any
     data: Any  # HandDataModule
     eval: EvalSettings
@@ -192,13 +193,30 @@ def _try_trainer(trainer: Callable) -> None:
 
 
 def _try_objective(objective: Callable, facts: BackboneFacts | None):
-    """Finish the objective once with stand-in run-time facts, so its terms' settings fail now."""
+    """Finish the objective once with stand-in run-time facts, so its terms' settings fail now; return it."""
     try:
-        return objective(num_identities=2, embed_dim=facts.projection_dim if facts else 64)
+        return objective(
+            num_identities=2, embed_dim=facts.projection_dim if facts else 64,
+            pre_projection_dim=facts.vision.width if facts else 64,
+        )  # fmt: skip
     except ConfigError:
         raise
     except Exception as error:  # noqa: BLE001 - one line naming the section
         raise ConfigError(f"loss: {first_line(error)}") from None
+
+
+def _check_identity_batches(objective, data: Mapping) -> None:
+    """Triplet and identity terms need P identities x K >= 2 images in every batch: say what to set."""
+    wanted = objective.terms_needing("needs_identity_batches")
+    if not wanted:
+        return
+    k = data.get("images_per_identity")
+    if data.get("sampler") != "identity_balanced" or isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ConfigError(
+            f"loss.terms.{wanted[0]} needs P x K batches: set data.sampler=identity_balanced with "
+            f"data.images_per_identity>=2 and data.batch_size = data.identities_per_batch x data.images_per_identity "
+            f"(now data.sampler={data.get('sampler')}, data.images_per_identity={k})"
+        )
 
 
 def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data: bool = True) -> Components:
@@ -243,7 +261,10 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
         # the policy on the model's structure (no weights): its depths, and a pattern that matches nothing
         skeleton = backbone.skeleton()
         apply_freeze(skeleton, freeze, always_trainable=projection.apply(skeleton))
-    refused = contrastive_accumulation_refused(cfg["trainer"], _try_objective(objective, facts).needs_text)
+    finished = _try_objective(objective, facts)
+    _check_identity_batches(finished, cfg["data"])
+    ImageEncoder(settings.feature, finished)  # eval.feature=bnneck needs a BN-neck in the objective
+    refused = contrastive_accumulation_refused(cfg["trainer"], finished.needs_text)
     if refused:
         raise refused
     compute = _build("compute", cfg.get("compute") or {"_target_": "handclip.train.compute.Compute"})

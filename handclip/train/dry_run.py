@@ -72,7 +72,9 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
     from handclip.losses import Objective
     from handclip.train.module import FineTuner
 
-    objective: Objective = parts.objective(num_identities=2, embed_dim=facts.projection_dim)
+    objective: Objective = parts.objective(
+        num_identities=2, embed_dim=facts.projection_dim, pre_projection_dim=facts.vision.width
+    )
     module = FineTuner(skeleton, objective, parts.optimization, heads=heads, freeze=parts.freeze)
     infos = module.optimised_parameters()
     groups = parts.optimization.parameter_groups(infos)

@@ -8,7 +8,7 @@ It wraps plain parts of the package: the backbone (`handclip.model`), the object
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -35,7 +35,7 @@ class FineTuner(L.LightningModule):
     def __init__(
         self, backbone: Backbone, objective: Objective, optimization: Optimization, val_rows: Sequence[dict] = (),
         heads: Sequence[torch.nn.Parameter] = (), signature: Mapping[str, Any] | None = None,
-        freeze: FreezePolicy | None = None, compute: Compute | None = None,
+        freeze: FreezePolicy | None = None, encode: Callable | None = None, compute: Compute | None = None,
     ):  # fmt: skip
         super().__init__()
         # what a resumed run must share with the run that wrote the checkpoint
@@ -49,6 +49,7 @@ class FineTuner(L.LightningModule):
         self.heads = list(heads)
         self._heads = {id(p) for p in heads}
         self.freeze = freeze
+        self.encode = encode  # the validation feature (eval.feature); None: the projected embedding
         self.compute = compute or Compute()
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
@@ -85,16 +86,23 @@ class FineTuner(L.LightningModule):
             return tensor
         return self.all_gather(tensor, sync_grads=grads).flatten(0, 1)
 
+    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(pre-projection feature or None, projected embedding): what the objective reads."""
+        if self.objective.needs_pre_projection:
+            return self.backbone.encode_image(pixel_values, pre_projection=True)
+        return None, self.backbone.encode_image(pixel_values)
+
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         if self.compute.accumulate > 1:
             return self._accumulated_step(batch)
-        image = self.backbone.encode_image(batch["pixel_values"])
+        pre_projection, image = self.image_features(batch["pixel_values"])
         text = None
         if self.objective.needs_text:
             text = self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
         inputs = LossInputs(
             image=self._gather(image), text=self._gather(text), logit_scale=self.backbone.logit_scale,
             identities=self._gather(batch["identities"], grads=False),
+            image_pre_projection=self._gather(pre_projection),
         )  # fmt: skip
         loss, parts = self.objective(inputs)
         self._check_and_log(loss, parts, len(batch["pixel_values"]))
@@ -136,7 +144,9 @@ class FineTuner(L.LightningModule):
         self._val_features, self._val_index = [], []
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        self._val_features.append(self.backbone.encode_image(batch["pixel_values"]).float())
+        pixels = batch["pixel_values"]
+        feature = self.encode(self.backbone, pixels) if self.encode else self.backbone.encode_image(pixels)
+        self._val_features.append(feature.float())
         self._val_index.append(batch["index"])
 
     def on_validation_epoch_end(self) -> None:

@@ -99,6 +99,7 @@ def _train(
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from handclip.eval.evaluator import Evaluator
+    from handclip.eval.feature import ImageEncoder
     from handclip.model.freeze import apply_freeze
     from handclip.model.schedule import FreezeSchedule
     from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, FollowFreezeSchedule, GracefulStop
@@ -119,7 +120,11 @@ def _train(
     console.print(report.to_rich())
     write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     parts.compute.apply(backbone)
-    objective = parts.objective(num_identities=datamodule.num_identities, embed_dim=backbone.projection_dim)
+    objective = parts.objective(
+        num_identities=datamodule.num_identities, embed_dim=backbone.projection_dim,
+        pre_projection_dim=backbone.facts.vision.width,
+    )  # fmt: skip
+    encode = ImageEncoder(parts.eval.feature, objective)
     datamodule.attach(backbone, parts.eval.batch_size)
 
     metrics: dict[str, Any] = {
@@ -128,7 +133,7 @@ def _train(
         "data/bad_images": len(json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])),
     }
     evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, parts.eval,
-                         datamodule.captioner)  # fmt: skip
+                         datamodule.captioner, encode)  # fmt: skip
     module = FineTuner(
         backbone,
         objective,
@@ -137,7 +142,8 @@ def _train(
         heads,
         run_signature(cfg),
         parts.freeze,
-        parts.compute,
+        encode,
+        compute=parts.compute,
     )
     if initial is not None:
         load_initial_weights(module, cfg["init_from"], initial)
@@ -201,6 +207,7 @@ def _train(
             "runs": {label: r["runs"] for label, r in results.items()},
             "cmc": {label: r["cmc"] for label, r in results.items()},
             "freeze": report.as_dict(),
+            "eval_feature": parts.eval.feature,
             "manifest": str(datamodule.manifest),
             "best_checkpoint": best,
         }

@@ -24,7 +24,10 @@ IGNORED = ("paths.", "hydra.", "run_name", "ckpt_path", "overwrite", "sweep.")
 COLUMNS = (
     "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std", "test/mAP", "test/mAP_std",
     "test_all/rank1", "test_all/mAP", "train_time_s", "wall_time_s", "peak_memory_mb",
+    "baseline/test/rank1", "baseline/test/mAP", "zeroshot/aspect_accuracy", "zeroshot/skin_accuracy",
+    "zeroshot/gender_accuracy", "zeroshot/nail_polish_accuracy",
 )  # fmt: skip
+ZERO_SHOT = ("aspect", "skin", "gender", "nail_polish")
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -91,7 +94,7 @@ def _print_table(swept: list[str], runs: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="sweep summary (test: same-aspect gallery, mean ± std over runs)")
-    for name in [*swept, "status", "trainable", "val R1", "test R1", "test mAP", "time s"]:
+    for name in [*swept, "status", "trainable", "val R1", "test R1", "test mAP", "zero-shot", "time s"]:
         table.add_column(name, justify="right")
 
     def pct(row, key):
@@ -109,9 +112,17 @@ def _print_table(swept: list[str], runs: list[dict]) -> None:
             pct(row, "val/rank1"),
             pct(row, "test/rank1"),
             pct(row, "test/mAP"),
-            f"{row['wall_time_s']:.0f}" if row.get("wall_time_s") else "-",
+            zero_shot(row),
+            f"{row['train_time_s']:.0f}" if row.get("train_time_s") else "-",
         )
     Console().print(table)
+
+
+def zero_shot(row: Mapping) -> str:
+    """Zero-shot attribute accuracies after training, e.g. "aspect 61 · skin 80" (percent)."""
+    parts = [f"{name} {100 * row[f'zeroshot/{name}_accuracy']:.0f}" for name in ZERO_SHOT
+             if row.get(f"zeroshot/{name}_accuracy") is not None]  # fmt: skip
+    return " · ".join(parts) or "-"
 
 
 def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
@@ -125,15 +136,28 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
     numeric = key is not None and all(isinstance(r.get(key), (int, float)) for r in finished)
     finished.sort(key=lambda r: r.get(key) if numeric else str(r.get(key)))
     xs = [r[key] for r in finished] if numeric else list(range(len(finished)))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for metric, marker in (("test/rank1", "o"), ("test/mAP", "s")):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (metric, marker), colour in zip((("test/rank1", "o"), ("test/mAP", "s")), ("C0", "C1"), strict=True):
         ys = [100 * r[metric] for r in finished]
         errors = [100 * (r.get(metric + "_std") or 0.0) for r in finished]
-        ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, label=metric.replace("test/", "test "))
+        ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, color=colour, label=metric.replace("test/", "test "))
+        before = [r.get("baseline/" + metric) for r in finished]
+        if all(b is not None for b in before):  # the same model before training, for scale
+            label = metric.replace("test/", "untrained ")
+            ax.plot(xs, [100 * b for b in before], linestyle=":", color=colour, label=label)
     if not numeric:
         ax.set_xticks(xs, [str(r.get(key, r["run"])) for r in finished], rotation=30, ha="right")
     ax.set_xlabel(key or "run")
     ax.set_ylabel("%")
+    times = [r.get("train_time_s") for r in finished]
+    if all(t is not None for t in times):  # what each point cost, on its own axis
+        cost = ax.twinx()
+        cost.plot(xs, times, linestyle="--", marker="x", color="grey", label="training time")
+        cost.set_ylabel("training time (s)", color="grey")
+        cost.set_ylim(bottom=0)
+        lines = ax.get_legend_handles_labels()
+        more = cost.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="best")
     plt.close(save_figure(fig, ax, path, "test Rank-1 and mAP against " + (key or "run")))
     return path
 
@@ -183,3 +207,49 @@ class SweepSummary(_HydraCallback):
             if runs and all(r["status"] == "failed" for r in runs):
                 print(f"error: every point of the sweep failed; see {csv_path}", file=sys.stderr)
                 sys.exit(2)
+
+
+def markdown_table(swept: list[str], runs: list[dict]) -> str:
+    """The summary as a Markdown table (percent, mean ± std over the test runs)."""
+
+    def pct(row, key):
+        value, std = row.get(key), row.get(key + "_std")
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+    head = ["run", *swept, "trainable", "train s", "test R1", "test mAP", "zero-shot after (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in runs:
+        cells = [row["run"], *[str(row.get(k)) for k in swept]]
+        cells.append(f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-")
+        cells.append(f"{row['train_time_s']:.0f}" if row.get("train_time_s") else "-")
+        cells += [pct(row, "test/rank1"), pct(row, "test/mAP"), zero_shot(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """`python -m handclip.train.sweep DIR [--markdown]`: summarise the runs in DIR (a sweep, or any folder of runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", help="a folder whose subfolders are runs (config.yaml, metrics.json)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"error: {folder} is not a folder", file=sys.stderr)
+        sys.exit(2)
+    swept, runs = collect_runs(folder)
+    if not runs:
+        print(f"error: no runs in {folder} (a run is a subfolder with config.yaml or failed.json)", file=sys.stderr)
+        sys.exit(2)
+    csv_path, png = write_summary(folder)
+    print(f"summary: {csv_path}" + (f" and {png}" if png else ""))
+    if args.markdown:
+        print(markdown_table(swept, runs))
+
+
+if __name__ == "__main__":
+    main()

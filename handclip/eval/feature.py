@@ -1,0 +1,42 @@
+"""Which image feature is scored (`eval.feature`): the same in validation, the test protocol and the baseline.
+
+- `projected`: the CLIP image embedding (what zero-shot CLIP compares).
+- `pre_projection`: the image tower's pooled feature before the projection.
+- `bnneck`: the identity loss's BN-neck output (running statistics); with necks on both features,
+  the two outputs, each L2-normalised, concatenated (CLIP-ReID's and CLIP-HandID's test feature).
+- `concat`: the pre-projection and projected features, each L2-normalised, concatenated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from handclip.errors import ConfigError
+
+EVAL_FEATURES = ("projected", "pre_projection", "bnneck", "concat")
+
+
+class ImageEncoder:
+    """`encoder(backbone, pixel_values) -> [batch, dim]`, the evaluation feature chosen by `eval.feature`."""
+
+    def __init__(self, feature: str = "projected", objective=None):
+        if feature not in EVAL_FEATURES:
+            raise ConfigError(f"eval.feature={feature!r}: choose one of {', '.join(EVAL_FEATURES)}")
+        self.neck = objective.neck() if objective is not None else None
+        if feature == "bnneck" and self.neck is None:
+            raise ConfigError(
+                "eval.feature=bnneck needs a BN-neck: add an identity term to loss.terms "
+                "(_target_: handclip.losses.IdentityLoss, as in conf/loss/strong.yaml), or choose projected"
+            )
+        self.feature = feature
+
+    def __call__(self, backbone, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.feature == "projected":
+            return backbone.encode_image(pixel_values)
+        pre, projected = backbone.encode_image(pixel_values, pre_projection=True)
+        if self.feature == "pre_projection":
+            return pre
+        if self.feature == "concat":
+            return torch.cat([F.normalize(pre.float(), dim=-1), F.normalize(projected.float(), dim=-1)], dim=-1)
+        return self.neck.neck_features({"projected": projected, "pre_projection": pre})

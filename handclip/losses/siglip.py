@@ -1,0 +1,67 @@
+"""SigLIP's pairwise sigmoid loss, with a learnable scale and bias and same-identity positives."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from handclip.losses.objective import LossInputs, LossTerm
+
+
+def siglip_targets(batch: int, identities: torch.Tensor | None, device=None) -> torch.Tensor:
+    """+1 for positive pairs (the diagonal, or every same-identity pair), -1 for the others."""
+    if identities is None:
+        positive = torch.eye(batch, device=device, dtype=torch.bool)
+    else:
+        positive = identities[:, None] == identities[None, :]
+    return positive.float() * 2 - 1
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    log_scale: torch.Tensor,
+    bias: torch.Tensor,
+    identities: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """-1/|B| sum_ij log sigmoid(z_ij (t x_i.y_j + b)), with t = exp(log_scale) and z_ij = +-1.
+
+    Every image-text pair is its own binary problem, so several positives per row need no
+    renormalisation (unlike the softmax of the CLIP loss).
+    """
+    image = F.normalize(image_features, dim=-1)
+    text = F.normalize(text_features, dim=-1)
+    logits = log_scale.exp() * image @ text.T + bias
+    targets = siglip_targets(len(image), identities, logits.device).to(logits.dtype)
+    return -F.logsigmoid(targets * logits).sum() / len(image)
+
+
+class SigLIPLoss(LossTerm):
+    """SigLIP's sigmoid loss. It owns its scale and bias, initialised as in the paper (t' = ln 10, b = -10).
+
+    The backbone's `logit_scale` is tuned for CLIP's softmax (about ln 100 after pre-training), which
+    with a bias of -10 would start far from SigLIP's operating point, so this term learns its own.
+    """
+
+    needs_text = True
+
+    def __init__(
+        self, weight: float = 1.0, multi_positive: bool = True, init_log_scale: float = math.log(10.0),
+        init_bias: float = -10.0,
+    ):  # fmt: skip
+        super().__init__(weight)
+        if not isinstance(multi_positive, bool):
+            raise self.error("multi_positive", multi_positive, "true or false")
+        for key, value in (("init_log_scale", init_log_scale), ("init_bias", init_bias)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise self.error(key, value, "a finite number")
+        self.multi_positive = multi_positive
+        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        identities = inputs.identities if self.multi_positive else None
+        return siglip_loss(inputs.image, inputs.text, self.log_scale, self.bias, identities)

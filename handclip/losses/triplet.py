@@ -1,0 +1,64 @@
+"""Batch-hard triplet loss (Hermans et al., 2017): each anchor's farthest positive and nearest negative."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from handclip.losses.objective import FEATURES, LossInputs, LossTerm
+
+
+def hardest_pairs(features: torch.Tensor, identities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance to the farthest positive, distance to the nearest negative) of each anchor, Euclidean."""
+    distances = torch.cdist(features, features)
+    same = identities[:, None] == identities[None, :]
+    positive = distances.masked_fill(~same, float("-inf")).max(dim=1).values
+    negative = distances.masked_fill(same, float("inf")).min(dim=1).values
+    return positive, negative
+
+
+def batch_hard_triplet(
+    features: torch.Tensor, identities: torch.Tensor, margin: float | None = 0.3, normalize: bool = True
+) -> torch.Tensor:
+    """mean(max(0, d(a, p+) - d(a, n-) + margin)), or mean(softplus(d(a, p+) - d(a, n-))) when margin is None.
+
+    Anchors without a positive or without a negative in the batch are left out.
+    """
+    features = features.float()
+    if normalize:
+        features = F.normalize(features, dim=-1)
+    positive, negative = hardest_pairs(features, identities)
+    has_positive = (identities[:, None] == identities[None, :]).sum(dim=1) > 1  # itself is not a positive
+    usable = has_positive & torch.isfinite(negative)
+    if not usable.any():
+        return features.sum() * 0.0  # keeps the graph: a batch with no triplet contributes nothing
+    gap = positive[usable] - negative[usable]
+    if margin is None:
+        return F.softplus(gap).mean()
+    return F.relu(gap + margin).mean()
+
+
+class TripletLoss(LossTerm):
+    """Batch-hard triplet loss on the projected or pre-projection feature; needs P x K batches (K >= 2)."""
+
+    needs_identity_batches = True
+
+    def __init__(self, weight: float = 1.0, margin: float | None = 0.3, normalize: bool = True,
+                 feature: str = "projected"):  # fmt: skip
+        super().__init__(weight)
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0):
+            raise self.error("margin", margin, "a number >= 0, or null for the soft margin")
+        if not isinstance(normalize, bool):
+            raise self.error("normalize", normalize, "true (L2-normalised features) or false (raw)")
+        if feature not in FEATURES:
+            raise self.error("feature", feature, "one of " + ", ".join(FEATURES))
+        self.margin = None if margin is None else float(margin)
+        self.normalize = normalize
+        self.feature = feature
+
+    @property
+    def needs_pre_projection(self) -> bool:
+        return self.feature == "pre_projection"
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        return batch_hard_triplet(inputs.feature(self.feature), inputs.identities, self.margin, self.normalize)
