@@ -188,12 +188,14 @@ def test_wandb_offline_writes_its_files_and_a_resumed_run_keeps_its_id(tmp_path)
     assert len(runs) >= 2 and all(p.name.endswith(run_id) for p in runs)
 
 
-def test_a_run_interrupted_before_an_unfreeze_point_resumes_across_it_exactly(tmp_path):
+@pytest.mark.parametrize("accumulate", ["compute.accumulate=1", "compute.accumulate=3"])
+def test_a_run_interrupted_before_an_unfreeze_point_resumes_across_it_exactly(tmp_path, accumulate):
+    # with contrastive accumulation too: its gradients are built inside the step, across the unfreeze
     stages = (
         "freeze.stages={0:{_target_:handclip.model.freeze.Frozen},"
         "2:{_target_:handclip.model.freeze.LastN,vision_blocks:1,text_blocks:0}}"
     )
-    staged = [*STOPPED, "freeze=staged", stages, "freeze.warmup_steps=3"]
+    staged = [*STOPPED, "freeze=staged", stages, "freeze.warmup_steps=3", accumulate]
     train(tmp_path / "whole", *staged)
     table = (tmp_path / "whole" / "runs" / "r" / "freeze.txt").read_text()
     assert "epoch 2: freeze policy: last_n (vision_blocks=1, text_blocks=0)" in table

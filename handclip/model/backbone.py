@@ -162,6 +162,18 @@ class Backbone(nn.Module):
         """Write the model (safetensors), tokenizer and preprocessing so it loads without HandCLIP."""
         raise NotImplementedError
 
+    def blocks(self, tower: str) -> list[nn.Module]:
+        """The tower's repeated blocks (transformer layers), from input to output; [] for a tower without."""
+        raise NotImplementedError
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (or stop)."""
+        raise NotImplementedError
+
+    def set_attention(self, implementation: str) -> None:
+        """The attention kernel: `sdpa` (PyTorch's fused scaled-dot-product) or `eager` (plain matmuls)."""
+        raise NotImplementedError
+
     # shared
     def all_groups(self) -> Iterator[LayerGroup]:
         for tower in TOWERS:

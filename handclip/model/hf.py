@@ -401,6 +401,35 @@ class HFBackbone(Backbone):
         }  # fmt: skip
 
     # weights ---------------------------------------------------------------------------------
+    def blocks(self, tower: str) -> list[nn.Module]:
+        model = self.model.vision_model if tower == "vision" else self.model.text_model
+        return list(model.encoder.layers)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        model = self.model
+        # transformers 5 renamed it activation checkpointing; 4.x has only the old names
+        if hasattr(model, "activation_checkpointing_enable"):
+            enable, disable = model.activation_checkpointing_enable, model.activation_checkpointing_disable
+            on, kwargs = model.is_activation_checkpointing, "activation_checkpointing_kwargs"
+        else:
+            enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+            on, kwargs = model.is_gradient_checkpointing, "gradient_checkpointing_kwargs"
+        if enabled:
+            # non-reentrant: blocks whose inputs need no gradient (above a frozen prefix) still get theirs
+            enable(**{kwargs: {"use_reentrant": False}})
+            # enabling also hooks the token embeddings to require gradients (for reentrant checkpoints),
+            # which would run a frozen text tower's backward for nothing
+            if hasattr(model, "_require_grads_hook"):
+                model.disable_input_require_grads()
+        elif on:
+            disable()
+
+    def set_attention(self, implementation: str) -> None:
+        try:
+            self.model.set_attn_implementation(implementation)
+        except (ValueError, ImportError) as error:
+            raise ConfigError(f"compute.attention={implementation}: {first_line(error)}") from None
+
     def replace_projection(self, tower: str, dim: int, generator: torch.Generator) -> nn.Module:
         attribute = "visual_projection" if tower == "vision" else "text_projection"
         old = getattr(self.model, attribute)

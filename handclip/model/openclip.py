@@ -707,6 +707,22 @@ class OpenCLIPBackbone(Backbone):
         return _Roles({"fc1": f"{layer}.mlp.c_fc", "fc2": f"{layer}.mlp.c_proj"})
 
     # weights ---------------------------------------------------------------------------------
+    def blocks(self, tower: str) -> list[nn.Module]:
+        if tower == "vision":
+            return [] if self.is_resnet else list(self.model.visual.transformer.resblocks)
+        return list(self._text.transformer.resblocks)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.model.set_grad_checkpointing(enabled)
+
+    def set_attention(self, implementation: str) -> None:
+        # open_clip's blocks call nn.MultiheadAttention without weights, which runs PyTorch's SDPA
+        if implementation != "sdpa":
+            raise ConfigError(
+                f"compute.attention={implementation}: open_clip backbones always use PyTorch's SDPA; "
+                "choose auto or sdpa"
+            )
+
     def replace_projection(self, tower: str, dim: int, generator: torch.Generator) -> nn.Module:
         """A new seeded projection of width `dim`, in the form open_clip builds (so the export loads in open_clip)."""
 

@@ -13,7 +13,7 @@ import difflib
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from handclip.build import check_keywords
@@ -22,11 +22,12 @@ from handclip.eval.evaluator import EvalSettings
 from handclip.eval.feature import ImageEncoder
 from handclip.model.backbone import BackboneFacts
 from handclip.model.freeze import FreezePolicy, apply_freeze
+from handclip.train.compute import Compute, contrastive_accumulation_refused
 
 # the top-level settings a run reads; anything else is a typo
 TOP_LEVEL = (
     "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "dry_run", "paths", "backbone", "freeze",
-    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep", "ema",
+    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep", "ema", "compute",
 )  # fmt: skip
 # what a resumed run must share with the checkpoint it resumes
 SIGNATURE_KEYS = ("backbone", "freeze", "projection", "loss")
@@ -48,6 +49,7 @@ class Components:
     callbacks: list
     trainer: Callable  # finished with logger, callbacks, plugins, default_root_dir
     ema_decay: float | None = None  # an EMA of the trained weights (handclip.train.ema), or None
+    compute: Compute = field(default_factory=Compute)  # accumulation, checkpointing, attention, compile
 
 
 def _flat_keys(tree: Mapping, prefix: str = "") -> list[str]:
@@ -276,8 +278,15 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     unknown = [k for k in ema if k != "decay"]
     if unknown:
         raise ConfigError(f"ema.{unknown[0]} is not a setting: ema has only decay (null, or e.g. 0.998)")
+    refused = contrastive_accumulation_refused(cfg["trainer"], finished.needs_text)
+    if refused:
+        raise refused
+    compute = _build("compute", cfg.get("compute") or {"_target_": "handclip.train.compute.Compute"})
+    if not isinstance(compute, Compute):
+        raise ConfigError(f"compute._target_={cfg['compute']['_target_']} is not a handclip.train.compute.Compute")
+    compute.check(data.batch_size, cfg["trainer"], str(cfg["trainer"].get("precision")))
     return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
-                      callbacks, trainer, check_decay(ema.get("decay")))  # fmt: skip
+                      callbacks, trainer, check_decay(ema.get("decay")), compute)  # fmt: skip
 
 
 def check_config(cfg: Mapping) -> Components:

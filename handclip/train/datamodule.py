@@ -10,6 +10,7 @@ so a bad value is refused before anything heavy. Then, in order:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,16 @@ from handclip.errors import ConfigError
 from handclip.eval.protocol import images_needed
 
 SAMPLERS = ("random", "identity_balanced")
+
+
+def loader_workers(value: int | str) -> int:
+    """data.num_workers; `auto`: every CPU core but one for the main process, at most 16."""
+    if value == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(0, min(cores - 1, 16))
+    if isinstance(value, str):
+        raise ConfigError(f"data.num_workers={value!r} must be auto or an integer from 0 to 256")
+    return _integer("num_workers", value, 0, 256)
 
 
 def _integer(key: str, value: Any, low: int, high: int = 1_000_000) -> int:
@@ -81,7 +92,7 @@ class HandDataModule(L.LightningDataModule):
                 )
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ConfigError(f"data.on_bad_image={on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
-        self.num_workers = _integer("num_workers", num_workers, 0, 256)
+        self.num_workers = loader_workers(num_workers)
         self.captioner = Captioner(captions)
         self.augment = check_augment(augment)
         self.batch_size, self.sampler = batch_size, sampler

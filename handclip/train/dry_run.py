@@ -103,6 +103,10 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
 
         value_bytes = 2 if torch.cuda.is_available() else 4
     batch = int(cfg["data"]["batch_size"])
+    compute = cfg.get("compute") or {}
+    # contrastive accumulation holds one micro-batch's activations; checkpointing one block's, plus each block's input
+    accumulate = int(compute.get("accumulate", 1))
+    micro = -(-batch // accumulate)
     weights = report.total * 4
     trained = report.trainable * 4 * 3  # gradient + exp_avg + exp_avg_sq, fp32
     activations = 0.0
@@ -115,12 +119,17 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
         lowest = min(g.index for g in needs_grad)
         blocks = sum(1 for g in groups_of_tower if g.kind == "block" and g.index >= lowest)
         shape = facts.tower(tower)
-        activations += activation_bytes(tokens[tower], shape.width, shape.heads, blocks, batch, value_bytes)
+        if compute.get("gradient_checkpointing") and blocks:
+            inputs = blocks * tokens[tower] * shape.width * micro * value_bytes
+            activations += inputs + activation_bytes(tokens[tower], shape.width, shape.heads, 1, micro, value_bytes)
+        else:
+            activations += activation_bytes(tokens[tower], shape.width, shape.heads, blocks, micro, value_bytes)
     total = weights + trained + activations
     share = 100.0 * report.trainable / max(report.total, 1)
     console.print(
         f"trainable{widest}: {report.trainable:,} of {report.total:,} parameters ({share:.2f}%); estimated training "
-        f"memory at batch {batch}: {_megabytes(total)} (weights {_megabytes(weights)}, gradients and AdamW "
+        f"memory at batch {batch}{f' ({accumulate} micro-batches of {micro})' if accumulate > 1 else ''}: "
+        f"{_megabytes(total)} (weights {_megabytes(weights)}, gradients and AdamW "
         f"state {_megabytes(trained)}, activations {_megabytes(activations)}, "
         f"{'16' if value_bytes == 2 else '32'}-bit). Nothing was loaded or written."
     )

@@ -20,6 +20,8 @@ from handclip.losses import LossInputs, Objective, clamp_logit_scale
 from handclip.model.backbone import Backbone
 from handclip.model.freeze import FreezePolicy
 from handclip.model.schedule import FreezeSchedule
+from handclip.train.accumulate import contrastive_step
+from handclip.train.compute import Compute
 from handclip.train.optim import Optimization, ParameterInfo
 
 
@@ -33,7 +35,7 @@ class FineTuner(L.LightningModule):
     def __init__(
         self, backbone: Backbone, objective: Objective, optimization: Optimization, val_rows: Sequence[dict] = (),
         heads: Sequence[torch.nn.Parameter] = (), signature: Mapping[str, Any] | None = None,
-        freeze: FreezePolicy | None = None, encode: Callable | None = None,
+        freeze: FreezePolicy | None = None, encode: Callable | None = None, compute: Compute | None = None,
     ):  # fmt: skip
         super().__init__()
         # what a resumed run must share with the run that wrote the checkpoint
@@ -48,6 +50,7 @@ class FineTuner(L.LightningModule):
         self._heads = {id(p) for p in heads}
         self.freeze = freeze
         self.encode = encode  # the validation feature (eval.feature); None: the projected embedding
+        self.compute = compute or Compute()
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
         # training time carried across resumes (wall time of one process would restart at 0)
@@ -56,6 +59,11 @@ class FineTuner(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_started = time.time()
+        if self.compute.accumulate > 1 and self.trainer.world_size > 1:
+            raise HandClipError(
+                f"compute.accumulate={self.compute.accumulate} runs on one device only (this run has "
+                f"{self.trainer.world_size} processes): use compute.accumulate=1 with several devices"
+            )
 
     def train_seconds(self) -> float:
         """Seconds spent in fit, over this process and the runs it resumed."""
@@ -85,6 +93,8 @@ class FineTuner(L.LightningModule):
         return None, self.backbone.encode_image(pixel_values)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        if self.compute.accumulate > 1:
+            return self._accumulated_step(batch)
         pre_projection, image = self.image_features(batch["pixel_values"])
         text = None
         if self.objective.needs_text:
@@ -95,6 +105,10 @@ class FineTuner(L.LightningModule):
             image_pre_projection=self._gather(pre_projection),
         )  # fmt: skip
         loss, parts = self.objective(inputs)
+        self._check_and_log(loss, parts, len(batch["pixel_values"]))
+        return loss
+
+    def _check_and_log(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor], size: int) -> None:
         if not torch.isfinite(loss):
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             raise NonFiniteLossError(
@@ -102,13 +116,25 @@ class FineTuner(L.LightningModule):
                 f"last lr {lr:.3g}, logit_scale {self.backbone.logit_scale.item():.3f}. The last good "
                 "checkpoint is kept: lower optim.lr or raise trainer.gradient_clip_val and resume"
             )
-        size = len(batch["pixel_values"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if len(parts) > 1:
             for name, value in parts.items():
                 self.log(f"train/loss_{name}", value, batch_size=size)
         self.log("train/temperature", 1.0 / self.backbone.logit_scale.exp(), batch_size=size)
-        return loss
+
+    def _accumulated_step(self, batch: dict) -> torch.Tensor:
+        # contrastive accumulation (handclip.train.accumulate): micro-batches, every negative kept
+        self.zero_grad(set_to_none=True)  # Lightning's zero_grad is held back: the gradient is built here
+        loss, parts, surrogate = contrastive_step(
+            self.backbone, self.objective, batch, self.compute.accumulate, self.device
+        )
+        self._check_and_log(loss, parts, len(batch["pixel_values"]))
+        return surrogate
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # with contrastive accumulation the gradient is partly built inside training_step, which runs first
+        if self.compute.accumulate == 1:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

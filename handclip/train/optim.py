@@ -134,7 +134,9 @@ class Optimization:
         """
         groups = self.parameter_groups(parameters)
         optimizer = self.optimizer(
-            [{k: v for k, v in g.items() if k not in ("names", "starts_at")} for g in groups], lr=self.lr
+            [{k: v for k, v in g.items() if k not in ("names", "starts_at")} for g in groups],
+            lr=self.lr,
+            **fused_if_cuda(self.optimizer, [p for g in groups for p in g["params"]]),
         )
         scheduler = self.schedule(optimizer, total_steps) if self.schedule is not None else None
         starts = [g["starts_at"] for g in groups]
@@ -148,6 +150,17 @@ class Optimization:
                 group["lr"] = base * ramp(scheduler.last_epoch)  # the first step's rates, ramps included
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         return optimizer, scheduler
+
+
+def fused_if_cuda(optimizer: Callable, parameters: list[torch.Tensor]) -> dict:
+    """`fused=True` for Adam/AdamW when every parameter is on a GPU (one kernel for the whole update),
+    unless the config chose `fused` or `foreach` itself."""
+    chosen = getattr(optimizer, "keywords", {})
+    target = getattr(optimizer, "func", optimizer)
+    if target not in (torch.optim.AdamW, torch.optim.Adam) or {"fused", "foreach"} & set(chosen):
+        return {}
+    on_gpu = bool(parameters) and all(p.is_cuda and p.is_floating_point() for p in parameters)
+    return {"fused": True} if on_gpu else {}
 
 
 def _ramped(base: Callable[[int], float], start: int, steps: int) -> Callable[[int], float]:

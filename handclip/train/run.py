@@ -122,6 +122,7 @@ def _train(
     report = apply_freeze(backbone, parts.freeze, always_trainable=heads)
     console.print(report.to_rich())
     write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
+    parts.compute.apply(backbone)
     objective = parts.objective(
         num_identities=datamodule.num_identities, embed_dim=backbone.projection_dim,
         pre_projection_dim=backbone.facts.vision.width,
@@ -137,7 +138,15 @@ def _train(
     evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, parts.eval,
                          datamodule.captioner, encode)  # fmt: skip
     module = FineTuner(
-        backbone, objective, parts.optimization, datamodule.val_rows, heads, run_signature(cfg), parts.freeze, encode
+        backbone,
+        objective,
+        parts.optimization,
+        datamodule.val_rows,
+        heads,
+        run_signature(cfg),
+        parts.freeze,
+        encode,
+        compute=parts.compute,
     )
     if initial is not None:
         load_initial_weights(module, cfg["init_from"], initial)
