@@ -203,7 +203,7 @@ def test_export_writes_open_clip_format_that_loads_without_handclip(tmp_path):
     for spec, projection in ((VIT, keep), (RN, replace)):
         run, expected[spec["name"]] = _fake_run(tmp_path, spec, projection, pixels[spec["name"]])
         out = export(run, tmp_path / "exported" / spec["name"])
-        assert {p.name for p in out.iterdir()} == {WEIGHTS, CONFIG, f"{spec['name']}.json", MARKER}
+        assert {p.name for p in out.iterdir()} == {WEIGHTS, CONFIG, f"{spec['name']}.json", MARKER, "README.md"}
         marker = json.loads((out / MARKER).read_text())
         assert marker["format"] == "open_clip" and "local-dir:" in marker["load"]
         args += [str(out), spec["name"]]

@@ -36,7 +36,11 @@ def save_figure(fig, ax, path: str | Path, title: str):
     """Title, grid and legend, then write the PNG; returns the figure."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = [], []
+    for axes in fig.axes:  # a twin axis's lines belong in the same legend
+        more = axes.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     with atomic_write(path, "wb") as handle:
         fig.savefig(handle, dpi=120, format="png")

@@ -94,7 +94,7 @@ def _print_table(swept: list[str], runs: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="sweep summary (test: same-aspect gallery, mean ± std over runs)")
-    for name in [*swept, "status", "trainable", "val R1", "test R1", "test mAP", "zero-shot", "time s"]:
+    for name in [*swept, "status", "trainable", "val R1", "test R1", "test mAP", "zero-shot a/s/g/n", "train s"]:
         table.add_column(name, justify="right")
 
     def pct(row, key):
@@ -119,10 +119,11 @@ def _print_table(swept: list[str], runs: list[dict]) -> None:
 
 
 def zero_shot(row: Mapping) -> str:
-    """Zero-shot attribute accuracies after training, e.g. "aspect 61 · skin 80" (percent)."""
-    parts = [f"{name} {100 * row[f'zeroshot/{name}_accuracy']:.0f}" for name in ZERO_SHOT
-             if row.get(f"zeroshot/{name}_accuracy") is not None]  # fmt: skip
-    return " · ".join(parts) or "-"
+    """Zero-shot accuracies after training (percent): aspect/skin/gender/nail polish, "-" where not measured."""
+    values = [row.get(f"zeroshot/{name}_accuracy") for name in ZERO_SHOT]
+    if all(v is None for v in values):
+        return "-"
+    return "/".join("-" if v is None else f"{100 * v:.0f}" for v in values)
 
 
 def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
@@ -145,7 +146,9 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
         if all(b is not None for b in before):  # the same model before training, for scale
             label = metric.replace("test/", "untrained ")
             ax.plot(xs, [100 * b for b in before], linestyle=":", color=colour, label=label)
-    if not numeric:
+    if numeric:
+        ax.set_xticks(sorted(set(xs)))
+    else:
         ax.set_xticks(xs, [str(r.get(key, r["run"])) for r in finished], rotation=30, ha="right")
     ax.set_xlabel(key or "run")
     ax.set_ylabel("%")
@@ -155,9 +158,6 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
         cost.plot(xs, times, linestyle="--", marker="x", color="grey", label="training time")
         cost.set_ylabel("training time (s)", color="grey")
         cost.set_ylim(bottom=0)
-        lines = ax.get_legend_handles_labels()
-        more = cost.get_legend_handles_labels()
-        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="best")
     plt.close(save_figure(fig, ax, path, "test Rank-1 and mAP against " + (key or "run")))
     return path
 
@@ -218,7 +218,7 @@ def markdown_table(swept: list[str], runs: list[dict]) -> str:
             return "-"
         return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
-    head = ["run", *swept, "trainable", "train s", "test R1", "test mAP", "zero-shot after (%)"]
+    head = ["run", *swept, "trainable", "train s", "test R1", "test mAP", "zero-shot aspect/skin/gender/nails %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in runs:
         cells = [row["run"], *[str(row.get(k)) for k in swept]]
