@@ -57,7 +57,7 @@ class Pretraining:
                 raise ConfigError(f"backbone.pretrain.{key}={value!r} must be an integer >= {low}")
         for key in ("lr", "weight_decay", "warmup"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1 + (key != "warmup"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ConfigError(f"backbone.pretrain.{key}={value!r} must be a number from 0 to 1")
         if self.lr <= 0:
             raise ConfigError(f"backbone.pretrain.lr={self.lr!r} must be above 0")
