@@ -44,6 +44,9 @@ class Evaluator:
         self.cache_size = cache_size
         self.settings = settings
         self.captioner = captioner
+        # set by handclip.train.caches: (store, image -> position, prefix groups) and a frozen text tower's cache
+        self.activations = None
+        self.text_cache = None
 
     def __call__(self, backbone, include_test: bool | None = None) -> dict:
         """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
@@ -53,11 +56,20 @@ class Evaluator:
 
         include_test = self.settings.test if include_test is None else include_test
         image_rows = images_needed(self.rows, include_test)
-        transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
-        dataset = ManifestImages(image_rows, self.root, transform, self.cache_size)
-        features = extract_image_features(
-            backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True
-        )
+        if self.activations is not None:
+            from handclip.data.activations import cached_features
+
+            store, position, groups = self.activations
+            chosen = [position[r["image"]] for r in image_rows]
+            features = cached_features(
+                backbone, store, chosen, groups, self.settings.batch_size, self.settings.flip_tta
+            )
+        else:
+            size, resize, mean, std = backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std
+            dataset = ManifestImages(image_rows, self.root, eval_transform(size, resize, mean, std), self.cache_size)
+            features = extract_image_features(
+                backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True
+            )
         result = score_protocol(features, image_rows, self.rows, include_test)
         result["_features"], result["_image_rows"] = features, image_rows  # for plots; not saved
         if include_test and self.settings.text and self.captioner is not None:
@@ -68,7 +80,7 @@ class Evaluator:
             if test:
                 chosen = [image_rows[i] for i in test]
                 captions = [self.captioner(r) for r in chosen]
-                result["metrics"].update(text_metrics(features[test], chosen, captions, backbone))
+                result["metrics"].update(text_metrics(features[test], chosen, captions, backbone, self.text_cache))
         return result
 
 

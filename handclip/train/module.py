@@ -49,6 +49,9 @@ class FineTuner(L.LightningModule):
         self.freeze = freeze
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
+        # set by handclip.train.caches when parts stay frozen for the whole run
+        self.prefix_groups = 0  # batches carry `hidden` after this many image groups instead of pixels
+        self.text_cache = None  # a TextCache when the text tower is frozen
         # training time carried across resumes (wall time of one process would restart at 0)
         self.seconds_before = 0.0
         self._fit_started = time.time()
@@ -77,11 +80,22 @@ class FineTuner(L.LightningModule):
             return tensor
         return self.all_gather(tensor, sync_grads=grads).flatten(0, 1)
 
+    def encode_images(self, batch: dict) -> torch.Tensor:
+        """Image embeddings of a batch: from pixels, or from stored hidden states of the frozen prefix."""
+        if "hidden" in batch:
+            return self.backbone.image_suffix(batch["hidden"], self.prefix_groups)
+        return self.backbone.encode_image(batch["pixel_values"])
+
+    def encode_texts(self, batch: dict) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.text_cache(self.backbone, batch["input_ids"], batch["attention_mask"])
+        return self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        image = self.backbone.encode_image(batch["pixel_values"])
+        image = self.encode_images(batch)
         text = None
         if self.objective.needs_text:
-            text = self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+            text = self.encode_texts(batch)
         inputs = LossInputs(
             image=self._gather(image), text=self._gather(text), logit_scale=self.backbone.logit_scale,
             identities=self._gather(batch["identities"], grads=False),
@@ -94,7 +108,7 @@ class FineTuner(L.LightningModule):
                 f"last lr {lr:.3g}, logit_scale {self.backbone.logit_scale.item():.3f}. The last good "
                 "checkpoint is kept: lower optim.lr or raise trainer.gradient_clip_val and resume"
             )
-        size = len(batch["pixel_values"])
+        size = len(batch["identities"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if len(parts) > 1:
             for name, value in parts.items():
@@ -110,7 +124,7 @@ class FineTuner(L.LightningModule):
         self._val_features, self._val_index = [], []
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        self._val_features.append(self.backbone.encode_image(batch["pixel_values"]).float())
+        self._val_features.append(self.encode_images(batch).float())
         self._val_index.append(batch["index"])
 
     def on_validation_epoch_end(self) -> None:
