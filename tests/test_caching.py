@@ -132,3 +132,23 @@ def test_a_run_with_the_caches_ends_where_one_without_them_does(tmp_path):
     assert metrics["true"]["cache/prefix_groups"] == 2 and metrics["false"]["cache/prefix_groups"] == 0
     for key in ("test/rank1", "test/mAP", "val/rank1"):
         assert abs(metrics["true"][key] - metrics["false"][key]) <= 0.005, key
+
+
+def test_a_store_reaches_loader_workers_as_a_file_not_a_copy(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from handclip.data.activations import ActivationStore
+
+    store = ActivationStore(tmp_path, {"what": "test"}, views=2, count=5, dtype="float32")
+    store.ensure(
+        lambda view, indices: torch.full((len(indices), 3, 4), float(view)) + torch.tensor(indices)[:, None, None], 2
+    )
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.array is None and len(pickle.dumps(store)) < 2000
+    assert torch.equal(copy.batch(1, [0, 4]), torch.tensor([1.0, 5.0])[:, None, None].expand(2, 3, 4))
+    assert isinstance(copy.array, np.memmap) and not list(tmp_path.glob(".*tmp*"))
+    again = ActivationStore(tmp_path, {"what": "test"}, views=2, count=5, dtype="float32")
+    again.ensure(lambda view, indices: 1 / 0, 2)  # already filled: nothing is computed
+    assert not again.filled_now and torch.equal(again.hidden(0, 3), torch.full((3, 4), 3.0))

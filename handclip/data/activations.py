@@ -96,12 +96,21 @@ class ActivationStore:
                                f"{(self.views, self.count)}: delete it to rebuild")  # fmt: skip
         return self
 
+    def __getstate__(self) -> dict:
+        # loader workers open the file themselves (a pickled memmap would be a full in-memory copy)
+        return {**self.__dict__, "array": None}
+
+    def _opened(self) -> np.ndarray:
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r")
+        return self.array
+
     def hidden(self, view: int, index: int) -> torch.Tensor:
         """Hidden states of one image view, as float32."""
-        return torch.from_numpy(np.asarray(self.array[view, index], dtype=np.float32))
+        return torch.from_numpy(np.asarray(self._opened()[view, index], dtype=np.float32))
 
     def batch(self, view: int, indices: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.array[view, list(indices)], dtype=np.float32))
+        return torch.from_numpy(np.asarray(self._opened()[view, list(indices)], dtype=np.float32))
 
 
 class CachedTrainingViews(Dataset):
