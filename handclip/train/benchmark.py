@@ -58,17 +58,20 @@ IMPLEMENTATIONS = ("plain", "open_clip", "handclip", "handclip_cached")
 def _policy(name: str, depth: int = 12):
     """HandCLIP's policy for a benchmark name. Below text_frozen the text tower stays frozen, and
     last_n trains the top n vision blocks, the vision final norm and projection (and logit_scale)."""
-    from handclip.model import Full, Pattern, TextFrozen
+    from handclip.model import Full, TextFrozen
+    from handclip.model.freeze import FreezePolicy
 
     if name == "full":
         return Full()
     if name == "text_frozen":
         return TextFrozen()
-    top = [r"^visual_projection\."]
-    if name.startswith("last_"):
-        blocks = "|".join(str(b) for b in range(depth - int(name[5:]), depth))
-        top += [rf"^vision_model\.encoder\.layers\.({blocks})\.", r"^vision_model\.post_layernorm\."]
-    return Pattern(include=top)
+    blocks = int(name[5:]) if name.startswith("last_") else 0
+
+    class VisionTop(FreezePolicy):  # read from the layer groups: the vision projection (depth 0) and below
+        def trains(self, group, parameter_name: str) -> bool:
+            return group.tower == "vision" and group.kind != "embeddings" and group.depth <= blocks
+
+    return VisionTop()
 
 
 def _open_clip_trains(name: str, parameter: str, depth: int = 12) -> bool:
