@@ -15,7 +15,8 @@ def test_the_demo_plan_matches_what_training_would_freeze(tmp_path):
     from handclip.model import apply_freeze, load_backbone
     from handclip.train.config import build_components
 
-    cfg = compose_plain(tmp_path, "experiment=demo")
+    # the demo's architecture with random weights: loading the pretrained one would build it (minutes)
+    cfg = compose_plain(tmp_path, "experiment=demo", "backbone=tiny")
     console = Console(record=True, width=160)
     plan = dry_run(cfg, console)
     text = console.export_text()
