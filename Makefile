@@ -31,8 +31,8 @@ test: install  ## run the whole test suite (what CI runs)
 test-quick: install  ## run the tests without the slow end-to-end runs
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: install  ## benchmarks: image cache vs full-size decoding, step time per freeze policy
-	$(BIN)/python -m handclip.benchmark
+bench: install  ## benchmarks: image cache vs decoding; plain loop, open_clip, HandCLIP, HandCLIP cached per policy
+	$(BIN)/python -m handclip.benchmark --json bench.json
 
 lint: install  ## ruff
 	$(BIN)/ruff check handclip tests train.py

@@ -1,7 +1,7 @@
-"""`python -m handclip.benchmark`: the command lives in `handclip.tools.benchmark`."""
+"""`python -m handclip.benchmark`: the command lives in `handclip.train.benchmark`."""
 
-from handclip.tools.benchmark import *  # noqa: F403 - the same names, under the documented module path
-from handclip.tools.benchmark import main
+from handclip.train.benchmark import *  # noqa: F403 - the same names, under the documented module path
+from handclip.train.benchmark import main
 
 if __name__ == "__main__":
     main()

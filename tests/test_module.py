@@ -21,7 +21,8 @@ DATA = {
     "no_accessories": True, "cache_size": 40, "on_bad_image": "skip", "batch_size": 8, "sampler": "random",
     "identities_per_batch": 4, "images_per_identity": 2, "num_workers": 0,
     "captions": ["a photo of the {aspect} hand of person {person}"], "augment": {"crop_scale": [0.9, 1.0]},
-    "synthetic": None, "csv": "captions.csv",
+    "synthetic": None, "csv": "captions.csv", "activation_cache": False, "cached_views": 1,
+    "activation_dtype": "float16",
 }  # fmt: skip
 
 

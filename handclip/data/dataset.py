@@ -70,8 +70,9 @@ class CaptionCollator:
         self.tokenize = tokenize
 
     def __call__(self, items: list[dict]) -> dict:
+        images = "hidden" if "hidden" in items[0] else "pixel_values"  # stored activations or pixels
         batch = {
-            "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+            images: torch.stack([i[images] for i in items]),
             "identities": torch.tensor([i["identity"] for i in items]),
             "index": torch.tensor([i["index"] for i in items]),
         }

@@ -54,12 +54,21 @@ def eval_transform(image_size: int, resize_size: int, mean, std):
     ])  # fmt: skip
 
 
+def augments(augment: Mapping[str, Any] | None) -> bool:
+    """Whether the settings change an image at random (crop_scale [1, 1], no rotation, no jitter: they do not)."""
+    augment = check_augment(augment)
+    return list(augment["crop_scale"]) != [1, 1] or bool(augment.get("rotation")) or bool(augment.get("color_jitter"))
+
+
 def train_transform(image_size: int, resize_size: int, mean, std, augment: Mapping[str, Any] | None = None):
-    """Random crop of the resized image, small rotation and colour jitter; no flips."""
+    """Random crop of the resized image, small rotation and colour jitter; no flips. Without
+    augmentation (see `augments`), the evaluation transform: the same image every epoch."""
     import torch
     from torchvision.transforms import v2
 
     augment = check_augment(augment)
+    if not augments(augment):
+        return eval_transform(image_size, resize_size, mean, std)
     low, high = augment["crop_scale"]
     steps = [v2.ToImage(), v2.Resize(resize_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     if augment.get("rotation"):

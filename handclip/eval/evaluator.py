@@ -50,6 +50,9 @@ class Evaluator:
         self.cache_size = cache_size
         self.settings = settings
         self.captioner = captioner
+        # set by handclip.train.caches: (store, image -> position, prefix groups) and a frozen text tower's cache
+        self.activations = None
+        self.text_cache = None
 
     def __call__(self, backbone, include_test: bool | None = None) -> dict:
         """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
@@ -59,11 +62,21 @@ class Evaluator:
 
         include_test = self.settings.test if include_test is None else include_test
         image_rows = images_needed(self.rows, include_test)
+        projected_only = getattr(self.encode, "feature", "projected") == "projected"
         transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
         dataset = ManifestImages(image_rows, self.root, transform, self.cache_size)
-        features = extract_image_features(
-            backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True, encode=self.encode
-        )
+        if self.activations is not None and projected_only:  # stored hidden states give the projected embedding
+            from handclip.data.activations import cached_features
+
+            store, position, groups = self.activations
+            chosen = [position[r["image"]] for r in image_rows]
+            batch, flip = self.settings.batch_size, self.settings.flip_tta
+            features = cached_features(backbone, store, chosen, groups, batch, flip)
+        else:
+            features = extract_image_features(
+                backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True,
+                encode=self.encode,
+            )  # fmt: skip
         result = score_protocol(features, image_rows, self.rows, include_test)
         joint = getattr(self.encode, "feature", "projected") == "projected"  # comparable with text embeddings
         # for plots (in the joint space, beside captions); not saved
@@ -82,7 +95,7 @@ class Evaluator:
                         backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta
                     )
                     result["_features"], result["_image_rows"] = projected, image_rows
-                result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone))
+                result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache))
         return result
 
 

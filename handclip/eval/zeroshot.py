@@ -56,9 +56,19 @@ def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] =
 
 
 def text_metrics(
-    image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], backbone
+    image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], backbone, text_cache=None
 ) -> dict[str, float]:
-    """Zero-shot attribute accuracies and retrieval recalls for images with their rows and captions."""
+    """Zero-shot attribute accuracies and retrieval recalls for images with their rows and captions.
+
+    With a `text_cache` (a frozen text tower), prompts and captions are encoded once per run.
+    """
+    if text_cache is not None:
+
+        def encode(backbone, texts):
+            with torch.no_grad():
+                return text_cache.texts(backbone, texts).float().cpu()
+    else:
+        encode = encode_texts
     metrics: dict[str, float] = {}
     for name, (column, prompts) in ATTRIBUTE_PROMPTS.items():
         labels = [r.get(column, "") for r in rows]
@@ -67,11 +77,11 @@ def text_metrics(
             continue  # one class only (or none): nothing to tell apart
         keep = torch.tensor([label in classes for label in labels])
         truth = torch.tensor([classes.index(label) for label in labels if label in classes])
-        predicted = classify(image_features[keep], encode_texts(backbone, [prompts[c] for c in classes]))
+        predicted = classify(image_features[keep], encode(backbone, [prompts[c] for c in classes]))
         metrics[f"zeroshot/{name}_accuracy"] = float((predicted == truth).float().mean())
         metrics[f"zeroshot/{name}_majority"] = float(truth.bincount().max() / len(truth))
     unique = sorted(set(captions))
-    text = encode_texts(backbone, unique)
+    text = encode(backbone, unique)
     position = {caption: i for i, caption in enumerate(unique)}
     index = torch.tensor([position[c] for c in captions])
     correct = index[:, None] == torch.arange(len(unique))[None, :]

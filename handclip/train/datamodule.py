@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from handclip.data.activations import DTYPES
 from handclip.data.captions import Captioner
 from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.data.images import BAD_IMAGE_POLICIES
@@ -71,7 +72,8 @@ class HandDataModule(L.LightningDataModule):
         no_accessories: bool,
         cache_size: int | str, on_bad_image: str, batch_size: int, sampler: str, identities_per_batch: int,
         images_per_identity: int, num_workers: int, captions: Sequence[str], augment: Mapping[str, Any] | None,
-        synthetic: Mapping[str, Any] | None, csv: str,
+        synthetic: Mapping[str, Any] | None, csv: str, activation_cache: bool, cached_views: int,
+        activation_dtype: str,
     ):  # fmt: skip
         super().__init__()
         self.name = name
@@ -93,6 +95,12 @@ class HandDataModule(L.LightningDataModule):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ConfigError(f"data.on_bad_image={on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
         self.num_workers = loader_workers(num_workers)
+        if not isinstance(activation_cache, bool):
+            raise ConfigError(f"data.activation_cache={activation_cache!r} must be true or false")
+        if activation_dtype not in DTYPES:
+            raise ConfigError(f"data.activation_dtype={activation_dtype!r}: choose one of {', '.join(DTYPES)}")
+        self.activation_cache, self.activation_dtype = activation_cache, activation_dtype
+        self.cached_views = _integer("cached_views", cached_views, 1, 1000)
         self.captioner = Captioner(captions)
         self.augment = check_augment(augment)
         self.batch_size, self.sampler = batch_size, sampler

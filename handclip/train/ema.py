@@ -120,11 +120,8 @@ class WeightEMA(L.Callback):
         with weights_swapped(pl_module.backbone, self.weights()):
             for loader in loaders:
                 for batch in loader:
-                    pixels = batch["pixel_values"].to(pl_module.device)
                     with trainer.precision_plugin.forward_context():  # the feature validation_step scores
-                        encoded = pl_module.encode(pl_module.backbone, pixels) if pl_module.encode else \
-                            pl_module.backbone.encode_image(pixels)  # fmt: skip
-                    features.append(encoded.float())
+                        features.append(pl_module.validation_feature(batch).float())
                     index.append(batch["index"].to(pl_module.device))
         if not features:
             return

@@ -53,6 +53,9 @@ class FineTuner(L.LightningModule):
         self.compute = compute or Compute()
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
+        # set by handclip.train.caches when parts stay frozen for the whole run
+        self.prefix_groups = 0  # batches carry `hidden` after this many image groups instead of pixels
+        self.text_cache = None  # a TextCache when the text tower is frozen
         # training time carried across resumes (wall time of one process would restart at 0)
         self.seconds_before = 0.0
         self._fit_started = time.time()
@@ -86,26 +89,35 @@ class FineTuner(L.LightningModule):
             return tensor
         return self.all_gather(tensor, sync_grads=grads).flatten(0, 1)
 
-    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(pre-projection feature or None, projected embedding): what the objective reads."""
-        if self.objective.needs_pre_projection:
-            return self.backbone.encode_image(pixel_values, pre_projection=True)
-        return None, self.backbone.encode_image(pixel_values)
+    def image_features(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(pre-projection feature or None, projected embedding) of a batch, what the objective reads:
+        from pixels, or from stored hidden states of the frozen prefix (handclip.train.caches)."""
+        pre = self.objective.needs_pre_projection
+        if "hidden" in batch:
+            out = self.backbone.image_suffix(batch["hidden"], self.prefix_groups, pre_projection=pre)
+        else:
+            out = self.backbone.encode_image(batch["pixel_values"], pre_projection=pre)
+        return out if pre else (None, out)
+
+    def encode_texts(self, batch: dict) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.text_cache(self.backbone, batch["input_ids"], batch["attention_mask"])
+        return self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         if self.compute.accumulate > 1:
             return self._accumulated_step(batch)
-        pre_projection, image = self.image_features(batch["pixel_values"])
+        pre_projection, image = self.image_features(batch)
         text = None
         if self.objective.needs_text:
-            text = self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+            text = self.encode_texts(batch)
         inputs = LossInputs(
             image=self._gather(image), text=self._gather(text), logit_scale=self.backbone.logit_scale,
             identities=self._gather(batch["identities"], grads=False),
             image_pre_projection=self._gather(pre_projection),
         )  # fmt: skip
         loss, parts = self.objective(inputs)
-        self._check_and_log(loss, parts, len(batch["pixel_values"]))
+        self._check_and_log(loss, parts, len(batch["identities"]))
         return loss
 
     def _check_and_log(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor], size: int) -> None:
@@ -143,10 +155,15 @@ class FineTuner(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_features, self._val_index = [], []
 
+    def validation_feature(self, batch: dict) -> torch.Tensor:
+        """The evaluation feature of a validation batch (stored activations only come with the projected one)."""
+        if "hidden" in batch:
+            return self.backbone.image_suffix(batch["hidden"].to(self.device), self.prefix_groups)
+        pixels = batch["pixel_values"].to(self.device)
+        return self.encode(self.backbone, pixels) if self.encode else self.backbone.encode_image(pixels)
+
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        pixels = batch["pixel_values"]
-        feature = self.encode(self.backbone, pixels) if self.encode else self.backbone.encode_image(pixels)
-        self._val_features.append(feature.float())
+        self._val_features.append(self.validation_feature(batch).float())
         self._val_index.append(batch["index"])
 
     def on_validation_epoch_end(self) -> None:

@@ -150,6 +150,11 @@ def _train(
     )
     if initial is not None:
         load_initial_weights(module, cfg["init_from"], initial)
+    from handclip.train.caches import attach_caches
+
+    metrics["cache/prefix_groups"] = attach_caches(
+        datamodule, evaluate, module, backbone, parts.freeze, int(cfg["trainer"]["max_epochs"]), console
+    )["prefix_groups"]
 
     results: dict[str, dict] = {}
     if parts.eval.baseline:

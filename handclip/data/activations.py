@@ -1,0 +1,174 @@
+"""Stored activations of the frozen prefix of the image tower, memory-mapped from the data cache.
+
+An `ActivationStore` is one array `[views, images, tokens, width]` (float16 by default, float32 on
+request) in `ROOT/cache/activations/<key digest>.npy`, beside a `.json` with the key it was made
+under: the backbone, a hash of the prefix weights, the number of prefix groups, the image list,
+the resized source, the transform (with its sizes and normalisation) and the views. Any change gives
+another file, so a changed setting never reads stale activations. A store is filled once, under a
+file lock (a second process waits, then reads it), into a temporary file that replaces the final
+name only when complete: an interrupted fill leaves nothing half written. Later runs with the same
+key (a resumed run, a sweep repeated or extended, the same depth under another learning rate or
+loss) open it read-only; each distinct k is one store.
+
+Training view v of image i is the training transform seeded by (run seed, v, i), the same seeding
+as epoch v of an uncached run; each epoch draws one of the V views per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from handclip.data.sampling import sample_seed
+from handclip.io import write_text_atomic
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def store_dir(root: str | Path) -> Path:
+    return Path(root) / "cache" / "activations"
+
+
+def images_digest(images: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(images).encode()).hexdigest()[:20]
+
+
+class ActivationStore:
+    """One memory-mapped array of prefix activations, made once for its key and then only read."""
+
+    def __init__(self, directory: str | Path, key: Mapping, views: int, count: int, dtype: str = "float16"):
+        if dtype not in DTYPES:
+            raise ValueError(f"activation dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        self.key = {**dict(key), "views": views, "count": count, "dtype": dtype}
+        text = json.dumps(self.key, sort_keys=True, default=str)
+        self.digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+        self.path = Path(directory) / f"{self.digest}.npy"
+        self.views, self.count, self.dtype = views, count, DTYPES[dtype]
+        self.array: np.ndarray | None = None
+        self.filled_now = False  # True when this process computed it
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def ensure(
+        self, compute: Callable[[int, Sequence[int]], torch.Tensor], batch_size: int, desc: str = "caching"
+    ) -> ActivationStore:
+        """Open the store, filling it first if no process has: `compute(view, indices)` gives hidden states."""
+        from filelock import FileLock
+        from tqdm.auto import tqdm
+
+        if not self.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.path.with_suffix(".lock"))):
+                if not self.exists():  # another process may have filled it while this one waited
+                    temporary = self.path.with_name(f".{self.digest}.{os.getpid()}.tmp.npy")
+                    try:
+                        array = None
+                        progress = tqdm(total=self.views * self.count, desc=desc, unit="img", leave=False)
+                        for view in range(self.views):
+                            for start in range(0, self.count, batch_size):
+                                indices = list(range(start, min(start + batch_size, self.count)))
+                                hidden = compute(view, indices).detach().float().cpu().numpy()
+                                if array is None:
+                                    shape = (self.views, self.count, *hidden.shape[1:])
+                                    array = np.lib.format.open_memmap(temporary, "w+", self.dtype, shape)
+                                array[view, indices[0] : indices[-1] + 1] = hidden
+                                progress.update(len(indices))
+                        progress.close()
+                        array.flush()
+                        del array
+                        write_text_atomic(self.path.with_suffix(".json"), json.dumps(self.key, indent=2, default=str))
+                        os.replace(temporary, self.path)
+                        self.filled_now = True
+                    finally:
+                        temporary.unlink(missing_ok=True)
+        self.array = np.load(self.path, mmap_mode="r")
+        if self.array.shape[:2] != (self.views, self.count):
+            raise RuntimeError(f"{self.path} holds {self.array.shape[:2]} views x images, expected "
+                               f"{(self.views, self.count)}: delete it to rebuild")  # fmt: skip
+        return self
+
+    def __getstate__(self) -> dict:
+        # loader workers open the file themselves (a pickled memmap would be a full in-memory copy)
+        return {**self.__dict__, "array": None}
+
+    def _opened(self) -> np.ndarray:
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r")
+        return self.array
+
+    def hidden(self, view: int, index: int) -> torch.Tensor:
+        """Hidden states of one image view, as float32."""
+        return torch.from_numpy(np.asarray(self._opened()[view, index], dtype=np.float32))
+
+    def batch(self, view: int, indices: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self._opened()[view, list(indices)], dtype=np.float32))
+
+
+class CachedTrainingViews(Dataset):
+    """Training items with stored hidden states instead of pixels: each epoch draws one of V views.
+
+    Captions, identities and indices are exactly those of `ManifestImages` (same seeding).
+    """
+
+    def __init__(self, images, store: ActivationStore):
+        self.images, self.store = images, store  # images: the ManifestImages the views were made from
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        row = self.images.rows[index]
+        item = {"identity": self.images.identity_index[row["identity"]], "index": index}
+        view, rng = 0, None
+        if epoch is not None:
+            seed = sample_seed(self.images.seed, epoch, index)
+            rng = random.Random(seed)
+            if self.store.views > 1:
+                view = random.Random(seed ^ 0x5EED).randrange(self.store.views)
+        item["hidden"] = self.store.hidden(view, index)
+        if self.images.captioner is not None:
+            item["caption"] = self.images.captioner(row, rng)
+        return item
+
+
+class CachedImages(Dataset):
+    """Evaluation items: the stored hidden states of images picked from an evaluation store by name."""
+
+    def __init__(self, store: ActivationStore, positions: Sequence[int]):
+        self.store, self.positions = store, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"hidden": self.store.hidden(0, self.positions[index]), "index": index}
+
+
+@torch.no_grad()
+def cached_features(
+    backbone, store: ActivationStore, positions: Sequence[int], groups: int, batch_size: int, flip: bool = False
+) -> torch.Tensor:
+    """Projected image embeddings from stored hidden states (view 1 holds the mirrored images for `flip`)."""
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    features = []
+    for start in range(0, len(positions), batch_size):
+        chosen = positions[start : start + batch_size]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            embedding = backbone.image_suffix(store.batch(0, chosen).to(device), groups).float()
+            if flip:
+                embedding = embedding + backbone.image_suffix(store.batch(1, chosen).to(device), groups).float()
+        features.append(embedding.cpu())
+    backbone.train(was_training)
+    return torch.cat(features) if features else torch.empty(0)
