@@ -25,6 +25,30 @@ def refuse(message: str, run_dir: Path) -> None:
     sys.exit(2)
 
 
+def stage_composer(cfg: DictConfig, hydra_cfg, plain: dict):
+    """compose(name, previous) for handclip.train.stages: this run's configuration (its command-line
+    overrides) with the stage's settings after them, the stage's name and the previous stage's folder
+    filled in, resolved."""
+    from hydra import compose
+
+    from handclip.train.stages import stage_overrides
+
+    task = list(hydra_cfg.overrides.task)
+    groups = {p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()}
+    specs = OmegaConf.to_container(cfg.stages, resolve=False)  # ${stage.previous} is resolved per stage
+
+    def composed(name: str, previous: str | None) -> dict:
+        stage = compose(config_name="train", overrides=[*task, *stage_overrides(specs[name], groups)])
+        stage.stages, stage.stage.name, stage.stage.previous = None, name, previous
+        resolved = OmegaConf.to_container(stage, resolve=True)
+        for key in ("sweep", "logger"):  # what a sweep point adds (its folder, the logger's group)
+            if key in plain:
+                resolved[key] = plain[key]
+        return resolved
+
+    return composed
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
@@ -52,7 +76,16 @@ def main(cfg: DictConfig) -> float:
         from handclip.train.rundir import remove_new_empty_dirs
 
         try:
-            dry_run(plain)
+            if plain.get("stages"):  # each stage's plan, as it will run
+                from handclip.train.stages import stage_dirs, stage_names
+
+                names = stage_names(plain["stages"])
+                compose = stage_composer(cfg, hydra_cfg, plain)
+                for name, previous in zip(names, [None, *stage_dirs(run_dir, names)[:-1]], strict=True):
+                    print(f"stage {name}:")
+                    dry_run(compose(name, None if previous is None else str(previous)))
+            else:
+                dry_run(plain)
         except HandClipError as error:
             refuse(str(error), run_dir)
         remove_new_empty_dirs(run_dir, since=STARTED)  # a dry run writes nothing
@@ -84,13 +117,20 @@ def main(cfg: DictConfig) -> float:
             record_failure(run_dir, HandClipError(message), plain)
             print(f"error in {message}", file=sys.stderr)
             return float("nan")
-        if not plain.get("ckpt_path") and any((run_dir / "checkpoints").glob("*.ckpt")):
+        if not plain.get("ckpt_path") and any(
+            p for pattern in ("checkpoints/*.ckpt", "*/checkpoints/*.ckpt") for p in run_dir.glob(pattern)
+        ):
             # an interrupted point continues where it stopped; its checkpoint already holds any
             # init_from weights, so init_from (which a resume refuses) is not given again
             plain["ckpt_path"], plain["init_from"] = "last", None
     try:
-        # writes config.yaml only once the configuration is checked and the run directory is locked
-        metrics = run_training(plain, run_dir)
+        if plain.get("stages"):
+            from handclip.train.stages import run_stages
+
+            metrics = run_stages(plain, run_dir, stage_composer(cfg, hydra_cfg, plain))
+        else:
+            # writes config.yaml only once the configuration is checked and the run directory is locked
+            metrics = run_training(plain, run_dir)
     except Exception as error:
         if multirun:  # one failed point is recorded and the sweep goes on
             record_failure(run_dir, error, plain)

@@ -1,8 +1,6 @@
 """Weight averaging: the EMA a run keeps, model soups from a sweep, and the model card of every export."""
 
 import json
-import signal
-import time
 
 import pytest
 import torch
@@ -123,16 +121,11 @@ def test_a_soup_of_a_one_point_sweep_equals_that_points_export(ema_run, tmp_path
 
 @pytest.mark.slow
 def test_a_run_with_an_ema_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
-    from tests.test_resume import start
+    from tests.test_resume import kill_once_written
 
     train(tmp_path / "whole", *EMA)
-    process = start(tmp_path / "split", *EMA)
     last = tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.is_file() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_once_written(tmp_path / "split", last, *EMA)
     assert load_checkpoint_file(last)["epoch"] < 2
     refused = train(tmp_path / "split", *EMA[:-1], "ema.decay=0.9", "ckpt_path=last", check=False)
     assert refused.returncode != 0 and "it kept its EMA with ema.decay=0.8" in refused.stderr

@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from handclip.errors import ConfigError
 from handclip.losses import Objective
@@ -10,6 +12,7 @@ from handclip.model import FreezePolicy, HuggingFaceCLIP
 from handclip.train.config import build_components, check_config
 from handclip.train.datamodule import HandDataModule
 from handclip.train.resolvers import register_resolvers
+from handclip.train.stages import stage_overrides
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -22,21 +25,46 @@ def compose_plain(tmp_path, *overrides) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def stage_configs(tmp_path, experiment: str) -> list[dict]:
+    """The experiment's configuration, or each of its stages' (as train.py composes them), with a stand-in
+    first stage's identity texts (10 identities x 64) in the previous stage's folder."""
+    cfg = compose_plain(tmp_path, f"experiment={experiment}")
+    if not cfg.get("stages"):
+        return [cfg]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        specs = OmegaConf.to_container(compose("train", overrides=[f"experiment={experiment}"]).stages)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    save_file({"identity_texts": torch.zeros(10, 64)}, str(previous / "identity_texts.safetensors"))
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    return [
+        compose_plain(
+            tmp_path,
+            f"experiment={experiment}",
+            *stage_overrides(spec, groups),
+            "stages=null",
+            f"stage.name={name}",
+            f"stage.previous={previous}",
+        )  # fmt: skip
+        for name, spec in specs.items()
+    ]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_resolves_and_builds_every_component(tmp_path, experiment):
-    cfg = compose_plain(tmp_path, f"experiment={experiment}")
-    assert cfg["name"] == experiment
-    Path(cfg["data"]["root"]).mkdir(parents=True)  # the real datasets are not here; their folders are enough
-    # a hub backbone's config is not on this machine: everything else is built and checked
-    local = cfg["backbone"]["source"] == "tiny"
-    parts = build_components(cfg, read_backbone_config=local)
-    assert isinstance(parts.backbone, HuggingFaceCLIP) and isinstance(parts.freeze, FreezePolicy)
-    assert isinstance(parts.data, HandDataModule) and parts.data.batch_size >= 2
-    objective = parts.objective(num_identities=10, embed_dim=64, pre_projection_dim=32)
-    assert isinstance(objective, Objective) and len(objective.terms) >= 1
-    assert parts.optimization.lr > 0 and parts.eval.batch_size >= 1
-    assert callable(parts.logger) and callable(parts.trainer) and parts.callbacks
-    assert (parts.facts is not None) == local
+    for cfg in stage_configs(tmp_path, experiment):
+        assert cfg["name"] == experiment
+        Path(cfg["data"]["root"]).mkdir(parents=True, exist_ok=True)  # the real datasets are not here: folders do
+        # a hub backbone's config is not on this machine: everything else is built and checked
+        local = cfg["backbone"]["source"] == "tiny"
+        parts = build_components(cfg, read_backbone_config=local)
+        assert isinstance(parts.backbone, HuggingFaceCLIP) and isinstance(parts.freeze, FreezePolicy)
+        assert isinstance(parts.data, HandDataModule) and parts.data.batch_size >= 2
+        objective = parts.objective(num_identities=10, embed_dim=64, pre_projection_dim=32, text_width=32)
+        assert isinstance(objective, Objective) and len(objective.terms) >= 1
+        assert parts.optimization.lr > 0 and parts.eval.batch_size >= 1
+        assert callable(parts.logger) and callable(parts.trainer) and parts.callbacks
+        assert (parts.facts is not None) == local
 
 
 def test_published_experiments_use_the_protocol_settings(tmp_path):

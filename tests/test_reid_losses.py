@@ -149,6 +149,17 @@ def test_triplet_on_normalised_features_measures_angles_only():
     assert raw > 0  # raw: the 9-unit gap between the same identity's points is the hardest positive
 
 
+def test_triplet_on_both_features_is_the_mean_of_the_two():
+    projected, pre = torch.tensor([[0.0], [1.0], [3.0], [9.0]]), torch.tensor([[0.0], [4.0], [1.0], [2.0]])
+    identities = torch.tensor([0, 0, 1, 1])
+    inputs = LossInputs(image=projected, text=None, logit_scale=torch.tensor(0.0), identities=identities,
+                        image_pre_projection=pre)  # fmt: skip
+    each = [batch_hard_triplet(f, identities, 0.3, normalize=False).item() for f in (projected, pre)]
+    term = TripletLoss(feature="both", normalize=False)
+    assert term.needs_pre_projection and term(inputs).item() == pytest.approx(sum(each) / 2)
+    assert each[0] != pytest.approx(each[1])
+
+
 def test_anchors_without_a_positive_are_left_out():
     features = torch.tensor([[0.0], [1.0], [4.0]], requires_grad=True)
     loss = batch_hard_triplet(features, torch.tensor([0, 0, 1]), margin=0.0, normalize=False)

@@ -22,6 +22,17 @@ def start(tmp_path, *overrides, script="train.py"):
     return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def kill_once_written(tmp_path, path, *overrides) -> None:
+    """Start a run and SIGKILL it as soon as `path` (a checkpoint) exists."""
+    process = start(tmp_path, *overrides)
+    deadline = time.time() + 300
+    while not path.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
 def metrics_of(path):
     return json.loads((path / "runs" / "r" / "metrics.json").read_text())["metrics"]
 
@@ -42,14 +53,8 @@ def test_killed_run_resumes_from_a_new_process_and_equals_an_uninterrupted_one(t
     overrides = [*EPOCHS, *objective]
     train(tmp_path / "whole", *overrides)
     # the same run, killed with SIGKILL once its first checkpoint exists
-    process = start(tmp_path / "split", *overrides)
     last = tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.is_file() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_once_written(tmp_path / "split", last, *overrides)
     assert not (tmp_path / "split" / "runs" / "r" / "metrics.json").exists()
     epoch_at_kill, step_at_kill = load_checkpoint_file(last)["epoch"], load_checkpoint_file(last)["global_step"]
     assert epoch_at_kill < 5

@@ -9,7 +9,12 @@ the backbone.
 Some terms can only be built once the data is read (an identity head needs the number of
 identities): their config says `_partial_: true`, and the objective finishes them with the
 run-time facts their constructor asks for by name (`num_identities`, `embed_dim` (the projected
-width) and `pre_projection_dim` (the image tower's width before the projection)).
+width), `pre_projection_dim` (the image tower's width before the projection) and `text_width`
+(the text tower's token width)).
+
+A term may also leave files behind: `artifacts(backbone) -> {name: tensor}` is written by a
+finished run as `<name>.safetensors` in its run directory (the learned identity texts that a
+second stage reads).
 
     _target_: handclip.losses.Objective
     _partial_: true
@@ -45,6 +50,7 @@ class LossInputs:
     logit_scale: torch.Tensor
     identities: torch.Tensor | None = None
     image_pre_projection: torch.Tensor | None = None
+    backbone: Any = None  # given to terms that run a tower themselves (`needs_backbone`)
 
     def feature(self, name: str) -> torch.Tensor:
         """The image feature `projected` or `pre_projection`."""
@@ -60,6 +66,7 @@ class LossTerm(nn.Module):
     needs_text = False  # whether the training step must encode the captions for this term
     needs_pre_projection = False  # whether it reads the pre-projection image feature
     needs_identity_batches = False  # whether it needs P x K batches (K >= 2 images of each identity)
+    needs_backbone = False  # whether it runs a tower itself (learned prompts): `inputs.backbone` is set
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -101,12 +108,13 @@ class Objective(nn.Module):
 
     def __init__(
         self, terms: Mapping[str, Any], num_identities: int | None = None, embed_dim: int | None = None,
-        pre_projection_dim: int | None = None,
+        pre_projection_dim: int | None = None, text_width: int | None = None,
     ):  # fmt: skip
         super().__init__()
         if not isinstance(terms, Mapping) or not terms:
             raise ConfigError("loss.terms is empty: give at least one loss term (see conf/loss/)")
-        facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim}
+        facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim,
+                 "text_width": text_width}  # fmt: skip
         self.terms = nn.ModuleDict({name: _finish(name, term, facts) for name, term in terms.items()})
 
     @property
@@ -116,6 +124,18 @@ class Objective(nn.Module):
     @property
     def needs_pre_projection(self) -> bool:
         return any(term.needs_pre_projection for term in self.terms.values())
+
+    @property
+    def needs_backbone(self) -> bool:
+        return any(term.needs_backbone for term in self.terms.values())
+
+    def artifacts(self, backbone) -> dict[str, torch.Tensor]:
+        """What the terms leave behind after training, by file name (without `.safetensors`)."""
+        found: dict[str, torch.Tensor] = {}
+        for term in self.terms.values():
+            if hasattr(term, "artifacts"):
+                found.update(term.artifacts(backbone))
+        return found
 
     def terms_needing(self, need: str) -> list[str]:
         """Names of the terms with `need` (e.g. `needs_identity_batches`) set."""

@@ -39,7 +39,8 @@ def batch_hard_triplet(
 
 
 class TripletLoss(LossTerm):
-    """Batch-hard triplet loss on the projected or pre-projection feature; needs P x K batches (K >= 2)."""
+    """Batch-hard triplet loss on the projected or pre-projection feature, or the mean over both (`both`, as
+    CLIP-ReID); needs P x K batches (K >= 2)."""
 
     needs_identity_batches = True
 
@@ -50,15 +51,17 @@ class TripletLoss(LossTerm):
             raise self.error("margin", margin, "a number >= 0, or null for the soft margin")
         if not isinstance(normalize, bool):
             raise self.error("normalize", normalize, "true (L2-normalised features) or false (raw)")
-        if feature not in FEATURES:
-            raise self.error("feature", feature, "one of " + ", ".join(FEATURES))
+        if feature not in (*FEATURES, "both"):
+            raise self.error("feature", feature, "one of " + ", ".join((*FEATURES, "both")))
         self.margin = None if margin is None else float(margin)
         self.normalize = normalize
         self.feature = feature
 
     @property
     def needs_pre_projection(self) -> bool:
-        return self.feature == "pre_projection"
+        return self.feature != "projected"
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        return batch_hard_triplet(inputs.feature(self.feature), inputs.identities, self.margin, self.normalize)
+        names = FEATURES if self.feature == "both" else (self.feature,)
+        losses = [batch_hard_triplet(inputs.feature(n), inputs.identities, self.margin, self.normalize) for n in names]
+        return sum(losses) / len(losses)

@@ -13,6 +13,7 @@ from handclip.model.freeze import (
     Frozen,
     Full,
     LastN,
+    Locked,
     NormsOnly,
     Pattern,
     TextFrozen,
@@ -25,7 +26,8 @@ from handclip.model.projection import Keep, Replace
 
 __all__ = [
     "Backbone", "BackboneFacts", "BiasOnly", "FreezePolicy", "FreezeReport", "Frozen", "Full", "HFBackbone",
-    "HuggingFaceCLIP", "Keep", "LastN", "LayerGroup", "NormsOnly", "Pattern", "Replace", "TextFrozen", "TowerFacts",
+    "HuggingFaceCLIP", "Keep", "LastN", "LayerGroup", "Locked", "NormsOnly", "Pattern", "Replace", "TextFrozen",
+    "TowerFacts",
     "apply_freeze", "default_cache_dir", "freeze_report", "load_backbone", "trainable_parameter_names",
 ]  # fmt: skip
 

@@ -9,6 +9,7 @@ Built-in policies (one `conf/freeze/*.yaml` file each, chosen with `freeze=NAME`
 
     Full          everything trains
     Frozen        only the projections (and logit_scale)
+    Locked        nothing of the backbone: only the objective's own parts train (CLIP-ReID stage 1)
     LastN         projection, final norm and the top N blocks of each tower (N=0: projection only)
     TextFrozen    the whole image tower; the text tower is frozen
     Pattern       parameters whose model name matches an include regex and no exclude regex
@@ -85,6 +86,20 @@ class Full(FreezePolicy):
 class Frozen(FreezePolicy):
     def trains(self, group: LayerGroup, name: str) -> bool:
         return group.kind == "projection"
+
+
+class Locked(FreezePolicy):
+    """Every backbone parameter frozen, logit_scale too unless `train_logit_scale`: only the objective's
+    learnable parts train (learned identity prompts, heads). Empty on the backbone by design."""
+
+    def __init__(self, train_logit_scale: bool = False, **ignored):
+        super().__init__(train_logit_scale, **ignored)
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        return False
+
+    def check_result(self, names: list[str], trainable: list[str]) -> None:
+        pass  # what trains lives in the objective; a run without learnable objective parts is refused there
 
 
 class BiasOnly(FreezePolicy):

@@ -128,6 +128,10 @@ def model_card(
               f"exported from `{source}`.", ""]  # fmt: skip
     lines += ["## Base model", "", f"- backbone: {base}", f"- projection: {_settings(config.get('projection'))}", ""]
     lines += ["## What was trained", "", f"- {policy or 'freeze policy: ' + _settings(config.get('freeze'))}"]
+    stage = config.get("stage") or {}
+    if stage.get("name"):
+        after = f", after the stage in {stage['previous']}" if stage.get("previous") else ""
+        lines.append(f"- stage `{stage['name']}` of a run in stages{after}")
     if "lora" in str((config.get("freeze") or {}).get("_target_", "")).lower():
         lines.append("- LoRA adapters are merged into the weights: the model loads without peft")
     optim = {k: v for k, v in (config.get("optim") or {}).items() if k in ("_target_", "lr", "weight_decay",

@@ -40,6 +40,10 @@ def find_checkpoint(source: str | Path) -> tuple[Path, Path]:
     """(checkpoint, run directory) for a run directory (best, else last) or a checkpoint file."""
     source = Path(source)
     if source.is_dir():
+        stages = [p for p in source.glob("*-*/config.yaml") if p.parent.name.split("-")[0].isdigit()]
+        stages.sort(key=lambda p: int(p.parent.name.split("-")[0]))
+        if stages and not (source / "checkpoints").is_dir():  # a run in stages: its last stage is the model
+            return find_checkpoint(stages[-1].parent)
         for name in ("best.ckpt", "last.ckpt"):
             if (source / "checkpoints" / name).is_file():
                 return source / "checkpoints" / name, source

@@ -28,6 +28,7 @@ from handclip.train.compute import Compute, contrastive_accumulation_refused
 TOP_LEVEL = (
     "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "dry_run", "paths", "backbone", "freeze",
     "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep", "ema", "compute",
+    "stages", "stage",
 )  # fmt: skip
 # what a resumed run must share with the checkpoint it resumes
 SIGNATURE_KEYS = ("backbone", "freeze", "projection", "loss")
@@ -193,13 +194,19 @@ def _try_trainer(trainer: Callable) -> None:
         quiet.setLevel(level)
 
 
+def objective_facts(facts: BackboneFacts | None, num_identities: int) -> dict[str, int]:
+    """What the objective's partial terms are finished with: identities from the data (0 in a check before
+    the data is read), widths from the model (stand-ins of 64 where the backbone's config was not read)."""
+    return {
+        "num_identities": num_identities, "embed_dim": facts.projection_dim if facts else 64,
+        "pre_projection_dim": facts.vision.width if facts else 64, "text_width": facts.text.width if facts else 64,
+    }  # fmt: skip
+
+
 def _try_objective(objective: Callable, facts: BackboneFacts | None):
     """Finish the objective once with stand-in run-time facts, so its terms' settings fail now; return it."""
     try:
-        return objective(
-            num_identities=2, embed_dim=facts.projection_dim if facts else 64,
-            pre_projection_dim=facts.vision.width if facts else 64,
-        )  # fmt: skip
+        return objective(**objective_facts(facts, 0))
     except ConfigError:
         raise
     except Exception as error:  # noqa: BLE001 - one line naming the section
@@ -278,13 +285,19 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     unknown = [k for k in ema if k != "decay"]
     if unknown:
         raise ConfigError(f"ema.{unknown[0]} is not a setting: ema has only decay (null, or e.g. 0.998)")
-    refused = contrastive_accumulation_refused(cfg["trainer"], finished.needs_text)
+    refused = contrastive_accumulation_refused(cfg["trainer"], finished.needs_text or finished.needs_backbone)
     if refused:
         raise refused
     compute = _build("compute", cfg.get("compute") or {"_target_": "handclip.train.compute.Compute"})
     if not isinstance(compute, Compute):
         raise ConfigError(f"compute._target_={cfg['compute']['_target_']} is not a handclip.train.compute.Compute")
     compute.check(data.batch_size, cfg["trainer"], str(cfg["trainer"].get("precision")))
+    prompts = finished.terms_needing("needs_backbone")
+    if prompts and compute.accumulate > 1:
+        raise ConfigError(
+            f"loss.terms.{prompts[0]} encodes its learned prompts inside the loss, which compute.accumulate "
+            f"cannot split into micro-batches: use compute.accumulate=1 (it trains no tower, so memory is small)"
+        )
     return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
                       callbacks, trainer, check_decay(ema.get("decay")), compute)  # fmt: skip
 

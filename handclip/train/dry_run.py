@@ -16,7 +16,7 @@ from rich.table import Table
 
 from handclip.model.freeze import apply_freeze
 from handclip.model.schedule import FreezeSchedule
-from handclip.train.config import build_components
+from handclip.train.config import build_components, objective_facts
 
 
 def _megabytes(count: float) -> str:
@@ -72,9 +72,8 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
     from handclip.losses import Objective
     from handclip.train.module import FineTuner
 
-    objective: Objective = parts.objective(
-        num_identities=2, embed_dim=facts.projection_dim, pre_projection_dim=facts.vision.width
-    )
+    # heads sized by the number of identities show 0 parameters: the data is not read in a dry run
+    objective: Objective = parts.objective(**objective_facts(facts, 0))
     module = FineTuner(skeleton, objective, parts.optimization, heads=heads, freeze=parts.freeze)
     infos = module.optimised_parameters()
     groups = parts.optimization.parameter_groups(infos)

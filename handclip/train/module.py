@@ -115,6 +115,7 @@ class FineTuner(L.LightningModule):
             image=self._gather(image), text=self._gather(text), logit_scale=self.backbone.logit_scale,
             identities=self._gather(batch["identities"], grads=False),
             image_pre_projection=self._gather(pre_projection),
+            backbone=self.backbone if self.objective.needs_backbone else None,
         )  # fmt: skip
         loss, parts = self.objective(inputs)
         self._check_and_log(loss, parts, len(batch["identities"]))

@@ -18,7 +18,7 @@ import torch
 
 from handclip.errors import HandClipError
 from handclip.io import load_checkpoint_file, write_json_atomic, write_text_atomic
-from handclip.train.config import Components, check_config, run_signature
+from handclip.train.config import Components, check_config, objective_facts, run_signature
 
 
 def precision_for(setting: str) -> str:
@@ -123,10 +123,7 @@ def _train(
     console.print(report.to_rich())
     write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     parts.compute.apply(backbone)
-    objective = parts.objective(
-        num_identities=datamodule.num_identities, embed_dim=backbone.projection_dim,
-        pre_projection_dim=backbone.facts.vision.width,
-    )  # fmt: skip
+    objective = parts.objective(**objective_facts(backbone.facts, datamodule.num_identities))
     encode = ImageEncoder(parts.eval.feature, objective)
     datamodule.attach(backbone, parts.eval.batch_size)
 
@@ -203,6 +200,7 @@ def _train(
         _exit_if_stopped(stop)
         raise
     _exit_if_stopped(stop)  # a signal during the last validation: training is complete, but stop as asked
+    _write_artifacts(objective, backbone, run_dir)
 
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
@@ -252,6 +250,18 @@ def _train(
             logger.finalize("success")
         console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
         return metrics
+
+
+def _write_artifacts(objective, backbone, run_dir: Path) -> None:
+    """What the objective's terms leave behind (learned identity texts), from the weights training ended
+    with: `<name>.safetensors` in the run directory."""
+    from safetensors.torch import save
+
+    from handclip.io import atomic_write
+
+    for name, tensor in objective.artifacts(backbone).items():
+        with atomic_write(run_dir / f"{name}.safetensors", "wb") as out:
+            out.write(save({name: tensor.detach().cpu().contiguous()}))
 
 
 @contextmanager

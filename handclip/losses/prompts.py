@@ -1,0 +1,93 @@
+"""Learned identity prompts: CLIP-ReID's first stage.
+
+Each training identity gets its own words in a caption template, "a photo of a X X X X hand.":
+the embeddings of the X tokens are learnable, one set per identity, and everything else (both
+towers, the template's other words, the temperature) stays fixed. The term encodes the prompts of
+the identities in a batch with the (frozen) text tower and trains them with the symmetric
+multi-positive contrastive loss against the batch's images, CLIP-ReID's image-to-text and
+text-to-image supervised contrastive terms. After training, `identity_texts` encodes every
+identity's prompt once; the second stage reads those embeddings as fixed targets
+(`IdentityTextLoss(texts_from=...)`).
+
+Only the backbone interface is used (`text_prefix` with one group gives the token and position
+embeddings, `text_suffix` runs the tower from there), so any backbone with a text tower works.
+Each identity's words start as the placeholder word's embedding plus small noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from handclip.losses.contrastive import contrastive_loss
+from handclip.losses.objective import LossInputs, LossTerm
+
+PLACEHOLDER = "x"  # one BPE token; its embedding is where each identity's learned words start
+
+
+class IdentityPrompts(LossTerm):
+    """Learnable words per identity in `template` ("{}" marks them), trained contrastively against images."""
+
+    needs_backbone = True  # runs the text tower itself
+
+    def __init__(
+        self, num_identities: int, text_width: int, weight: float = 1.0, template: str = "a photo of a {} hand.",
+        context_tokens: int = 4, init_std: float = 0.02,
+    ):  # fmt: skip
+        super().__init__(weight)
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise self.error("template", template, 'a caption with one "{}" where the learned words go')
+        if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or not 1 <= context_tokens <= 16:
+            raise self.error("context_tokens", context_tokens, "a whole number from 1 to 16")
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or init_std < 0:
+            raise self.error("init_std", init_std, "a number >= 0")
+        self.template, self.context_tokens = template, context_tokens
+        # drawn from the run's seeded generator, like every other head
+        self.words = nn.Parameter(torch.randn(int(num_identities), context_tokens, int(text_width)) * init_std)
+        self._tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def caption(self) -> str:
+        return self.template.format(" ".join([PLACEHOLDER] * self.context_tokens))
+
+    def _template_tokens(self, backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids [1, L], attention_mask [1, L], positions of the learned words [context_tokens])."""
+        if self._tokens is None:
+            tokens = backbone.tokenize([self.caption])
+            placeholder = int(backbone.tokenize([PLACEHOLDER])["input_ids"][0, 1])
+            positions = (tokens["input_ids"][0] == placeholder).nonzero().flatten()
+            if len(positions) != self.context_tokens:
+                raise self.error(
+                    "template", self.template,
+                    f'a caption in which "{PLACEHOLDER}" appears only where the learned words go '
+                    f"(found {len(positions)} of {self.context_tokens} placeholder tokens after tokenising)",
+                )  # fmt: skip
+            self._tokens = (tokens["input_ids"], tokens["attention_mask"], positions)
+        return self._tokens
+
+    def identity_texts(self, backbone, identities: torch.Tensor) -> torch.Tensor:
+        """Projected text embeddings of the prompts of `identities` [n, embed_dim] (with gradients to the words)."""
+        ids, mask, positions = (t.to(self.words.device) for t in self._template_tokens(backbone))
+        n = len(identities)
+        ids, mask = ids.expand(n, -1), mask.expand(n, -1)
+        hidden = backbone.text_prefix(ids[:1], mask[:1], 1)  # token + position embeddings of the template
+        offsets = torch.zeros(n, *hidden.shape[1:], device=hidden.device, dtype=hidden.dtype)
+        offsets[:, positions] = self.words[identities].to(hidden.dtype)
+        return backbone.text_suffix(hidden.expand(n, -1, -1) + offsets, ids, mask, 1)
+
+    @torch.no_grad()
+    def all_identity_texts(self, backbone, batch: int = 256) -> torch.Tensor:
+        """Every identity's prompt embedding [num_identities, embed_dim], what the second stage reads."""
+        everyone = torch.arange(len(self.words), device=self.words.device)
+        return torch.cat([self.identity_texts(backbone, chunk).float() for chunk in everyone.split(batch)])
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        if inputs.backbone is None or inputs.identities is None:
+            raise ValueError("IdentityPrompts needs the backbone and the batch's identities")
+        present, rows = inputs.identities.unique(return_inverse=True)
+        texts = self.identity_texts(inputs.backbone, present)[rows]
+        return contrastive_loss(inputs.image, texts, inputs.logit_scale, inputs.identities)
+
+    def artifacts(self, backbone) -> dict[str, torch.Tensor]:
+        """Files a finished run writes: the identity text embeddings a second stage reads."""
+        return {"identity_texts": self.all_identity_texts(backbone)}
