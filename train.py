@@ -77,19 +77,20 @@ def main(cfg: DictConfig) -> float:
 
         try:
             if plain.get("stages"):  # each stage's plan, as it will run
-                from handclip.train.stages import stage_dirs, stage_names
+                from handclip.train.stages import compose_stage, stage_dirs, stage_names
 
                 names = stage_names(plain["stages"])
                 compose = stage_composer(cfg, hydra_cfg, plain)
                 for name, previous in zip(names, [None, *stage_dirs(run_dir, names)[:-1]], strict=True):
                     print(f"stage {name}:")
-                    dry_run(compose(name, None if previous is None else str(previous)))
+                    dry_run(compose_stage(compose, name, previous))
             else:
                 dry_run(plain)
         except HandClipError as error:
             refuse(str(error), run_dir)
         remove_new_empty_dirs(run_dir, since=STARTED)  # a dry run writes nothing
         return float("nan")
+    asked = plain  # what config.yaml records
     if multirun:
         plain["sweep"] = {"dir": str(Path(hydra_cfg.sweep.dir)), "name": Path(hydra_cfg.sweep.dir).name}
         if "group" in plain["logger"] and plain["logger"]["group"] is None:
@@ -122,7 +123,8 @@ def main(cfg: DictConfig) -> float:
         ):
             # an interrupted point continues where it stopped; its checkpoint already holds any
             # init_from weights, so init_from (which a resume refuses) is not given again
-            plain["ckpt_path"], plain["init_from"] = "last", None
+            asked = dict(plain)
+            plain = {**plain, "ckpt_path": "last", "init_from": None}
     try:
         if plain.get("stages"):
             from handclip.train.stages import run_stages
@@ -130,7 +132,7 @@ def main(cfg: DictConfig) -> float:
             metrics = run_stages(plain, run_dir, stage_composer(cfg, hydra_cfg, plain))
         else:
             # writes config.yaml only once the configuration is checked and the run directory is locked
-            metrics = run_training(plain, run_dir)
+            metrics = run_training(plain, run_dir, record_as=asked)
     except Exception as error:
         if multirun:  # one failed point is recorded and the sweep goes on
             record_failure(run_dir, error, plain)

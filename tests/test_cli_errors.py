@@ -34,6 +34,18 @@ CASES = [
     (["run_name=../../etc"], "run_name='../../etc' must be a relative name inside paths.runs"),
     (["run_name=/abs/path"], "run_name='/abs/path' must be a relative name"),
     (["freeze=pattern", "freeze.include=[nothing_here]"], "freeze.include: 'nothing_here' matches no parameter"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 must be a number >= 0"),
+    (
+        ["experiment=demo_clipreid", "stages.prompts.loss=nothing"],
+        "stages.prompts: In 'train': Could not find 'loss/nothing'",
+    ),
+    (["experiment=demo_clipreid", "stages.prompts.optim.lr=-1"], "stages.prompts: optim.lr=-1"),
+    (["freeze=locked"], "freeze=Locked trains nothing of the backbone and the loss has no learnable parts"),
+    (["experiment=demo_clipreid", "+stages.prompts.ckpt_path=last"], "stages.prompts.ckpt_path cannot be set by one"),
+    (
+        ["experiment=demo_clipreid", "stages.prompts.loss=nothing", "dry_run=true"],
+        "stages.prompts: In 'train': Could not find 'loss/nothing'; available options in 'loss': clip, clipreid",
+    ),
 ]
 
 

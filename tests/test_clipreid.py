@@ -75,8 +75,10 @@ def test_fixed_identity_texts_are_read_from_the_first_stage_and_never_optimised(
     objective = Objective({"t": fixed}, num_identities=5, embed_dim=8)
     assert torch.equal(objective.terms["t"].texts, texts)
     assert list(objective.parameters()) == [] and "terms.t.texts" in objective.state_dict()
-    with pytest.raises(ConfigError, match=r"holds shape \(5, 8\), this run needs \(6, 8\)"):
+    with pytest.raises(ConfigError, match=r"holds texts of shape \(5, 8\), this run needs \(6, 8\)"):
         IdentityTextLoss(6, 8, learn_texts=False, texts_from=str(tmp_path))
+    with pytest.raises(ConfigError, match="holds texts of width 8, this run's embedding width is 16"):
+        IdentityTextLoss(5, 16, learn_texts=False, texts_from=str(tmp_path))
     with pytest.raises(ConfigError, match="no file .*nothing/identity_texts.safetensors.*experiment=demo_clipreid"):
         IdentityTextLoss(5, 8, learn_texts=False, texts_from=str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="learn_texts=false reads fixed identity texts, and texts_from is null"):
@@ -86,6 +88,48 @@ def test_fixed_identity_texts_are_read_from_the_first_stage_and_never_optimised(
         IdentityTextLoss(5, 8, learn_texts=False, texts_from=str(tmp_path / "bad.safetensors"))
 
 
+def test_texts_made_for_other_identities_or_another_text_tower_are_refused_naming_what_differs(tmp_path):
+    made_for = {"identities": json.dumps(["0000010", "0000011", "0000012"]), "text_tower": "abc"}
+    save_file({"identity_texts": torch.randn(3, 8)}, str(tmp_path / "identity_texts.safetensors"), metadata=made_for)
+    same = IdentityTextLoss(3, 8, learn_texts=False, texts_from=str(tmp_path),
+                            identity_keys=["0000010", "0000011", "0000012"], text_tower="abc")  # fmt: skip
+    assert same.texts.shape == (3, 8)
+    # another split with as many identities: the count matches, the identities do not
+    with pytest.raises(
+        ConfigError, match="learned for other training identities .text 1 is identity 0000011, here 0000020"
+    ):
+        IdentityTextLoss(3, 8, learn_texts=False, texts_from=str(tmp_path),
+                         identity_keys=["0000010", "0000020", "0000030"], text_tower="abc")  # fmt: skip
+    with pytest.raises(ConfigError, match="texts of 3 identities, this run trains 2"):
+        IdentityTextLoss(2, 8, learn_texts=False, texts_from=str(tmp_path), identity_keys=["0000010", "0000011"])
+    with pytest.raises(ConfigError, match="encoded by another text tower .weights abc, this run's xyz"):
+        IdentityTextLoss(3, 8, learn_texts=False, texts_from=str(tmp_path),
+                         identity_keys=["0000010", "0000011", "0000012"], text_tower="xyz")  # fmt: skip
+
+
+def test_a_finished_first_stage_writes_what_its_texts_were_made_for(tmp_path, backbone):
+    from safetensors import safe_open
+
+    from handclip.model.caching import tower_digest
+    from handclip.train.run import _write_artifacts
+
+    prompts = IdentityPrompts(num_identities=2, text_width=backbone.facts.text.width)
+    _write_artifacts(Objective({"prompts": prompts}), backbone, tmp_path, ["0000007", "0000009"])
+    with safe_open(str(tmp_path / "identity_texts.safetensors"), "pt") as handle:
+        facts = handle.metadata()
+    assert json.loads(facts["identities"]) == ["0000007", "0000009"]
+    assert facts["text_tower"] == tower_digest(backbone, "text")
+    # and the second stage reads it back against the same identities and text tower
+    IdentityTextLoss(2, backbone.projection_dim, learn_texts=False, texts_from=str(tmp_path),
+                     identity_keys=["0000007", "0000009"], text_tower=tower_digest(backbone, "text"))  # fmt: skip
+
+
+def test_learned_words_and_texts_are_never_weight_decayed():
+    objective = Objective({"prompts": IdentityPrompts(num_identities=2, text_width=8),
+                           "texts": IdentityTextLoss(2, 8)})  # fmt: skip
+    assert objective.embedding_names() == {"terms.prompts.words", "terms.texts.texts"}
+
+
 @pytest.mark.parametrize(
     ("stages", "message"),
     [
@@ -93,6 +137,10 @@ def test_fixed_identity_texts_are_read_from_the_first_stage_and_never_optimised(
         ({"one two": {}}, "letters, digits and _"),
         ({"a": ["loss=clip"]}, "must be a mapping of settings"),
         ({"a": {"stage": {"previous": "x"}}}, "stages.a.stage cannot be set by a stage"),
+        ({"a": {"ckpt_path": "last"}}, "stages.a.ckpt_path cannot be set by one stage: it applies to the whole run"),
+        ({"a": {"overwrite": True}}, "stages.a.overwrite cannot be set by one stage"),
+        ({"a": {"dry_run": True}}, "stages.a.dry_run cannot be set by one stage"),
+        ({"a": {"overrides": "loss.x=1"}}, "stages.a.overrides='loss.x=1' must be a list of Hydra overrides"),
     ],
 )
 def test_stage_settings_are_checked(stages, message):
@@ -108,6 +156,56 @@ def test_a_stage_s_settings_become_overrides_after_the_command_line_s():
         "loss=clipreid_prompts", "optim.lr=0.0035", "optim.betas=[0.9,0.98]", 'init_from="${stage.previous}/x"',
         'eval.feature="projected"', "eval.flip_tta=false", "data.augment=null",
     ]  # fmt: skip
+
+
+def test_raw_overrides_of_a_stage_come_after_its_settings():
+    spec = {"loss": "clipreid_prompts", "overrides": ["loss.terms.prompts.context_tokens=8"]}
+    assert stage_overrides(spec, {"loss"}) == ["loss=clipreid_prompts", "loss.terms.prompts.context_tokens=8"]
+
+
+def _finished_stage(folder, cfg: dict) -> None:
+    import yaml
+
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "metrics.json").write_text(json.dumps({"metrics": {}}))
+
+
+def test_a_stage_plan_keeps_what_finished_resumes_what_stopped_and_reruns_what_follows_a_rerun(tmp_path):
+    from handclip.errors import HandClipError
+    from handclip.train.stages import plan_stages, stage_dirs
+
+    run = tmp_path / "run"
+    names = ["prompts", "image"]
+    first, second = stage_dirs(run, names)
+    configs = [
+        {"optim": {"lr": 1.0}, "stage": {"previous": None}},
+        {"optim": {"lr": 2.0}, "loss": {"texts_from": str(first)}, "stage": {"previous": str(first)}},
+    ]
+    assert plan_stages(names, [first, second], configs, None) == ["start", "start"]
+    _finished_stage(first, configs[0])
+    (second / "checkpoints").mkdir(parents=True)
+    (second / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert plan_stages(names, [first, second], configs, "last") == ["keep", "resume"]
+    with pytest.raises(HandClipError, match="stage prompts .* finished earlier: continue the run with ckpt_path=last"):
+        plan_stages(names, [first, second], configs, None)
+    changed = [{**configs[0], "optim": {"lr": 3.0}}, configs[1]]
+    with pytest.raises(HandClipError, match=r"stage prompts .* other settings \(optim.lr: 1.0 -> 3.0\)"):
+        plan_stages(names, [first, second], changed, "last")
+    # stage 1 started over: stage 2, finished against the old texts, runs again
+    (second / "checkpoints" / "last.ckpt").unlink()
+    (second / "checkpoints").rmdir()
+    _finished_stage(second, configs[1])
+    assert plan_stages(names, [first, second], configs, "last") == ["keep", "keep"]
+    again = [{**configs[0], "overwrite": True}, configs[1]]
+    assert plan_stages(names, [first, second], again, "last") == ["start", "start"]
+    # the run folder moved: its own paths compare equal, both stages are kept
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    a, b = stage_dirs(moved, names)
+    configs_moved = [configs[0], {**configs[1], "loss": {"texts_from": str(a)}, "stage": {"previous": str(a)}}]
+    assert plan_stages(names, [a, b], configs_moved, "last") == ["keep", "keep"]
 
 
 PROMPTS = "stages.prompts.trainer.max_epochs=2"
@@ -165,7 +263,8 @@ def test_the_second_stage_alone_says_where_its_texts_come_from(tmp_path):
                    "data.images_per_identity=2", check=False)  # fmt: skip
     assert result.returncode == 2
     assert "texts_from is null" in result.stderr and "experiment=demo_clipreid" in result.stderr
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))  # refused: nothing written
+    assert not (tmp_path / "data").exists()  # before any data is made
 
 
 def test_a_dry_run_shows_each_stage_and_writes_nothing(tmp_path):

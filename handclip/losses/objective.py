@@ -9,8 +9,10 @@ the backbone.
 Some terms can only be built once the data is read (an identity head needs the number of
 identities): their config says `_partial_: true`, and the objective finishes them with the
 run-time facts their constructor asks for by name (`num_identities`, `embed_dim` (the projected
-width), `pre_projection_dim` (the image tower's width before the projection) and `text_width`
-(the text tower's token width)).
+width), `pre_projection_dim` (the image tower's width before the projection), `text_width`
+(the text tower's token width), `identity_keys` (the training identities in the order heads
+number them) and `text_tower` (a digest of the text tower's weights, where a term reads texts
+another run encoded)).
 
 A term may also leave files behind: `artifacts(backbone) -> {name: tensor}` is written by a
 finished run as `<name>.safetensors` in its run directory (the learned identity texts that a
@@ -25,7 +27,7 @@ second stage reads).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,7 @@ class LossTerm(nn.Module):
     needs_pre_projection = False  # whether it reads the pre-projection image feature
     needs_identity_batches = False  # whether it needs P x K batches (K >= 2 images of each identity)
     needs_backbone = False  # whether it runs a tower itself (learned prompts): `inputs.backbone` is set
+    embeddings: tuple[str, ...] = ()  # its parameters that are embeddings (learned words, texts): never decayed
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -109,12 +112,13 @@ class Objective(nn.Module):
     def __init__(
         self, terms: Mapping[str, Any], num_identities: int | None = None, embed_dim: int | None = None,
         pre_projection_dim: int | None = None, text_width: int | None = None,
+        identity_keys: Sequence[str] | None = None, text_tower: str | None = None,
     ):  # fmt: skip
         super().__init__()
         if not isinstance(terms, Mapping) or not terms:
             raise ConfigError("loss.terms is empty: give at least one loss term (see conf/loss/)")
         facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim,
-                 "text_width": text_width}  # fmt: skip
+                 "text_width": text_width, "identity_keys": identity_keys, "text_tower": text_tower}  # fmt: skip
         self.terms = nn.ModuleDict({name: _finish(name, term, facts) for name, term in terms.items()})
 
     @property
@@ -136,6 +140,10 @@ class Objective(nn.Module):
             if hasattr(term, "artifacts"):
                 found.update(term.artifacts(backbone))
         return found
+
+    def embedding_names(self) -> set[str]:
+        """Names (as in `named_parameters`) of the terms' embedding parameters, which weight decay leaves alone."""
+        return {f"terms.{name}.{p}" for name, term in self.terms.items() for p in term.embeddings}
 
     def terms_needing(self, need: str) -> list[str]:
         """Names of the terms with `need` (e.g. `needs_identity_batches`) set."""

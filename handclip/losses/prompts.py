@@ -29,6 +29,7 @@ class IdentityPrompts(LossTerm):
     """Learnable words per identity in `template` ("{}" marks them), trained contrastively against images."""
 
     needs_backbone = True  # runs the text tower itself
+    embeddings = ("words",)
 
     def __init__(
         self, num_identities: int, text_width: int, weight: float = 1.0, template: str = "a photo of a {} hand.",

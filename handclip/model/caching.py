@@ -47,8 +47,13 @@ def text_frozen(backbone: Backbone, freeze=None, epochs: int = 1) -> bool:
 
 def prefix_digest(backbone: Backbone, groups: int) -> str:
     """A hash of the weights (names, shapes, values) of the first `groups` image groups."""
+    return tower_digest(backbone, "vision", groups)
+
+
+def tower_digest(backbone: Backbone, tower: str, groups: int | None = None) -> str:
+    """A hash of the weights (names, shapes, values) of a tower's first `groups` groups (all of them: None)."""
     digest = hashlib.sha256()
-    for group in backbone.layer_groups("vision")[:groups]:
+    for group in backbone.layer_groups(tower)[:groups]:
         for name, parameter in sorted(group.parameters.items()):
             value = parameter.detach().to("cpu", torch.float32).contiguous()
             digest.update(f"{name}:{tuple(value.shape)}".encode())

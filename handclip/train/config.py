@@ -21,7 +21,7 @@ from handclip.errors import ConfigError, HandClipError, first_line
 from handclip.eval.evaluator import EvalSettings
 from handclip.eval.feature import ImageEncoder
 from handclip.model.backbone import BackboneFacts
-from handclip.model.freeze import FreezePolicy, apply_freeze
+from handclip.model.freeze import FreezePolicy, apply_freeze, trainable_parameter_names
 from handclip.train.compute import Compute, contrastive_accumulation_refused
 
 # the top-level settings a run reads; anything else is a typo
@@ -194,13 +194,36 @@ def _try_trainer(trainer: Callable) -> None:
         quiet.setLevel(level)
 
 
-def objective_facts(facts: BackboneFacts | None, num_identities: int) -> dict[str, int]:
+def objective_facts(
+    facts: BackboneFacts | None, num_identities: int, identity_keys: list[str] | None = None,
+    text_tower: str | None = None,
+) -> dict:  # fmt: skip
     """What the objective's partial terms are finished with: identities from the data (0 in a check before
-    the data is read), widths from the model (stand-ins of 64 where the backbone's config was not read)."""
+    the data is read; `identity_keys` in the order heads number them), widths from the model (stand-ins of
+    64 where the backbone's config was not read), and `text_tower`, the digest of the text tower's weights,
+    where a term reads what another run's text tower encoded."""
     return {
         "num_identities": num_identities, "embed_dim": facts.projection_dim if facts else 64,
         "pre_projection_dim": facts.vision.width if facts else 64, "text_width": facts.text.width if facts else 64,
+        "identity_keys": identity_keys, "text_tower": text_tower,
     }  # fmt: skip
+
+
+def reads_identity_texts(objective) -> list:
+    """The terms of a finished objective that read fixed identity texts from another run (`texts_from`)."""
+    return [term for term in objective.terms.values() if getattr(term, "texts_from", None)]
+
+
+def _check_identity_text_sources(objective, cfg: Mapping, facts: BackboneFacts | None, projection) -> None:
+    """Fixed identity texts must exist before anything loads, unless an earlier stage of this run writes them."""
+    from handclip.losses.identity_text import check_identity_texts
+
+    pending = (cfg.get("stage") or {}).get("previous")
+    for term in reads_identity_texts(objective):
+        if pending and str(term.texts_from).startswith(str(pending)):
+            continue  # the stage before this one writes it
+        width = getattr(projection, "dim", None) or (facts.projection_dim if facts else None)  # a new projection's
+        check_identity_texts(term.texts_from, width)
 
 
 def _try_objective(objective: Callable, facts: BackboneFacts | None):
@@ -271,6 +294,9 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     for key, made in (("logger", logger), ("trainer", trainer), ("loss", objective)):
         check_keywords(key, made)
     _try_trainer(trainer)
+    clip = cfg["trainer"].get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 (0 or null: no clipping)")
     facts = None
     if read_backbone_config:
         facts = backbone.facts()  # the model config only: no weights
@@ -279,7 +305,14 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
         skeleton = backbone.skeleton()
         apply_freeze(skeleton, freeze, always_trainable=projection.apply(skeleton))
     finished = _try_objective(objective, facts)
+    if read_backbone_config and not trainable_parameter_names(skeleton) and not list(finished.parameters()):
+        raise ConfigError(
+            f"freeze={type(freeze).__name__} trains nothing of the backbone and the loss has no learnable parts of "
+            "its own, so nothing would train: choose a policy that trains something (freeze=last_n) or an objective "
+            "with learnable parts (loss=clipreid_prompts learns identity prompts with freeze=locked)"
+        )
     _check_identity_batches(finished, cfg["data"])
+    _check_identity_text_sources(finished, cfg, facts, projection)
     ImageEncoder(settings.feature, finished)  # eval.feature=bnneck needs a BN-neck in the objective
     ema = cfg.get("ema") or {}
     unknown = [k for k in ema if k != "decay"]

@@ -171,7 +171,12 @@ class HandDataModule(L.LightningDataModule):
     @property
     def num_identities(self) -> int:
         """Identities in the training split (what identity heads are sized by)."""
-        return len({r["identity"] for r in self.train_rows})
+        return len(self.identity_keys)
+
+    @property
+    def identity_keys(self) -> list[str]:
+        """The training split's identities in the order heads number them (0 .. n-1: sorted)."""
+        return [str(k) for k in sorted({r["identity"] for r in self.train_rows})]
 
     # with the backbone ------------------------------------------------------------------------
     def attach(self, backbone, eval_batch_size: int) -> None:

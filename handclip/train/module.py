@@ -191,13 +191,14 @@ class FineTuner(L.LightningModule):
         names = {id(p): n for g in self.backbone.all_groups() for n, p in g.parameters.items()}
         schedule = self.freeze if isinstance(self.freeze, FreezeSchedule) else None
         infos = []
+        embeddings = self.objective.embedding_names()  # learned words and texts: embeddings, never decayed
         for module_name, module in (("backbone", self.backbone), ("objective", self.objective)):
             for name, parameter in module.named_parameters():
                 group = group_of.get(id(parameter))
                 # no decay: biases and norms (1-D), embeddings, logit_scale (in no group)
                 decay = parameter.ndim >= 2 and group is not None and group.kind != "embeddings"
                 if module_name == "objective":
-                    decay = parameter.ndim >= 2
+                    decay = parameter.ndim >= 2 and name not in embeddings
                 head = module_name == "objective" or id(parameter) in self._heads
                 place = {"tower": group.tower, "depth": group.depth} if group is not None else {}
                 if schedule is not None and group is not None and id(parameter) not in self._heads:

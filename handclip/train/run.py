@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,12 @@ def load_initial_weights(module, path: str, state: Mapping) -> None:
         ) from None
 
 
-def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
+def run_training(cfg: Mapping, run_dir: str | Path, record_as: Mapping | None = None) -> dict:
     """Train and evaluate one configuration; returns the metrics written to metrics.json.
+
+    `record_as` is the configuration written as `config.yaml` where it differs from the one run: a
+    resume that dropped `init_from` (its checkpoint holds those weights already) records it as asked,
+    so a later comparison of settings sees the run as it was asked for.
 
     Nothing is written into the run directory before the configuration is checked, the directory
     is locked for this process, and the resume is found to be possible.
@@ -90,14 +94,19 @@ def run_training(cfg: Mapping, run_dir: str | Path) -> dict:
         resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
         del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
         initial = initial_weights(cfg["init_from"]) if cfg.get("init_from") else None
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
-        (run_dir / "failed.json").unlink(missing_ok=True)
-        return _train(cfg, parts, run_dir, resume, resume_step, initial)
+
+        def record() -> None:  # once the data is read and the objective built: nothing was refused
+            saved = {**cfg, "init_from": (record_as or cfg).get("init_from")}
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+            (run_dir / "failed.json").unlink(missing_ok=True)
+
+        return _train(cfg, parts, run_dir, resume, resume_step, initial, record)
 
 
 def _train(
-    cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, resume_step: int | None, initial: dict | None
-) -> dict:
+    cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, resume_step: int | None, initial: dict | None,
+    record: Callable[[], None],
+) -> dict:  # fmt: skip
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -121,9 +130,12 @@ def _train(
     heads = parts.projection.apply(backbone)
     report = apply_freeze(backbone, parts.freeze, always_trainable=heads)
     console.print(report.to_rich())
-    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     parts.compute.apply(backbone)
-    objective = parts.objective(**objective_facts(backbone.facts, datamodule.num_identities))
+    objective = parts.objective(**objective_facts(
+        backbone.facts, datamodule.num_identities, datamodule.identity_keys, _text_tower_digest(cfg, backbone),
+    ))  # fmt: skip
+    record()
+    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     encode = ImageEncoder(parts.eval.feature, objective)
     datamodule.attach(backbone, parts.eval.batch_size)
 
@@ -200,7 +212,8 @@ def _train(
         _exit_if_stopped(stop)
         raise
     _exit_if_stopped(stop)  # a signal during the last validation: training is complete, but stop as asked
-    _write_artifacts(objective, backbone, run_dir)
+    if trainer.is_global_zero:  # one writer
+        _write_artifacts(objective, backbone, run_dir, datamodule.identity_keys)
 
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
@@ -252,16 +265,32 @@ def _train(
         return metrics
 
 
-def _write_artifacts(objective, backbone, run_dir: Path) -> None:
+def _text_tower_digest(cfg: Mapping, backbone) -> str | None:
+    """The digest of the text tower's weights as loaded, where the objective reads or writes identity texts."""
+    wanted = "texts_from" in json.dumps(cfg["loss"]) or "IdentityPrompts" in json.dumps(cfg["loss"])
+    if not wanted:
+        return None
+    from handclip.model.caching import tower_digest
+
+    return tower_digest(backbone, "text")
+
+
+def _write_artifacts(objective, backbone, run_dir: Path, identity_keys: list[str]) -> None:
     """What the objective's terms leave behind (learned identity texts), from the weights training ended
-    with: `<name>.safetensors` in the run directory."""
+    with: `<name>.safetensors` in the run directory, with what they were made for in its header (the
+    training identities in order, the text tower's digest), which a reading run checks."""
     from safetensors.torch import save
 
     from handclip.io import atomic_write
+    from handclip.model.caching import tower_digest
 
-    for name, tensor in objective.artifacts(backbone).items():
+    found = objective.artifacts(backbone)
+    if not found:
+        return
+    facts = {"identities": json.dumps(identity_keys), "text_tower": tower_digest(backbone, "text")}
+    for name, tensor in found.items():
         with atomic_write(run_dir / f"{name}.safetensors", "wb") as out:
-            out.write(save({name: tensor.detach().cpu().contiguous()}))
+            out.write(save({name: tensor.detach().cpu().contiguous()}, metadata=facts))
 
 
 @contextmanager

@@ -30,6 +30,8 @@ from handclip.errors import ConfigError, HandClipError
 from handclip.io import write_json_atomic, write_text_atomic
 
 NAME = re.compile(r"[A-Za-z0-9_]+")
+# settings of the whole run, which one stage cannot change
+WHOLE_RUN = ("ckpt_path", "dry_run", "overwrite", "run_name", "name", "paths")
 
 
 def stage_names(stages: Any) -> list[str]:
@@ -46,6 +48,18 @@ def stage_names(stages: Any) -> list[str]:
         inner = [key for key in (spec or {}) if key in ("stages", "stage")]
         if inner:
             raise ConfigError(f"stages.{name}.{inner[0]} cannot be set by a stage (stages run one after another)")
+        whole = [key for key in (spec or {}) if key in WHOLE_RUN]
+        if whole:
+            raise ConfigError(
+                f"stages.{name}.{whole[0]} cannot be set by one stage: it applies to the whole run "
+                f"(give {whole[0]}=... on the command line)"
+            )
+        extra = (spec or {}).get("overrides", [])
+        if not isinstance(extra, (list, tuple)) or not all(isinstance(o, str) and "=" in o for o in extra):
+            raise ConfigError(
+                f"stages.{name}.overrides={extra!r} must be a list of Hydra overrides, "
+                "e.g. [loss.terms.prompts.context_tokens=8]"
+            )
     return [str(name) for name in stages]
 
 
@@ -77,24 +91,89 @@ def stage_overrides(spec: Mapping | None, groups: set[str]) -> list[str]:
     else sets a value (`optim: {lr: 1e-3}` -> `optim.lr=0.001`)."""
     overrides = []
     for key, value in (spec or {}).items():
+        if key == "overrides":  # raw Hydra overrides, after the rest: settings inside a group the stage picks
+            continue
         if key in groups and isinstance(value, str):
             overrides.append(f"{key}={value}")
         else:
             overrides += [f"{k}={_value(v)}" for k, v in _flatten(str(key), value)]
-    return overrides
+    return overrides + list((spec or {}).get("overrides", []))
 
 
 def stage_dirs(run_dir: Path, names: list[str]) -> list[Path]:
     return [run_dir / f"{index}-{name}" for index, name in enumerate(names, 1)]
 
 
+def _portable(config: Mapping, run_dir: Path | None) -> dict:
+    """`config` with its run directory written as `<run>` and the stage bookkeeping left out, so that a run
+    folder moved elsewhere still compares equal to itself."""
+
+    def walk(value):
+        if isinstance(value, Mapping):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str) and run_dir is not None and value.startswith(str(run_dir)):
+            return "<run>" + value[len(str(run_dir)) :]
+        return value
+
+    return {k: walk(v) for k, v in config.items() if k not in ("stage", "stages")}
+
+
+def _saved_run_dir(saved: Mapping) -> Path | None:
+    """The run directory a stage's saved configuration was written in (its previous stage's parent)."""
+    previous = (saved.get("stage") or {}).get("previous")
+    return Path(previous).parent if previous else None
+
+
+def plan_stages(names: list[str], folders: list[Path], configs: list[dict], resume: str | None) -> list[str]:
+    """What happens to each stage: `keep` (finished earlier with these settings), `resume` (stopped, and
+    ckpt_path=last) or `start`. Once a stage runs, every later one runs anew (its inputs change). Raises,
+    writing nothing, when a finished stage's settings differ."""
+    import yaml
+
+    from handclip.train.sweep import changed_settings
+
+    plan, rerun = [], False
+    for name, folder, cfg in zip(names, folders, configs, strict=True):
+        finished = (folder / "metrics.json").is_file()
+        if finished and not cfg.get("overwrite") and not rerun:
+            saved_file = folder / "config.yaml"
+            saved = (yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else None) or {}
+            changed = changed_settings(_portable(saved, _saved_run_dir(saved)), _portable(cfg, folder.parent))
+            if changed:
+                key, before, now = changed[0]
+                raise HandClipError(
+                    f"stage {name} in {folder} finished earlier with other settings ({key}: {before} -> {now}); "
+                    "run it anew with overwrite=true, or name a new run with run_name=NAME"
+                )
+            if resume != "last":
+                raise HandClipError(
+                    f"stage {name} in {folder} finished earlier: continue the run with ckpt_path=last (finished "
+                    "stages are kept), start it over with overwrite=true, or name a new run with run_name=NAME"
+                )
+            plan.append("keep")
+            continue
+        started = any((folder / "checkpoints").glob("*.ckpt"))
+        if started and resume != "last" and not cfg.get("overwrite") and not rerun:
+            raise HandClipError(
+                f"stage {name} in {folder} has checkpoints: continue the run with ckpt_path=last, start it over "
+                "with overwrite=true, or name a new run with run_name=NAME"
+            )
+        plan.append("resume" if started and resume == "last" and not rerun and not finished else "start")
+        rerun = True
+    return plan
+
+
 def run_stages(plain: Mapping, run_dir: Path, compose: Callable[[str, str | None], dict]) -> dict:
     """Run each stage of `plain["stages"]`; `compose(name, previous_dir)` gives a stage's resolved
-    configuration. Returns the last stage's metrics, with the stages' times summed."""
+    configuration. Returns the last stage's metrics, with the stages' times summed. Every stage is
+    composed and checked, and what happens to each decided, before anything is written."""
+    import yaml
+
     from handclip.train.config import check_config
     from handclip.train.run import run_training
     from handclip.train.rundir import RunLock, check_run_dir
-    from handclip.train.sweep import changed_settings
 
     names = stage_names(plain["stages"])
     resume = plain.get("ckpt_path")
@@ -103,44 +182,38 @@ def run_stages(plain: Mapping, run_dir: Path, compose: Callable[[str, str | None
             f"ckpt_path={resume}: a run in stages resumes with ckpt_path=last (each stage where it stopped)"
         )
     if plain.get("init_from"):
-        raise ConfigError("init_from applies to one stage: give it in that stage's overrides (stages.NAME)")
+        raise ConfigError("init_from applies to one stage: give it in that stage's settings (stages.NAME.init_from)")
     folders = stage_dirs(run_dir, names)
-    configs = []
-    for name, previous in zip(names, [None, *folders[:-1]], strict=True):
-        try:
-            cfg = compose(name, None if previous is None else str(previous))
-        except Exception as error:  # noqa: BLE001 - Hydra's composition errors, one line naming the stage
-            raise ConfigError(f"stages.{name}: {str(error).splitlines()[0]}") from None
-        try:
-            check_config(cfg)  # every stage before the first starts
-        except ConfigError as error:
-            raise ConfigError(f"stages.{name}: {error}") from None
-        configs.append(cfg)
-
+    previous = [None, *folders[:-1]]
+    configs = [compose_stage(compose, name, before) for name, before in zip(names, previous, strict=True)]
     check_run_dir(run_dir)
     with RunLock(run_dir):
-        import yaml
-
+        plan = plan_stages(names, folders, configs, resume)
+        asked = []  # each stage as asked for, what its config.yaml records
+        for index, (name, action) in enumerate(zip(names, plan, strict=True)):
+            cfg = configs[index]
+            # a stage that goes on from its checkpoint already holds its init_from weights; one that runs
+            # after an earlier stage ran again starts over (its inputs changed)
+            cfg["ckpt_path"] = "last" if action == "resume" else None
+            asked.append(dict(cfg))
+            if action == "resume":
+                cfg["init_from"] = None
+            if action == "start" and index > plan.index("start"):
+                cfg["overwrite"] = True
+            try:
+                check_config(cfg)  # every stage before the first starts
+            except ConfigError as error:
+                raise ConfigError(f"stages.{name}: {error}") from None
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dict(plain), sort_keys=False))
         summary: dict[str, dict] = {}
-        for name, folder, cfg in zip(names, folders, configs, strict=True):
-            finished = folder / "metrics.json"
-            if finished.is_file() and not cfg.get("overwrite"):
-                saved = folder / "config.yaml"
-                changed = changed_settings((yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}, cfg)
-                if changed:
-                    key, before, now = changed[0]
-                    raise HandClipError(
-                        f"stage {name} in {folder} finished earlier with other settings ({key}: {before} -> {now}); "
-                        "run it anew with overwrite=true, or name a new run with run_name=NAME"
-                    )
-                print(f"stage {name}: finished earlier, kept ({folder})", flush=True)
-                metrics = json.loads(finished.read_text())["metrics"]
+        for name, folder, cfg, action, original in zip(names, folders, configs, plan, asked, strict=True):
+            if action == "keep":
+                print(f"stage {name}: finished earlier, kept (same settings; {folder})", flush=True)
+                metrics = json.loads((folder / "metrics.json").read_text())["metrics"]
             else:
-                started = any((folder / "checkpoints").glob("*.ckpt"))
-                cfg = {**cfg, "ckpt_path": "last" if started and resume == "last" else None}
-                print(f"stage {name} ({folder.name}): " + ("resuming" if cfg["ckpt_path"] else "starting"), flush=True)
-                metrics = run_training(cfg, folder)
+                print(f"stage {name} ({folder.name}): " + ("resuming" if action == "resume" else "starting"),
+                      flush=True)  # fmt: skip
+                metrics = run_training(cfg, folder, record_as=original)
             summary[name] = {"dir": str(folder), **{k: metrics.get(k) for k in ("train_time_s", "wall_time_s")}}
         payload = json.loads((folders[-1] / "metrics.json").read_text())
         final = payload["metrics"]
@@ -150,3 +223,22 @@ def run_stages(plain: Mapping, run_dir: Path, compose: Callable[[str, str | None
         payload["stages"] = summary
         write_json_atomic(run_dir / "metrics.json", payload)
         return final
+
+
+def compose_stage(compose: Callable[[str, str | None], dict], name: str, previous: Path | None) -> dict:
+    """A stage's resolved configuration; Hydra's composition errors become one line naming the stage."""
+    try:
+        return compose(name, None if previous is None else str(previous))
+    except Exception as error:  # noqa: BLE001 - re-raised as a configuration error
+        raise ConfigError(f"stages.{name}: {_composition_error(error)}") from None
+
+
+def _composition_error(error: Exception) -> str:
+    """Hydra's composition error on one line: what is wrong, and the options it lists (not its search path)."""
+    text = str(error).split("Config search path:")[0]
+    head, _, options = text.partition("Available options in")
+    head = " ".join(head.split())
+    if not options:
+        return head or repr(error)
+    group, _, names = options.partition(":")
+    return f"{head}; available options in{group}: {', '.join(names.split())}"
