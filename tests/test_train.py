@@ -114,10 +114,14 @@ def test_pretrained_demo_backbone_knows_aspects_and_fine_tuning_clearly_beats_it
     train(tmp_path, "data.runs=3", base=["experiment=demo"], cache=pretrained_cache)
     metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())["metrics"]
     # before any fine-tuning the pretrained model re-identifies better than a random one (Rank-1 about 8%)
-    # and attribute prompts work on the test images: skin clearly; aspect above chance (0.25), weakly
-    assert metrics["baseline/test/rank1"] > 0.15 and metrics["baseline/test/mAP"] > 0.33
+    # and attribute prompts work on the test images: skin clearly; the aspect clearly above chance (0.25,
+    # four classes; a zero-shot classifier has no prior over them, so chance is the reference, not the
+    # majority class, which with 3 runs is the dorsal right queries at 45%), from back against palm
+    # (left against right is not learned: see the README); measured here 0.34 and 0.71
+    assert metrics["baseline/test/rank1"] > 0.25 and metrics["baseline/test/mAP"] > 0.45
     assert metrics["baseline/zeroshot/skin_accuracy"] > metrics["baseline/zeroshot/skin_majority"] + 0.2
-    assert metrics["baseline/zeroshot/aspect_accuracy"] > 0.25
+    assert metrics["baseline/zeroshot/aspect_accuracy"] > 0.31
+    assert metrics["baseline/zeroshot/dorsal_palmar_accuracy"] > 0.65
     assert metrics["test/rank1"] > metrics["baseline/test/rank1"] + 0.06
     assert metrics["test/mAP"] > metrics["baseline/test/mAP"] + 0.06
     assert metrics["val/rank1"] > metrics["baseline/val/rank1"]

@@ -33,3 +33,20 @@ def test_text_metrics_on_a_tiny_model(tmp_path):
     assert metrics["zeroshot/gender_majority"] == pytest.approx(0.5)
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["retrieval/text_to_image_R@5"] >= metrics["retrieval/text_to_image_R@1"]
+
+
+def test_an_aspect_is_also_scored_by_its_halves_back_or_palm_and_which_hand():
+    classes = ["dorsal left", "dorsal right", "palmar left", "palmar right"]  # sorted, as text_metrics orders them
+
+    class Prompts:  # stand-in text embeddings: one axis per aspect prompt
+        def texts(self, backbone, texts):
+            return torch.stack([torch.eye(4)[classes.index(t.split("the ")[1][:-5])] if "the " in t else torch.ones(4)
+                                for t in texts])  # fmt: skip
+
+    truth = ["dorsal right", "dorsal left", "palmar right", "palmar left"]
+    predicted = ["dorsal left", "dorsal left", "palmar left", "dorsal left"]
+    features = torch.stack([torch.eye(4)[classes.index(p)] for p in predicted])
+    metrics = text_metrics(features, [{"aspect": a} for a in truth], ["c"] * 4, None, text_cache=Prompts())
+    assert metrics["zeroshot/aspect_accuracy"] == pytest.approx(1 / 4)
+    assert metrics["zeroshot/dorsal_palmar_accuracy"] == pytest.approx(3 / 4)  # only the last saw the wrong side
+    assert metrics["zeroshot/left_right_accuracy"] == pytest.approx(2 / 4)

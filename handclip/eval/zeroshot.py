@@ -28,6 +28,9 @@ ATTRIBUTE_PROMPTS = {
     "accessories": ("accessories", {"1": "a photo of a hand wearing a ring", "0": "a photo of a hand with no ring"}),
 }
 
+# an aspect's two halves: whether the back or the palm is seen, and which hand it is
+ASPECT_PARTS = {"dorsal_palmar": ("dorsal", "palmar"), "left_right": ("left", "right")}
+
 
 @torch.no_grad()
 def encode_texts(backbone, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -80,6 +83,11 @@ def text_metrics(
         predicted = classify(image_features[keep], encode(backbone, [prompts[c] for c in classes]))
         metrics[f"zeroshot/{name}_accuracy"] = float((predicted == truth).float().mean())
         metrics[f"zeroshot/{name}_majority"] = float(truth.bincount().max() / len(truth))
+        if name == "aspect":  # the two halves of an aspect, read off the same predictions
+            for part, words in ASPECT_PARTS.items():
+                side = torch.tensor([words[0] in c for c in classes])  # dorsal (or left) against the rest
+                if side.any() and not side.all():
+                    metrics[f"zeroshot/{part}_accuracy"] = float((side[predicted] == side[truth]).float().mean())
     unique = sorted(set(captions))
     text = encode(backbone, unique)
     position = {caption: i for i, caption in enumerate(unique)}

@@ -42,7 +42,7 @@ class Pretraining:
     identities: int = 384  # people in the corpus
     images_per_aspect: int = 4  # images of each person from each of the four aspects
     image_size: tuple[int, int] = (320, 240)  # drawn at this size (width, height), as the demo's images
-    epochs: int = 16
+    epochs: int = 32
     batch_size: int = 128
     lr: float = 1.0e-3
     weight_decay: float = 0.1
