@@ -1,6 +1,6 @@
 """Benchmarks, run on purpose (never in tests): numbers measured side by side in one run.
 
-    python -m handclip.benchmark [--steps 6] [--batch 32] [--json FILE] [--policies full,last_2] [--skip-data]
+    python -m handclip.benchmark [--steps 5] [--batch 32] [--json FILE] [--policies full,last_2] [--skip-data]
 
 1. Data: decoding a full-size 11k image (1600x1200 JPEG) and resizing it, against reading the
    resized cache that `prepare` writes: images per second each, and the ratio.
@@ -336,18 +336,20 @@ def _epoch_timer():
 
 
 def bench_training(
-    steps: int = 6, batch: int = 32, policies=POLICIES, implementations=IMPLEMENTATIONS, say=print
+    steps: int = 5, batch: int = 32, policies=POLICIES, implementations=IMPLEMENTATIONS, say=print
 ) -> list[dict]:
     """Rows {implementation, policy, samples_per_s, ratio_to_plain, peak_memory_mb}, measured in this process."""
     import gc
     import logging
     import warnings
 
+    import lightning.pytorch  # noqa: F401 - imported first: it sets its loggers' levels on import
     import torch
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|litlogger).*")
+    noise = r".*(LeafSpec|does not have many workers|litlogger|no `val_dataloader`).*"
+    warnings.filterwarnings("ignore", message=noise)
     bench = _Bench(steps, batch)
     rows = []
     for policy in policies:
@@ -389,7 +391,7 @@ def main(argv=None) -> None:
     from rich.table import Table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed batches per row (after one warm-up batch)")
+    parser.add_argument("--steps", type=int, default=5, help="timed batches per row (after one warm-up batch)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
