@@ -52,6 +52,44 @@ def test_suffix_from_stored_activations_equals_the_full_forward(tmp_path, synthe
     assert (from_store - from_pixels).abs().max() < tolerance
 
 
+@pytest.mark.parametrize("feature", ["pre_projection", "concat", "bnneck"])
+def test_every_evaluation_feature_reads_the_store(tmp_path, synthetic_hands, feature):
+    from handclip.eval.feature import ImageEncoder
+    from handclip.losses import IdentityLoss, Objective
+
+    backbone = load_backbone(TINY, tmp_path / "cache")
+    with torch.no_grad():
+        pre, projected = backbone.encode_image(torch.zeros(1, 3, backbone.image_size, backbone.image_size),
+                                               pre_projection=True)  # fmt: skip
+    objective = Objective({"identity": IdentityLoss(5, projected.shape[1], pre.shape[1], feature="both")})
+    for neck in objective.neck().necks.values():  # running statistics that a wrong path would show
+        neck.norm.running_mean.normal_()
+        neck.norm.running_var.uniform_(0.5, 2.0)
+    encode = ImageEncoder(feature, objective)
+    policy = LastN(vision_blocks=1, text_blocks=0)
+    apply_freeze(backbone, policy)
+    datamodule = datamodule_for(synthetic_hands, backbone, activation_cache=True, augment=NO_AUGMENT,
+                                activation_dtype="float32")  # fmt: skip
+    settings = EvalSettings(baseline=False, test=True, flip_tta=True, text=False, batch_size=16)
+    cache_size = datamodule.prepare_settings.cache_size
+    evaluate = Evaluator(datamodule.rows, datamodule.root, cache_size, settings, encode=encode)
+    module = fine_tuner(backbone, datamodule)
+    module.encode, val_pixels = encode, datamodule.val_set
+    summary = attach_caches(datamodule, evaluate, module, backbone, policy, epochs=2)
+    assert summary["prefix_groups"] == backbone.facts.depth("vision")  # on for every feature, not just projected
+    backbone.eval()
+    with torch.no_grad():
+        from_hidden = module.validation_feature({"hidden": torch.stack([datamodule.val_set[i]["hidden"]
+                                                                        for i in range(4)])})  # fmt: skip
+        from_pixels = encode(backbone, torch.stack([val_pixels[i]["pixel_values"] for i in range(4)]))
+    assert from_hidden.shape == from_pixels.shape and (from_hidden - from_pixels).abs().max() < 1e-5
+    from_store = evaluate(backbone)["metrics"]
+    evaluate.activations = None
+    from_pixels = evaluate(backbone)["metrics"]
+    assert from_store["test/rank1"] == from_pixels["test/rank1"]
+    assert abs(from_store["test/mAP"] - from_pixels["test/mAP"]) < 1e-6
+
+
 def test_a_changed_setting_never_reads_a_stale_store(tmp_path, synthetic_hands):
     backbone = load_backbone(TINY, tmp_path / "cache")
     policy = LastN(vision_blocks=1, text_blocks=0)

@@ -156,9 +156,17 @@ class CachedImages(Dataset):
 
 @torch.no_grad()
 def cached_features(
-    backbone, store: ActivationStore, positions: Sequence[int], groups: int, batch_size: int, flip: bool = False
-) -> torch.Tensor:
-    """Projected image embeddings from stored hidden states (view 1 holds the mirrored images for `flip`)."""
+    backbone, store: ActivationStore, positions: Sequence[int], groups: int, batch_size: int, flip: bool = False,
+    encode=None,
+) -> torch.Tensor:  # fmt: skip
+    """Image features from stored hidden states (view 1 holds the mirrored images for `flip`): projected
+    embeddings, or `encode.from_hidden(...)` (a `handclip.eval.feature.ImageEncoder`)."""
+
+    def suffix(hidden: torch.Tensor) -> torch.Tensor:
+        if encode is None:
+            return backbone.image_suffix(hidden, groups)
+        return encode.from_hidden(backbone, hidden, groups)
+
     device = next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
@@ -166,9 +174,9 @@ def cached_features(
     for start in range(0, len(positions), batch_size):
         chosen = positions[start : start + batch_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embedding = backbone.image_suffix(store.batch(0, chosen).to(device), groups).float()
+            embedding = suffix(store.batch(0, chosen).to(device)).float()
             if flip:
-                embedding = embedding + backbone.image_suffix(store.batch(1, chosen).to(device), groups).float()
+                embedding = embedding + suffix(store.batch(1, chosen).to(device)).float()
         features.append(embedding.cpu())
     backbone.train(was_training)
     return torch.cat(features) if features else torch.empty(0)

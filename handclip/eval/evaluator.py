@@ -62,21 +62,21 @@ class Evaluator:
 
         include_test = self.settings.test if include_test is None else include_test
         image_rows = images_needed(self.rows, include_test)
-        projected_only = getattr(self.encode, "feature", "projected") == "projected"
         transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
         dataset = ManifestImages(image_rows, self.root, transform, self.cache_size)
-        if self.activations is not None and projected_only:  # stored hidden states give the projected embedding
-            from handclip.data.activations import cached_features
 
-            store, position, groups = self.activations
-            chosen = [position[r["image"]] for r in image_rows]
-            batch, flip = self.settings.batch_size, self.settings.flip_tta
-            features = cached_features(backbone, store, chosen, groups, batch, flip)
-        else:
-            features = extract_image_features(
-                backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta, progress=True,
-                encode=self.encode,
-            )  # fmt: skip
+        def extract(encode, progress: bool = False):  # the features of image_rows, [images, dim]
+            if self.activations is not None:  # the frozen prefix from stored hidden states
+                from handclip.data.activations import cached_features
+
+                store, position, groups = self.activations
+                chosen = [position[r["image"]] for r in image_rows]
+                return cached_features(backbone, store, chosen, groups, self.settings.batch_size,
+                                       self.settings.flip_tta, encode)  # fmt: skip
+            return extract_image_features(backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta,
+                                          progress=progress, encode=encode)  # fmt: skip
+
+        features = extract(self.encode, progress=True)
         result = score_protocol(features, image_rows, self.rows, include_test)
         joint = getattr(self.encode, "feature", "projected") == "projected"  # comparable with text embeddings
         # for plots (in the joint space, beside captions); not saved
@@ -91,9 +91,7 @@ class Evaluator:
                 captions = [self.captioner(r) for r in chosen]
                 projected = features
                 if not joint:
-                    projected = extract_image_features(
-                        backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta
-                    )
+                    projected = extract(None)
                     result["_features"], result["_image_rows"] = projected, image_rows
                 result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache))
         return result

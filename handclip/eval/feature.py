@@ -18,7 +18,8 @@ EVAL_FEATURES = ("projected", "pre_projection", "bnneck", "concat")
 
 
 class ImageEncoder:
-    """`encoder(backbone, pixel_values) -> [batch, dim]`, the evaluation feature chosen by `eval.feature`."""
+    """`encoder(backbone, pixel_values) -> [batch, dim]`, the evaluation feature chosen by `eval.feature`;
+    `encoder.from_hidden(backbone, hidden, groups)` the same from stored hidden states of the frozen prefix."""
 
     def __init__(self, feature: str = "projected", objective=None):
         if feature not in EVAL_FEATURES:
@@ -34,7 +35,18 @@ class ImageEncoder:
     def __call__(self, backbone, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.feature == "projected":
             return backbone.encode_image(pixel_values)
-        pre, projected = backbone.encode_image(pixel_values, pre_projection=True)
+        return self.from_outputs(*backbone.encode_image(pixel_values, pre_projection=True))
+
+    def from_hidden(self, backbone, hidden: torch.Tensor, groups: int) -> torch.Tensor:
+        """The feature from hidden states after `groups` image groups (`backbone.image_prefix`)."""
+        if self.feature == "projected":
+            return backbone.image_suffix(hidden, groups)
+        return self.from_outputs(*backbone.image_suffix(hidden, groups, pre_projection=True))
+
+    def from_outputs(self, pre: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """The feature from the image tower's two outputs, the pre-projection feature and the embedding."""
+        if self.feature == "projected":
+            return projected
         if self.feature == "pre_projection":
             return pre
         if self.feature == "concat":

@@ -53,8 +53,7 @@ def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, c
     if summary["text"]:
         module.text_cache = evaluate.text_cache = TextCache()
     groups = frozen_prefix(backbone, freeze, epochs)
-    if getattr(module.encode, "feature", "projected") != "projected" or module.compute.accumulate > 1:
-        # another evaluation feature needs the whole forward; contrastive accumulation keeps its own prefix
+    if module.compute.accumulate > 1:  # contrastive accumulation keeps its own frozen prefix
         groups = 0
     if groups == 0:
         say("activation cache: off (the image embeddings train)" + ("; text cached" if summary["text"] else ""))

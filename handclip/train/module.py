@@ -157,9 +157,12 @@ class FineTuner(L.LightningModule):
         self._val_features, self._val_index = [], []
 
     def validation_feature(self, batch: dict) -> torch.Tensor:
-        """The evaluation feature of a validation batch (stored activations only come with the projected one)."""
+        """The evaluation feature of a validation batch, from pixels or from stored hidden states."""
         if "hidden" in batch:
-            return self.backbone.image_suffix(batch["hidden"].to(self.device), self.prefix_groups)
+            hidden = batch["hidden"].to(self.device)
+            if self.encode:
+                return self.encode.from_hidden(self.backbone, hidden, self.prefix_groups)
+            return self.backbone.image_suffix(hidden, self.prefix_groups)
         pixels = batch["pixel_values"].to(self.device)
         return self.encode(self.backbone, pixels) if self.encode else self.backbone.encode_image(pixels)
 
