@@ -72,6 +72,23 @@ def test_killed_run_resumes_from_a_new_process_and_equals_an_uninterrupted_one(t
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5), name
 
 
+def test_a_resumed_run_that_began_from_init_from_reads_activations_of_the_weights_it_began_with(tmp_path):
+    # a first run trains everything, so its frozen prefix (stored once in the second run) is not the backbone's
+    train(tmp_path / "first", "freeze=full", "trainer.max_epochs=1", "eval.baseline=false", "run_name=a")
+    overrides = [*EPOCHS, f"init_from={tmp_path / 'first' / 'runs' / 'a' / 'checkpoints' / 'last.ckpt'}"]
+    train(tmp_path / "whole", *overrides)
+    last = tmp_path / "split" / "runs" / "r" / "checkpoints" / "last.ckpt"
+    kill_once_written(tmp_path / "split", last, *overrides)
+    result = train(tmp_path / "split", *EPOCHS, "ckpt_path=last")  # a resume takes no init_from
+    assert "activation cache: first 2 image groups frozen" in result.stdout
+    whole, split = metrics_of(tmp_path / "whole"), metrics_of(tmp_path / "split")
+    for key in ("val/rank1", "test/rank1", "test/mAP"):
+        assert split[key] == pytest.approx(whole[key], abs=1e-6), key
+    a, b = weights_of(tmp_path / "whole"), weights_of(tmp_path / "split")
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5), name
+
+
 def test_damaged_last_checkpoint_falls_back_to_best(tmp_path):
     train(tmp_path, "trainer.max_epochs=2", "eval.baseline=false", "run_name=r")
     last = tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"

@@ -16,6 +16,7 @@ from handclip.data.activations import ActivationStore, CachedImages, CachedTrain
 from handclip.data.dataset import ManifestImages
 from handclip.data.transforms import augments, eval_transform
 from handclip.eval.protocol import images_needed
+from handclip.io import load_checkpoint_file
 from handclip.model.caching import TextCache, frozen_prefix, prefix_digest, text_frozen
 
 
@@ -44,6 +45,29 @@ def _fill(store: ActivationStore, backbone, compute, device, batch_size: int, de
         backbone.to(place).train(was_training)
 
 
+def restore_frozen_prefix(module, backbone, checkpoint: str, freeze, epochs: int) -> int:
+    """On a resume, the weights of the image groups that never train, read from the checkpoint.
+
+    They are the weights the run started from, which are not the backbone's own where the run began
+    with `init_from` (a resume drops it); the stored activations are computed from, and keyed by,
+    them. Lightning restores the whole checkpoint later. Returns the number of tensors copied.
+    """
+    groups = backbone.layer_groups("vision")[: frozen_prefix(backbone, freeze, epochs)]
+    if not groups:
+        return 0
+    state = load_checkpoint_file(checkpoint)["state_dict"]
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    copied = 0
+    with torch.no_grad():
+        for group in groups:
+            for parameter in group.parameters.values():
+                saved = state.get(names.get(id(parameter)))
+                if saved is not None and saved.shape == parameter.shape:
+                    parameter.copy_(saved)
+                    copied += 1
+    return copied
+
+
 def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, console=None) -> dict:
     """Point training, validation and evaluation at stored activations; a summary of what is cached."""
     say = console.print if console is not None else print
@@ -53,10 +77,11 @@ def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, c
     if summary["text"]:
         module.text_cache = evaluate.text_cache = TextCache()
     groups = frozen_prefix(backbone, freeze, epochs)
-    if module.compute.accumulate > 1:  # contrastive accumulation keeps its own frozen prefix
-        groups = 0
+    why = "the image embeddings train"
+    if groups and module.compute.accumulate > 1:
+        groups, why = 0, "contrastive accumulation keeps its own frozen prefix"
     if groups == 0:
-        say("activation cache: off (the image embeddings train)" + ("; text cached" if summary["text"] else ""))
+        say(f"activation cache: off ({why})" + ("; text cached" if summary["text"] else ""))
         return summary
     train = datamodule.train_set
     common = {

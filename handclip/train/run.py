@@ -159,10 +159,13 @@ def _train(
     )
     if initial is not None:
         load_initial_weights(module, cfg["init_from"], initial)
-    from handclip.train.caches import attach_caches
+    from handclip.train.caches import attach_caches, restore_frozen_prefix
 
+    epochs = int(cfg["trainer"]["max_epochs"])
+    if resume is not None and datamodule.activation_cache:  # a resume has no init_from: the starting weights are
+        restore_frozen_prefix(module, backbone, resume, parts.freeze, epochs)  # in the checkpoint
     metrics["cache/prefix_groups"] = attach_caches(
-        datamodule, evaluate, module, backbone, parts.freeze, int(cfg["trainer"]["max_epochs"]), console
+        datamodule, evaluate, module, backbone, parts.freeze, epochs, console
     )["prefix_groups"]
 
     results: dict[str, dict] = {}
