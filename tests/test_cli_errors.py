@@ -110,6 +110,15 @@ def test_a_bad_caption_file_is_named_before_training(tmp_path, captions, encodin
     check_refused(result, message)
 
 
+def test_a_refused_command_keeps_the_empty_folders_it_did_not_make(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "runs").mkdir(parents=True)  # made by the user, empty; Hydra then adds the run directory inside
+    command, env = train_command(mine, "freeze.text_blocks=9")
+    result = subprocess.run(command, cwd=mine, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "freeze.text_blocks=9 is out of range" in result.stderr, result.stderr[-2000:]
+    assert sorted(p.name for p in mine.iterdir()) == ["runs"] and not any((mine / "runs").iterdir())
+
+
 def test_identity_losses_on_captions_without_identities_are_refused_with_the_fix(tmp_path):
     caption_dataset(tmp_path / "data", ["a hand"] * 24, identities=False)
     base = [q for q in QUICK if not q.startswith("data.synthetic")]

@@ -91,20 +91,63 @@ def resolve_resume(
     raise RunDirError(f"no loadable checkpoint in {folder}: last.ckpt and best.ckpt are damaged")
 
 
+_existing: Path | None = None  # the nearest folder above the run (or sweep) directory that existed at the start
+
+
+def record_existing_ancestor(target: str | Path) -> Path:
+    """Remember the nearest existing folder at or above `target`, before Hydra makes `target`."""
+    global _existing
+    path = Path(target).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    _existing = path
+    return path
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # the library without Hydra
+    _HydraCallback = object
+
+
+class RecordExistingDirs(_HydraCallback):
+    """Hydra callback: which folders existed before Hydra made the run directory, so that a refused
+    command takes back only the ones it made (a folder's ctime changes when something is added to it,
+    so it cannot tell a user's empty folder from ours)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        record_existing_ancestor(_resolved(config, "run"))
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        record_existing_ancestor(_resolved(config, "sweep"))
+
+
+def _resolved(config, mode: str) -> str:
+    # hydra.run.dir reads ${hydra:job.override_dirname}, which needs the Hydra config set; Hydra sets
+    # the same one itself just after this callback
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(config)
+    return str(config.hydra[mode].dir)
+
+
 def remove_new_empty_dirs(path: str | Path, since: float) -> None:
-    """Remove `path` and its parents while each is empty and was made after `since`.
+    """Remove `path` and its parents while each is empty, was made after `since`, and lies below the
+    folder that `record_existing_ancestor` found.
 
     A refused command takes back the directories it made (Hydra makes the run directory before
     the configuration can be checked) and never touches one that existed or holds anything.
     """
     path = Path(path).absolute()
+    if _existing is not None and _existing != path and _existing not in path.parents:
+        return  # not below what was recorded: nothing here is known to be ours
     lock = path / LOCK
     try:
         if lock.is_file() and lock.stat().st_ctime >= since and lock.read_text().strip() == str(os.getpid()):
             lock.unlink()  # this process's own lock of a run it was refused to start
     except OSError:
         pass
-    while path != path.parent:
+    while path != path.parent and path != _existing:
         try:
             if path.stat().st_ctime < since or any(path.iterdir()):
                 return
