@@ -156,15 +156,13 @@ class CachedImages(Dataset):
 
 @torch.no_grad()
 def cached_features(
-    backbone, store: ActivationStore, positions: Sequence[int], groups: int, batch_size: int, flip: bool = False,
-    encode=None,
+    backbone, store: ActivationStore, positions: Sequence[int], groups: int, batch_size: int, encode,
+    flip: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """Image features from stored hidden states (view 1 holds the mirrored images for `flip`): projected
-    embeddings, or `encode.from_hidden(...)` (a `handclip.eval.feature.ImageEncoder`)."""
+    """Image features `encode.from_hidden(...)` (a `handclip.eval.feature.ImageEncoder`) from stored hidden
+    states (view 1 holds the mirrored images for `flip`)."""
 
     def suffix(hidden: torch.Tensor) -> torch.Tensor:
-        if encode is None:
-            return backbone.image_suffix(hidden, groups)
         return encode.from_hidden(backbone, hidden, groups)
 
     device = next(backbone.parameters()).device

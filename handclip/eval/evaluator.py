@@ -45,7 +45,9 @@ class Evaluator:
         captioner: Callable | None = None, encode: Callable | None = None,
     ):  # fmt: skip
         self.rows = list(rows)
-        self.encode = encode  # the evaluation feature (handclip.eval.feature.ImageEncoder); None: projected
+        from handclip.eval.feature import ImageEncoder
+
+        self.encode = encode or ImageEncoder()  # the evaluation feature (eval.feature); default: projected
         self.root = root
         self.cache_size = cache_size
         self.settings = settings
@@ -58,6 +60,7 @@ class Evaluator:
         """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
         from handclip.data.dataset import ManifestImages
         from handclip.data.transforms import eval_transform
+        from handclip.eval.feature import ImageEncoder
         from handclip.eval.protocol import extract_image_features, images_needed, score_protocol
 
         include_test = self.settings.test if include_test is None else include_test
@@ -71,14 +74,14 @@ class Evaluator:
 
                 store, position, groups = self.activations
                 chosen = [position[r["image"]] for r in image_rows]
-                return cached_features(backbone, store, chosen, groups, self.settings.batch_size,
-                                       self.settings.flip_tta, encode)  # fmt: skip
+                return cached_features(backbone, store, chosen, groups, self.settings.batch_size, encode,
+                                       flip=self.settings.flip_tta)  # fmt: skip
             return extract_image_features(backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta,
                                           progress=progress, encode=encode)  # fmt: skip
 
         features = extract(self.encode, progress=True)
         result = score_protocol(features, image_rows, self.rows, include_test)
-        joint = getattr(self.encode, "feature", "projected") == "projected"  # comparable with text embeddings
+        joint = self.encode.feature == "projected"  # comparable with text embeddings
         # for plots (in the joint space, beside captions); not saved
         result["_features"], result["_image_rows"] = (features, image_rows) if joint else (None, None)
         if include_test and self.settings.text and self.captioner is not None:
@@ -91,7 +94,7 @@ class Evaluator:
                 captions = [self.captioner(r) for r in chosen]
                 projected = features
                 if not joint:
-                    projected = extract(None)
+                    projected = extract(ImageEncoder())
                     result["_features"], result["_image_rows"] = projected, image_rows
                 result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache))
         return result

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from handclip.errors import HandClipError
+from handclip.eval.feature import ImageEncoder
 from handclip.eval.protocol import images_needed, score_protocol
 from handclip.losses import LossInputs, Objective, clamp_logit_scale
 from handclip.model.backbone import Backbone
@@ -49,7 +50,7 @@ class FineTuner(L.LightningModule):
         self.heads = list(heads)
         self._heads = {id(p) for p in heads}
         self.freeze = freeze
-        self.encode = encode  # the validation feature (eval.feature); None: the projected embedding
+        self.encode = encode or ImageEncoder()  # the validation feature (eval.feature); default: projected
         self.compute = compute or Compute()
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
@@ -159,12 +160,9 @@ class FineTuner(L.LightningModule):
     def validation_feature(self, batch: dict) -> torch.Tensor:
         """The evaluation feature of a validation batch, from pixels or from stored hidden states."""
         if "hidden" in batch:
-            hidden = batch["hidden"].to(self.device)
-            if self.encode:
-                return self.encode.from_hidden(self.backbone, hidden, self.prefix_groups)
-            return self.backbone.image_suffix(hidden, self.prefix_groups)
+            return self.encode.from_hidden(self.backbone, batch["hidden"].to(self.device), self.prefix_groups)
         pixels = batch["pixel_values"].to(self.device)
-        return self.encode(self.backbone, pixels) if self.encode else self.backbone.encode_image(pixels)
+        return self.encode(self.backbone, pixels)
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
         self._val_features.append(self.validation_feature(batch).float())
