@@ -409,6 +409,9 @@ def main(argv=None) -> None:
             parser.error(f"{key}: {unknown[0]!r} is not one of {', '.join(allowed)}")
     if "plain" not in implementations:
         parser.error("--implementations must include plain: every ratio is to it")
+    for key, value in (("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            parser.error(f"{key}={value}: give at least 1 (each row is rated by its median timed batch)")
     import os
 
     import torch
