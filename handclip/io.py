@@ -8,12 +8,50 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from handclip.errors import HandClipError
+
+
+def temporary_path(path: str | Path) -> Path:
+    """The name this process writes `path` under before putting it in place: `NAME.tmpPID` beside it
+    (what `remove_dead_leftovers` recognises once the process is gone)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write a file or fill a folder at; on success it takes `path`'s
+    place (a folder already there is moved aside first and removed after), on any error it is removed
+    and `path` is as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    _remove(tmp)  # a leftover of an earlier process with this id
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            retired = path.with_name(f"{tmp.name}-old")
+            os.replace(path, retired)
+            os.replace(tmp, path)
+            _remove(retired)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 @contextmanager
@@ -23,20 +61,13 @@ def atomic_write(path: str | Path, mode: str = "w", sync: bool = True) -> Iterat
     On any error the temporary file is removed and `path` keeps its previous content. `sync=False`
     skips the fsync, for many small files that a later run can rebuild (the image cache).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     text = "b" not in mode
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if text else {})) as handle:
             yield handle
             handle.flush()
             if sync:
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -123,9 +154,7 @@ def _alive(pid: int) -> bool:
 
 def remove_dead_leftovers(folder: Path, name: str = "*") -> None:
     """Remove `folder/NAME.tmpPID*` left by builder processes that were killed (call it under the build lock)."""
-    import shutil
-
     for leftover in Path(folder).glob(f"{name}.tmp*"):
         pid = leftover.name.rsplit(".tmp", 1)[-1].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove(leftover)

@@ -12,20 +12,20 @@ pytestmark = pytest.mark.slow
 
 CASES = [
     (["seed=abc"], "seed='abc' must be an integer"),
-    (["data.runs=abc"], "data.runs='abc' is out of range"),
-    (["data.cache_size=abc"], "data.cache_size='abc' is out of range"),
+    (["data.runs=abc"], "data.runs='abc' must be"),
+    (["data.cache_size=abc"], "data.cache_size='abc' must be"),
     (["data.augment.crop_scale=[a,b]"], "data.augment.crop_scale=['a', 'b'] must be [low, high]"),
     (["data.augment.rotation=abc"], "data.augment.rotation='abc' must be a number"),
-    (["eval.batch_size=0"], "eval.batch_size=0 must be a positive integer"),
+    (["eval.batch_size=0"], "eval.batch_size=0 must be an integer >= 1"),
     (["trainer.precision=abc"], "trainer.precision='abc': choose one of auto"),
     (["optim.optimizer.betas=[1.5,0.9]"], "optim.optimizer: Invalid beta parameter"),
-    (["data.num_workers=-1"], "data.num_workers=-1 is out of range"),
-    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is out of range"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be"),
     (['data.captions=["{person:05d}"]'], "'{person:05d}' cannot be filled"),
     (["data.captions=[]"], "data.captions is empty"),
-    (["optim.head_lr_multiplier=-1"], "optim.head_lr_multiplier=-1 is out of range"),
+    (["optim.head_lr_multiplier=-1"], "optim.head_lr_multiplier=-1 must be"),
     (["optim.schedule.warmup=-1"], "optim.schedule.warmup=-1 must be"),
-    (["freeze.vision_blocks=9"], "freeze.vision_blocks=9 is out of range"),
+    (["freeze.vision_blocks=9"], "freeze.vision_blocks=9 must be"),
     (["data.batch_size=1"], "data.batch_size=1 is too small"),
     (["+max_epoch=3"], "max_epoch is not a setting (did you mean trainer.max_epochs?)"),
     (["+freze=last_n"], "freze is not a setting (did you mean freeze?)"),
@@ -115,7 +115,7 @@ def test_a_refused_command_keeps_the_empty_folders_it_did_not_make(tmp_path):
     (mine / "runs").mkdir(parents=True)  # made by the user, empty; Hydra then adds the run directory inside
     command, env = train_command(mine, "freeze.text_blocks=9")
     result = subprocess.run(command, cwd=mine, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "freeze.text_blocks=9 is out of range" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "freeze.text_blocks=9 must be" in result.stderr, result.stderr[-2000:]
     assert sorted(p.name for p in mine.iterdir()) == ["runs"] and not any((mine / "runs").iterdir())
 
 

@@ -116,7 +116,7 @@ def test_bad_objectives_are_named():
 
     with pytest.raises(ConfigError, match="loss.terms is empty"):
         Objective({})
-    with pytest.raises(ConfigError, match="loss weight=-1 of ContrastiveLoss"):
+    with pytest.raises(ConfigError, match="loss: ContrastiveLoss.weight=-1 must be a number"):
         ContrastiveLoss(weight=-1)
     with pytest.raises(ConfigError, match="loss.terms.x: dict is not a handclip.losses.LossTerm"):
         Objective({"x": dict})

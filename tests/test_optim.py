@@ -83,9 +83,9 @@ def test_schedule_warms_up_then_decays_per_step():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"lr": 0}, "optim.lr=0 is out of range"),
-        ({"weight_decay": -1}, "optim.weight_decay=-1 is out of range"),
-        ({"head_lr_multiplier": -1}, "optim.head_lr_multiplier=-1 is out of range"),
+        ({"lr": 0}, "optim.lr=0 must be"),
+        ({"weight_decay": -1}, "optim.weight_decay=-1 must be"),
+        ({"head_lr_multiplier": -1}, "optim.head_lr_multiplier=-1 must be"),
         ({"optimizer": None}, "optim.optimizer needs a _target_"),
     ],
 )
@@ -115,5 +115,5 @@ def test_layer_decay_gives_each_group_lr_times_decay_to_its_depth(tiny_model):
     assert lrs["backbone.model.logit_scale"] == 1e-4
     with pytest.raises(ConfigError, match="optim.layer_decay.audio is not a tower"):
         optimization(layer_decay={"audio": 0.5})
-    with pytest.raises(ConfigError, match="optim.layer_decay.vision=0 is out of range"):
+    with pytest.raises(ConfigError, match="optim.layer_decay.vision=0 must be"):
         optimization(layer_decay={"vision": 0})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from handclip.data.sampling import sample_seed
-from handclip.io import write_text_atomic
+from handclip.io import atomic_path, write_text_atomic
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -69,8 +68,7 @@ class ActivationStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.path.with_suffix(".lock"))):
                 if not self.exists():  # another process may have filled it while this one waited
-                    temporary = self.path.with_name(f".{self.digest}.{os.getpid()}.tmp.npy")
-                    try:
+                    with atomic_path(self.path) as temporary:
                         array = None
                         progress = tqdm(total=self.views * self.count, desc=desc, unit="img", leave=False)
                         for view in range(self.views):
@@ -86,10 +84,7 @@ class ActivationStore:
                         array.flush()
                         del array
                         write_text_atomic(self.path.with_suffix(".json"), json.dumps(self.key, indent=2, default=str))
-                        os.replace(temporary, self.path)
-                        self.filled_now = True
-                    finally:
-                        temporary.unlink(missing_ok=True)
+                    self.filled_now = True
         self.array = np.load(self.path, mmap_mode="r")
         if self.array.shape[:2] != (self.views, self.count):
             raise RuntimeError(f"{self.path} holds {self.array.shape[:2]} views x images, expected "

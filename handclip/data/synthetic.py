@@ -16,7 +16,6 @@ import argparse
 import csv
 import io
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from handclip.data.hands import ASPECTS, HANDINFO_COLUMNS, THRESHOLDS_11K
-from handclip.io import atomic_write, remove_dead_leftovers, waiting_lock
+from handclip.io import atomic_path, atomic_write, remove_dead_leftovers, waiting_lock
 
 SKIN = {  # 11k's skinColor values and a base RGB for each
     "very fair": (236, 200, 178),
@@ -313,7 +312,6 @@ def ensure_synthetic(root: str | Path, identities: int, seed: int, image_size: S
     made anew, with a message; a folder it did not make (no `synthetic.json`) is never touched.
     """
     import json
-    import shutil
 
     root = Path(root)
     settings = {"identities": int(identities), "seed": int(seed), "image_size": [int(v) for v in image_size],
@@ -347,17 +345,10 @@ def ensure_synthetic(root: str | Path, identities: int, seed: int, image_size: S
                   flush=True)  # fmt: skip
         else:
             print(f"generating synthetic hands in {root} ({identities} identities) ...", flush=True)
-        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_hands(tmp, int(identities), int(seed), (int(image_size[0]), int(image_size[1])))
-        (tmp / MARKER).write_text(json.dumps(settings))
-        if root.exists():  # ours, made with other settings: replaced whole (its split and cache with it)
-            retired = root.with_name(f"{root.name}.tmp{os.getpid()}-old")
-            root.rename(retired)
-            tmp.rename(root)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            tmp.rename(root)
+        # a folder of ours made with other settings is replaced whole (its split and cache with it)
+        with atomic_path(root) as tmp:
+            generate_hands(tmp, int(identities), int(seed), (int(image_size[0]), int(image_size[1])))
+            (tmp / MARKER).write_text(json.dumps(settings))
     return root
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from handclip.checks import number
 from handclip.errors import ConfigError
 
 AUGMENT_KEYS = ("crop_scale", "rotation", "color_jitter")
@@ -30,9 +31,7 @@ def check_augment(augment: Mapping[str, Any] | None) -> dict:
     if not numbers or len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.augment.crop_scale={scale!r} must be [low, high] with 0 < low <= high <= 1")
     for key, high in (("rotation", 180), ("color_jitter", 1)):
-        value = augment.get(key, 0)
-        if value is None or not _is_number(value) or not 0 <= value <= high:
-            raise ConfigError(f"data.augment.{key}={value!r} must be a number from 0 to {high}")
+        number(f"data.augment.{key}", augment.get(key, 0), 0, high)
     return augment
 
 

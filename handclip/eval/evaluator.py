@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from handclip.errors import ConfigError
+from handclip.checks import flag, integer, one_of
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,10 @@ class EvalSettings:
     def __post_init__(self):
         from handclip.eval.feature import EVAL_FEATURES
 
-        if self.feature not in EVAL_FEATURES:
-            raise ConfigError(f"eval.feature={self.feature!r}: choose one of {', '.join(EVAL_FEATURES)}")
+        one_of("eval.feature", self.feature, EVAL_FEATURES)
         for key in ("baseline", "test", "flip_tta", "text"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"eval.{key}={getattr(self, key)!r} must be true or false")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size={self.batch_size!r} must be a positive integer")
+            flag(f"eval.{key}", getattr(self, key))
+        integer("eval.batch_size", self.batch_size, 1)
 
 
 class Evaluator:

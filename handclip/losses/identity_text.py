@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from handclip.checks import flag
 from handclip.errors import ConfigError
 from handclip.losses.contrastive import contrastive_targets
 from handclip.losses.identity import smoothed_cross_entropy
@@ -136,8 +137,7 @@ class IdentityTextLoss(LossTerm):
             raise self.error("direction", direction, "one of " + ", ".join(DIRECTIONS))
         self.direction = direction
         self.label_smoothing = self.fraction("label_smoothing", label_smoothing)
-        if not isinstance(learn_texts, bool):
-            raise self.error("learn_texts", learn_texts, "true or false")
+        flag(self.key("learn_texts"), learn_texts)
         shape = (int(num_identities), int(embed_dim))
         self.texts_from = None if learn_texts else texts_from
         if learn_texts:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from handclip.checks import fraction, number
 from handclip.errors import ConfigError
 
 FEATURES = ("projected", "pre_projection")  # the image features a term can ask for
@@ -73,18 +74,18 @@ class LossTerm(nn.Module):
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ConfigError(f"loss weight={weight!r} of {type(self).__name__} must be a number >= 0")
-        self.weight = float(weight)
+        self.weight = number(self.key("weight"), weight, 0)
+
+    def key(self, name: str) -> str:
+        """How messages name one of the term's settings: `loss: TripletLoss.margin`."""
+        return f"loss: {type(self).__name__}.{name}"
 
     def error(self, key: str, value: Any, allowed: str) -> ConfigError:
-        return ConfigError(f"loss: {type(self).__name__}.{key}={value!r} must be {allowed}")
+        return ConfigError(f"{self.key(key)}={value!r} must be {allowed}")
 
     def fraction(self, key: str, value: Any) -> float:
         """`value` as a number in [0, 1), or a one-line error naming `key`."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise self.error(key, value, "a number in [0, 1)")
-        return float(value)
+        return fraction(self.key(key), value)
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from handclip.checks import integer, number
 from handclip.losses.contrastive import contrastive_loss
 from handclip.losses.objective import LossInputs, LossTerm
 
@@ -38,10 +39,8 @@ class IdentityPrompts(LossTerm):
         super().__init__(weight)
         if not isinstance(template, str) or template.count("{}") != 1:
             raise self.error("template", template, 'a caption with one "{}" where the learned words go')
-        if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or not 1 <= context_tokens <= 16:
-            raise self.error("context_tokens", context_tokens, "a whole number from 1 to 16")
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or init_std < 0:
-            raise self.error("init_std", init_std, "a number >= 0")
+        integer(self.key("context_tokens"), context_tokens, 1, 16)
+        number(self.key("init_std"), init_std, 0)
         self.template, self.context_tokens = template, context_tokens
         # drawn from the run's seeded generator, like every other head
         self.words = nn.Parameter(torch.randn(int(num_identities), context_tokens, int(text_width)) * init_std)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from handclip.checks import flag, number
 from handclip.losses.objective import LossInputs, LossTerm
 
 
@@ -53,12 +54,9 @@ class SigLIPLoss(LossTerm):
         init_bias: float = -10.0,
     ):  # fmt: skip
         super().__init__(weight)
-        if not isinstance(multi_positive, bool):
-            raise self.error("multi_positive", multi_positive, "true or false")
-        for key, value in (("init_log_scale", init_log_scale), ("init_bias", init_bias)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise self.error(key, value, "a finite number")
-        self.multi_positive = multi_positive
+        self.multi_positive = flag(self.key("multi_positive"), multi_positive)
+        number(self.key("init_log_scale"), init_log_scale)
+        number(self.key("init_bias"), init_bias)
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
         self.bias = nn.Parameter(torch.tensor(float(init_bias)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from handclip.checks import flag, number
 from handclip.losses.objective import FEATURES, LossInputs, LossTerm
 
 
@@ -47,10 +48,9 @@ class TripletLoss(LossTerm):
     def __init__(self, weight: float = 1.0, margin: float | None = 0.3, normalize: bool = True,
                  feature: str = "projected"):  # fmt: skip
         super().__init__(weight)
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0):
-            raise self.error("margin", margin, "a number >= 0, or null for the soft margin")
-        if not isinstance(normalize, bool):
-            raise self.error("normalize", normalize, "true (L2-normalised features) or false (raw)")
+        if margin is not None:
+            number(self.key("margin"), margin, 0, hint=", or null for the soft margin")
+        flag(self.key("normalize"), normalize)
         if feature not in (*FEATURES, "both"):
             raise self.error("feature", feature, "one of " + ", ".join((*FEATURES, "both")))
         self.margin = None if margin is None else float(margin)

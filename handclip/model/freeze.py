@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from handclip.checks import flag, integer
 from handclip.errors import ConfigError
 from handclip.model.backbone import TOWERS, Backbone, BackboneFacts, LayerGroup
 
@@ -46,9 +47,7 @@ class FreezePolicy:
                 + (f" (did you mean freeze.{near[0]}?)" if near else "")
                 + f"; settings of {type(self).__name__} are {', '.join(['train_logit_scale', *self.settings()])}"
             )
-        if not isinstance(train_logit_scale, bool):
-            raise ConfigError(f"freeze.train_logit_scale={train_logit_scale!r} must be true or false")
-        self.train_logit_scale = train_logit_scale
+        self.train_logit_scale = flag("freeze.train_logit_scale", train_logit_scale)
 
     def settings(self) -> tuple[str, ...]:
         """The policy's own setting names (for messages)."""
@@ -107,9 +106,7 @@ class BiasOnly(FreezePolicy):
 
     def __init__(self, train_projections: bool = True, train_logit_scale: bool = True, **ignored):
         super().__init__(train_logit_scale, **ignored)
-        if not isinstance(train_projections, bool):
-            raise ConfigError(f"freeze.train_projections={train_projections!r} must be true or false")
-        self.train_projections = train_projections
+        self.train_projections = flag("freeze.train_projections", train_projections)
 
     def settings(self) -> tuple[str, ...]:
         return ("train_projections",)
@@ -132,9 +129,7 @@ class TextFrozen(FreezePolicy):
 
 
 def _block_count(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"freeze.{key}={value!r} is out of range: a number of blocks is an integer >= 0")
-    return value
+    return integer(f"freeze.{key}", value, 0, hint=" (a number of blocks)")
 
 
 class LastN(FreezePolicy):

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from handclip.checks import integer
 from handclip.errors import BackboneError, ConfigError, first_line
-from handclip.io import remove_dead_leftovers, waiting_lock, write_json_atomic
+from handclip.io import atomic_path, remove_dead_leftovers, waiting_lock, write_json_atomic
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts, tower_groups
 from handclip.settings import plain_dict
 
@@ -128,8 +129,7 @@ class HuggingFaceCLIP:
             )
         if source != TINY and config:
             raise ConfigError(f"backbone.config is only for source=tiny; backbone.source={source} brings its own")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"backbone.seed={seed!r} must be an integer")
+        integer("backbone.seed", seed)
         self.source = str(source)
         self.name = name or self.source
         self.config = plain_dict(config or {}, "backbone.config")
@@ -185,20 +185,16 @@ class HuggingFaceCLIP:
         # a second process building the same model waits here, then finds it built
         with waiting_lock(out.with_name(f".{out.name}.lock")):
             remove_dead_leftovers(out.parent)  # killed builds' half-made folders
-            if not built():
-                tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-                self._build_tiny(tmp)
-                tmp.rename(out)
+            if not built():  # missing, or damaged (a file gone): built anew, put in place whole
+                with atomic_path(out) as tmp:
+                    self._build_tiny(tmp)
         return out
 
     def _build_tiny(self, out: Path) -> None:
-        import shutil
-
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         from handclip.model.tokenizer import build_clip_tokenizer
 
-        shutil.rmtree(out, ignore_errors=True)  # a killed build of this process id
         config = tiny_clip_config(self.config)
         # a private random stream: building the cache must not change the run's own random numbers
         with torch.random.fork_rng(devices=[]):

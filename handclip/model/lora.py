@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from handclip.checks import flag, fraction, integer, number
 from handclip.errors import ConfigError
 from handclip.model.backbone import TOWERS, Backbone, BackboneFacts, LayerGroup
 from handclip.model.freeze import FreezePolicy
@@ -35,23 +36,18 @@ class Lora(FreezePolicy):
         train_projections: bool = True, train_norms: bool = False, train_logit_scale: bool = True, **ignored,
     ):  # fmt: skip
         super().__init__(train_logit_scale, **ignored)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ConfigError(f"freeze.rank={rank!r} must be a positive integer")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ConfigError(f"freeze.alpha={alpha!r} must be a positive number")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ConfigError(f"freeze.dropout={dropout!r} must be a number from 0 to below 1")
+        integer("freeze.rank", rank, 1)
+        number("freeze.alpha", alpha, 0, low_open=True)
+        fraction("freeze.dropout", dropout)
         targets, towers = list(targets), [towers] if isinstance(towers, str) else list(towers)
         bad = [t for t in targets if t not in TARGETS]
         if not targets or bad:
             raise ConfigError(f"freeze.targets={targets!r}: choose from {', '.join(TARGETS)}")
         if not towers or any(t not in TOWERS for t in towers):
             raise ConfigError(f"freeze.towers={towers!r}: choose from {', '.join(TOWERS)}")
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-            raise ConfigError(f"freeze.blocks={blocks!r} must be a positive integer (the top N blocks)")
-        for key, value in (("train_projections", train_projections), ("train_norms", train_norms)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"freeze.{key}={value!r} must be true or false")
+        integer("freeze.blocks", blocks, 1, hint=" (the top N blocks)")
+        flag("freeze.train_projections", train_projections)
+        flag("freeze.train_norms", train_norms)
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.targets, self.towers, self.blocks = targets, towers, blocks
         self.train_projections, self.train_norms = train_projections, train_norms

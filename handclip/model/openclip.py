@@ -81,7 +81,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from handclip.checks import integer
 from handclip.errors import BackboneError, ConfigError, first_line
+from handclip.io import write_text_atomic
 from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts, tower_groups
 from handclip.model.hf import default_cache_dir
 from handclip.settings import plain_dict
@@ -120,9 +122,7 @@ def _square(size: Any, key: str) -> int:
         if len(size) != 2 or size[0] != size[1]:
             raise ConfigError(f"{key}={list(size)}: HandCLIP's image pipeline takes square images only")
         size = size[0]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"{key}={size!r} must be a positive integer")
-    return size
+    return integer(key, size, 1)
 
 
 def _check_model_config(cfg: Mapping, key: str) -> None:
@@ -227,8 +227,7 @@ class OpenCLIP:
                 f"backbone.pretrained={pretrained}: backbone.name={name} brings its own weights; set "
                 "backbone.pretrained=null"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"backbone.seed={seed!r} must be an integer")
+        integer("backbone.seed", seed)
         self.name, self.pretrained, self.config, self.seed = name, pretrained, config, seed
 
     # ----------------------------------------------------------------------------------------
@@ -326,11 +325,9 @@ class OpenCLIP:
             / f"openclip-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
         )
         if not (out / CONFIG).is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f"{CONFIG}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": _jsonable(self.preprocess_config(cfg))},
-                                      indent=2, sort_keys=True))  # fmt: skip
-            os.replace(tmp, out / CONFIG)
+            write_text_atomic(out / CONFIG, json.dumps(
+                {"model_cfg": cfg, "preprocess_cfg": _jsonable(self.preprocess_config(cfg))}, indent=2, sort_keys=True
+            ))  # fmt: skip
         return out
 
     def load(self, cache_dir: str | Path | None = None) -> OpenCLIPBackbone:

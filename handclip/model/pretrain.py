@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
+from handclip.checks import integer, number
 from handclip.errors import ConfigError
 
 FIRST_ID = 100_000  # corpus people: far from 11k's ids (< 1600) and HD's (< 713)
@@ -52,13 +53,9 @@ class Pretraining:
 
     def __post_init__(self):
         for key, low in (("identities", 2), ("images_per_aspect", 1), ("epochs", 1), ("batch_size", 2)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"backbone.pretrain.{key}={value!r} must be an integer >= {low}")
+            integer(f"backbone.pretrain.{key}", getattr(self, key), low)
         for key in ("lr", "weight_decay", "warmup"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ConfigError(f"backbone.pretrain.{key}={value!r} must be a number from 0 to 1")
+            number(f"backbone.pretrain.{key}", getattr(self, key), 0, 1)
         if self.lr <= 0:
             raise ConfigError(f"backbone.pretrain.lr={self.lr!r} must be above 0")
         size = self.image_size
@@ -66,8 +63,7 @@ class Pretraining:
         if not (pair and all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size)):
             raise ConfigError(f"backbone.pretrain.image_size={size!r} must be [width, height], each at least 32")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"backbone.pretrain.workers={self.workers!r} must be an integer >= 0")
+        integer("backbone.pretrain.workers", self.workers, 0)
 
     @classmethod
     def from_settings(cls, settings: Mapping | None) -> Pretraining:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from handclip.checks import integer
 from handclip.errors import ConfigError
 from handclip.model.backbone import TOWERS, Backbone, BackboneFacts
 
@@ -33,14 +34,12 @@ class Replace:
     """New projection heads of width `dim` on `towers`, seeded; they train under any freeze policy."""
 
     def __init__(self, dim: int, towers: Sequence[str] = TOWERS, seed: int = 0):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ConfigError(f"projection.dim={dim!r} must be a positive integer")
+        integer("projection.dim", dim, 1)
         towers = [towers] if isinstance(towers, str) else list(towers or TOWERS)
         bad = [t for t in towers if t not in TOWERS]
         if bad:
             raise ConfigError(f"projection.towers has {bad[0]!r}; allowed values are {', '.join(TOWERS)}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"projection.seed={seed!r} must be an integer")
+        integer("projection.seed", seed)
         self.dim, self.towers, self.seed = dim, sorted(set(towers)), seed
 
     def check(self, facts: BackboneFacts) -> None:

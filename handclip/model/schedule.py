@@ -16,15 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from handclip.checks import integer
 from handclip.errors import ConfigError
 from handclip.model.backbone import TOWERS, BackboneFacts, LayerGroup
 from handclip.model.freeze import FreezePolicy
 
 
 def _positive(key: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"freeze.{key}={value!r} must be an integer >= {low}")
-    return value
+    return integer(f"freeze.{key}", value, low)
 
 
 def _policy(key: str, value) -> FreezePolicy:

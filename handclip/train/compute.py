@@ -12,6 +12,7 @@ only decides how much of it is in memory at once (see `handclip.train.accumulate
 
 from __future__ import annotations
 
+from handclip.checks import flag, integer, one_of
 from handclip.errors import ConfigError
 
 ATTENTION = ("auto", "sdpa", "eager")
@@ -23,13 +24,10 @@ class Compute:
     def __init__(
         self, accumulate: int = 1, gradient_checkpointing: bool = False, attention: str = "auto", compile: bool = False
     ):  # fmt: skip
-        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or not 1 <= accumulate <= 4096:
-            raise ConfigError(f"compute.accumulate={accumulate!r} must be an integer from 1 to 4096")
-        for key, value in (("gradient_checkpointing", gradient_checkpointing), ("compile", compile)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"compute.{key}={value!r} must be true or false")
-        if attention not in ATTENTION:
-            raise ConfigError(f"compute.attention={attention!r}: choose one of {', '.join(ATTENTION)}")
+        integer("compute.accumulate", accumulate, 1, 4096)
+        flag("compute.gradient_checkpointing", gradient_checkpointing)
+        flag("compute.compile", compile)
+        one_of("compute.attention", attention, ATTENTION)
         self.accumulate = accumulate
         self.gradient_checkpointing = gradient_checkpointing
         self.attention = attention

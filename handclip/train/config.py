@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handclip.build import check_keywords
+from handclip.checks import integer, number
 from handclip.errors import ConfigError, HandClipError, first_line
 from handclip.eval.evaluator import EvalSettings
 from handclip.eval.feature import ImageEncoder
@@ -160,10 +161,7 @@ def _check_top_level(cfg: Mapping) -> None:
 
 def _integer(cfg: Mapping, key: str, low: int, high: int) -> int:
     section, name = key.split(".")
-    value = (cfg.get(section) or {}).get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{key}={value!r} is out of range: it must be an integer from {low} to {high}")
-    return value
+    return integer(key, (cfg.get(section) or {}).get(name), low, high)
 
 
 # what Lightning's Trainer accepts, and `auto` (bf16-mixed on a GPU, 32-true on a CPU)
@@ -240,9 +238,7 @@ def check_decay(decay) -> float | None:
     """`ema.decay`: null (off) or a number in (0, 1)."""
     if decay is None:
         return None
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
-        raise ConfigError(f"ema.decay={decay!r}: give a number between 0 and 1 (e.g. 0.998), or null for no EMA")
-    return float(decay)
+    return number("ema.decay", decay, 0, 1, low_open=True, high_open=True, hint=" (e.g. 0.998), or null for no EMA")
 
 
 def _check_identity_batches(objective, data: Mapping) -> None:
@@ -267,8 +263,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     """
     _check_top_level(cfg)
     seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed={seed!r} must be an integer from 0 to {2**32 - 1}")
+    integer("seed", seed, 0, 2**32 - 1)
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError(
             "ckpt_path and init_from together: ckpt_path resumes a run (its own weights, optimiser and step), "
@@ -295,8 +290,8 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
         check_keywords(key, made)
     _try_trainer(trainer)
     clip = cfg["trainer"].get("gradient_clip_val")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
-        raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 (0 or null: no clipping)")
+    if clip is not None:
+        number("trainer.gradient_clip_val", clip, 0, hint=" (0 or null: no clipping)")
     facts = None
     if read_backbone_config:
         facts = backbone.facts()  # the model config only: no weights

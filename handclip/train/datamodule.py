@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from handclip.checks import integer
 from handclip.data.activations import DTYPES
 from handclip.data.captions import Captioner
 from handclip.data.dataset import CaptionCollator, ManifestImages
@@ -43,9 +44,7 @@ def loader_workers(value: int | str) -> int:
 
 
 def _integer(key: str, value: Any, low: int, high: int = 1_000_000) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"data.{key}={value!r} is out of range: it must be an integer from {low} to {high:g}")
-    return value
+    return integer(f"data.{key}", value, low, high)
 
 
 def _check_synthetic(synthetic: Mapping[str, Any]) -> dict:

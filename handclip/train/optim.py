@@ -16,12 +16,14 @@ at `lr x head_lr_multiplier`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from handclip.checks import number
 from handclip.errors import ConfigError
 
 
@@ -43,13 +45,25 @@ def warmup_steps(warmup: float, total: int) -> int:
     return int(round(warmup * total)) if warmup < 1 else int(warmup)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
-    """Linear warm-up, then cosine decay to 0, stepped once per optimiser step."""
-    from transformers import get_cosine_schedule_with_warmup
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, starts: list[int] | None = None, ramp: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+    """Linear warm-up, then cosine decay to 0, stepped once per optimiser step.
 
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0:
-        raise ConfigError(f"optim.schedule.warmup={warmup!r} must be a share of the steps (0 to 1) or a step count")
-    return get_cosine_schedule_with_warmup(optimizer, warmup_steps(warmup, total_steps), max(total_steps, 1))
+    `starts` (one per parameter group) and `ramp`: a group that starts to train at step `s > 0` (an
+    unfreeze schedule) has its rate ramped up linearly over `ramp` steps from then on, on top.
+    """
+    number("optim.schedule.warmup", warmup, 0, hint=" (a share of the steps below 1, or a step count)")
+    warm, total = warmup_steps(warmup, total_steps), max(total_steps, 1)
+
+    def factor(step: int) -> float:  # what transformers' get_cosine_schedule_with_warmup computes
+        if step < warm:
+            return step / max(1, warm)
+        progress = (step - warm) / max(1, total - warm)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    starts = list(starts or [0] * len(optimizer.param_groups))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [_ramped(factor, start, ramp) for start in starts])
 
 
 def _layer_decay(layer_decay: Mapping[str, float | None] | None) -> dict[str, float | None]:
@@ -64,9 +78,7 @@ def _layer_decay(layer_decay: Mapping[str, float | None] | None) -> dict[str, fl
 
 
 def _number(key: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(f"optim.{key}={value!r} is out of range: it must be a number from {low:g} to {high:g}")
-    return float(value)
+    return number(f"optim.{key}", value, low, high)
 
 
 class Optimization:
@@ -138,18 +150,28 @@ class Optimization:
             lr=self.lr,
             **fused_if_cuda(self.optimizer, [p for g in groups for p in g["params"]]),
         )
-        scheduler = self.schedule(optimizer, total_steps) if self.schedule is not None else None
+        if self.schedule is None:
+            return optimizer, None
         starts = [g["starts_at"] for g in groups]
         if unfreeze_warmup and any(starts):
-            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                raise ConfigError("freeze.warmup_steps needs a schedule built on LambdaLR (optim.schedule)")
-            scheduler.lr_lambdas = [
-                _ramped(f, start, unfreeze_warmup) for f, start in zip(scheduler.lr_lambdas, starts, strict=True)
-            ]
-            for group, base, ramp in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-                group["lr"] = base * ramp(scheduler.last_epoch)  # the first step's rates, ramps included
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        return optimizer, scheduler
+            if not _takes(self.schedule, "starts", "ramp"):
+                raise ConfigError(
+                    "freeze.warmup_steps ramps each group's rate after it unfreezes, which needs a schedule that "
+                    "takes starts= and ramp= (as handclip.train.optim.warmup_cosine does): set freeze.warmup_steps=0 "
+                    "or use that schedule"
+                )
+            return optimizer, self.schedule(optimizer, total_steps, starts=starts, ramp=unfreeze_warmup)
+        return optimizer, self.schedule(optimizer, total_steps)
+
+
+def _takes(function: Callable, *names: str) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in parameters for name in names)
 
 
 def fused_if_cuda(optimizer: Callable, parameters: list[torch.Tensor]) -> dict:
