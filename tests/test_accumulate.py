@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from handclip.errors import ConfigError
 from handclip.losses import ContrastiveLoss, LossInputs, LossTerm, Objective
 from handclip.model import Full, LastN, TextFrozen, apply_freeze, load_backbone
+from handclip.model.forward import Forward
 from handclip.train.accumulate import accumulated_backward, contrastive_step, split_batch
 from handclip.train.compute import Compute, contrastive_accumulation_refused
 from handclip.train.module import FineTuner
@@ -77,7 +78,7 @@ def step_gradients(backbone, objective, data: dict, accumulate: int) -> tuple[di
     """Gradients after one step's backward, the loss, and the value of what was back-propagated."""
     backbone.zero_grad(set_to_none=True)
     objective.zero_grad(set_to_none=True)
-    loss, _, backward = contrastive_step(backbone, objective, data, accumulate, torch.device("cpu"))
+    loss, _, backward = contrastive_step(Forward(backbone), objective, data, accumulate, torch.device("cpu"))
     backward.backward()
     return gradients(backbone, objective), loss.item(), backward.item()
 
@@ -115,7 +116,7 @@ def test_ordinary_accumulation_is_a_different_objective(tiny_model):
     tiny_model.zero_grad(set_to_none=True)
     terms.zero_grad(set_to_none=True)
     for chunk in split_batch(data, 4, 32):
-        loss, _, _ = contrastive_step(tiny_model, terms, chunk, 1, torch.device("cpu"))
+        loss, _, _ = contrastive_step(Forward(tiny_model), terms, chunk, 1, torch.device("cpu"))
         (loss / 4).backward()
     got = gradients(tiny_model, terms)
     name = "backbone.model.visual_projection.weight"
@@ -216,6 +217,6 @@ def test_the_second_pass_runs_only_what_trains(tiny_model):
     for tower in calls:
         for block in tiny_model.blocks(tower):
             block.register_forward_hook(lambda *args, tower=tower: calls.__setitem__(tower, calls[tower] + 1))
-    contrastive_step(tiny_model, objective(), batch(16), 2, torch.device("cpu"))
+    contrastive_step(Forward(tiny_model), objective(), batch(16), 2, torch.device("cpu"))
     # first pass: 3 vision and 2 text blocks for each of 2 micro-batches; second: the top vision block only
     assert calls == {"vision": 3 * 2 + 1 * 2, "text": 2 * 2}

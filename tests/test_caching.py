@@ -8,6 +8,7 @@ import torch
 from handclip.eval.evaluator import EvalSettings, Evaluator
 from handclip.model import BiasOnly, Full, LastN, Pattern, TextFrozen, apply_freeze, load_backbone
 from handclip.model.caching import TextCache, frozen_prefix, text_frozen
+from handclip.model.forward import Forward
 from handclip.model.schedule import Gradual
 from handclip.train.caches import attach_caches
 from tests.conftest import TINY
@@ -81,7 +82,8 @@ def test_every_evaluation_feature_reads_the_store(tmp_path, synthetic_hands, fea
     with torch.no_grad():
         from_hidden = module.validation_feature({"hidden": torch.stack([datamodule.val_set[i]["hidden"]
                                                                         for i in range(4)])})  # fmt: skip
-        from_pixels = encode(backbone, torch.stack([val_pixels[i]["pixel_values"] for i in range(4)]))
+        from_pixels = encode(Forward(backbone), {"pixel_values": torch.stack([val_pixels[i]["pixel_values"]
+                                                                             for i in range(4)])})  # fmt: skip
     assert from_hidden.shape == from_pixels.shape and (from_hidden - from_pixels).abs().max() < 1e-5
     from_store = evaluate(backbone)["metrics"]
     evaluate.activations = None
@@ -145,16 +147,16 @@ def test_a_frozen_text_tower_encodes_each_distinct_caption_once(tmp_path, synthe
     backbone = load_backbone(TINY, tmp_path / "cache")
     policy = Pattern(include=[r"vision_model\.encoder\.layers\.2\.", "visual_projection"])
     datamodule, _, module, _, summary = cached_run(synthetic_hands, backbone, policy)
-    assert summary["text"] and isinstance(module.text_cache, TextCache)
+    assert summary["text"] and isinstance(module.forward_path.text_cache, TextCache)
     trainer(2).fit(module, datamodule=datamodule)
     captions = {datamodule.captioner(r) for r in datamodule.train_rows}  # one template: one caption per person
-    assert module.text_cache.encoded == len(captions)
+    assert module.forward_path.text_cache.encoded == len(captions)
     tokens = backbone.tokenize(sorted(captions))
     with torch.no_grad():
         direct = backbone.encode_text(tokens["input_ids"], tokens["attention_mask"])
-        assert torch.allclose(module.text_cache(backbone, tokens["input_ids"], tokens["attention_mask"]), direct,
-                              atol=1e-5)  # fmt: skip
-    assert module.text_cache.encoded == len(captions)
+        cached = module.forward_path.text_cache(backbone, tokens["input_ids"], tokens["attention_mask"])
+        assert torch.allclose(cached, direct, atol=1e-5)
+    assert module.forward_path.text_cache.encoded == len(captions)
 
 
 @pytest.mark.slow
@@ -190,3 +192,33 @@ def test_a_store_reaches_loader_workers_as_a_file_not_a_copy(tmp_path):
     again = ActivationStore(tmp_path, {"what": "test"}, views=2, count=5, dtype="float32")
     again.ensure(lambda view, indices: 1 / 0, 2)  # already filled: nothing is computed
     assert not again.filled_now and torch.equal(again.hidden(0, 3), torch.full((3, 4), 3.0))
+
+
+def test_contrastive_accumulation_reads_the_store_and_keeps_the_big_batch_gradients(tmp_path, synthetic_hands):
+    import lightning as L
+
+    from handclip.train.compute import Compute
+    from tests.test_accumulate import _capture_gradients
+
+    grads = {}
+    for accumulate in (1, 4):
+        backbone = load_backbone(TINY, tmp_path / "cache")
+        policy = LastN(vision_blocks=1, text_blocks=1)
+        datamodule, _, module, _, summary = cached_run(synthetic_hands, backbone, policy, batch_size=16,
+                                                       activation_dtype="float32")  # fmt: skip
+        module.compute = Compute(accumulate)
+        assert summary["prefix_groups"] == backbone.facts.depth("vision")  # the cache stays on with accumulation
+        batch = datamodule.collate([datamodule.train_set[(0, i)] for i in range(2)])
+        assert "hidden" in batch and "pixel_values" not in batch
+        captured: list = []
+        L.Trainer(
+            max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
+            callbacks=[_capture_gradients(captured)],
+        ).fit(module, datamodule=datamodule)  # fmt: skip
+        grads[accumulate] = captured
+    assert len(grads[1]) == len(grads[4]) == 2
+    for whole, micro in zip(grads[1], grads[4], strict=True):
+        assert set(whole) == set(micro) and any(name.startswith("backbone.model.text_model") for name in whole)
+        for name in whole:
+            torch.testing.assert_close(micro[name], whole[name], atol=1e-5, rtol=1e-4, msg=name)

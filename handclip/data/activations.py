@@ -149,27 +149,9 @@ class CachedImages(Dataset):
         return {"hidden": self.store.hidden(0, self.positions[index]), "index": index}
 
 
-@torch.no_grad()
-def cached_features(
-    backbone, store: ActivationStore, positions: Sequence[int], groups: int, batch_size: int, encode,
-    flip: bool = False,
-) -> torch.Tensor:  # fmt: skip
-    """Image features `encode.from_hidden(...)` (a `handclip.eval.feature.ImageEncoder`) from stored hidden
-    states (view 1 holds the mirrored images for `flip`)."""
-
-    def suffix(hidden: torch.Tensor) -> torch.Tensor:
-        return encode.from_hidden(backbone, hidden, groups)
-
-    device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    features = []
+def stored_batches(store: ActivationStore, positions: Sequence[int], batch_size: int, flip: bool = False):
+    """Batches `{"hidden"}` of the stored images at `positions`, in order (what `extract_features` reads); with
+    `flip`, each also holds its `mirrored` batch: view 1 of an evaluation store holds the mirrored images."""
     for start in range(0, len(positions), batch_size):
         chosen = positions[start : start + batch_size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embedding = suffix(store.batch(0, chosen).to(device)).float()
-            if flip:
-                embedding = embedding + suffix(store.batch(1, chosen).to(device)).float()
-        features.append(embedding.cpu())
-    backbone.train(was_training)
-    return torch.cat(features) if features else torch.empty(0)
+        yield {"hidden": store.batch(0, chosen), **({"mirrored": {"hidden": store.batch(1, chosen)}} if flip else {})}

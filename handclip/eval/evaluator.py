@@ -55,26 +55,18 @@ class Evaluator:
 
     def __call__(self, backbone, include_test: bool | None = None) -> dict:
         """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
-        from handclip.data.dataset import ManifestImages
-        from handclip.data.transforms import eval_transform
         from handclip.eval.feature import ImageEncoder
-        from handclip.eval.protocol import extract_image_features, images_needed, score_protocol
+        from handclip.eval.protocol import extract_features, images_needed, score_protocol
+        from handclip.model.forward import Forward
 
         include_test = self.settings.test if include_test is None else include_test
         image_rows = images_needed(self.rows, include_test)
-        transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
-        dataset = ManifestImages(image_rows, self.root, transform, self.cache_size)
+        stored = self.activations  # (store, image -> position, prefix groups): the frozen prefix's hidden states
+        forward = Forward(backbone, prefix=stored[2] if stored else 0, text_cache=self.text_cache)
 
         def extract(encode, progress: bool = False):  # the features of image_rows, [images, dim]
-            if self.activations is not None:  # the frozen prefix from stored hidden states
-                from handclip.data.activations import cached_features
-
-                store, position, groups = self.activations
-                chosen = [position[r["image"]] for r in image_rows]
-                return cached_features(backbone, store, chosen, groups, self.settings.batch_size, encode,
-                                       flip=self.settings.flip_tta)  # fmt: skip
-            return extract_image_features(backbone, dataset, self.settings.batch_size, flip=self.settings.flip_tta,
-                                          progress=progress, encode=encode)  # fmt: skip
+            return extract_features(forward, self._batches(backbone, image_rows), encode, progress,
+                                    total=-(-len(image_rows) // self.settings.batch_size))  # fmt: skip
 
         features = extract(self.encode, progress=True)
         result = score_protocol(features, image_rows, self.rows, include_test)
@@ -95,6 +87,22 @@ class Evaluator:
                     result["_features"], result["_image_rows"] = projected, image_rows
                 result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache))
         return result
+
+
+    def _batches(self, backbone, image_rows: Sequence[dict]):
+        """The images' batches: stored hidden states of the frozen prefix, or pixels through the eval transform."""
+        size, flip = self.settings.batch_size, self.settings.flip_tta
+        if self.activations is not None:
+            from handclip.data.activations import stored_batches
+
+            store, position, _ = self.activations
+            return stored_batches(store, [position[r["image"]] for r in image_rows], size, flip)
+        from handclip.data.dataset import ManifestImages
+        from handclip.data.transforms import eval_transform
+        from handclip.eval.protocol import pixel_batches
+
+        transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
+        return pixel_batches(ManifestImages(image_rows, self.root, transform, self.cache_size), size, flip=flip)
 
 
 def saveable(result: dict) -> dict:

@@ -18,8 +18,8 @@ EVAL_FEATURES = ("projected", "pre_projection", "bnneck", "concat")
 
 
 class ImageEncoder:
-    """`encoder(backbone, pixel_values) -> [batch, dim]`, the evaluation feature chosen by `eval.feature`;
-    `encoder.from_hidden(backbone, hidden, groups)` the same from stored hidden states of the frozen prefix."""
+    """`encoder(forward, batch) -> [batch, dim]`: the evaluation feature chosen by `eval.feature`, of a batch
+    fed through a `handclip.model.forward.Forward` (pixels or stored hidden states alike)."""
 
     def __init__(self, feature: str = "projected", objective=None):
         if feature not in EVAL_FEATURES:
@@ -32,18 +32,10 @@ class ImageEncoder:
             )
         self.feature = feature
 
-    def __call__(self, backbone, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.feature == "projected":
-            return backbone.encode_image(pixel_values)
-        return self.from_outputs(*backbone.encode_image(pixel_values, pre_projection=True))
+    def __call__(self, forward, batch) -> torch.Tensor:
+        return self.from_outputs(*forward.image(batch, pre_projection=self.feature != "projected"))
 
-    def from_hidden(self, backbone, hidden: torch.Tensor, groups: int) -> torch.Tensor:
-        """The feature from hidden states after `groups` image groups (`backbone.image_prefix`)."""
-        if self.feature == "projected":
-            return backbone.image_suffix(hidden, groups)
-        return self.from_outputs(*backbone.image_suffix(hidden, groups, pre_projection=True))
-
-    def from_outputs(self, pre: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    def from_outputs(self, pre: torch.Tensor | None, projected: torch.Tensor) -> torch.Tensor:
         """The feature from the image tower's two outputs, the pre-projection feature and the embedding."""
         if self.feature == "projected":
             return projected

@@ -13,10 +13,9 @@ Each gives rank1/rank5/rank10/mAP per run, and over runs the mean and std.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from handclip.eval.reid import evaluate
 
@@ -24,38 +23,57 @@ METRICS = ("rank1", "rank5", "rank10", "mAP")
 CMC_RANKS = tuple(range(1, 21))
 
 
+def pixel_batches(dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False) -> Iterator[dict]:
+    """Batches `{"pixel_values"}` of a dataset's items in order; with `flip`, each also holds its `mirrored` batch."""
+    from torch.utils.data import DataLoader
+
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        pixels = batch["pixel_values"]
+        yield {"pixel_values": pixels, **({"mirrored": {"pixel_values": pixels.flip(-1)}} if flip else {})}
+
+
 @torch.no_grad()
+def extract_features(forward, batches: Iterable[Mapping], encode=None, progress: bool = False,
+                     total: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The evaluation feature of every image of `batches` (from `pixel_batches` or a store's `stored_batches`), in
+    order, on the CPU: `encode(forward, batch)` (a `handclip.eval.feature.ImageEncoder`; default: the projected
+    embedding). A batch's `mirrored` twin is encoded too and added (flip test-time augmentation, for query and
+    gallery alike)."""
+    from tqdm.auto import tqdm
+
+    from handclip.eval.feature import ImageEncoder
+
+    encode = encode or ImageEncoder()
+    backbone = forward.backbone
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    features = []
+    try:
+        for batch in tqdm(batches, desc="extracting features", disable=not progress, leave=False, total=total):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                embedding = encode(forward, _on(batch, device)).float()
+                if "mirrored" in batch:
+                    embedding = embedding + encode(forward, _on(batch["mirrored"], device)).float()
+            features.append(embedding.cpu())
+    finally:
+        backbone.train(was_training)
+    return torch.cat(features) if features else torch.empty(0)
+
+
+def _on(batch: Mapping, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items() if key != "mirrored"}
+
+
 def extract_image_features(
     backbone, dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False, progress: bool = False,
     encode=None,
 ) -> torch.Tensor:  # fmt: skip
-    """Image features of every item of `dataset`, in order, on the CPU: projected embeddings, or `encode(backbone,
-    pixels)` (a `handclip.eval.feature.ImageEncoder`).
+    """Image features of every item of `dataset` (pixels), in order: `extract_features` over `pixel_batches`."""
+    from handclip.model.forward import Forward
 
-    With `flip`, each feature is the sum of the image's and its mirror image's embedding
-    (test-time augmentation; it is applied to query and gallery alike).
-    """
-    if encode is None:
-
-        def encode(model, pixels):
-            return model.encode_image(pixels)
-
-    from tqdm.auto import tqdm
-
-    device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    features = []
-    for batch in tqdm(loader, desc="extracting features", disable=not progress, leave=False):
-        pixels = batch["pixel_values"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embedding = encode(backbone, pixels).float()
-            if flip:
-                embedding = embedding + encode(backbone, pixels.flip(-1)).float()
-        features.append(embedding.cpu())
-    backbone.train(was_training)
-    return torch.cat(features) if features else torch.empty(0)
+    batches = pixel_batches(dataset, batch_size, num_workers, flip)
+    return extract_features(Forward(backbone), batches, encode, progress, total=-(-len(dataset) // batch_size))
 
 
 def run_count(rows: Sequence[dict]) -> int:

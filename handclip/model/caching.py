@@ -1,7 +1,7 @@
 """What stays frozen for a whole run, and so can be computed once: the image tower's frozen prefix
 and a frozen text tower.
 
-`frozen_prefix(backbone, freeze, epochs)` is k, the number of image groups (embeddings, then
+`frozen_prefix(backbone, freeze, epochs)` (`handclip.model.forward`) is k, the number of image groups (embeddings, then
 blocks, from the input) whose parameters never train in the run: their output for a given image
 never changes, so `image_prefix(pixels, k)` can be stored and training runs `image_suffix` only.
 A schedule that unfreezes a group later limits k; a policy that touches every block (LoRA on
@@ -17,27 +17,13 @@ from collections.abc import Sequence
 import torch
 
 from handclip.model.backbone import Backbone
+from handclip.model.forward import frozen_prefix  # noqa: F401 - the one count, used here and re-exported
 
 
 def _never_trains(group, freeze, epochs: int) -> bool:
-    from handclip.model.schedule import FreezeSchedule
-
     if any(p.requires_grad for p in group.parameters.values()):
         return False
-    if isinstance(freeze, FreezeSchedule):
-        return all(freeze.first_epoch(group, name, epochs) is None for name in group.parameters)
-    return True
-
-
-def frozen_prefix(backbone: Backbone, freeze=None, epochs: int = 1) -> int:
-    """Image groups from the input that stay frozen for all `epochs` (after `apply_freeze`), at most every block."""
-    groups = [g for g in backbone.layer_groups("vision") if g.kind in ("embeddings", "block")]
-    count = 0
-    for group in groups:
-        if not _never_trains(group, freeze, epochs):
-            break
-        count += 1
-    return count
+    return freeze is None or all(freeze.first_epoch(group, name, epochs) is None for name in group.parameters)
 
 
 def text_frozen(backbone: Backbone, freeze=None, epochs: int = 1) -> bool:

@@ -76,6 +76,43 @@ class FreezePolicy:
                 "trains something, e.g. freeze=last_n"
             )
 
+    # the schedule protocol: what trains may change with the epoch (handclip.model.schedule); a policy
+    # that never changes is a schedule of one entry, so every caller asks the same questions of both
+    warmup_steps: int = 0  # a group's learning rate ramps up over this many steps after it unfreezes
+
+    def policy_at(self, epoch: int) -> FreezePolicy:
+        """The policy in force during `epoch`."""
+        return self
+
+    def policies(self) -> list[FreezePolicy]:
+        """Every policy the schedule can apply."""
+        return [self]
+
+    def first_epoch(self, group: LayerGroup, name: str, epochs: int) -> int | None:
+        """The first epoch (of `epochs`) in which parameter `name` trains, or None if it never does."""
+        return 0 if epochs > 0 and self.trains(group, name) else None
+
+    def changes_within(self, epochs: int) -> bool:
+        """Whether what trains changes during the first `epochs` epochs."""
+        return any(self.policy_at(epoch) is not self.policy_at(0) for epoch in range(1, epochs))
+
+    def check_epochs(self, epochs: int) -> None:
+        """Refuse a schedule whose changes all fall after the run's last epoch (they would never act)."""
+
+    def plan(self, backbone: Backbone, epochs: int, always_trainable: Sequence = ()) -> list[tuple[int, FreezeReport]]:
+        """(epoch, freeze report) at each epoch where what trains changes, applied to `backbone` (a skeleton will
+        do); the backbone is left as at epoch 0. One entry for a policy that never changes."""
+        changes, last = [], None
+        for epoch in range(epochs if self.changes_within(epochs) else 1):
+            report = apply_freeze(backbone, self.policy_at(epoch), always_trainable=always_trainable)
+            state = [(row.group, row.status) for row in report.rows]
+            if state != last:
+                changes.append((epoch, report))
+                last = state
+        if len(changes) > 1:
+            apply_freeze(backbone, self.policy_at(0), always_trainable=always_trainable)
+        return changes
+
 
 class Full(FreezePolicy):
     def trains(self, group: LayerGroup, name: str) -> bool:

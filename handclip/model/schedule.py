@@ -5,11 +5,13 @@
     Staged    an explicit list {epoch: policy}, e.g. the projection for two epochs, then the
               last 4 vision blocks
 
-A schedule is itself a `FreezePolicy` (what it trains at epoch 0), so everything that applies a
-policy applies it; the training glue asks `policy_at(epoch)` at the start of each epoch. The
-policy is a pure function of the epoch, so a resumed run is at the same point of the schedule
-(its settings are part of the resume signature). Parameters that start frozen are already in the
-optimiser; `first_epoch` tells it when each group starts to train, for its own warm-up.
+Every policy answers the same questions (`FreezePolicy`'s schedule protocol: `policy_at(epoch)`,
+`first_epoch`, `changes_within`, `plan`, `warmup_steps`), a policy that never changes being a
+schedule of one entry; a schedule answers them for what it trains at each epoch. The training glue
+asks `policy_at(epoch)` at the start of each epoch. The policy is a pure function of the epoch, so a
+resumed run is at the same point of the schedule (its settings are part of the resume signature).
+Parameters that start frozen are already in the optimiser; `first_epoch` tells it when each group
+starts to train, for its own warm-up.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ class FreezeSchedule(FreezePolicy):
         raise NotImplementedError
 
     def policies(self) -> list[FreezePolicy]:
-        """Every policy the schedule can apply."""
         raise NotImplementedError
 
     def adapt(self, backbone) -> None:
@@ -58,23 +59,7 @@ class FreezeSchedule(FreezePolicy):
         self.policy_at(0).check_result(names, trainable)
 
     def first_epoch(self, group: LayerGroup, name: str, epochs: int) -> int | None:
-        """The first epoch in which parameter `name` trains, or None if it never does in `epochs`."""
         return next((e for e in range(epochs) if self.policy_at(e).trains(group, name)), None)
-
-    def plan(self, backbone, epochs: int, always_trainable=()) -> list[tuple[int, object]]:
-        """(epoch, freeze report) at each epoch where what trains changes, applied to `backbone`
-        (a skeleton will do); the backbone is left as at epoch 0."""
-        from handclip.model.freeze import apply_freeze
-
-        changes, last = [], None
-        for epoch in range(epochs):
-            report = apply_freeze(backbone, self.policy_at(epoch), always_trainable=always_trainable)
-            state = [(row.group, row.status) for row in report.rows]
-            if state != last:
-                changes.append((epoch, report))
-                last = state
-        apply_freeze(backbone, self.policy_at(0), always_trainable=always_trainable)
-        return changes
 
 
 class _Frontier(FreezePolicy):
@@ -115,6 +100,14 @@ class Gradual(FreezeSchedule):
     def check(self, facts: BackboneFacts) -> None:
         self.start.check(facts)
 
+    def check_epochs(self, epochs: int) -> None:
+        if epochs <= self.every:
+            raise ConfigError(
+                f"freeze.every={self.every} with trainer.max_epochs={epochs}: the first group would unfreeze at epoch "
+                f"{self.every}, after the run's last epoch ({epochs - 1}), so the schedule would never act; lower "
+                "freeze.every or raise trainer.max_epochs"
+            )
+
     def policies(self) -> list[FreezePolicy]:
         return [self.start]
 
@@ -154,6 +147,14 @@ class Staged(FreezeSchedule):
     def check(self, facts: BackboneFacts) -> None:
         for policy in self.stages.values():
             policy.check(facts)
+
+    def check_epochs(self, epochs: int) -> None:
+        late = [epoch for epoch in self.stages if epoch >= epochs]
+        if late:
+            raise ConfigError(
+                f"freeze.stages.{late[0]} starts at epoch {late[0]}, but trainer.max_epochs={epochs} ends the run "
+                f"after epoch {epochs - 1}, so that stage would never act; remove it or raise trainer.max_epochs"
+            )
 
     def policies(self) -> list[FreezePolicy]:
         return list(self.stages.values())

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from handclip.losses import LossInputs
+from handclip.model.forward import Forward, frozen_prefix, trains_now
 
 Features = Mapping[str, torch.Tensor | None]
 
@@ -112,63 +113,44 @@ def accumulated_backward(
     return loss, {name: value.detach() for name, value in parts.items()}, surrogate
 
 
-def frozen_prefix(backbone, tower: str) -> tuple[bool, int]:
-    """(whether anything in `tower` trains now, how many groups from its input are frozen, at most all blocks)."""
-    groups = backbone.layer_groups(tower)
-    trained = [g.index for g in groups if any(p.requires_grad for p in g.parameters.values())]
-    blocks = sum(1 for g in groups if g.kind == "block")
-    return bool(trained), min(min(trained, default=len(groups)), blocks + 1)
-
-
-def contrastive_step(backbone, objective, batch: Mapping, accumulate: int, device: torch.device):
+def contrastive_step(forward: Forward, objective, batch: Mapping, accumulate: int, device: torch.device):
     """(loss, parts, what to back-propagate) of one training batch, in `accumulate` micro-batches.
 
     With `accumulate=1` the plain forward: back-propagating the loss. Otherwise the gradient is
     partly accumulated here and the returned surrogate's backward completes it (see above). The
-    second pass starts above each tower's frozen prefix, from hidden states kept from the first
-    (one [batch, tokens, width] tensor per tower), and skips a tower in which nothing trains.
+    batch goes through `forward` (`handclip.model.forward`) like every other: from pixels or stored
+    activations, captions through the text tower or a frozen tower's cache. The first pass runs each
+    tower's frozen groups once (`Forward.ahead`); the second starts above them and skips a tower in
+    which nothing trains.
     """
-    needs_text = objective.needs_text
-    needs_pre = bool(getattr(objective, "needs_pre_projection", False))
+    backbone = forward.backbone
+    needs_text, needs_pre = objective.needs_text, objective.needs_pre_projection
 
     def loss_of(features: Mapping) -> tuple[torch.Tensor, dict]:
         inputs = LossInputs(
             features["image"], features.get("text"), backbone.logit_scale, batch["identities"],
-            image_pre_projection=features.get("image_pre_projection"),
+            image_pre_projection=features.get("pre_projection"),
         )  # fmt: skip
         return objective(inputs)
 
-    def image_features(pixels: torch.Tensor, hidden: torch.Tensor | None, prefix: int) -> dict:
-        # (pre-projection feature when a term reads it, projected embedding), from the pixels or a prefix's output
-        out = backbone.image_suffix(hidden, prefix, needs_pre) if prefix else backbone.encode_image(pixels, needs_pre)
-        pre, image = out if needs_pre else (None, out)
-        return {"image": image, "image_pre_projection": pre}
-
     if accumulate == 1:
-        features = image_features(batch["pixel_values"], None, 0)
-        if needs_text:
-            features["text"] = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
-        loss, parts = loss_of(features)
+        loss, parts = loss_of(forward.features(batch, needs_text, needs_pre))
         return loss, parts, loss
-    vision_trains, vision_prefix = frozen_prefix(backbone, "vision")
-    text_trains, text_prefix = frozen_prefix(backbone, "text") if needs_text else (False, 0)
+    vision_trains, text_trains = trains_now(backbone, "vision"), needs_text and trains_now(backbone, "text")
+    image_cut = frozen_prefix(backbone, tower="vision")
+    text_cut = frozen_prefix(backbone, tower="text") if needs_text else 0
 
     def encode(chunk: dict, again: bool) -> dict:
-        features: dict = {"image": None, "image_pre_projection": None, "text": None}
-        if not again:  # the frozen prefixes once, kept in the chunk for the second pass
-            if vision_prefix:
-                chunk["image_hidden"] = backbone.image_prefix(chunk["pixel_values"], vision_prefix)
-            if needs_text and text_prefix:
-                chunk["text_hidden"] = backbone.text_prefix(chunk["input_ids"], chunk["attention_mask"], text_prefix)
+        if not again:  # the frozen groups once, kept in the chunk for the second pass
+            ahead = forward.ahead(chunk, image_cut, text_cut)
+            chunk.clear()
+            chunk.update(ahead)
+        features: dict = {"image": None, "pre_projection": None, "text": None}
         if not again or vision_trains:
-            features.update(image_features(chunk["pixel_values"], chunk.get("image_hidden"), vision_prefix))
+            features["pre_projection"], features["image"] = forward.image(chunk, needs_pre)
         if needs_text and (not again or text_trains):
-            ids, mask = chunk["input_ids"], chunk["attention_mask"]
-            if text_prefix:
-                features["text"] = backbone.text_suffix(chunk["text_hidden"], ids, mask, text_prefix)
-            else:
-                features["text"] = backbone.encode_text(ids, mask)
+            features["text"] = forward.text(chunk)
         return features
 
-    size = len(batch["pixel_values"])
+    size = len(batch["identities"])
     return accumulated_backward(encode, loss_of, split_batch(batch, accumulate, size), device)

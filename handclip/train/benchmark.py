@@ -248,7 +248,7 @@ class _Bench:
         module = FineTuner(self.backbone, Objective({"clip": ContrastiveLoss()}), optimization)
         groups = frozen_prefix(self.backbone, chosen_policy) if cached else 0
         if cached and text_frozen(self.backbone, chosen_policy):
-            module.text_cache = TextCache()
+            module.forward_path.text_cache = TextCache()
         folder = tempfile.TemporaryDirectory()
         store = None
         if groups:
@@ -259,7 +259,7 @@ class _Bench:
                     lambda view, i: self.backbone.image_prefix(self.pixels[i].to(self.device), groups).float(),
                     self.batch, "filling the cache",
                 )  # fmt: skip
-            module.prefix_groups = groups
+            module.forward_path.prefix = groups
         items = _Items(self, store)
         loader = DataLoader(items, batch_size=self.batch, shuffle=False, collate_fn=items.collate)
         timer = _epoch_timer()

@@ -75,13 +75,10 @@ def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, c
         return {"prefix_groups": 0, "text": False}
     summary = {"prefix_groups": 0, "text": text_frozen(backbone, freeze, epochs)}
     if summary["text"]:
-        module.text_cache = evaluate.text_cache = TextCache()
+        module.forward_path.text_cache = evaluate.text_cache = TextCache()
     groups = frozen_prefix(backbone, freeze, epochs)
-    why = "the image embeddings train"
-    if groups and module.compute.accumulate > 1:
-        groups, why = 0, "contrastive accumulation keeps its own frozen prefix"
     if groups == 0:
-        say(f"activation cache: off ({why})" + ("; text cached" if summary["text"] else ""))
+        say("activation cache: off (the image embeddings train)" + ("; text cached" if summary["text"] else ""))
         return summary
     train = datamodule.train_set
     common = {
@@ -113,7 +110,7 @@ def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, c
     position = {r["image"]: i for i, r in enumerate(rows)}
     datamodule.val_set = CachedImages(eval_store, [position[r["image"]] for r in datamodule.val_set.rows])
     evaluate.activations = (eval_store, position, groups)
-    module.prefix_groups = groups
+    module.forward_path.prefix = groups
     summary.update(prefix_groups=groups, train_store=str(train_store.path), eval_store=str(eval_store.path),
                    filled=train_store.filled_now or eval_store.filled_now)  # fmt: skip
     state = "filled" if summary["filled"] else "reused"

@@ -275,6 +275,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     freeze = _build("freeze", cfg["freeze"])
     if not isinstance(freeze, FreezePolicy):
         raise ConfigError(f"freeze._target_={cfg['freeze']['_target_']} is not a handclip.model.FreezePolicy")
+    freeze.check_epochs(int(cfg["trainer"]["max_epochs"]))
     projection = _build("projection", cfg["projection"])
     objective = _build("loss", cfg["loss"])
     optimization = _build("optim", cfg["optim"])

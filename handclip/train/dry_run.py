@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.table import Table
 
 from handclip.model.freeze import apply_freeze
-from handclip.model.schedule import FreezeSchedule
 from handclip.train.config import build_components, objective_facts
 
 
@@ -56,7 +55,7 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
         towers.add_row(tower, str(shape.width), str(shape.depth), str(shape.heads), inputs[tower], sizes, count)
     console.print(towers)
 
-    if isinstance(parts.freeze, FreezeSchedule):
+    if parts.freeze.changes_within(epochs):
         plan = parts.freeze.plan(skeleton, epochs, heads)
         table = Table(title=f"unfreeze plan over {epochs} epochs")
         for column in ("from epoch", "trainable", "share", "groups that train"):
@@ -91,7 +90,7 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
     # memory: weights for all, gradients and two AdamW moments for what trains, activations for
     # the blocks backward passes through (from the lowest trainable group up); a schedule at its widest
     widest = ""
-    if isinstance(parts.freeze, FreezeSchedule):
+    if parts.freeze.changes_within(epochs):
         last_epoch, report = parts.freeze.plan(skeleton, epochs, heads)[-1]
         apply_freeze(skeleton, parts.freeze.policy_at(last_epoch), always_trainable=heads)
         widest = f" from epoch {last_epoch}, when the most trains"

@@ -61,7 +61,7 @@ class WeightEMA(L.Callback):
 
     def __init__(self, decay: float, schedule=None):
         self.decay = check_decay(decay)
-        self.schedule = schedule  # a FreezeSchedule: what trains later needs an average too
+        self.schedule = schedule  # the freeze policy (a schedule): what trains later needs an average too
         self._update = get_ema_multi_avg_fn(self.decay)
         self.names: list[str] = []
         self.average: list[torch.Tensor] = []

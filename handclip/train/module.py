@@ -19,8 +19,8 @@ from handclip.eval.feature import ImageEncoder
 from handclip.eval.protocol import images_needed, score_protocol
 from handclip.losses import LossInputs, Objective, clamp_logit_scale
 from handclip.model.backbone import Backbone
+from handclip.model.forward import Forward
 from handclip.model.freeze import FreezePolicy
-from handclip.model.schedule import FreezeSchedule
 from handclip.train.accumulate import contrastive_step
 from handclip.train.compute import Compute
 from handclip.train.optim import Optimization, ParameterInfo
@@ -54,9 +54,8 @@ class FineTuner(L.LightningModule):
         self.compute = compute or Compute()
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
-        # set by handclip.train.caches when parts stay frozen for the whole run
-        self.prefix_groups = 0  # batches carry `hidden` after this many image groups instead of pixels
-        self.text_cache = None  # a TextCache when the text tower is frozen
+        # every batch's way through the model; handclip.train.caches sets its stored prefix and text cache
+        self.forward_path = Forward(self.backbone)
         # training time carried across resumes (wall time of one process would restart at 0)
         self.seconds_before = 0.0
         self._fit_started = time.time()
@@ -91,31 +90,17 @@ class FineTuner(L.LightningModule):
         return self.all_gather(tensor, sync_grads=grads).flatten(0, 1)
 
     def image_features(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(pre-projection feature or None, projected embedding) of a batch, what the objective reads:
-        from pixels, or from stored hidden states of the frozen prefix (handclip.train.caches)."""
-        pre = self.objective.needs_pre_projection
-        if "hidden" in batch:
-            out = self.backbone.image_suffix(batch["hidden"], self.prefix_groups, pre_projection=pre)
-        else:
-            out = self.backbone.encode_image(batch["pixel_values"], pre_projection=pre)
-        return out if pre else (None, out)
-
-    def encode_texts(self, batch: dict) -> torch.Tensor:
-        if self.text_cache is not None:
-            return self.text_cache(self.backbone, batch["input_ids"], batch["attention_mask"])
-        return self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+        """(pre-projection feature or None, projected embedding) of a batch, what the objective reads."""
+        return self.forward_path.image(batch, self.objective.needs_pre_projection)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         if self.compute.accumulate > 1:
             return self._accumulated_step(batch)
-        pre_projection, image = self.image_features(batch)
-        text = None
-        if self.objective.needs_text:
-            text = self.encode_texts(batch)
+        features = self.forward_path.features(batch, self.objective.needs_text, self.objective.needs_pre_projection)
         inputs = LossInputs(
-            image=self._gather(image), text=self._gather(text), logit_scale=self.backbone.logit_scale,
-            identities=self._gather(batch["identities"], grads=False),
-            image_pre_projection=self._gather(pre_projection),
+            image=self._gather(features["image"]), text=self._gather(features["text"]),
+            logit_scale=self.backbone.logit_scale, identities=self._gather(batch["identities"], grads=False),
+            image_pre_projection=self._gather(features["pre_projection"]),
             backbone=self.backbone if self.objective.needs_backbone else None,
         )  # fmt: skip
         loss, parts = self.objective(inputs)
@@ -140,9 +125,9 @@ class FineTuner(L.LightningModule):
         # contrastive accumulation (handclip.train.accumulate): micro-batches, every negative kept
         self.zero_grad(set_to_none=True)  # Lightning's zero_grad is held back: the gradient is built here
         loss, parts, surrogate = contrastive_step(
-            self.backbone, self.objective, batch, self.compute.accumulate, self.device
+            self.forward_path, self.objective, batch, self.compute.accumulate, self.device
         )
-        self._check_and_log(loss, parts, len(batch["pixel_values"]))
+        self._check_and_log(loss, parts, len(batch["identities"]))
         return surrogate
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
@@ -158,11 +143,8 @@ class FineTuner(L.LightningModule):
         self._val_features, self._val_index = [], []
 
     def validation_feature(self, batch: dict) -> torch.Tensor:
-        """The evaluation feature of a validation batch, from pixels or from stored hidden states."""
-        if "hidden" in batch:
-            return self.encode.from_hidden(self.backbone, batch["hidden"].to(self.device), self.prefix_groups)
-        pixels = batch["pixel_values"].to(self.device)
-        return self.encode(self.backbone, pixels)
+        """The evaluation feature of a validation batch (pixels or stored hidden states)."""
+        return self.encode(self.forward_path, {k: v.to(self.device) for k, v in batch.items() if k != "index"})
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
         self._val_features.append(self.validation_feature(batch).float())
@@ -190,7 +172,6 @@ class FineTuner(L.LightningModule):
         """Every parameter of the backbone and the objective, trainable now or later."""
         group_of = self.backbone.group_of()
         names = {id(p): n for g in self.backbone.all_groups() for n, p in g.parameters.items()}
-        schedule = self.freeze if isinstance(self.freeze, FreezeSchedule) else None
         infos = []
         embeddings = self.objective.embedding_names()  # learned words and texts: embeddings, never decayed
         for module_name, module in (("backbone", self.backbone), ("objective", self.objective)):
@@ -202,8 +183,8 @@ class FineTuner(L.LightningModule):
                     decay = parameter.ndim >= 2 and name not in embeddings
                 head = module_name == "objective" or id(parameter) in self._heads
                 place = {"tower": group.tower, "depth": group.depth} if group is not None else {}
-                if schedule is not None and group is not None and id(parameter) not in self._heads:
-                    first = schedule.first_epoch(group, names[id(parameter)], epochs)
+                if self.freeze is not None and group is not None and id(parameter) not in self._heads:
+                    first = self.freeze.first_epoch(group, names[id(parameter)], epochs)
                     place["starts_at"] = (first or 0) * steps_per_epoch
                 infos.append(ParameterInfo(f"{module_name}.{name}", parameter, decay, head, **place))
         return infos
@@ -211,7 +192,7 @@ class FineTuner(L.LightningModule):
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(int(self.trainer.max_epochs or 1), 1)
-        warmup = self.freeze.warmup_steps if isinstance(self.freeze, FreezeSchedule) else 0
+        warmup = self.freeze.warmup_steps if self.freeze is not None else 0
         optimizer, scheduler = self.optimization.build(
             self.optimised_parameters(total // epochs, epochs), total, warmup
         )

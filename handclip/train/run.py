@@ -113,7 +113,6 @@ def _train(
     from handclip.eval.evaluator import Evaluator
     from handclip.eval.feature import ImageEncoder
     from handclip.model.freeze import apply_freeze
-    from handclip.model.schedule import FreezeSchedule
     from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, FollowFreezeSchedule, GracefulStop
     from handclip.train.module import FineTuner
 
@@ -178,8 +177,7 @@ def _train(
     if parts.ema_decay is not None:
         from handclip.train.ema import WeightEMA
 
-        schedule = parts.freeze if isinstance(parts.freeze, FreezeSchedule) else None
-        ema_callbacks.append(WeightEMA(parts.ema_decay, schedule))
+        ema_callbacks.append(WeightEMA(parts.ema_decay, parts.freeze))
     # with an EMA, its validation score picks the best epoch: its weights are the ones tested and exported
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="ema/val/rank1" if ema_callbacks else "val/rank1",
@@ -199,7 +197,7 @@ def _train(
     log_run_facts(logger, cfg, report)
     stop = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
     schedule_callbacks = []
-    if isinstance(parts.freeze, FreezeSchedule):
+    if parts.freeze.changes_within(int(cfg["trainer"]["max_epochs"])):
         plan = parts.freeze.plan(backbone, int(cfg["trainer"]["max_epochs"]), heads)
         console.print("unfreeze plan: " + "; ".join(f"from epoch {e}, {r.trainable:,} trainable" for e, r in plan))
         schedule_callbacks.append(FollowFreezeSchedule(parts.freeze, heads, run_dir / "freeze.txt"))
