@@ -20,7 +20,7 @@ def test_three_point_sweep_with_a_failing_point_writes_summary_and_resumes(tmp_p
     status = {row["freeze.vision_blocks"]: row["status"] for row in rows}
     assert status == {"0": "finished", "1": "finished", "9": "failed"}
     failed = next(r for r in rows if r["status"] == "failed")
-    assert "vision_blocks=9 must be" in failed["error"]
+    assert "vision_blocks=9 is out of range" in failed["error"]
     assert all(0 <= float(r["test/rank1"]) <= 1 for r in rows if r["status"] == "finished")
     assert (sweep / "summary.png").stat().st_size > 1000
     assert "sweep summary" in first.stdout

@@ -140,6 +140,7 @@ class IdentityTextLoss(LossTerm):
         flag(self.key("learn_texts"), learn_texts)
         shape = (int(num_identities), int(embed_dim))
         self.texts_from = None if learn_texts else texts_from
+        self.needs_text_tower = self.texts_from is not None  # reads texts another run's text tower encoded
         if learn_texts:
             if texts_from is not None:
                 raise self.error("texts_from", texts_from, "null with learn_texts=true (texts start at random)")

@@ -70,6 +70,9 @@ class LossTerm(nn.Module):
     needs_pre_projection = False  # whether it reads the pre-projection image feature
     needs_identity_batches = False  # whether it needs P x K batches (K >= 2 images of each identity)
     needs_backbone = False  # whether it runs a tower itself (learned prompts): `inputs.backbone` is set
+    # whether it reads or writes what the text tower encoded (identity texts): it is then given `text_tower`,
+    # the digest of the text tower's weights, to record beside what it writes or to check what it reads against
+    needs_text_tower = False
     embeddings: tuple[str, ...] = ()  # its parameters that are embeddings (learned words, texts): never decayed
 
     def __init__(self, weight: float = 1.0):
@@ -133,6 +136,10 @@ class Objective(nn.Module):
     @property
     def needs_backbone(self) -> bool:
         return any(term.needs_backbone for term in self.terms.values())
+
+    @property
+    def needs_text_tower(self) -> bool:
+        return any(term.needs_text_tower for term in self.terms.values())
 
     def artifacts(self, backbone) -> dict[str, torch.Tensor]:
         """What the terms leave behind after training, by file name (without `.safetensors`)."""

@@ -36,8 +36,10 @@ SIGNATURE_KEYS = ("backbone", "freeze", "projection", "loss")
 
 
 @dataclass
-class Components:
-    """A run's parts, built and checked, nothing heavy loaded."""
+class RunSpec:
+    """A run, built and checked from its resolved configuration once, nothing heavy loaded: its parts and the
+    settings of the run itself. Nothing downstream reads the configuration; `config` is kept only as the
+    record a run writes (config.yaml) and gives its logger."""
 
     backbone: Any  # a backbone spec: .facts(), .load(cache_dir)
     facts: BackboneFacts | None
@@ -52,6 +54,23 @@ class Components:
     trainer: Callable  # finished with logger, callbacks, plugins, default_root_dir
     ema_decay: float | None = None  # an EMA of the trained weights (handclip.train.ema), or None
     compute: Compute = field(default_factory=Compute)  # accumulation, checkpointing, attention, compile
+    config: dict = field(default_factory=dict)  # the resolved configuration, as recorded
+    seed: int = 0
+    epochs: int = 1  # trainer.max_epochs
+    precision: str = "auto"  # trainer.precision
+    cache_dir: str | None = None  # paths.cache: built backbones
+    ckpt_path: str | None = None  # resume: `last` or a checkpoint
+    init_from: str | None = None  # a checkpoint whose weights start a new run
+    overwrite: bool = False
+    text_tower_digest: bool = False  # a loss term reads or writes what the text tower encoded (identity texts)
+
+    @property
+    def signature(self) -> dict:
+        """The settings a resumed run must share with the checkpoint it resumes."""
+        return run_signature(self.config)
+
+
+Components = RunSpec  # the name the parts had before the run's own settings joined them
 
 
 def _flat_keys(tree: Mapping, prefix: str = "") -> list[str]:
@@ -255,7 +274,7 @@ def _check_identity_batches(objective, data: Mapping) -> None:
         )
 
 
-def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data: bool = True) -> Components:
+def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data: bool = True) -> RunSpec:
     """Every component of a resolved run configuration (a plain dict), built and checked, no weights.
 
     With `read_backbone_config=False` the backbone's config is not read (it may live on a hub this
@@ -263,7 +282,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     """
     _check_top_level(cfg)
     seed = cfg.get("seed")
-    integer("seed", seed, 0, 2**32 - 1)
+    seed = integer("seed", seed, 0, 2**32 - 1)
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError(
             "ckpt_path and init_from together: ckpt_path resumes a run (its own weights, optimiser and step), "
@@ -327,11 +346,16 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
             f"loss.terms.{prompts[0]} encodes its learned prompts inside the loss, which compute.accumulate "
             f"cannot split into micro-batches: use compute.accumulate=1 (it trains no tower, so memory is small)"
         )
-    return Components(backbone, facts, freeze, projection, objective, optimization, data, settings, logger,
-                      callbacks, trainer, check_decay(ema.get("decay")), compute)  # fmt: skip
+    return RunSpec(
+        backbone, facts, freeze, projection, objective, optimization, data, settings, logger, callbacks, trainer,
+        check_decay(ema.get("decay")), compute, config=dict(cfg), seed=seed, epochs=int(cfg["trainer"]["max_epochs"]),
+        precision=str(cfg["trainer"].get("precision")), cache_dir=(cfg.get("paths") or {}).get("cache"),
+        ckpt_path=cfg.get("ckpt_path"), init_from=cfg.get("init_from"), overwrite=bool(cfg.get("overwrite")),
+        text_tower_digest=finished.needs_text_tower,
+    )  # fmt: skip
 
 
-def check_config(cfg: Mapping) -> Components:
+def check_config(cfg: Mapping) -> RunSpec:
     """Check a resolved run configuration before any weights or images load; return its components."""
     return build_components(cfg)
 

@@ -37,9 +37,9 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
     skeleton = parts.backbone.skeleton()
     heads = parts.projection.apply(skeleton)
     report = apply_freeze(skeleton, parts.freeze, always_trainable=heads)
-    epochs = int(cfg["trainer"]["max_epochs"])
+    epochs = parts.epochs
 
-    towers = Table(title=f"backbone {cfg['backbone'].get('name') or cfg['backbone'].get('source')}")
+    towers = Table(title=f"backbone {parts.backbone.name}")
     for column in ("tower", "width", "blocks", "heads", "input", "projection", "parameters"):
         towers.add_column(column, justify="right")
     grid = facts.image_size // facts.patch_size if facts.patch_size else None
@@ -94,16 +94,12 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
         last_epoch, report = parts.freeze.plan(skeleton, epochs, heads)[-1]
         apply_freeze(skeleton, parts.freeze.policy_at(last_epoch), always_trainable=heads)
         widest = f" from epoch {last_epoch}, when the most trains"
-    precision = str(cfg["trainer"]["precision"])
-    value_bytes = 2 if "16" in precision else 4
-    if precision == "auto":
-        import torch
+    from handclip.train.run import precision_for
 
-        value_bytes = 2 if torch.cuda.is_available() else 4
-    batch = int(cfg["data"]["batch_size"])
-    compute = cfg.get("compute") or {}
+    value_bytes = 2 if "16" in precision_for(parts.precision) else 4
+    batch = parts.data.batch_size
     # contrastive accumulation holds one micro-batch's activations; checkpointing one block's, plus each block's input
-    accumulate = int(compute.get("accumulate", 1))
+    accumulate = parts.compute.accumulate
     micro = -(-batch // accumulate)
     weights = report.total * 4
     trained = report.trainable * 4 * 3  # gradient + exp_avg + exp_avg_sq, fp32
@@ -117,7 +113,7 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
         lowest = min(g.index for g in needs_grad)
         blocks = sum(1 for g in groups_of_tower if g.kind == "block" and g.index >= lowest)
         shape = facts.tower(tower)
-        if compute.get("gradient_checkpointing") and blocks:
+        if parts.compute.gradient_checkpointing and blocks:
             inputs = blocks * tokens[tower] * shape.width * micro * value_bytes
             activations += inputs + activation_bytes(tokens[tower], shape.width, shape.heads, 1, micro, value_bytes)
         else:

@@ -135,3 +135,42 @@ class WeightEMA(L.Callback):
             "updates": self.updates,
             "state": {PREFIX + n: t.detach().cpu().clone() for n, t in zip(self.names, self.average, strict=True)},
         }
+
+
+class TrainedWeights:
+    """Which weights a run selects, tests and exports: the raw trained weights, or their EMA when `ema.decay` is
+    set. The three choices live here: the callback that keeps the average, the validation score that picks
+    `best.ckpt`, and the weights the final evaluation loads."""
+
+    def __init__(self, decay: float | None, freeze=None):
+        self.ema = WeightEMA(decay, freeze) if decay is not None else None
+        self.raw_result: dict | None = None  # with an EMA: the raw weights' scores of the same checkpoint
+
+    @property
+    def callbacks(self) -> list:
+        return [self.ema] if self.ema is not None else []
+
+    @property
+    def monitor(self) -> str:
+        """The validation score that picks the best checkpoint."""
+        return "ema/val/rank1" if self.ema is not None else "val/rank1"
+
+    def restore_best(self, module, backbone, best_path: str, evaluate) -> str:
+        """Load the best checkpoint (if one was saved) into `module` and put the weights to test into `backbone`;
+        return which they are, `ema` or `raw`. With an EMA, `evaluate` scores the raw weights first."""
+        from handclip.io import load_checkpoint_file
+        from handclip.model.averaging import ema_weights
+
+        averaged = None
+        if best_path:
+            saved = load_checkpoint_file(best_path)
+            module.load_state_dict(saved["state_dict"])
+            averaged = ema_weights(saved) if self.ema is not None else None
+            del saved
+        elif self.ema is not None:
+            averaged = self.ema.weights()
+        if averaged is None:
+            return "raw"
+        self.raw_result = evaluate(backbone)
+        backbone.load_state_dict({**backbone.state_dict(), **averaged})
+        return "ema"

@@ -1,4 +1,15 @@
-"""Loggers built from `conf/logger/*.yaml`, and what a run tells them beyond the metrics."""
+"""Loggers built from `conf/logger/*.yaml`, and the one small protocol a run speaks to them.
+
+Besides Lightning's metrics, a run tells its logger four things (`RunLogger`):
+
+    keep_until(step)           a resumed run: forget what was logged after the checkpoint's step
+    log_run_facts(config, report)   the resolved configuration and the freeze table
+    log_figures(figures)       the run's figures (the CSV logger keeps the PNGs beside it instead)
+    log_final(metrics, step)   the final numbers (the CSV logger's are metrics.json instead)
+
+Every logger a conf file names implements them; a Lightning logger of a user's own gets the
+defaults through `run_logger(logger)`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +19,45 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 
 from handclip.io import atomic_write, write_text_atomic
+
+
+class RunLogger:
+    """The protocol, with the defaults any Lightning logger can follow (mixed into ours)."""
+
+    def keep_until(self, step: int) -> None:
+        """Forget what was logged after optimiser step `step` (a resumed run redoes it)."""
+
+    def log_run_facts(self, config: Mapping, report) -> None:
+        """The resolved configuration (without its paths) and the freeze table."""
+        self.log_hyperparams({k: v for k, v in config.items() if k not in ("paths",)})
+
+    def log_figures(self, figures: Mapping) -> None:
+        """The run's figures (matplotlib), by name; closed afterwards by the caller."""
+
+    def log_final(self, metrics: Mapping, step: int) -> None:
+        """The final numbers, then the end of the run."""
+        self.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        self.finalize("success")
+
+
+class _Defaults(RunLogger):
+    """The protocol's defaults for a Lightning logger that does not follow it itself."""
+
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    def __getattr__(self, name: str):
+        return getattr(self.logger, name)
+
+
+def run_logger(logger: Logger) -> RunLogger:
+    """`logger` itself when it follows the protocol, else a view of it with the protocol's defaults."""
+    return logger if isinstance(logger, RunLogger) else _Defaults(logger)
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -24,12 +69,15 @@ class _KeepingWriter(ExperimentWriter):
                 self.metrics_keys = next(csv.reader(handle), [])  # new rows extend the same columns
 
 
-class HistoryCSVLogger(CSVLogger):
+class HistoryCSVLogger(RunLogger, CSVLogger):
     """CSV metrics that survive a resume: `logs/metrics.csv` keeps every epoch of the run.
 
     `keep_until(step)` drops the rows a crashed process logged after the checkpoint it resumes
-    from, so no step appears twice.
+    from, so no step appears twice. Its final numbers are the run's metrics.json.
     """
+
+    def log_final(self, metrics: Mapping, step: int) -> None:
+        pass
 
     @property
     @rank_zero_experiment
@@ -70,44 +118,48 @@ def wandb_logger(
     group: str | None = None,
 ):  # fmt: skip
     """A `WandbLogger` named after the run directory, resuming its run id; `group` is the sweep."""
-    from lightning.pytorch.loggers import WandbLogger
-
     from handclip.errors import ConfigError
 
     if mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"logger.mode={mode!r}: choose one of online, offline, disabled")
-    return WandbLogger(
+    return _wandb_class()(
         project=project, entity=entity, tags=list(tags or []), save_dir=str(save_dir), offline=mode == "offline",
         mode=mode, name=Path(save_dir).name, id=stable_wandb_id(save_dir), resume="allow", group=group,
     )  # fmt: skip
 
 
-def log_run_facts(logger, cfg: Mapping, report) -> None:
-    """The resolved config and the freeze table, sent to the logger."""
-    logger.log_hyperparams({k: v for k, v in cfg.items() if k not in ("paths",)})
-    if type(logger).__name__ == "WandbLogger":
-        import wandb
+class TensorBoardRunLogger(RunLogger, TensorBoardLogger):
+    """TensorBoard event files, with the freeze table as text and the figures as images."""
 
-        table = wandb.Table(columns=["group", "parameters", "trainable"])
-        for row in report.rows:
-            table.add_data(row.group, row.parameters, row.status)
-        logger.experiment.log({"freeze": table})
-        logger.experiment.summary["trainable_parameters"] = report.trainable
-    elif type(logger).__name__ == "TensorBoardLogger":
-        logger.experiment.add_text("freeze", "```\n" + report.to_text() + "\n```")
+    def log_run_facts(self, config: Mapping, report) -> None:
+        super().log_run_facts(config, report)
+        self.experiment.add_text("freeze", "```\n" + report.to_text() + "\n```")
+
+    def log_figures(self, figures: Mapping) -> None:
+        for name, figure in figures.items():
+            self.experiment.add_figure(f"plots/{name}", figure, close=False)
 
 
-def log_figures(logger, figures: dict) -> None:
-    """Send figures to wandb or TensorBoard (the CSV logger keeps the PNGs beside it), then close them."""
-    import matplotlib.pyplot as plt
+def _wandb_class():
+    from lightning.pytorch.loggers import WandbLogger
 
-    for name, figure in figures.items():
-        try:
-            if type(logger).__name__ == "WandbLogger":
-                import wandb
+    class WandbRunLogger(RunLogger, WandbLogger):
+        """Weights & Biases, with the freeze table as a table and the figures as images."""
 
-                logger.experiment.log({f"plots/{name}": wandb.Image(figure)})
-            elif type(logger).__name__ == "TensorBoardLogger":
-                logger.experiment.add_figure(f"plots/{name}", figure)
-        finally:
-            plt.close(figure)
+        def log_run_facts(self, config: Mapping, report) -> None:
+            import wandb
+
+            super().log_run_facts(config, report)
+            table = wandb.Table(columns=["group", "parameters", "trainable"])
+            for row in report.rows:
+                table.add_data(row.group, row.parameters, row.status)
+            self.experiment.log({"freeze": table})
+            self.experiment.summary["trainable_parameters"] = report.trainable
+
+        def log_figures(self, figures: Mapping) -> None:
+            import wandb
+
+            for name, figure in figures.items():
+                self.experiment.log({f"plots/{name}": wandb.Image(figure)})
+
+    return WandbRunLogger

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from handclip.errors import HandClipError
 from handclip.io import load_checkpoint_file, write_json_atomic, write_text_atomic
-from handclip.train.config import Components, check_config, objective_facts, run_signature
+from handclip.train.config import RunSpec, check_config, objective_facts
 
 
 def precision_for(setting: str) -> str:
@@ -64,6 +65,28 @@ def load_initial_weights(module, path: str, state: Mapping) -> None:
         ) from None
 
 
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, and the optimiser step it holds."""
+
+    path: str
+    step: int
+
+
+@dataclass
+class Assembled:
+    """A run's parts once loaded: the data, the model as it will train, its objective, module and evaluator."""
+
+    datamodule: Any
+    backbone: Any
+    heads: list
+    report: Any  # the freeze table at the start
+    objective: Any
+    module: Any
+    evaluate: Any
+    metrics: dict
+
+
 def run_training(cfg: Mapping, run_dir: str | Path, record_as: Mapping | None = None) -> dict:
     """Train and evaluate one configuration; returns the metrics written to metrics.json.
 
@@ -76,204 +99,171 @@ def run_training(cfg: Mapping, run_dir: str | Path, record_as: Mapping | None = 
     """
     import yaml
 
-    from handclip.train.rundir import RunLock, check_run_dir, resolve_resume
+    from handclip.train.rundir import RunLock, check_run_dir
 
-    parts = check_config(cfg)  # before anything heavy
+    spec = check_config(cfg)  # before anything heavy
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     with RunLock(run_dir):
-        resume, checkpoint = resolve_resume(run_dir, cfg.get("ckpt_path"), bool(cfg["overwrite"]))
-        if checkpoint is not None:
-            check_resume(resume, checkpoint, run_signature(cfg))
-            from handclip.train.ema import check_resume as check_ema_resume
-
-            check_ema_resume(resume, checkpoint, parts.ema_decay)
-            where = f"epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}"
-            print(f"resuming {resume}: {where}", flush=True)
-            _say_what_happens_to_the_schedule(checkpoint, cfg)
-        resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
-        del checkpoint  # Lightning reads the file itself; do not hold a second copy while it does
-        initial = initial_weights(cfg["init_from"]) if cfg.get("init_from") else None
+        resume = _resume(spec, run_dir)
+        initial = initial_weights(spec.init_from) if spec.init_from else None
 
         def record() -> None:  # once the data is read and the objective built: nothing was refused
-            saved = {**cfg, "init_from": (record_as or cfg).get("init_from")}
+            saved = {**spec.config, "init_from": (record_as or spec.config).get("init_from")}
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
             (run_dir / "failed.json").unlink(missing_ok=True)
 
-        return _train(cfg, parts, run_dir, resume, resume_step, initial, record)
+        return _train(spec, run_dir, resume, initial, record)
 
 
-def _train(
-    cfg: Mapping, parts: Components, run_dir: Path, resume: str | None, resume_step: int | None, initial: dict | None,
-    record: Callable[[], None],
-) -> dict:  # fmt: skip
+def _resume(spec: RunSpec, run_dir: Path) -> Resume | None:
+    """The checkpoint to continue from (checked against this run's settings), or None for a fresh start."""
+    from handclip.train.ema import check_resume as check_ema_resume
+    from handclip.train.rundir import resolve_resume
+
+    path, checkpoint = resolve_resume(run_dir, spec.ckpt_path, spec.overwrite)
+    if checkpoint is None:
+        return None
+    check_resume(path, checkpoint, spec.signature)
+    check_ema_resume(path, checkpoint, spec.ema_decay)
+    print(f"resuming {path}: epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}", flush=True)
+    _say_what_happens_to_the_schedule(checkpoint, spec.epochs)
+    return Resume(path, int(checkpoint.get("global_step", 0)))  # Lightning reads the file again itself
+
+
+def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | None,
+           record: Callable[[], None]) -> dict:  # fmt: skip
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from handclip.eval.evaluator import Evaluator
-    from handclip.eval.feature import ImageEncoder
-    from handclip.model.freeze import apply_freeze
-    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, FollowFreezeSchedule, GracefulStop
-    from handclip.train.module import FineTuner
+    from handclip.train.ema import TrainedWeights
+    from handclip.train.loggers import run_logger
 
     started = time.time()
     console = _console()
     _quiet_libraries()
-    L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
-
-    # data first: a dataset that cannot be used fails before the weights load
-    datamodule = parts.data
-    rows = datamodule.prepare(parts.facts.image_size)
-
-    backbone = parts.backbone.load(cfg["paths"].get("cache"))
-    heads = parts.projection.apply(backbone)
-    report = apply_freeze(backbone, parts.freeze, always_trainable=heads)
-    console.print(report.to_rich())
-    parts.compute.apply(backbone)
-    objective = parts.objective(**objective_facts(
-        backbone.facts, datamodule.num_identities, datamodule.identity_keys, _text_tower_digest(cfg, backbone),
-    ))  # fmt: skip
-    record()
-    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
-    encode = ImageEncoder(parts.eval.feature, objective)
-    datamodule.attach(backbone, parts.eval.batch_size)
-
-    metrics: dict[str, Any] = {
-        "trainable_parameters": report.trainable,
-        "total_parameters": report.total,
-        "data/bad_images": len(json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])),
-    }
-    evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, parts.eval,
-                         datamodule.captioner, encode)  # fmt: skip
-    module = FineTuner(
-        backbone,
-        objective,
-        parts.optimization,
-        datamodule.val_rows,
-        heads,
-        run_signature(cfg),
-        parts.freeze,
-        encode,
-        compute=parts.compute,
-    )
-    if initial is not None:
-        load_initial_weights(module, cfg["init_from"], initial)
-    from handclip.train.caches import attach_caches, restore_frozen_prefix
-
-    epochs = int(cfg["trainer"]["max_epochs"])
-    if resume is not None and datamodule.activation_cache:  # a resume has no init_from: the starting weights are
-        restore_frozen_prefix(module, backbone, resume, parts.freeze, epochs)  # in the checkpoint
-    metrics["cache/prefix_groups"] = attach_caches(
-        datamodule, evaluate, module, backbone, parts.freeze, epochs, console
-    )["prefix_groups"]
-
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    run = assemble(spec, run_dir, resume, initial, record, console)
     results: dict[str, dict] = {}
-    if parts.eval.baseline:
-        results["baseline"] = _baseline(evaluate, backbone, run_dir, resume)
-        metrics.update({f"baseline/{k}": v for k, v in results["baseline"]["metrics"].items()})
+    if spec.eval.baseline:
+        results["baseline"] = _baseline(run.evaluate, run.backbone, run_dir, resume)
+        run.metrics.update({f"baseline/{k}": v for k, v in results["baseline"]["metrics"].items()})
         _print_baseline(console, results["baseline"]["metrics"])
-
-    ema_callbacks = []
-    if parts.ema_decay is not None:
-        from handclip.train.ema import WeightEMA
-
-        ema_callbacks.append(WeightEMA(parts.ema_decay, parts.freeze))
-    # with an EMA, its validation score picks the best epoch: its weights are the ones tested and exported
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="ema/val/rank1" if ema_callbacks else "val/rank1",
-        mode="max",
-        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
-    )  # fmt: skip
-    # Lightning's save_last only writes when a new best is saved, so "last" would go stale once
-    # val/rank1 stops improving: a monitor-free callback writes it after every epoch instead
-    latest = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
-    )  # fmt: skip
-    logger = parts.logger(save_dir=str(run_dir))
-    if resume_step is not None and hasattr(logger, "keep_until"):
-        logger.keep_until(resume_step)  # the history up to the checkpoint stays; what came after is redone
-    from handclip.train.loggers import log_figures, log_run_facts
-
-    log_run_facts(logger, cfg, report)
-    stop = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
-    schedule_callbacks = []
-    if parts.freeze.changes_within(int(cfg["trainer"]["max_epochs"])):
-        plan = parts.freeze.plan(backbone, int(cfg["trainer"]["max_epochs"]), heads)
-        console.print("unfreeze plan: " + "; ".join(f"from epoch {e}, {r.trainable:,} trainable" for e, r in plan))
-        schedule_callbacks.append(FollowFreezeSchedule(parts.freeze, heads, run_dir / "freeze.txt"))
-    trainer = parts.trainer(
-        precision=precision_for(str(cfg["trainer"]["precision"])), default_root_dir=run_dir, logger=logger,
-        callbacks=[checkpoints, latest, stop, ExactResume(), *schedule_callbacks, *ema_callbacks,
-                   *parts.callbacks],
-        plugins=[AtomicCheckpointIO()],
-    )  # fmt: skip
+    weights = TrainedWeights(spec.ema_decay, spec.freeze)  # raw weights, or their EMA: selected, tested, exported
+    lightning_logger = spec.logger(save_dir=str(run_dir))
+    logger = run_logger(lightning_logger)
+    if resume is not None:
+        logger.keep_until(resume.step)  # the history up to the checkpoint stays; what came after is redone
+    logger.log_run_facts(spec.config, run.report)
+    trainer, stop, best = _trainer(spec, run, weights, lightning_logger, run_dir, console)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume.path if resume else None)
     except SystemExit:  # Lightning ends a run stopped by Ctrl-C with exit status 1
         _exit_if_stopped(stop)
         raise
     _exit_if_stopped(stop)  # a signal during the last validation: training is complete, but stop as asked
     if trainer.is_global_zero:  # one writer
-        _write_artifacts(objective, backbone, run_dir, datamodule.identity_keys)
+        _write_artifacts(run.objective, run.backbone, run_dir, run.datamodule.identity_keys)
 
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
-        best = checkpoints.best_model_path
-        averaged = None
-        if best:
-            saved = load_checkpoint_file(best)
-            module.load_state_dict(saved["state_dict"])
-            from handclip.model.averaging import ema_weights
-
-            averaged = ema_weights(saved) if ema_callbacks else None
-            del saved
-        elif ema_callbacks:
-            averaged = ema_callbacks[0].weights()
-        if averaged is not None:  # the raw weights of the same checkpoint, scored too, reported under raw/
-            results["fine-tuned (raw)"] = evaluate(backbone)
-            metrics.update({f"raw/{k}": v for k, v in results["fine-tuned (raw)"]["metrics"].items()})
-            backbone.load_state_dict({**backbone.state_dict(), **averaged})  # the EMA: tested, shown in figures
-        final = evaluate(backbone)
-        results["fine-tuned"] = final
-        metrics.update(final["metrics"])
-        metrics["wall_time_s"] = time.time() - started  # this process
-        metrics["train_time_s"] = module.train_seconds()  # fit time, summed over resumes
-        metrics["peak_memory_mb"] = _peak_memory_mb()
+        tested = weights.restore_best(run.module, run.backbone, best.best_model_path, run.evaluate)
+        if tested == "ema":  # the raw weights of the same checkpoint, scored too, reported under raw/
+            results["fine-tuned (raw)"] = weights.raw_result
+            run.metrics.update({f"raw/{k}": v for k, v in weights.raw_result["metrics"].items()})
+        final = results["fine-tuned"] = run.evaluate(run.backbone)
+        metrics = {**run.metrics, **final["metrics"], "wall_time_s": time.time() - started,
+                   "train_time_s": run.module.train_seconds(), "peak_memory_mb": _peak_memory_mb()}  # fmt: skip
         _print_tables(console, results)
-        from handclip.eval.plots import run_figures
-
-        log_figures(logger, run_figures(results, backbone, datamodule.captioner, run_dir))
-        payload = {
-            "metrics": metrics,
-            "runs": {label: r["runs"] for label, r in results.items()},
-            "cmc": {label: r["cmc"] for label, r in results.items()},
-            "freeze": report.as_dict(),
-            "eval_feature": parts.eval.feature,
-            "manifest": str(datamodule.manifest),
-            "best_checkpoint": best,
-            # the weights behind test/*: the EMA's (raw/* holds the raw weights' scores) or the raw ones
-            "weights": "ema" if averaged is not None else "raw",
-        }
-        write_json_atomic(run_dir / "metrics.json", payload)
-        from lightning.pytorch.loggers import CSVLogger
-
-        if not isinstance(logger, CSVLogger):  # the CSV logger's final numbers are metrics.json
-            logger.log_metrics(
-                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step
-            )
-            logger.finalize("success")
+        _log_figures(logger, results, run, run_dir)
+        write_json_atomic(run_dir / "metrics.json", {
+            "metrics": metrics, "runs": {label: r["runs"] for label, r in results.items()},
+            "cmc": {label: r["cmc"] for label, r in results.items()}, "freeze": run.report.as_dict(),
+            "eval_feature": spec.eval.feature, "manifest": str(run.datamodule.manifest),
+            "best_checkpoint": best.best_model_path,
+            "weights": tested,  # the weights behind test/*: the EMA's (raw/* holds the raw weights' scores) or raw
+        })  # fmt: skip
+        logger.log_final(metrics, trainer.global_step)
         console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
         return metrics
 
 
-def _text_tower_digest(cfg: Mapping, backbone) -> str | None:
-    """The digest of the text tower's weights as loaded, where the objective reads or writes identity texts."""
-    wanted = "texts_from" in json.dumps(cfg["loss"]) or "IdentityPrompts" in json.dumps(cfg["loss"])
-    if not wanted:
-        return None
+def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | None, record: Callable[[], None],
+             console) -> Assembled:  # fmt: skip
+    """Data, model, freeze policy, objective, module, evaluator and caches, in the order that keeps a seed's
+    random numbers: the data first (a dataset that cannot be used fails before the weights load)."""
+    from handclip.eval.evaluator import Evaluator
+    from handclip.eval.feature import ImageEncoder
     from handclip.model.caching import tower_digest
+    from handclip.model.freeze import apply_freeze
+    from handclip.train.caches import attach_caches, restore_frozen_prefix
+    from handclip.train.module import FineTuner
 
-    return tower_digest(backbone, "text")
+    datamodule = spec.data
+    rows = datamodule.prepare(spec.facts.image_size)
+    backbone = spec.backbone.load(spec.cache_dir)
+    heads = spec.projection.apply(backbone)
+    report = apply_freeze(backbone, spec.freeze, always_trainable=heads)
+    console.print(report.to_rich())
+    spec.compute.apply(backbone)
+    digest = tower_digest(backbone, "text") if spec.text_tower_digest else None
+    objective = spec.objective(**objective_facts(
+        backbone.facts, datamodule.num_identities, datamodule.identity_keys, digest
+    ))  # fmt: skip
+    record()
+    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
+    encode = ImageEncoder(spec.eval.feature, objective)
+    datamodule.attach(backbone, spec.eval.batch_size)
+    bad = json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])
+    metrics: dict[str, Any] = {"trainable_parameters": report.trainable, "total_parameters": report.total,
+                               "data/bad_images": len(bad)}  # fmt: skip
+    evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, spec.eval,
+                         datamodule.captioner, encode)  # fmt: skip
+    module = FineTuner(backbone, objective, spec.optimization, datamodule.val_rows, heads, spec.signature, spec.freeze,
+                       encode, compute=spec.compute)  # fmt: skip
+    if initial is not None:
+        load_initial_weights(module, spec.init_from, initial)
+    if resume is not None and datamodule.activation_cache:  # a resume has no init_from: the starting weights are
+        restore_frozen_prefix(module, backbone, resume.path, spec.freeze, spec.epochs)  # in the checkpoint
+    caches = attach_caches(datamodule, evaluate, module, backbone, spec.freeze, spec.epochs, console)
+    metrics["cache/prefix_groups"] = caches["prefix_groups"]
+    return Assembled(datamodule, backbone, heads, report, objective, module, evaluate, metrics)
+
+
+def _trainer(spec: RunSpec, run: Assembled, weights, logger, run_dir: Path, console):
+    """(the Lightning trainer, its Ctrl-C/SIGTERM handler, the best-checkpoint callback)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, FollowFreezeSchedule, GracefulStop
+
+    folder = run_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor=weights.monitor, mode="max", save_top_k=1,
+                           auto_insert_metric_name=False, enable_version_counter=False)  # fmt: skip
+    # Lightning's save_last only writes when a new best is saved, so "last" would go stale once the
+    # monitored score stops improving: a monitor-free callback writes it after every epoch instead
+    latest = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False)
+    stop = GracefulStop(folder / "last.ckpt")
+    callbacks = [best, latest, stop, ExactResume(), *weights.callbacks, *spec.callbacks]
+    if spec.freeze.changes_within(spec.epochs):
+        plan = spec.freeze.plan(run.backbone, spec.epochs, run.heads)
+        console.print("unfreeze plan: " + "; ".join(f"from epoch {e}, {r.trainable:,} trainable" for e, r in plan))
+        callbacks.append(FollowFreezeSchedule(spec.freeze, run.heads, run_dir / "freeze.txt"))
+    trainer = spec.trainer(precision=precision_for(spec.precision), default_root_dir=run_dir, logger=logger,
+                           callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # fmt: skip
+    return trainer, stop, best
+
+
+def _log_figures(logger, results: dict, run: Assembled, run_dir: Path) -> None:
+    """The run's figures: saved beside metrics.json, sent to the logger, then closed."""
+    import matplotlib.pyplot as plt
+
+    from handclip.eval.plots import run_figures
+
+    figures = run_figures(results, run.backbone, run.datamodule.captioner, run_dir)
+    try:
+        logger.log_figures(figures)
+    finally:
+        for figure in figures.values():
+            plt.close(figure)
 
 
 def _write_artifacts(objective, backbone, run_dir: Path, identity_keys: list[str]) -> None:
@@ -315,8 +305,8 @@ def _stop_on_signal():
             signal.signal(signum, handler)
 
 
-def _say_what_happens_to_the_schedule(checkpoint: Mapping, cfg: Mapping) -> None:
-    before, now = (checkpoint.get("handclip") or {}).get("max_epochs"), cfg["trainer"]["max_epochs"]
+def _say_what_happens_to_the_schedule(checkpoint: Mapping, now: int) -> None:
+    before = (checkpoint.get("handclip") or {}).get("max_epochs")
     if before is not None and before != now:
         print(
             f"note: trainer.max_epochs was {before}, now {now}: the warm-up and cosine schedule is laid over the "
@@ -334,7 +324,7 @@ def _exit_if_stopped(stop) -> None:
         raise SystemExit(1)
 
 
-def _baseline(evaluate, backbone, run_dir: Path, resume: str | None) -> dict:
+def _baseline(evaluate, backbone, run_dir: Path, resume: Resume | None) -> dict:
     """The untrained model's scores (kept in baseline.json: a resumed run does not score them again)."""
     from handclip.eval.evaluator import saveable
 

@@ -225,6 +225,38 @@ def run_stages(plain: Mapping, run_dir: Path, compose: Callable[[str, str | None
         return final
 
 
+def stage_composer(cfg, hydra_cfg, plain: dict) -> Callable[[str, str | None], dict]:
+    """compose(name, previous) for `run_stages`: this run's configuration (its command-line overrides) with the
+    stage's settings after them, the stage's name and the previous stage's folder filled in, resolved."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    task = list(hydra_cfg.overrides.task)
+    groups = config_groups(hydra_cfg)
+    specs = OmegaConf.to_container(cfg.stages, resolve=False)  # ${stage.previous} is resolved per stage
+
+    def composed(name: str, previous: str | None) -> dict:
+        stage = compose(config_name="train", overrides=[*task, *stage_overrides(specs[name], groups)])
+        stage.stages, stage.stage.name, stage.stage.previous = None, name, previous
+        resolved = OmegaConf.to_container(stage, resolve=True)
+        for key in ("sweep", "logger"):  # what a sweep point adds (its folder, the logger's group)
+            if key in plain:
+                resolved[key] = plain[key]
+        return resolved
+
+    return composed
+
+
+def config_groups(hydra_cfg) -> set[str]:
+    """The config groups (folders) of every folder Hydra composes from: conf/ and any `hydra.searchpath`."""
+    groups = set()
+    for source in hydra_cfg.runtime.config_sources:
+        if str(source.path).startswith("file://"):
+            folder = Path(str(source.path).removeprefix("file://"))
+            groups |= {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+    return groups
+
+
 def compose_stage(compose: Callable[[str, str | None], dict], name: str, previous: Path | None) -> dict:
     """A stage's resolved configuration; Hydra's composition errors become one line naming the stage."""
     try:

@@ -1,0 +1,56 @@
+"""One point of a sweep (`python train.py -m ...`): what it must do before it runs.
+
+- A point that finished earlier with the same settings is not run again (its validation Rank-1 is
+  returned); one that finished with other settings is refused and recorded as failed, so a summary
+  never mixes two settings under one name.
+- A point that was interrupted continues from its checkpoint (`ckpt_path=last`), without
+  `init_from` (its checkpoint already holds those weights).
+- The point knows its sweep (folder and name) and its wandb group is the sweep's name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from handclip.errors import HandClipError
+
+
+def prepare_point(plain: dict, run_dir: Path, hydra_cfg) -> tuple[dict, dict] | float:
+    """(the configuration to run, the configuration to record), or the point's result when it does not run:
+    its validation Rank-1 when it finished earlier, NaN when it is refused (recorded in its failed.json)."""
+    from handclip.train.sweep import changed_settings, record_failure
+
+    sweep = Path(hydra_cfg.sweep.dir)
+    plain["sweep"] = {"dir": str(sweep), "name": sweep.name}
+    if "group" in plain["logger"] and plain["logger"]["group"] is None:
+        plain["logger"]["group"] = plain["sweep"]["name"]  # wandb groups a sweep's runs
+    finished = run_dir / "metrics.json"
+    if finished.is_file() and not plain.get("overwrite"):
+        import yaml
+
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+        changed = changed_settings(saved or {}, plain)
+        if not changed:
+            print(f"{run_dir.name}: finished earlier, skipping")
+            (run_dir / "failed.json").unlink(missing_ok=True)
+            return float(json.loads(finished.read_text())["metrics"].get("val/rank1", float("nan")))
+        key, before, now = changed[0]
+        message = (
+            f"{run_dir.name} finished earlier with other settings ({key}: {before} -> {now}"
+            + (f", and {len(changed) - 1} more" if len(changed) > 1 else "")
+            + "); its results are not reused. Run the point anew with overwrite=true, or give this "
+            "sweep its own folder with hydra.sweep.dir=runs/sweeps/NAME"
+        )
+        record_failure(run_dir, HandClipError(message), plain)
+        print(f"error in {message}", file=sys.stderr)
+        return float("nan")
+    asked = plain
+    if not plain.get("ckpt_path") and any(
+        p for pattern in ("checkpoints/*.ckpt", "*/checkpoints/*.ckpt") for p in run_dir.glob(pattern)
+    ):
+        # an interrupted point continues where it stopped; its checkpoint already holds any
+        # init_from weights, so init_from (which a resume refuses) is not given again
+        plain = {**plain, "ckpt_path": "last", "init_from": None}
+    return plain, asked
