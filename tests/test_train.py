@@ -155,10 +155,29 @@ def test_hd_format_trains_through_the_same_path_with_tensorboard(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_gather_features_for_loss_and_validation(tmp_path):
-    # DDP on the CPU (gloo): the loss sees the global batch, validation gathers every shard
-    train(tmp_path, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
-          "data.batch_size=4", "eval.baseline=false", "run_name=ddp")  # fmt: skip
+    # DDP on the CPU (gloo): each process holds 4 pairs, the loss sees all 8; validation gathers every shard, so
+    # with weights that do not move (lr 1e-12) it scores exactly what the single-process baseline scored
+    probe = tmp_path / "probe.txt"
+    command, env = train_command(
+        tmp_path, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn", "data.batch_size=4",
+        "run_name=ddp", "optim.lr=1e-12", "+loss.terms.probe={_target_: tests.batch_probe.BatchSizeProbe, weight: 0}",
+    )  # fmt: skip
+    env["HANDCLIP_PROBE"] = str(probe)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = [line.split() for line in probe.read_text().splitlines()]
+    assert {rank for rank, _, _ in seen} == {"0", "1"}  # both processes computed the loss ...
+    assert all(images == texts == "8" for _, images, texts in seen)  # ... over the global batch of 2 x 4
     metrics = json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())["metrics"]
-    assert 0 <= metrics["val/rank1"] <= 1 and 0 <= metrics["test/rank1"] <= 1
     log = (tmp_path / "runs" / "ddp" / "logs" / "metrics.csv").read_text()
-    assert "val/rank1" in log and "train/loss" in log
+    assert "train/loss" in log
+    logged = [float(v) for v in _column(log, "val/rank1")]
+    assert logged and all(abs(v - metrics["baseline/val/rank1"]) < 1e-9 for v in logged), (logged, metrics)
+    assert 0 <= metrics["test/rank1"] <= 1
+
+
+def _column(csv_text: str, name: str) -> list[str]:
+    import csv
+    import io
+
+    return [row[name] for row in csv.DictReader(io.StringIO(csv_text)) if row.get(name)]

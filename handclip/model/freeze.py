@@ -316,6 +316,14 @@ def freeze_report(backbone: Backbone, label: str) -> FreezeReport:
     return FreezeReport(policy=label, rows=rows)
 
 
+def freeze_policy(made, target: str = "") -> FreezePolicy:
+    """`made` (what a `freeze:` config built) if it is a freeze policy; else a ConfigError naming its target."""
+    if not isinstance(made, FreezePolicy):
+        raise ConfigError(f"freeze._target_={target or type(made).__name__} is not a handclip.model.FreezePolicy "
+                          "(see conf/freeze/ and README: your own freeze policy)")  # fmt: skip
+    return made
+
+
 def apply_freeze(backbone: Backbone, policy: FreezePolicy, always_trainable: Sequence = ()) -> FreezeReport:
     """Set `requires_grad` on every parameter of `backbone` by `policy`; return the report.
 

@@ -75,20 +75,15 @@ def _policy(name: str, depth: int = 12):
     return VisionTop()
 
 
-def _open_clip_trains(name: str, parameter: str, depth: int = 12) -> bool:
-    """The same policy on open_clip's parameter names."""
-    if name == "full" or parameter == "logit_scale":
-        return True
-    if name == "text_frozen":
-        return parameter.startswith("visual.")
-    if parameter == "visual.proj":
-        return True
-    if name.startswith("last_"):
-        top = range(depth - int(name[5:]), depth)
-        return parameter.startswith("visual.ln_post") or any(
-            parameter.startswith(f"visual.transformer.resblocks.{b}.") for b in top
-        )
-    return False
+def _lock_open_clip(model, name: str) -> None:
+    """The same policy through open_clip's own locking (LiT's `lock_image_tower`, `lock_text_tower`), as an open_clip
+    user writes it: text_frozen locks the text tower; last_n and projection also lock all but the image tower's
+    top n + 1 groups (the projection, then the top block with its final norm, ...). logit_scale trains."""
+    if name == "full":
+        return
+    model.lock_text_tower(unlocked_layers=0)
+    if name != "text_frozen":
+        model.lock_image_tower(unlocked_groups=(int(name[5:]) if name.startswith("last_") else 0) + 1)
 
 
 class _Peak:
@@ -207,8 +202,7 @@ class _Bench:
         torch.manual_seed(0)
         model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
         model.to(self.device).train()
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(_open_clip_trains(policy, name, self.depth))
+        _lock_open_clip(model, policy)
         loss = open_clip.ClipLoss()
         optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         tokens = torch.zeros(len(self.input_ids), model.context_length, dtype=torch.long)

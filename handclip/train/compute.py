@@ -74,6 +74,13 @@ class Compute:
                     block.compile()
 
 
+def compute_settings(made, target: str = "") -> Compute:
+    """`made` (what a `compute:` config built) if it is a `Compute`; else a ConfigError naming its target."""
+    if not isinstance(made, Compute):
+        raise ConfigError(f"compute._target_={target or type(made).__name__} is not a handclip.train.compute.Compute")
+    return made
+
+
 def contrastive_accumulation_refused(trainer: dict, needs_text: bool) -> ConfigError | None:
     """Lightning's accumulate_grad_batches with a contrastive loss (each micro-batch loses the others' negatives)."""
     batches = trainer.get("accumulate_grad_batches") or 1

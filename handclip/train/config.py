@@ -22,8 +22,8 @@ from handclip.errors import ConfigError, HandClipError, first_line
 from handclip.eval.evaluator import EvalSettings
 from handclip.eval.feature import ImageEncoder
 from handclip.model.backbone import BackboneFacts
-from handclip.model.freeze import FreezePolicy, apply_freeze, trainable_parameter_names
-from handclip.train.compute import Compute, contrastive_accumulation_refused
+from handclip.model.freeze import FreezePolicy, apply_freeze, freeze_policy, trainable_parameter_names
+from handclip.train.compute import Compute, compute_settings, contrastive_accumulation_refused
 
 # the top-level settings a run reads; anything else is a typo
 TOP_LEVEL = (
@@ -291,9 +291,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     _integer(cfg, "trainer.max_epochs", 1, 100_000)
     _integer(cfg, "trainer.accumulate_grad_batches", 1, 100_000)
     _check_precision(cfg["trainer"].get("precision"))
-    freeze = _build("freeze", cfg["freeze"])
-    if not isinstance(freeze, FreezePolicy):
-        raise ConfigError(f"freeze._target_={cfg['freeze']['_target_']} is not a handclip.model.FreezePolicy")
+    freeze = freeze_policy(_build("freeze", cfg["freeze"]), cfg["freeze"]["_target_"])
     freeze.check_epochs(int(cfg["trainer"]["max_epochs"]))
     projection = _build("projection", cfg["projection"])
     objective = _build("loss", cfg["loss"])
@@ -336,9 +334,8 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     refused = contrastive_accumulation_refused(cfg["trainer"], finished.needs_text or finished.needs_backbone)
     if refused:
         raise refused
-    compute = _build("compute", cfg.get("compute") or {"_target_": "handclip.train.compute.Compute"})
-    if not isinstance(compute, Compute):
-        raise ConfigError(f"compute._target_={cfg['compute']['_target_']} is not a handclip.train.compute.Compute")
+    compute_spec = cfg.get("compute") or {"_target_": "handclip.train.compute.Compute"}
+    compute = compute_settings(_build("compute", compute_spec), compute_spec["_target_"])
     compute.check(data.batch_size, cfg["trainer"], str(cfg["trainer"].get("precision")))
     prompts = finished.terms_needing("needs_backbone")
     if prompts and compute.accumulate > 1:
