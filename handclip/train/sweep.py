@@ -1,9 +1,18 @@
-"""Sweep summaries: one row per run, a CSV, a plot and a printed table.
+"""Sweep summaries: a CSV, a plot and a printed table, and for a replicated sweep an experiment's statistics.
 
-`summarise_sweep(sweep_dir)` reads each run's `config.yaml` and `metrics.json` (or
-`failed.json`), finds the swept keys as those whose values differ between runs (so it works for
-any sweeper: grid, Optuna, ...), and writes `summary.csv` and `summary.png` in the sweep
-directory. `SweepSummary` is the Hydra callback that calls it when a multirun ends.
+`write_summary(sweep_dir)` reads each run's `config.yaml` and `metrics.json` (or `failed.json`),
+finds the swept keys as those whose values differ between runs (so it works for any sweeper:
+grid, Optuna, ...), and writes into the sweep directory:
+
+- a sweep over settings alone: `summary.csv` (one row per run) and `summary.png`;
+- a replicated sweep (it sweeps `seed` and/or `data.draw` too, `handclip.eval.replication`):
+  `runs.csv` (one row per run), `summary.csv` (one row per group of the other settings: `n` and
+  `<metric>_mean`, `<metric>_std`, `<metric>_ci95` for each metric and its gain over the run's own
+  baseline), `comparisons.csv` (each pair of groups, paired by draw and seed: metric, difference,
+  ci95, p_value) and `summary.png` (each group's mean with its 95% interval), and prints a verdict
+  per comparison.
+
+`SweepSummary` is the Hydra callback that calls it when a multirun ends.
 """
 
 from __future__ import annotations
@@ -57,8 +66,12 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
         if failure is not None and (not finished.is_file() or failed.stat().st_mtime >= finished.stat().st_mtime):
             row.update(status="failed", error=failure.get("error", ""))
         elif finished.is_file():
-            metrics = json.loads(finished.read_text())["metrics"]
+            from handclip.eval.replication import gains
+
+            payload = json.loads(finished.read_text())
+            metrics = {**payload["metrics"], **gains(payload["metrics"])}
             row.update({k: metrics.get(k) for k in COLUMNS if k in metrics}, status="finished")
+            row.update(metrics=metrics, data=payload.get("manifest"))
         else:
             row["status"] = "unfinished"
         runs.append(row)
@@ -75,18 +88,133 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
 
 
 def write_summary(sweep_dir: str | Path) -> tuple[Path, Path | None]:
-    """Write summary.csv (and summary.png when something finished); print the table."""
+    """Write summary.csv (and summary.png when something finished); print the table. A replicated sweep (over
+    seeds or data draws) is summarised as an experiment (see the module docstring)."""
+    from handclip.eval.replication import REPLICATION_KEYS
+
     sweep_dir = Path(sweep_dir)
     swept, runs = collect_runs(sweep_dir)
     fields = ["run", *swept, *COLUMNS, "error"]
-    csv_path = sweep_dir / "summary.csv"
+    replicated = any(key in swept for key in REPLICATION_KEYS)
+    csv_path = sweep_dir / ("runs.csv" if replicated else "summary.csv")
     with atomic_write(csv_path) as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
     _print_table(swept, runs)
+    if replicated:
+        return write_replication(sweep_dir, swept, runs)
     png = _plot(sweep_dir / "summary.png", swept, runs)
     return csv_path, png
+
+
+def write_replication(sweep_dir: Path, swept: list[str], runs: list[dict]) -> tuple[Path, Path | None]:
+    """summary.csv (per group), comparisons.csv (per pair of groups), summary.png and the verdicts, printed."""
+    from handclip.eval.replication import METRICS, replicate
+
+    result = replicate(runs, swept)
+    metrics = sorted({metric for summary in result.summaries.values() for metric in summary},
+                     key=lambda m: (m.startswith("gain/"), list(METRICS).index(m.removeprefix("gain/"))
+                                    if m.removeprefix("gain/") in METRICS else 99, m))  # fmt: skip
+    rows = []
+    for label, members in result.groups.items():
+        row = {"group": label, **{key: members[0].get(key) for key in result.swept}, "n": len(members)}
+        for metric in metrics:
+            spread = result.summaries[label].get(metric)
+            if spread is not None:
+                row.update({f"{metric}_mean": spread.mean, f"{metric}_std": _blank(spread.std),
+                            f"{metric}_ci95": _blank(spread.ci95)})  # fmt: skip
+        rows.append(row)
+    fields = ["group", *result.swept, "n", *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "ci95"))]
+    summary = sweep_dir / "summary.csv"
+    with atomic_write(summary) as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_write(sweep_dir / "comparisons.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["a", "b", "metric", "difference", "ci95", "ci95_low",
+                                                    "ci95_high", "p_value", "pairs", "note"])  # fmt: skip
+        writer.writeheader()
+        for c in result.comparisons:
+            d = c.difference
+            writer.writerow({
+                "a": c.a, "b": c.b, "metric": c.metric, "difference": "" if d is None else d.mean,
+                "ci95": "" if d is None else _blank(d.ci95), "ci95_low": "" if d is None else _blank(d.low),
+                "ci95_high": "" if d is None else _blank(d.high), "p_value": _blank(c.p_value), "pairs": c.pairs,
+                "note": c.problem,
+            })  # fmt: skip
+    _print_replication(result)
+    png = _plot_replication(sweep_dir / "summary.png", result)
+    return summary, png
+
+
+def _blank(value: float | None) -> float | str:
+    return "" if value is None else value
+
+
+def _print_replication(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="replicated sweep: mean ± 95% CI over draws and seeds (test: same-aspect gallery, %)")
+    for name in ["group", "n", "test R1", "gain R1", "test mAP", "gain mAP", "val R1", "retention"]:
+        table.add_column(name, justify="right")
+
+    def cell(label: str, metric: str, scale: float = 100.0) -> str:
+        spread = result.summaries[label].get(metric)
+        if spread is None:
+            return "-"
+        shown = f"{scale * spread.mean:.1f}" if scale == 100.0 else f"{spread.mean:.2f}"
+        if spread.ci95 is None:
+            return shown
+        return shown + (f" ± {scale * spread.ci95:.1f}" if scale == 100.0 else f" ± {spread.ci95:.2f}")
+
+    for label, members in result.groups.items():
+        table.add_row(label, str(len(members)), cell(label, "test/rank1"), cell(label, "gain/test/rank1"),
+                      cell(label, "test/mAP"), cell(label, "gain/test/mAP"), cell(label, "val/rank1"),
+                      cell(label, "zeroshot/retention", 1.0))  # fmt: skip
+    console.print(table)
+    for note in result.notes:  # plain lines, never wrapped: a user greps them
+        print(f"note: {note}")
+    for comparison in result.comparisons:
+        if comparison.metric in ("test/rank1", "test/mAP", "zeroshot/retention"):
+            print(comparison.verdict())
+
+
+def _plot_replication(path: Path, result) -> Path | None:
+    """Each group's test Rank-1 (beside its baseline) and its gain: mean and 95% interval over draws and seeds."""
+    groups = [label for label in result.groups if "test/rank1" in result.summaries[label]]
+    if not groups:
+        return None
+    from handclip.eval.plots import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    xs = list(range(len(groups)))
+    names = [f"{label}\n(n={len(result.groups[label])})" for label in groups]
+    for ax, metric, title in ((axes[0], "test/rank1", "test Rank-1 (%)"),
+                              (axes[1], "gain/test/rank1", "gain over the run's baseline (points)")):  # fmt: skip
+        spreads = [result.summaries[label].get(metric) for label in groups]
+        means = [100 * s.mean if s else float("nan") for s in spreads]
+        errors = [100 * (s.ci95 or 0.0) if s else 0.0 for s in spreads]
+        ax.errorbar(xs, means, yerr=errors, fmt="o", capsize=4, color="C0", label="mean and 95% CI")
+        if metric == "gain/test/rank1":
+            ax.axhline(0.0, color="grey", linestyle=":", label="no gain")
+        else:
+            gained = [result.summaries[label].get("gain/test/rank1") for label in groups]
+            baseline = [m - 100 * g.mean if g else float("nan") for m, g in zip(means, gained, strict=True)]
+            ax.plot(xs, baseline, linestyle="", marker="_", markersize=20, color="C1", label="baseline (mean)")
+        ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("replicated sweep: mean and 95% interval over data draws and seeds")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, dpi=120, format="png")
+    plt.close(fig)
+    return path
 
 
 def _print_table(swept: list[str], runs: list[dict]) -> None:
