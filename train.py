@@ -5,6 +5,8 @@ Hydra composes the configuration from conf/; `handclip.train.cli` runs what it a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,7 +16,8 @@ from handclip.train.resolvers import register_resolvers
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+# the absolute folder: the same whether this file runs as a script or is imported as a module
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 

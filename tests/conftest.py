@@ -31,10 +31,16 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # every test builds tiny backbones in a private cache, never in ~/.cache
-    monkeypatch.setenv("HANDCLIP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    # the session's tests build tiny backbones in one cache of their own (each once), never in ~/.cache
+    before = os.environ.get("HANDCLIP_CACHE")
+    os.environ["HANDCLIP_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield
+    if before is None:
+        os.environ.pop("HANDCLIP_CACHE", None)
+    else:
+        os.environ["HANDCLIP_CACHE"] = before
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def test_ema_decay_out_of_range_is_refused_with_the_key_and_allowed_values():
 
     assert check_decay(None) is None and check_decay(0.998) == 0.998
     for bad in (1.5, 0, True, "0.9"):
-        with pytest.raises(HandClipError, match=r"ema.decay=.*: give a number between 0 and 1 \(e.g. 0.998\), or null"):
+        with pytest.raises(HandClipError, match=r"ema.decay=.* must be a number in \(0, 1\) \(e.g. 0.998\), or null"):
             check_decay(bad)
 
 

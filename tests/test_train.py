@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.runner import run_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 # a small, quick demo: few identities, small images, two epochs, two test runs
 QUICK = [
@@ -28,9 +30,11 @@ QUICK = [
 
 
 def train_command(tmp_path, *overrides, multirun=False, base=QUICK, root=True, script="train.py", cache=None):
-    """(command, environment) running `script` from `tmp_path`, offline, with a private cache (or `cache`)."""
+    """(command, environment) running `script` from `tmp_path`, offline. Built backbones go to `cache`, by default
+    the test session's shared cache (each tiny backbone is built once per session), or a folder of the test's own."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HANDCLIP_CACHE=str(cache or tmp_path / "cache"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    cache = Path(cache or os.environ["HANDCLIP_CACHE"])
+    env = dict(os.environ, HANDCLIP_CACHE=str(cache), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = str(ROOT)
     command = [
         sys.executable,
@@ -38,15 +42,20 @@ def train_command(tmp_path, *overrides, multirun=False, base=QUICK, root=True, s
         str(ROOT / script),
         *(["-m"] if multirun else []),
         *base,
-        *([f"paths.root={tmp_path}"] if root else []),
+        *([f"paths.root={tmp_path}", f"paths.cache={cache}"] if root else []),
         *overrides,
     ]
     return command, env
 
 
-def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK, root=True, cache=None):
+def train(tmp_path, *overrides, multirun=False, check=True, base=QUICK, root=True, cache=None, process=False):
+    """Run train.py with the quick demo's settings and `overrides`, in this process (or, with `process`, in a new
+    one: for signals, kills and several processes); a `subprocess.CompletedProcess` either way."""
     command, env = train_command(tmp_path, *overrides, multirun=multirun, base=base, root=root, cache=cache)
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if process:
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    else:
+        result = run_in_process(command, tmp_path, env)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -7,11 +7,13 @@ and adds the language side (zero-shot attribute prompts, retrieval) on images ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from handclip.checks import flag, integer, one_of
+from handclip.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,22 @@ class EvalSettings:
     text: bool  # zero-shot attribute prompts and retrieval on the test images
     batch_size: int  # images per forward pass in every evaluation, validation included
     feature: str = "projected"  # the image feature scored (handclip.eval.feature); the default is in conf/eval
+    # WiSE-FT after training (handclip.eval.forgetting.WiseFT's settings: alphas, keep, metric), or None: off
+    wise_ft: Any = None
 
     def __post_init__(self):
         from handclip.eval.feature import EVAL_FEATURES
+        from handclip.eval.forgetting import WiseFT
 
         one_of("eval.feature", self.feature, EVAL_FEATURES)
+        if self.wise_ft is not None and not isinstance(self.wise_ft, WiseFT):
+            if not isinstance(self.wise_ft, Mapping):
+                raise ConfigError(f"eval.wise_ft={self.wise_ft!r} must be null or settings such as "
+                                  "{alphas: [0.0, 0.25, 0.5, 0.75, 1.0], keep: 0.8, metric: val/mAP}")  # fmt: skip
+            unknown = sorted(set(self.wise_ft) - {"alphas", "keep", "metric"})
+            if unknown:
+                raise ConfigError(f"eval.wise_ft.{unknown[0]} is not a setting; settings are alphas, keep, metric")
+            object.__setattr__(self, "wise_ft", WiseFT(**self.wise_ft))
         for key in ("baseline", "test", "flip_tta", "text"):
             flag(f"eval.{key}", getattr(self, key))
         integer("eval.batch_size", self.batch_size, 1)

@@ -46,12 +46,12 @@ def text_table(results: dict[str, dict]):
     names = [
         k
         for k in results[labels[-1]]["metrics"]
-        if k.startswith(("zeroshot/", "retrieval/")) and not k.endswith("_majority")
+        if k.startswith(("zeroshot/", "retrieval/")) and not k.endswith(("_majority", "_chance"))
     ]
     for name in names:
         values = " → ".join(f"{100 * r['metrics'][name]:.1f}" for r in results.values() if name in r["metrics"])
-        majority = results[labels[-1]]["metrics"].get(name.replace("_accuracy", "_majority"))
-        table.add_row(
-            name, values, f"{100 * majority:.1f}" if majority is not None and name.endswith("_accuracy") else ""
-        )
+        final = results[labels[-1]]["metrics"]
+        chance, majority = (final.get(name.replace("_accuracy", suffix)) for suffix in ("_chance", "_majority"))
+        reference = " / ".join(f"{100 * v:.1f}" for v in (chance, majority) if v is not None)
+        table.add_row(name, values, reference if name.endswith("_accuracy") else "")
     return table

@@ -83,6 +83,7 @@ def text_metrics(
         predicted = classify(image_features[keep], encode(backbone, [prompts[c] for c in classes]))
         metrics[f"zeroshot/{name}_accuracy"] = float((predicted == truth).float().mean())
         metrics[f"zeroshot/{name}_majority"] = float(truth.bincount().max() / len(truth))
+        metrics[f"zeroshot/{name}_chance"] = 1.0 / len(classes)
         if name == "aspect":  # the two halves of an aspect, read off the same predictions
             for part, words in ASPECT_PARTS.items():
                 side = torch.tensor([words[0] in c for c in classes])  # dorsal (or left) against the rest

@@ -26,6 +26,18 @@ def _never_trains(group, freeze, epochs: int) -> bool:
     return freeze is None or all(freeze.first_epoch(group, name, epochs) is None for name in group.parameters)
 
 
+def trained_names(backbone: Backbone, freeze=None, epochs: int = 1) -> list[str]:
+    """Names (as in `backbone.named_parameters()`) of the parameters that train now or, under `freeze` (a policy
+    or schedule), in any of `epochs` epochs: what an average or an interpolation of weights must cover."""
+    ever = {id(p) for p in backbone.parameters() if p.requires_grad}
+    if freeze is not None:
+        for group in backbone.all_groups():
+            for name, parameter in group.parameters.items():
+                if freeze.first_epoch(group, name, epochs) is not None:
+                    ever.add(id(parameter))
+    return [name for name, p in backbone.named_parameters() if id(p) in ever]
+
+
 def text_frozen(backbone: Backbone, freeze=None, epochs: int = 1) -> bool:
     """The whole text tower (projection included) stays frozen for all `epochs`."""
     return all(_never_trains(g, freeze, epochs) for g in backbone.layer_groups("text"))

@@ -22,6 +22,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from handclip.errors import HandClipError
 from handclip.model.averaging import PREFIX
+from handclip.model.caching import trained_names
 from handclip.train.config import check_decay
 
 
@@ -69,22 +70,13 @@ class WeightEMA(L.Callback):
         self._restored: Mapping | None = None
         self._last_step = -1
 
-    def _trainable_names(self, backbone, epochs: int) -> list[str]:
-        ever = {id(p) for p in backbone.parameters() if p.requires_grad}
-        if self.schedule is not None:
-            for group in backbone.all_groups():
-                for name, parameter in group.parameters.items():
-                    if self.schedule.first_epoch(group, name, epochs) is not None:
-                        ever.add(id(parameter))
-        return [name for name, p in backbone.named_parameters() if id(p) in ever]
-
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._restored = checkpoint.get("ema")  # checked by check_resume; put on the device at fit start
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         backbone = pl_module.backbone
         parameters = dict(backbone.named_parameters())
-        self.names = self._trainable_names(backbone, max(int(trainer.max_epochs or 1), 1))
+        self.names = trained_names(backbone, self.schedule, max(int(trainer.max_epochs or 1), 1))
         if self._restored is not None:
             state = self._restored["state"]
             missing = [n for n in self.names if PREFIX + n not in state]

@@ -114,14 +114,14 @@ def stable_wandb_id(run_dir: str | Path) -> str:
 
 
 def wandb_logger(
-    save_dir: str, project: str, entity: str | None = None, tags: Sequence[str] = (), mode: str = "online",
+    save_dir: str, project: str, entity: str | None = None, tags: Sequence[str] = (), mode: str | None = None,
     group: str | None = None,
 ):  # fmt: skip
-    """A `WandbLogger` named after the run directory, resuming its run id; `group` is the sweep."""
-    from handclip.errors import ConfigError
+    """A `WandbLogger` named after the run directory, resuming its run id; `group` is the sweep. `mode` null: the
+    environment's WANDB_MODE, else online."""
+    from handclip.checks import one_of
 
-    if mode not in ("online", "offline", "disabled"):
-        raise ConfigError(f"logger.mode={mode!r}: choose one of online, offline, disabled")
+    mode = one_of("logger.mode", mode or os.environ.get("WANDB_MODE") or "online", ("online", "offline", "disabled"))
     return _wandb_class()(
         project=project, entity=entity, tags=list(tags or []), save_dir=str(save_dir), offline=mode == "offline",
         mode=mode, name=Path(save_dir).name, id=stable_wandb_id(save_dir), resume="allow", group=group,
@@ -161,5 +161,11 @@ def _wandb_class():
 
             for name, figure in figures.items():
                 self.experiment.log({f"plots/{name}": wandb.Image(figure)})
+
+        def log_final(self, metrics: Mapping, step: int) -> None:
+            super().log_final(metrics, step)
+            # the wandb run ends with the HandCLIP run: the next run of this process (a sweep's next point,
+            # Hydra running points one after another) starts its own instead of logging into this one
+            self.experiment.finish()
 
     return WandbRunLogger

@@ -85,6 +85,7 @@ class Assembled:
     module: Any
     evaluate: Any
     metrics: dict
+    initial: dict | None = None  # the starting weights of what trains (kept for WiSE-FT), or None
 
 
 def run_training(cfg: Mapping, run_dir: str | Path, record_as: Mapping | None = None) -> dict:
@@ -166,12 +167,11 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
 
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
-        tested = weights.restore_best(run.module, run.backbone, best.best_model_path, run.evaluate)
-        if tested == "ema":  # the raw weights of the same checkpoint, scored too, reported under raw/
-            results["fine-tuned (raw)"] = weights.raw_result
-            run.metrics.update({f"raw/{k}": v for k, v in weights.raw_result["metrics"].items()})
-        final = results["fine-tuned"] = run.evaluate(run.backbone)
-        metrics = {**run.metrics, **final["metrics"], "wall_time_s": time.time() - started,
+        from handclip.train.final import final_evaluation
+
+        last = str(run_dir / "checkpoints" / "last.ckpt")
+        found, extra = final_evaluation(spec, run, weights, best.best_model_path, last, results, run.initial, run_dir)
+        metrics = {**run.metrics, **found, "wall_time_s": time.time() - started,
                    "train_time_s": run.module.train_seconds(), "peak_memory_mb": _peak_memory_mb()}  # fmt: skip
         _print_tables(console, results)
         _log_figures(logger, results, run, run_dir)
@@ -180,7 +180,7 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
             "cmc": {label: r["cmc"] for label, r in results.items()}, "freeze": run.report.as_dict(),
             "eval_feature": spec.eval.feature, "manifest": str(run.datamodule.manifest),
             "best_checkpoint": best.best_model_path,
-            "weights": tested,  # the weights behind test/*: the EMA's (raw/* holds the raw weights' scores) or raw
+            **extra,  # weights: the EMA's or the raw ones behind test/* (raw/* holds the raw ones'); wise_ft: the mix
         })  # fmt: skip
         logger.log_final(metrics, trainer.global_step)
         console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
@@ -226,7 +226,14 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
         restore_frozen_prefix(module, backbone, resume.path, spec.freeze, spec.epochs)  # in the checkpoint
     caches = attach_caches(datamodule, evaluate, module, backbone, spec.freeze, spec.epochs, console)
     metrics["cache/prefix_groups"] = caches["prefix_groups"]
-    return Assembled(datamodule, backbone, heads, report, objective, module, evaluate, metrics)
+    initial = None
+    if spec.eval.wise_ft is not None:  # the weights WiSE-FT mixes with: as the run starts (init_from included)
+        from handclip.model.caching import trained_names
+        from handclip.train.final import keep_initial_weights
+
+        names = trained_names(backbone, spec.freeze, spec.epochs)
+        initial = keep_initial_weights(backbone, names, run_dir, resumed=resume is not None)
+    return Assembled(datamodule, backbone, heads, report, objective, module, evaluate, metrics, initial)
 
 
 def _trainer(spec: RunSpec, run: Assembled, weights, logger, run_dir: Path, console):

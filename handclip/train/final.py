@@ -1,0 +1,161 @@
+"""The end of a run: which weights it reports, and what choosing them cost.
+
+After training, in this order:
+
+1. *the last weights* (end of training), when they are not the selected checkpoint, are scored
+   under `last/`: the price of selection shows as the difference;
+2. *the selected weights*: `best.ckpt` (the best validation score), its EMA when the run keeps one
+   (the raw weights of the same checkpoint under `raw/`); `selection/epoch` says which epoch and
+   `selection/val_gain` how much validation it gained over the untrained model;
+3. *WiSE-FT* (`eval.wise_ft`): the selected weights mixed with the weights the run started from
+   at each ratio, every mix scored; the mix is chosen on validation alone (the smallest ratio that
+   keeps `keep` of the validation gain, handclip.eval.forgetting) and becomes the reported model,
+   the unmixed one's scores kept under `finetuned/`; the curve is saved (`wise_ft.png`);
+4. *retention*: `zeroshot/retention`, the reported model's zero-shot skill over the untrained one's.
+
+The weights a run starts from (what WiSE-FT mixes with) are kept in `initial_weights.safetensors`
+in the run directory, for the parameters that train, so that a resumed run mixes the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+INITIAL = "initial_weights.safetensors"
+
+
+def keep_initial_weights(backbone, names: list[str], run_dir: Path, resumed: bool) -> dict[str, torch.Tensor] | None:
+    """The starting weights of the parameters that train: kept on disk when the run starts, read back on a resume
+    (None when a resumed run has none kept: it started before they were kept)."""
+    from safetensors.torch import load_file, save
+
+    from handclip.io import atomic_write
+
+    path = Path(run_dir) / INITIAL
+    if resumed:
+        return load_file(str(path)) if path.is_file() else None
+    parameters = dict(backbone.named_parameters())
+    initial = {name: parameters[name].detach().cpu().clone().contiguous() for name in names}
+    with atomic_write(path, "wb") as handle:
+        handle.write(save(initial))
+    return initial
+
+
+def selection_facts(best_path: str, monitor: str, baseline: Mapping[str, float] | None) -> dict[str, Any]:
+    """`selection/epoch` (of the selected checkpoint) and `selection/val_gain` (its monitored validation score over
+    the untrained model's), from the checkpoint callback's record."""
+    from handclip.io import load_checkpoint_file
+
+    if not best_path:
+        return {}
+    saved = load_checkpoint_file(best_path)
+    facts: dict[str, Any] = {"selection/epoch": int(saved.get("epoch", -1))}
+    for state in (saved.get("callbacks") or {}).values():
+        if state.get("monitor") == monitor and state.get("best_model_score") is not None:  # the selecting callback
+            score = float(state["best_model_score"])
+            facts["selection/val_score"] = score
+            plain = monitor.removeprefix("ema/")
+            if baseline is not None and plain in baseline:
+                facts["selection/val_gain"] = score - baseline[plain]
+    return facts
+
+
+def score_last(module, backbone, evaluate, last_path: str, best_path: str) -> dict | None:
+    """The last checkpoint's raw weights scored, when it is not the selected one (None otherwise)."""
+    from handclip.io import load_checkpoint_file
+
+    if not last_path or not Path(last_path).is_file() or not best_path:
+        return None
+    last, best = load_checkpoint_file(last_path), load_checkpoint_file(best_path)
+    if (last.get("epoch"), last.get("global_step")) == (best.get("epoch"), best.get("global_step")):
+        return None
+    module.load_state_dict(last["state_dict"])
+    del last, best
+    return evaluate(backbone)
+
+
+def wise_ft(backbone, evaluate, settings, initial: Mapping[str, torch.Tensor], tuned_result: dict,
+            baseline: Mapping[str, float] | None, run_dir: Path):  # fmt: skip
+    """Score each mix of `initial` and the backbone's current weights; leave the chosen mix in the backbone.
+
+    Returns (chosen alpha, its result, the curve rows); alpha 1 is `tuned_result` (not scored again)."""
+    from handclip.eval.forgetting import choose_alpha, curve_rows, interpolate, trade_off_figure
+    from handclip.eval.plots import pyplot
+
+    parameters = dict(backbone.named_parameters())
+    tuned = {name: parameters[name].detach().clone() for name in initial}
+    results = {1.0: tuned_result}
+    for alpha in settings.alphas:
+        if alpha == 1.0:
+            continue
+        _load(parameters, interpolate(initial, tuned, alpha))
+        results[alpha] = evaluate(backbone)
+    metric = settings.metric
+    start = results[0.0]["metrics"] if 0.0 in results else baseline
+    if start is None or metric not in start or any(metric not in r["metrics"] for r in results.values()):
+        chosen = 1.0  # nothing to compare the gain against: the fine-tuned weights stay
+    else:
+        chosen = choose_alpha({a: r["metrics"][metric] for a, r in results.items()}, start[metric], settings.keep)
+    _load(parameters, interpolate(initial, tuned, chosen))
+    rows = curve_rows({a: r["metrics"] for a, r in results.items()}, baseline)
+    figure = trade_off_figure(rows, chosen, run_dir / "wise_ft.png")
+    if figure is not None:
+        pyplot().close(figure)
+    return chosen, results[chosen], rows
+
+
+def _load(parameters: Mapping[str, torch.nn.Parameter], values: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in values.items():
+            parameters[name].copy_(value)
+
+
+def final_evaluation(spec, run, weights, best_path: str, last_path: str, results: dict, initial,
+                     run_dir: Path) -> tuple[dict, dict]:  # fmt: skip
+    """Steps 1-4 of the module docstring. Adds to `results` (label -> evaluation result; the reported model last,
+    as "fine-tuned") and returns (metrics, what else metrics.json records)."""
+    from handclip.eval.forgetting import retention
+
+    baseline = (results.get("baseline") or {}).get("metrics")
+    metrics: dict[str, Any] = {}
+    last = score_last(run.module, run.backbone, run.evaluate, last_path, best_path)
+    if last is not None:
+        metrics.update({f"last/{k}": v for k, v in last["metrics"].items()})
+    tested = weights.restore_best(run.module, run.backbone, best_path, run.evaluate)
+    if tested == "ema":  # the raw weights of the same checkpoint, scored too
+        results["fine-tuned (raw)"] = weights.raw_result
+        metrics.update({f"raw/{k}": v for k, v in weights.raw_result["metrics"].items()})
+    metrics.update(selection_facts(best_path, weights.monitor, baseline))
+    final = run.evaluate(run.backbone)
+    extra: dict[str, Any] = {"weights": tested}
+    mixing = spec.eval.wise_ft
+    if mixing is not None:
+        why_not = _why_no_wise_ft(run, initial)
+        if why_not:
+            extra["wise_ft"] = {"skipped": why_not}
+        else:
+            alpha, chosen, rows = wise_ft(run.backbone, run.evaluate, mixing, initial, final, baseline, run_dir)
+            extra["wise_ft"] = {"alpha": alpha, "metric": mixing.metric, "keep": mixing.keep, "curve": rows}
+            metrics["wise_ft/alpha"] = alpha
+            if alpha != 1.0:
+                results["fine-tuned, unmixed"] = final
+                metrics.update({f"finetuned/{k}": v for k, v in final["metrics"].items()})
+                final = chosen
+    results["fine-tuned"] = final
+    metrics.update(final["metrics"])
+    kept = retention(baseline, final["metrics"]) if baseline is not None else None
+    if kept is not None:
+        metrics["zeroshot/retention"] = kept
+    return metrics, extra
+
+
+def _why_no_wise_ft(run, initial) -> str | None:
+    if run.heads:
+        return "the run replaced its projection heads, which start from random weights: a mix would be meaningless"
+    if initial is None:
+        return f"this run was started before its starting weights were kept ({INITIAL} is missing)"
+    return None
