@@ -54,6 +54,8 @@ def run_in_process(command: list[str], cwd: Path, env: dict) -> subprocess.Compl
     code = 0
     os.environ.clear()
     os.environ.update(env)
+    added = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[:0] = added  # what a new process would import from
     sys.argv = argv
     os.chdir(cwd)
     cli.STARTED = time.time()  # what a new process would have read at its start
@@ -75,6 +77,8 @@ def run_in_process(command: list[str], cwd: Path, env: dict) -> subprocess.Compl
         os.environ.clear()
         os.environ.update(saved_env)
         sys.argv = saved_argv
+        for path in added:
+            sys.path.remove(path)
         os.chdir(saved_cwd)
         GlobalHydra.instance().clear()
         root_logger.handlers[:] = saved_handlers  # Hydra's job logging points at this call's streams

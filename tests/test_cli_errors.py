@@ -6,6 +6,7 @@ import subprocess
 import pytest
 from PIL import Image
 
+from tests.runner import run_in_process
 from tests.test_train import QUICK, train_command
 
 pytestmark = pytest.mark.slow
@@ -49,9 +50,12 @@ CASES = [
 ]
 
 
-def run(tmp_path, *overrides, base=QUICK):
+def run(tmp_path, *overrides, base=QUICK, process=False):
+    """train.py with `overrides`: in this process, or (`process`) as a shell runs it."""
     command, env = train_command(tmp_path, *overrides, base=base)
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if process:
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return run_in_process(command, tmp_path, env)
 
 
 def check_refused(result, message: str) -> None:
@@ -68,6 +72,12 @@ def test_a_bad_setting_is_one_line_exit_2_and_leaves_no_run_behind(tmp_path, ove
     check_refused(result, message)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
     assert not (tmp_path.parent / "etc").exists()
+
+
+def test_a_refusal_as_the_shell_sees_it_is_one_line_and_exit_status_2(tmp_path):
+    result = run(tmp_path, "data.runs=abc", process=True)
+    check_refused(result, "data.runs='abc' must be")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
 
 
 def test_paths_runs_pointing_at_a_file(tmp_path):

@@ -1,11 +1,11 @@
 """A user adds a freeze policy and a loss of their own: one Python module and one config file each."""
 
 import json
-import subprocess
 import textwrap
 
 import pytest
 
+from tests.runner import run_in_process
 from tests.test_train import train_command
 
 MODULE = '''
@@ -56,7 +56,7 @@ def test_a_policy_and_a_loss_from_outside_the_package_train_the_demo(tmp_path):
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
     )  # fmt: skip
     env["PYTHONPATH"] += f":{tmp_path / 'ext'}"
-    result = subprocess.run(command, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
+    result = run_in_process(command, tmp_path / "work", env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "work" / "runs" / "own"
     payload = json.loads((run / "metrics.json").read_text())
