@@ -28,6 +28,11 @@ class EvalSettings:
     feature: str = "projected"  # the image feature scored (handclip.eval.feature); the default is in conf/eval
     # WiSE-FT after training (handclip.eval.forgetting.WiseFT's settings: alphas, keep, metric), or None: off
     wise_ft: Any = None
+    select: str = "val/rank1"  # the validation metric that picks the best checkpoint (handclip.train.selection)
+    smooth: int = 1  # ... averaged over the last this many validations
+    # record the test protocol after every validation in curve.json, for studies of checkpoint selection (never read
+    # by the run itself: it selects on validation alone)
+    curve: bool = False
 
     def __post_init__(self):
         from handclip.eval.feature import EVAL_FEATURES
@@ -42,9 +47,13 @@ class EvalSettings:
             if unknown:
                 raise ConfigError(f"eval.wise_ft.{unknown[0]} is not a setting; settings are alphas, keep, metric")
             object.__setattr__(self, "wise_ft", WiseFT(**self.wise_ft))
-        for key in ("baseline", "test", "flip_tta", "text"):
+        for key in ("baseline", "test", "flip_tta", "text", "curve"):
             flag(f"eval.{key}", getattr(self, key))
         integer("eval.batch_size", self.batch_size, 1)
+        integer("eval.smooth", self.smooth, 1, 1000)
+        if not isinstance(self.select, str) or not self.select.startswith("val"):
+            raise ConfigError(f"eval.select={self.select!r} must be a validation metric (val/rank1, val/mAP, ...): "
+                              "a checkpoint is never chosen on test")  # fmt: skip
 
 
 class Evaluator:
@@ -66,7 +75,7 @@ class Evaluator:
         self.activations = None
         self.text_cache = None
 
-    def __call__(self, backbone, include_test: bool | None = None) -> dict:
+    def __call__(self, backbone, include_test: bool | None = None, language: bool = True) -> dict:
         """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
         from handclip.eval.feature import ImageEncoder
         from handclip.eval.protocol import extract_features, images_needed, score_protocol
@@ -86,7 +95,7 @@ class Evaluator:
         joint = self.encode.feature == "projected"  # comparable with text embeddings
         # for plots (in the joint space, beside captions); not saved
         result["_features"], result["_image_rows"] = (features, image_rows) if joint else (None, None)
-        if include_test and self.settings.text and self.captioner is not None:
+        if include_test and language and self.settings.text and self.captioner is not None:
             from handclip.eval.zeroshot import text_metrics
 
             # the test images (and, on 11k, the other aspects' gallery images): never trained on

@@ -131,3 +131,27 @@ class ExactResume(L.Callback):
             batch_sampler.skip = done
         elif isinstance(batch_sampler.sampler, EpochSeededSampler):
             batch_sampler.sampler.skip = done * batch_sampler.batch_size
+
+
+class TestCurve(L.Callback):
+    """After every validation, the test protocol's scores of the current weights, appended to `curve.json` with the
+    validation scores just logged: material for studying checkpoint selection (`eval.curve`). The run never reads
+    it: it selects on validation alone."""
+
+    def __init__(self, evaluate, path: str | Path):
+        self.evaluate, self.path = evaluate, Path(path)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        from handclip.io import write_json_atomic
+
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        rows = json.loads(self.path.read_text()) if self.path.is_file() else []
+        rows = [row for row in rows if row["epoch"] < trainer.current_epoch]  # a resumed run redoes later epochs
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val", "ema/val"))}
+        scores = self.evaluate(pl_module.backbone, include_test=True, language=False)["metrics"]
+        tested = {k: v for k, v in scores.items() if k.startswith(("test/", "test_all/")) and not k.endswith("_std")}
+        rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **logged, **tested})
+        write_json_atomic(self.path, rows)

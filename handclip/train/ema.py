@@ -24,6 +24,7 @@ from handclip.errors import HandClipError
 from handclip.model.averaging import PREFIX
 from handclip.model.caching import trained_names
 from handclip.train.config import check_decay
+from handclip.train.selection import MONITOR, Selection
 
 
 def check_resume(path: str, checkpoint: Mapping, decay: float | None) -> None:
@@ -60,8 +61,9 @@ def weights_swapped(backbone: torch.nn.Module, weights: Mapping[str, torch.Tenso
 class WeightEMA(L.Callback):
     """Keeps the EMA of the trainable backbone parameters; validates it; saves it in checkpoints."""
 
-    def __init__(self, decay: float, schedule=None):
+    def __init__(self, decay: float, schedule=None, selection: Selection | None = None):
         self.decay = check_decay(decay)
+        self.selection = selection or Selection()  # the EMA's own selecting score (its history)
         self.schedule = schedule  # the freeze policy (a schedule): what trains later needs an average too
         self._update = get_ema_multi_avg_fn(self.decay)
         self.names: list[str] = []
@@ -84,6 +86,7 @@ class WeightEMA(L.Callback):
                 raise HandClipError(f"the checkpoint's EMA weights lack {missing[0]}: it was written by another model")
             self.average = [state[PREFIX + n].to(parameters[n].device, parameters[n].dtype) for n in self.names]
             self.updates = int(self._restored["updates"])
+            self.selection.history = list(self._restored.get("selection", []))
             self._restored = None
         else:
             self.average = [parameters[n].detach().clone() for n in self.names]
@@ -120,11 +123,13 @@ class WeightEMA(L.Callback):
         metrics = pl_module.validation_metrics(features, index)
         for name in ("val/rank1", "val/rank5", "val/mAP"):
             pl_module.log(f"ema/{name}", metrics[name], prog_bar=name == "val/rank1", rank_zero_only=False)
+        pl_module.log(f"ema/{MONITOR}", self.selection.update(metrics), rank_zero_only=False)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["ema"] = {
             "decay": self.decay,
             "updates": self.updates,
+            "selection": list(self.selection.history),
             "state": {PREFIX + n: t.detach().cpu().clone() for n, t in zip(self.names, self.average, strict=True)},
         }
 
@@ -134,8 +139,8 @@ class TrainedWeights:
     set. The three choices live here: the callback that keeps the average, the validation score that picks
     `best.ckpt`, and the weights the final evaluation loads."""
 
-    def __init__(self, decay: float | None, freeze=None):
-        self.ema = WeightEMA(decay, freeze) if decay is not None else None
+    def __init__(self, decay: float | None, freeze=None, selection: tuple[str, int] = ("val/rank1", 1)):
+        self.ema = WeightEMA(decay, freeze, Selection(*selection)) if decay is not None else None
         self.raw_result: dict | None = None  # with an EMA: the raw weights' scores of the same checkpoint
 
     @property
@@ -145,7 +150,7 @@ class TrainedWeights:
     @property
     def monitor(self) -> str:
         """The validation score that picks the best checkpoint."""
-        return "ema/val/rank1" if self.ema is not None else "val/rank1"
+        return f"ema/{MONITOR}" if self.ema is not None else MONITOR
 
     def restore_best(self, module, backbone, best_path: str, evaluate) -> str:
         """Load the best checkpoint (if one was saved) into `module` and put the weights to test into `backbone`;

@@ -45,9 +45,9 @@ def keep_initial_weights(backbone, names: list[str], run_dir: Path, resumed: boo
     return initial
 
 
-def selection_facts(best_path: str, monitor: str, baseline: Mapping[str, float] | None) -> dict[str, Any]:
-    """`selection/epoch` (of the selected checkpoint) and `selection/val_gain` (its monitored validation score over
-    the untrained model's), from the checkpoint callback's record."""
+def selection_facts(best_path: str, monitor: str, metric: str, baseline: Mapping[str, float] | None) -> dict[str, Any]:
+    """`selection/epoch` (of the selected checkpoint), `selection/val_score` (its selecting score: `metric`, perhaps
+    smoothed) and `selection/val_gain` (that score over the untrained model's `metric`), from the checkpoint."""
     from handclip.io import load_checkpoint_file
 
     if not best_path:
@@ -58,9 +58,8 @@ def selection_facts(best_path: str, monitor: str, baseline: Mapping[str, float] 
         if state.get("monitor") == monitor and state.get("best_model_score") is not None:  # the selecting callback
             score = float(state["best_model_score"])
             facts["selection/val_score"] = score
-            plain = monitor.removeprefix("ema/")
-            if baseline is not None and plain in baseline:
-                facts["selection/val_gain"] = score - baseline[plain]
+            if baseline is not None and metric in baseline:
+                facts["selection/val_gain"] = score - baseline[metric]
     return facts
 
 
@@ -129,7 +128,7 @@ def final_evaluation(spec, run, weights, best_path: str, last_path: str, results
     if tested == "ema":  # the raw weights of the same checkpoint, scored too
         results["fine-tuned (raw)"] = weights.raw_result
         metrics.update({f"raw/{k}": v for k, v in weights.raw_result["metrics"].items()})
-    metrics.update(selection_facts(best_path, weights.monitor, baseline))
+    metrics.update(selection_facts(best_path, weights.monitor, spec.eval.select, baseline))
     final = run.evaluate(run.backbone)
     extra: dict[str, Any] = {"weights": tested}
     mixing = spec.eval.wise_ft

@@ -24,6 +24,7 @@ from handclip.model.freeze import FreezePolicy
 from handclip.train.accumulate import contrastive_step
 from handclip.train.compute import Compute
 from handclip.train.optim import Optimization, ParameterInfo
+from handclip.train.selection import MONITOR, Selection
 
 
 class NonFiniteLossError(HandClipError):
@@ -37,6 +38,7 @@ class FineTuner(L.LightningModule):
         self, backbone: Backbone, objective: Objective, optimization: Optimization, val_rows: Sequence[dict] = (),
         heads: Sequence[torch.nn.Parameter] = (), signature: Mapping[str, Any] | None = None,
         freeze: FreezePolicy | None = None, encode: Callable | None = None, compute: Compute | None = None,
+        selection: Selection | None = None,
     ):  # fmt: skip
         super().__init__()
         # what a resumed run must share with the run that wrote the checkpoint
@@ -52,6 +54,7 @@ class FineTuner(L.LightningModule):
         self.freeze = freeze
         self.encode = encode or ImageEncoder()  # the validation feature (eval.feature); default: projected
         self.compute = compute or Compute()
+        self.selection = selection or Selection()  # the validation score that picks the best checkpoint
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
         # every batch's way through the model; handclip.train.caches sets its stored prefix and text cache
@@ -75,10 +78,13 @@ class FineTuner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["handclip"] = {
             "signature": self.signature, "train_seconds": self.train_seconds(), "max_epochs": self.trainer.max_epochs,
+            "selection": list(self.selection.history),
         }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.seconds_before = float((checkpoint.get("handclip") or {}).get("train_seconds", 0.0))
+        saved = checkpoint.get("handclip") or {}
+        self.seconds_before = float(saved.get("train_seconds", 0.0))
+        self.selection.history = list(saved.get("selection", []))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone.encode_image(pixel_values)
@@ -156,6 +162,8 @@ class FineTuner(L.LightningModule):
         metrics = self.validation_metrics(self._val_features, self._val_index)
         for name in ("val/rank1", "val/rank5", "val/mAP"):
             self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
+        if not self.trainer.sanity_checking:
+            self.log(MONITOR, self.selection.update(metrics), sync_dist=False, rank_zero_only=False)
 
     def validation_metrics(self, features: list[torch.Tensor], index: list[torch.Tensor]) -> dict[str, float]:
         """The validation protocol's metrics for the features of this process's validation batches."""

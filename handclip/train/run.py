@@ -149,7 +149,8 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
         results["baseline"] = _baseline(run.evaluate, run.backbone, run_dir, resume)
         run.metrics.update({f"baseline/{k}": v for k, v in results["baseline"]["metrics"].items()})
         _print_baseline(console, results["baseline"]["metrics"])
-    weights = TrainedWeights(spec.ema_decay, spec.freeze)  # raw weights, or their EMA: selected, tested, exported
+    # raw weights, or their EMA: selected, tested, exported
+    weights = TrainedWeights(spec.ema_decay, spec.freeze, (spec.eval.select, spec.eval.smooth))
     lightning_logger = spec.logger(save_dir=str(run_dir))
     logger = run_logger(lightning_logger)
     if resume is not None:
@@ -197,6 +198,7 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     from handclip.model.freeze import apply_freeze
     from handclip.train.caches import attach_caches, restore_frozen_prefix
     from handclip.train.module import FineTuner
+    from handclip.train.selection import Selection
 
     datamodule = spec.data
     rows = datamodule.prepare(spec.facts.image_size)
@@ -218,8 +220,9 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
                                "data/bad_images": len(bad)}  # fmt: skip
     evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, spec.eval,
                          datamodule.captioner, encode)  # fmt: skip
+    selection = Selection(spec.eval.select, spec.eval.smooth)
     module = FineTuner(backbone, objective, spec.optimization, datamodule.val_rows, heads, spec.signature, spec.freeze,
-                       encode, compute=spec.compute)  # fmt: skip
+                       encode, compute=spec.compute, selection=selection)  # fmt: skip
     if initial is not None:
         load_initial_weights(module, spec.init_from, initial)
     if resume is not None and datamodule.activation_cache:  # a resume has no init_from: the starting weights are
@@ -240,7 +243,7 @@ def _trainer(spec: RunSpec, run: Assembled, weights, logger, run_dir: Path, cons
     """(the Lightning trainer, its Ctrl-C/SIGTERM handler, the best-checkpoint callback)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, FollowFreezeSchedule, GracefulStop
+    from handclip.train.callbacks import AtomicCheckpointIO, ExactResume, FollowFreezeSchedule, GracefulStop, TestCurve
 
     folder = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=folder, filename="best", monitor=weights.monitor, mode="max", save_top_k=1,
@@ -250,6 +253,8 @@ def _trainer(spec: RunSpec, run: Assembled, weights, logger, run_dir: Path, cons
     latest = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False)
     stop = GracefulStop(folder / "last.ckpt")
     callbacks = [best, latest, stop, ExactResume(), *weights.callbacks, *spec.callbacks]
+    if spec.eval.curve:  # the test curve, for studies of selection; recorded after the checkpoints are written
+        callbacks.append(TestCurve(run.evaluate, run_dir / "curve.json"))
     if spec.freeze.changes_within(spec.epochs):
         plan = spec.freeze.plan(run.backbone, spec.epochs, run.heads)
         console.print("unfreeze plan: " + "; ".join(f"from epoch {e}, {r.trainable:,} trainable" for e, r in plan))
