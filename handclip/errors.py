@@ -30,3 +30,7 @@ class DataError(HandClipError, ValueError):
 
 class BackboneError(HandClipError, OSError):
     """The backbone's weights or files could not be had."""
+
+
+class NonFiniteError(HandClipError):
+    """A loss, a weight or a feature became NaN or infinite; the message says where (step, epoch, parameter)."""

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from handclip.errors import HandClipError
+from handclip.errors import HandClipError, first_line
 
 
 def temporary_path(path: str | Path) -> Path:
@@ -88,11 +88,14 @@ def save_atomic(payload: Any, path: str | Path) -> None:
     try:
         with atomic_write(path, "wb") as handle:
             torch.save(payload, handle)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # a full disk or a file size limit: torch's writer says RuntimeError
+        if isinstance(error, RuntimeError) and "write" not in str(error).lower():
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
         raise HandClipError(
-            f"could not write checkpoint {path}: {error.strerror or error}. "
-            f"The previous checkpoint there, if any, is intact"
-        ) from error
+            f"could not write checkpoint {path}: {reason} (is the disk full?). The previous checkpoint there, if any, "
+            "is intact; free space and resume with ckpt_path=last"
+        ) from None
 
 
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:

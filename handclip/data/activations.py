@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from handclip.data.sampling import sample_seed
-from handclip.io import atomic_path, write_text_atomic
+from handclip.io import atomic_path, remove_dead_leftovers, write_text_atomic
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -60,36 +60,70 @@ class ActivationStore:
     def ensure(
         self, compute: Callable[[int, Sequence[int]], torch.Tensor], batch_size: int, desc: str = "caching"
     ) -> ActivationStore:
-        """Open the store, filling it first if no process has: `compute(view, indices)` gives hidden states."""
+        """Open the store, filling it first if no process has (or anew if it is damaged): `compute(view, indices)`
+        gives hidden states."""
         from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # one process fills a store; another asking for the same one waits here, then finds it filled
+        with FileLock(str(self.path.with_suffix(".lock"))):
+            remove_dead_leftovers(self.path.parent, self.path.name)  # fills killed half-way
+            problem = self.damage() if self.exists() else None
+            if problem:
+                print(f"stored activations {self.path} are damaged ({problem}): computing them again", flush=True)
+                self.path.unlink()
+            if not self.exists():
+                self._fill(compute, batch_size, desc)
+                self.filled_now = True
+        self.array = np.load(self.path, mmap_mode="r")
+        return self
+
+    def _fill(self, compute, batch_size: int, desc: str) -> None:
+        """Compute every view of every image into a temporary file, with the checksum of what was written; put in
+        place whole when complete."""
         from tqdm.auto import tqdm
 
-        if not self.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(self.path.with_suffix(".lock"))):
-                if not self.exists():  # another process may have filled it while this one waited
-                    with atomic_path(self.path) as temporary:
-                        array = None
-                        progress = tqdm(total=self.views * self.count, desc=desc, unit="img", leave=False)
-                        for view in range(self.views):
-                            for start in range(0, self.count, batch_size):
-                                indices = list(range(start, min(start + batch_size, self.count)))
-                                hidden = compute(view, indices).detach().float().cpu().numpy()
-                                if array is None:
-                                    shape = (self.views, self.count, *hidden.shape[1:])
-                                    array = np.lib.format.open_memmap(temporary, "w+", self.dtype, shape)
-                                array[view, indices[0] : indices[-1] + 1] = hidden
-                                progress.update(len(indices))
-                        progress.close()
-                        array.flush()
-                        del array
-                        write_text_atomic(self.path.with_suffix(".json"), json.dumps(self.key, indent=2, default=str))
-                    self.filled_now = True
-        self.array = np.load(self.path, mmap_mode="r")
-        if self.array.shape[:2] != (self.views, self.count):
-            raise RuntimeError(f"{self.path} holds {self.array.shape[:2]} views x images, expected "
-                               f"{(self.views, self.count)}: delete it to rebuild")  # fmt: skip
-        return self
+        with atomic_path(self.path) as temporary:
+            array, checksum = None, hashlib.blake2b(digest_size=16)
+            progress = tqdm(total=self.views * self.count, desc=desc, unit="img", leave=False)
+            for view in range(self.views):
+                for start in range(0, self.count, batch_size):
+                    indices = list(range(start, min(start + batch_size, self.count)))
+                    hidden = compute(view, indices).detach().float().cpu().numpy().astype(self.dtype)
+                    if array is None:
+                        shape = (self.views, self.count, *hidden.shape[1:])
+                        array = np.lib.format.open_memmap(temporary, "w+", self.dtype, shape)
+                    array[view, indices[0] : indices[-1] + 1] = hidden
+                    checksum.update(np.ascontiguousarray(hidden).tobytes())  # the bytes in file order
+                    progress.update(len(indices))
+            progress.close()
+            array.flush()
+            del array
+            description = {**self.key, "checksum": checksum.hexdigest()}
+            write_text_atomic(self.path.with_suffix(".json"), json.dumps(description, indent=2, default=str))
+
+    def damage(self) -> str | None:
+        """What is wrong with the store on disk (cut short, another shape, bytes that do not match the checksum taken
+        when it was filled), or None: read whole, once per run."""
+        try:
+            saved = json.loads(self.path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return "its description (.json) is missing or unreadable"
+        if "checksum" not in saved:
+            return "it was made without a checksum, by an older HandCLIP"
+        try:
+            array = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as error:  # a truncated file: "mmap length is greater than file size"
+            return f"it cannot be opened: {error}"
+        if array.shape[:2] != (self.views, self.count) or array.dtype != self.dtype:
+            return f"it holds {array.shape[:2]} views x images of {array.dtype}, not {(self.views, self.count)}"
+        checksum = hashlib.blake2b(digest_size=16)
+        for view in range(self.views):
+            for start in range(0, self.count, 256):
+                checksum.update(np.ascontiguousarray(array[view, start : start + 256]).tobytes())
+        if checksum.hexdigest() != saved["checksum"]:
+            return "its bytes do not match the checksum taken when it was filled"
+        return None
 
     def __getstate__(self) -> dict:
         # loader workers open the file themselves (a pickled memmap would be a full in-memory copy)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from handclip.errors import NonFiniteError
+
 TIE_TOLERANCE = 1e-6
 
 
@@ -66,6 +68,13 @@ def evaluate(
         )
     if len(gallery_ids) == 0 or len(query_ids) == 0:
         raise ValueError("evaluate needs at least one query and one gallery image")
+    for name, features in (("query", query_features), ("gallery", gallery_features)):
+        if not torch.isfinite(features).all():
+            bad = int((~torch.isfinite(features).all(dim=-1)).sum())
+            raise NonFiniteError(
+                f"{bad} of {len(features)} {name} features are not finite (NaN or infinite): the model that made them "
+                "has damaged weights, and no score of them would mean anything"
+            )
     matches = query_ids[:, None] == gallery_ids[None, :]
     has_match = matches.any(dim=1)
     if not has_match.any():

@@ -124,6 +124,11 @@ class Objective(nn.Module):
         facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim,
                  "text_width": text_width, "identity_keys": identity_keys, "text_tower": text_tower}  # fmt: skip
         self.terms = nn.ModuleDict({name: _finish(name, term, facts) for name, term in terms.items()})
+        if not any(term.weight > 0 for term in self.terms.values()):
+            raise ConfigError(
+                f"loss: every term has weight 0 ({', '.join(self.terms)}): the loss would be 0 and nothing would "
+                "train; give at least one term a weight above 0"
+            )
 
     @property
     def needs_text(self) -> bool:

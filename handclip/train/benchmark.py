@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -406,8 +407,16 @@ def main(argv=None) -> None:
     for key, value in (("--steps", args.steps), ("--batch", args.batch)):
         if value < 1:
             parser.error(f"{key}={value}: give at least 1 (each row is rated by its median timed batch)")
-    import os
-
+    if args.skip_data and args.skip_model:
+        parser.error("--skip-data and --skip-model together leave nothing to measure: give at most one")
+    if args.json:  # checked before the minutes of measuring, not after
+        target = Path(args.json)
+        if target.is_dir():
+            parser.error(f"--json {args.json} is a folder: give a file name, e.g. {target / 'bench.json'}")
+        if not target.resolve().parent.is_dir():
+            parser.error(f"--json {args.json}: the folder {target.parent} does not exist")
+        if not os.access(target.resolve().parent, os.W_OK):
+            parser.error(f"--json {args.json}: the folder {target.parent} is not writable")
     import torch
 
     console = Console()

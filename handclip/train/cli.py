@@ -12,6 +12,7 @@ before Hydra starts (train.py does), so `STARTED` predates every folder it makes
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 STARTED = time.time()
+# what a user can do when a write fails, by errno: what was written before stays (every write is atomic)
+WRITE_ERRORS = {
+    errno.ENOSPC: "The disk is full: free space and run the same command again (with ckpt_path=last to resume)",
+    errno.EDQUOT: "The disk quota is used up: free space and run the same command again",
+    errno.EFBIG: "A file size limit was reached (ulimit -f?): raise it and run the same command again",
+    errno.EROFS: "The file system is read-only: point paths.runs (or the folder named) at a writable one",
+    errno.EACCES: "This user may not write there: point paths.runs (or the folder named) at a folder you can write",
+}
 
 
 def refuse(message: str, run_dir: Path) -> None:
@@ -35,16 +44,16 @@ def run_command(cfg: DictConfig, hydra_cfg) -> float:
     from hydra.types import RunMode
 
     from handclip.errors import HandClipError
-    from handclip.train.resolvers import run_name_problem
+    from handclip.train.resolvers import run_name_problem, runs_problem
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         refuse(f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=...", run_dir)
-    runs = Path(cfg.paths.runs)
-    if runs.exists() and not runs.is_dir():
-        refuse(f"paths.runs={runs} is a file: point it at a folder (where run directories go)", run_dir)
-    problem = run_name_problem(cfg.get("run_name"))
+    problem = runs_problem(str(cfg.paths.runs))
+    if problem:
+        refuse(problem, run_dir)
+    problem = run_name_problem(cfg.get("run_name")) or run_name_problem(cfg.get("name"), "name")
     if problem:
         refuse(problem, run_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -78,6 +87,9 @@ def run_command(cfg: DictConfig, hydra_cfg) -> float:
             return float("nan")
         if isinstance(error, HandClipError):
             refuse(str(error), run_dir)
+        if isinstance(error, OSError) and error.errno in WRITE_ERRORS:  # the disk, not the run, failed
+            refuse(f"could not write {error.filename or 'a file'}: {error.strerror}. {WRITE_ERRORS[error.errno]}",
+                   run_dir)  # fmt: skip
         raise
     # what a sweeper optimises: validation, never test
     return float(metrics.get("val/rank1", 0.0))

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from handclip.errors import HandClipError
+from handclip.errors import HandClipError, NonFiniteError
 from handclip.eval.feature import ImageEncoder
 from handclip.eval.protocol import images_needed, score_protocol
 from handclip.losses import LossInputs, Objective, clamp_logit_scale
@@ -27,8 +27,9 @@ from handclip.train.optim import Optimization, ParameterInfo
 from handclip.train.selection import MONITOR, Selection
 
 
-class NonFiniteLossError(HandClipError):
-    """The loss became NaN or infinite; the message gives the step, lr and logit_scale."""
+class NonFiniteLossError(NonFiniteError):
+    """The loss or the weights became NaN or infinite; the message gives the step, the lr and logit_scale (or the
+    parameter)."""
 
 
 class FineTuner(L.LightningModule):
@@ -144,6 +145,21 @@ class FineTuner(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         clamp_logit_scale(self.backbone.logit_scale)  # after every step, as CLIP does
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        """Stop at the step that made a weight non-finite (a finite loss can hide it until the next step), before
+        any validation or checkpoint sees the damaged model: the last good checkpoint stays the last one."""
+        trained = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if not trained or bool(torch.stack([p.detach().isfinite().all() for _, p in trained]).all()):
+            return
+        name = next(name for name, p in trained if not p.detach().isfinite().all())
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        raise NonFiniteLossError(
+            f"weights became non-finite at step {self.global_step} (epoch {self.current_epoch}): {name}; last lr "
+            f"{lr:.3g}. The last good checkpoint is kept: lower optim.lr, raise trainer.gradient_clip_val or lower a "
+            "loss weight, and resume"
+        )
 
     def on_validation_epoch_start(self) -> None:
         self._val_features, self._val_index = [], []
@@ -159,7 +175,11 @@ class FineTuner(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_features:
             return
-        metrics = self.validation_metrics(self._val_features, self._val_index)
+        try:
+            metrics = self.validation_metrics(self._val_features, self._val_index)
+        except NonFiniteError as error:
+            where = f"validation after epoch {self.current_epoch} (step {self.global_step})"
+            raise NonFiniteError(f"{where}: {error}") from None
         for name in ("val/rank1", "val/rank5", "val/mAP"):
             self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
         if not self.trainer.sanity_checking:

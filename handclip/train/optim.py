@@ -66,7 +66,12 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [_ramped(factor, start, ramp) for start in starts])
 
 
-def _layer_decay(layer_decay: Mapping[str, float | None] | None) -> dict[str, float | None]:
+def _layer_decay(layer_decay: Mapping[str, float | None] | float | None) -> dict[str, float | None]:
+    if isinstance(layer_decay, (int, float)) and not isinstance(layer_decay, bool):  # one number: both towers
+        layer_decay = {"vision": layer_decay, "text": layer_decay}
+    if layer_decay is not None and not isinstance(layer_decay, Mapping):
+        raise ConfigError(f"optim.layer_decay={layer_decay!r} must be a number (both towers), "
+                          "{vision: ..., text: ...} or null")  # fmt: skip
     layer_decay = dict(layer_decay or {})
     unknown = sorted(set(layer_decay) - {"vision", "text"})
     if unknown:

@@ -24,23 +24,37 @@ def short(overrides: str) -> str:
 REFUSED_RUN_NAME = ".refused-run-name"
 
 
-def run_name_problem(run_name) -> str | None:
-    """Why `run_name` cannot name a run directory under runs/, or None."""
+def run_name_problem(run_name, key: str = "run_name") -> str | None:
+    """Why `run_name` (or `name`, the other setting a run directory is named by) cannot name a folder under runs/,
+    or None."""
     if run_name is None:
         return None
     text = str(run_name)
     if not text.strip() or text.startswith(("/", "~")) or ".." in Path(text).parts or "\\" in text:
         return (
-            f"run_name={text!r} must be a relative name inside paths.runs (letters, digits, - _ . and /); "
+            f"{key}={text!r} must be a relative name inside paths.runs (letters, digits, - _ . and /); "
             "absolute paths and .. are not allowed. To keep runs elsewhere, set paths.runs=DIR"
         )
     return None
 
 
+def runs_problem(path: str) -> str | None:
+    """Why runs cannot be written under `paths.runs` (a file there, or a folder this process may not write), or None."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        return f"paths.runs={path} is a file: point it at a folder (where run directories go)"
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"paths.runs={path}: {folder} is not writable by this user (read-only?); point paths.runs at a "
+                "folder you can write")  # fmt: skip
+    return None
+
+
 def runs_dir(path: str) -> str:
-    """`paths.runs`, or, when it names a file, a stand-in folder that train.py refuses and removes:
+    """`paths.runs`, or, when runs cannot be written there, a stand-in folder that train.py refuses and removes:
     Hydra makes the run directory before any check can run, and must not fail with a traceback."""
-    if Path(path).exists() and not Path(path).is_dir():
+    if runs_problem(path):
         import tempfile
 
         return str(Path(tempfile.gettempdir()) / f"handclip-refused-{os.getpid()}")
@@ -50,11 +64,16 @@ def runs_dir(path: str) -> str:
 def run_dir(name: str, run_name: str | None, overrides: str) -> str:
     """runs/<name> or runs/<name>/<overrides that matter>, or runs/<run_name>: stable, so that
     `ckpt_path=last` from a new process finds the same run."""
-    if run_name_problem(run_name):
+    if run_name_problem(run_name) or run_name_problem(name, "name"):
         return REFUSED_RUN_NAME
     if run_name:
         return str(run_name)
     return name if not overrides else f"{name}/{short(overrides)}"
+
+
+def safe_name(name: str) -> str:
+    """`name` as a folder under runs/sweeps, or the stand-in that train.py refuses when it would leave it."""
+    return REFUSED_RUN_NAME if run_name_problem(name, "name") else name
 
 
 def register_resolvers() -> None:
@@ -67,3 +86,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("handclip.run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("handclip.runs_dir", runs_dir, replace=True)
     OmegaConf.register_new_resolver("handclip.short", short, replace=True)
+    OmegaConf.register_new_resolver("handclip.safe_name", safe_name, replace=True)

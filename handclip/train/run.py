@@ -111,6 +111,8 @@ def run_training(cfg: Mapping, run_dir: str | Path, record_as: Mapping | None = 
 
         def record() -> None:  # once the data is read and the objective built: nothing was refused
             saved = {**spec.config, "init_from": (record_as or spec.config).get("init_from")}
+            # the run begins anew: results of an earlier run in this folder no longer describe it
+            (run_dir / "metrics.json").unlink(missing_ok=True)
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
             (run_dir / "failed.json").unlink(missing_ok=True)
 

@@ -204,6 +204,8 @@ def run_stages(plain: Mapping, run_dir: Path, compose: Callable[[str, str | None
                 check_config(cfg)  # every stage before the first starts
             except ConfigError as error:
                 raise ConfigError(f"stages.{name}: {error}") from None
+        if any(action != "keep" for action in plan):  # the run's results so far describe the stages as they were
+            (run_dir / "metrics.json").unlink(missing_ok=True)
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dict(plain), sort_keys=False))
         summary: dict[str, dict] = {}
         for name, folder, cfg, action, original in zip(names, folders, configs, plan, asked, strict=True):
