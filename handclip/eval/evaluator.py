@@ -75,14 +75,15 @@ class Evaluator:
         self.activations = None
         self.text_cache = None
 
-    def __call__(self, backbone, include_test: bool | None = None, language: bool = True) -> dict:
+    def __call__(self, backbone, include_test: bool | None = None, language: bool = True, merged: bool = True) -> dict:
         """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
         from handclip.eval.feature import ImageEncoder
         from handclip.eval.protocol import extract_features, images_needed, score_protocol
         from handclip.model.forward import Forward
 
         include_test = self.settings.test if include_test is None else include_test
-        image_rows = images_needed(self.rows, include_test)
+        rows = self.rows if merged else [r for r in self.rows if not r["split"].startswith("gallery_all")]
+        image_rows = images_needed(rows, include_test)
         stored = self.activations  # (store, image -> position, prefix groups): the frozen prefix's hidden states
         forward = Forward(backbone, prefix=stored[2] if stored else 0, text_cache=self.text_cache)
 
@@ -91,7 +92,7 @@ class Evaluator:
                                     total=-(-len(image_rows) // self.settings.batch_size))  # fmt: skip
 
         features = extract(self.encode, progress=True)
-        result = score_protocol(features, image_rows, self.rows, include_test)
+        result = score_protocol(features, image_rows, rows, include_test)
         joint = self.encode.feature == "projected"  # comparable with text embeddings
         # for plots (in the joint space, beside captions); not saved
         result["_features"], result["_image_rows"] = (features, image_rows) if joint else (None, None)
