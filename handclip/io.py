@@ -49,6 +49,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             _remove(retired)
         else:
             os.replace(tmp, path)
+    except OSError as error:
+        _remove(tmp)
+        if error.filename is None:  # a write through a handle: say which file could not be written
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     except BaseException:
         _remove(tmp)
         raise
@@ -88,14 +93,24 @@ def save_atomic(payload: Any, path: str | Path) -> None:
     try:
         with atomic_write(path, "wb") as handle:
             torch.save(payload, handle)
-    except (OSError, RuntimeError) as error:  # a full disk or a file size limit: torch's writer says RuntimeError
-        if isinstance(error, RuntimeError) and "write" not in str(error).lower():
-            raise
+    except (OSError, RuntimeError) as error:  # torch's writer turns a failed write into a RuntimeError of its own
         reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
         raise HandClipError(
-            f"could not write checkpoint {path}: {reason} (is the disk full?). The previous checkpoint there, if any, "
-            "is intact; free space and resume with ckpt_path=last"
+            f"could not write checkpoint {path}: {reason} (is the disk full? {_room(Path(path).parent)}). The previous "
+            "checkpoint there, if any, is intact; free space and resume with ckpt_path=last"
         ) from None
+
+
+def _room(folder: Path) -> str:
+    """The free space under `folder` and this process's file size limit, in words."""
+    import resource
+
+    free = shutil.disk_usage(folder).free if folder.exists() else None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    words = [f"{free / 2**20:,.0f} MB free there" if free is not None else "the folder is gone"]
+    if limit != resource.RLIM_INFINITY:
+        words.append(f"files are limited to {limit / 2**20:,.1f} MB (ulimit -f)")
+    return ", ".join(words)
 
 
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:

@@ -110,3 +110,80 @@ def test_a_damaged_activation_store_is_computed_again_never_reused(tmp_path, cap
         assert again.filled_now and len(calls) == 6
         assert "are damaged" in capsys.readouterr().out
     assert np.array_equal(np.array(again.array), first) and again.damage() is None
+
+
+def test_a_backbone_cache_folder_missing_its_weights_is_built_again(tmp_path):
+    from handclip.model import load_backbone
+    from tests.conftest import TINY
+
+    first = load_backbone(TINY, tmp_path)
+    folder = next((tmp_path / "backbones").glob("tiny-*"))
+    (folder / "model.safetensors").unlink()  # a cache folder someone damaged
+    again = load_backbone(TINY, tmp_path)  # before: every run rebuilt it, then "OSError: Directory not empty"
+    assert (folder / "model.safetensors").is_file() and not list((tmp_path / "backbones").glob("*.tmp*"))
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the same seeded weights
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "a/../../b"])
+def test_a_name_that_leaves_the_runs_folder_is_refused_and_writes_nothing(tmp_path, name):
+    from tests.test_train import train
+
+    result = train(tmp_path / "work", f"name={name}", check=False)
+    assert result.returncode == 2 and f"error: name={name!r} must be a relative name inside paths.runs" in result.stderr
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "work" / "runs").exists()
+    swept = train(tmp_path / "work", f"name={name}", "seed=0,1", multirun=True, check=False)
+    assert swept.returncode != 0 and not (tmp_path / "escaped").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_checkpoint_that_the_disk_cannot_take_is_one_line_and_the_data_made_before_is_kept(tmp_path):
+    import resource
+    import subprocess
+
+    from tests.test_train import train, train_command
+
+    train(tmp_path / "warm", "trainer.max_epochs=1", "eval.baseline=false")  # the tiny backbone is in the cache now
+    command, env = train_command(tmp_path / "run", "trainer.max_epochs=1", "eval.baseline=false", "run_name=r")
+
+    def small_files():  # files up to 2 MB: images, JSON and the starting weights fit, a checkpoint (15 MB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+    result = subprocess.run(command, cwd=tmp_path / "run", env=env, capture_output=True, text=True, timeout=600,
+                            preexec_fn=small_files)  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and "could not write checkpoint" in errors[0] and "is the disk full?" in errors[0]
+    run = tmp_path / "run" / "runs" / "r"
+    assert not list(run.rglob("*.tmp*"))  # no half-written checkpoint left behind
+
+
+def test_make_bench_checks_its_output_before_measuring(tmp_path):
+    import subprocess
+    import sys
+
+    for args, message in ((["--json", str(tmp_path)], "is a folder"),
+                          (["--json", str(tmp_path / "no" / "x.json")], "does not exist"),
+                          (["--skip-data", "--skip-model"], "leave nothing to measure")):  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "handclip.benchmark", *args], capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_scalar_layer_decay_applies_to_both_towers_and_all_zero_loss_weights_are_refused():
+    import functools
+
+    from handclip.errors import ConfigError
+    from handclip.losses import ContrastiveLoss, Objective
+    from handclip.train.optim import Optimization
+
+    optimization = Optimization(lr=1e-3, weight_decay=0.0, head_lr_multiplier=1.0, layer_decay=0.7,
+                                optimizer=functools.partial(torch.optim.AdamW))  # fmt: skip
+    assert optimization.layer_decay == {"vision": 0.7, "text": 0.7}
+    with pytest.raises(ConfigError, match="optim.layer_decay='x' must be a number"):
+        Optimization(lr=1e-3, weight_decay=0.0, head_lr_multiplier=1.0, layer_decay="x",
+                     optimizer=functools.partial(torch.optim.AdamW))  # fmt: skip
+    with pytest.raises(ConfigError, match="every term has weight 0"):
+        Objective({"a": ContrastiveLoss(weight=0.0), "b": ContrastiveLoss(weight=0)})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"ContrastiveLoss.weight=.* must be a number >= 0"):
+            ContrastiveLoss(weight=bad)
