@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-quick bench lint clean
+.PHONY: help install demo test test-quick bench docs lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-11s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install HandCLIP with its test tools
+install: $(VENV)/.installed  ## create .venv and install HandCLIP with its test and documentation tools
 
 demo: install  ## train the tiny CLIP on synthetic hands on the CPU, printing baseline and final Rank-1/mAP
 	$(BIN)/python train.py experiment=demo overwrite=true
@@ -34,8 +34,13 @@ test-quick: install  ## run the tests without the slow end-to-end runs
 bench: install  ## benchmarks: image cache vs decoding; plain loop, open_clip, HandCLIP, HandCLIP cached per policy
 	$(BIN)/python -m handclip.benchmark --json bench.json
 
+# the NO_/DISABLE_ variables silence the banners Material for MkDocs and mkdocs-gen-files print about
+# MkDocs' future (see docs/development.md); real warnings still fail the build
+docs: install  ## build the documentation site into site/ (strict: a broken link or any warning fails)
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/python -m mkdocs build --strict --site-dir site
+
 lint: install  ## ruff
 	$(BIN)/ruff check handclip tests train.py
 
-clean:  ## remove runs and caches (keeps .venv and data/)
-	rm -rf runs .cache .pytest_cache
+clean:  ## remove runs, caches and the built site (keeps .venv and data/)
+	rm -rf runs .cache .pytest_cache site
