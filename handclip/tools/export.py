@@ -1,7 +1,7 @@
-"""Export a run as a Hugging Face model directory that loads without HandCLIP.
+"""Export a run as a model directory that loads without HandCLIP (in its backbone's own format).
 
     python -m handclip.export RUN_DIR_OR_CKPT OUT_DIR [--wise-ft ALPHA] [--weights ema|raw] [--trust MODULE]
-    python -m handclip.export --soup runs/sweeps/NAME OUT_DIR [--greedy]
+    python -m handclip.export --soup runs/sweeps/NAME OUT_DIR [--greedy] [--trust MODULE]
 
 writes safetensors weights, config, tokenizer and image processor; the result loads with
 `CLIPModel.from_pretrained(OUT_DIR)` and `pipeline("zero-shot-image-classification", model=OUT_DIR)`.
@@ -281,7 +281,7 @@ def write_export(backbone, out_dir: Path, marker: dict, card: str) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run directory (runs/NAME), a checkpoint file, or with --soup a sweep")
-    parser.add_argument("out_dir", help="where to write the Hugging Face model directory")
+    parser.add_argument("out_dir", help="where to write the model directory")
     parser.add_argument("--wise-ft", type=float, default=None, metavar="ALPHA", help="interpolate with the original")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not an export")
     parser.add_argument("--weights", choices=WEIGHTS, default=None,
