@@ -15,6 +15,7 @@ import yaml
 from handclip.errors import BackboneError, ConfigError
 from handclip.model import LastN, apply_freeze
 from handclip.model.openclip import CONFIG, WEIGHTS, OpenCLIP, OpenCLIPBackbone
+from tests.fake_runs import fake_run
 
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 VIT = {
@@ -29,6 +30,7 @@ RN = {
     "config": {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
                "text_cfg": TEXT},
 }  # fmt: skip
+OPENCLIP = "handclip.model.openclip.OpenCLIP"
 CAPTIONS = ["the dorsal right hand of person 3, a 21 year old male!", "a palm"]
 
 
@@ -93,62 +95,22 @@ def test_last_n_on_a_resnet_matches_open_clip(tmp_path, vision_blocks, text_bloc
     assert "visual.attnpool.c_proj.weight" in expected and "visual.conv1.weight" not in expected
 
 
-# --- (b) partial forward, (c) the partition ------------------------------------------------
+# --- (b) the ResNet's own groups (the partition and the forward: tests/test_backbone_contract.py) ------------
 
 
-@pytest.mark.parametrize("spec", [VIT, RN], ids=["vit", "rn"])
-def test_prefix_then_suffix_equals_the_full_forward(tmp_path, spec):
-    import open_clip
-
-    backbone = load(spec, tmp_path).eval()
-    size = backbone.image_size
-    pixels = torch.randn(3, 3, size, size)
-    tokens = backbone.tokenize(CAPTIONS)
-    depth = {tower: backbone.facts.depth(tower) for tower in ("vision", "text")}
-    with torch.no_grad():
-        image = backbone.encode_image(pixels)
-        text = backbone.encode_text(tokens["input_ids"], tokens["attention_mask"])
-        # the same embeddings as open_clip's own forward (which takes the full 77-token context)
-        assert torch.allclose(image, backbone.model.encode_image(pixels), atol=1e-5)
-        assert torch.allclose(text, backbone.model.encode_text(open_clip.tokenize(CAPTIONS)), atol=1e-5)
-        for groups in range(1, depth["vision"] + 2):
-            hidden = backbone.image_prefix(pixels, groups)
-            assert torch.allclose(backbone.image_suffix(hidden, groups), image, atol=1e-5), groups
-        for groups in range(1, depth["text"] + 2):
-            hidden = backbone.text_prefix(tokens["input_ids"], tokens["attention_mask"], groups)
-            suffix = backbone.text_suffix(hidden, tokens["input_ids"], tokens["attention_mask"], groups)
-            assert torch.allclose(suffix, text, atol=1e-5), groups
-    with pytest.raises(ValueError, match="must be 1 .embeddings. to"):
-        backbone.image_prefix(pixels, depth["vision"] + 2)
+def test_the_resnets_attention_pool_is_labelled_as_such_and_policies_see_a_final_norm(tmp_path):
+    groups = load(RN, tmp_path).layer_groups("vision")
+    pool = groups[-2]
+    assert (pool.name, pool.kind, pool.depth) == ("vision.attention_pool", "final_norm", 1)
+    assert {"visual.attnpool.positional_embedding", "visual.attnpool.q_proj.weight", "visual.attnpool.k_proj.weight",
+            "visual.attnpool.v_proj.weight"} <= set(pool.parameters)  # fmt: skip
+    assert not any("c_proj" in name for name in pool.parameters)
+    assert [g.name for g in groups[:5]] == ["vision.stem", "vision.layer1", "vision.layer2", "vision.layer3",
+                                            "vision.layer4"]  # fmt: skip
+    assert "visual.bn1.weight" in groups[0].norms and "visual.layer1.0.bn1.weight" in groups[1].norms
 
 
-def test_layer_groups_partition_every_parameter(tmp_path):
-    vit, rn = load(VIT, tmp_path), load(RN, tmp_path)
-    for backbone in (vit, rn):
-        backbone.check_partition()
-        counted = sum(g.numel() for g in backbone.all_groups()) + 1  # + logit_scale
-        assert counted == sum(p.numel() for p in backbone.parameters())
-    vision = vit.layer_groups("vision")
-    assert [g.name for g in vision] == ["vision.embeddings", "vision.blocks.0", "vision.blocks.1", "vision.blocks.2",
-                                        "vision.final_norm", "vision.projection"]  # fmt: skip
-    assert [g.depth for g in vision] == [4, 3, 2, 1, 1, 0]
-    assert set(vision[0].parameters) == {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
-                                         "visual.ln_pre.weight", "visual.ln_pre.bias"}  # fmt: skip
-    assert set(vision[-1].parameters) == {"visual.proj"}
-    assert vision[-2].norms == {"visual.ln_post.weight", "visual.ln_post.bias"}
-    text = vit.layer_groups("text")
-    assert set(text[0].parameters) == {"token_embedding.weight", "positional_embedding"}
-    assert set(text[-1].parameters) == {"text_projection"}
-    resnet = rn.layer_groups("vision")
-    assert [g.depth for g in resnet] == [5, 4, 3, 2, 1, 1, 0]
-    assert set(resnet[-1].parameters) == {"visual.attnpool.c_proj.weight", "visual.attnpool.c_proj.bias"}
-    assert "visual.attnpool.q_proj.weight" in resnet[-2].parameters and "visual.bn1.weight" in resnet[0].norms
-    rn.model.extra = torch.nn.Linear(2, 2)
-    with pytest.raises(RuntimeError, match="outside every layer group: model.extra.weight"):
-        rn.check_partition()
-
-
-# --- (d) export: open_clip's own format, loadable without HandCLIP -------------------------
+# --- (c) export: open_clip's own format, loadable without HandCLIP -------------------------
 
 LOADER = """
 import sys
@@ -168,31 +130,6 @@ torch.save(out, sys.argv[2])
 """
 
 
-def _fake_run(tmp_path: Path, spec: dict, projection: dict, pixels: torch.Tensor) -> tuple[Path, torch.Tensor]:
-    """A run directory whose checkpoint holds a 'fine-tuned' backbone; its image embeddings."""
-    from handclip.build import build
-
-    run = tmp_path / f"run-{spec['name']}"
-    (run / "checkpoints").mkdir(parents=True)
-    config = {
-        "backbone": {"_target_": "handclip.model.openclip.OpenCLIP", **spec, "pretrained": None},
-        "projection": projection, "freeze": {"_target_": "handclip.model.freeze.Full"},
-        "paths": {"cache": str(tmp_path / "cache")},
-    }  # fmt: skip
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    backbone = load(spec, tmp_path)
-    build(projection, "projection").apply(backbone)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # "training": every weight and BatchNorm statistic moves
-        for tensor in backbone.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
-    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    torch.save({"state_dict": state}, run / "checkpoints" / "best.ckpt")
-    with torch.no_grad():
-        return run, backbone.eval().encode_image(pixels)
-
-
 def test_export_writes_open_clip_format_that_loads_without_handclip(tmp_path):
     from handclip.tools.export import MARKER, export
 
@@ -201,7 +138,10 @@ def test_export_writes_open_clip_format_that_loads_without_handclip(tmp_path):
     pixels = {"tiny-vit": torch.randn(2, 3, 32, 32), "tiny-rn": torch.randn(2, 3, 64, 64)}
     expected, args = {}, []
     for spec, projection in ((VIT, keep), (RN, replace)):
-        run, expected[spec["name"]] = _fake_run(tmp_path, spec, projection, pixels[spec["name"]])
+        run = tmp_path / f"run-{spec['name']}"
+        backbone = fake_run(run, {"_target_": OPENCLIP, **spec, "pretrained": None}, projection)
+        with torch.no_grad():
+            expected[spec["name"]] = backbone.encode_image(pixels[spec["name"]])
         out = export(run, tmp_path / "exported" / spec["name"])
         assert {p.name for p in out.iterdir()} == {WEIGHTS, CONFIG, f"{spec['name']}.json", MARKER, "README.md"}
         marker = json.loads((out / MARKER).read_text())
@@ -237,7 +177,7 @@ def test_export_writes_open_clip_format_that_loads_without_handclip(tmp_path):
     assert np.load(tmp_path / "f.npz")["features"].shape == (3, 8)
 
 
-# --- (e) errors ----------------------------------------------------------------------------
+# --- (d) errors ----------------------------------------------------------------------------
 
 
 def test_missing_weights_file_is_named(tmp_path):
@@ -290,7 +230,7 @@ def test_conf_backbones_give_facts_without_weights():
     facts = {}
     for path in sorted(Path("conf/backbone").glob("oc_*.yaml")):
         spec = yaml.safe_load(path.read_text())
-        assert spec.pop("_target_") == "handclip.model.openclip.OpenCLIP"
+        assert spec.pop("_target_") == OPENCLIP
         facts[path.stem] = OpenCLIP(**spec).facts()
     assert set(facts) == {"oc_rn50", "oc_vit_b32_laion2b", "oc_tiny_vit", "oc_tiny_rn"}
     assert facts["oc_rn50"].vision.depth == 4 and facts["oc_rn50"].projection_dim == 1024
@@ -298,18 +238,6 @@ def test_conf_backbones_give_facts_without_weights():
     assert facts["oc_tiny_vit"].image_size == facts["oc_tiny_rn"].image_size == 96
     # OpenAI's weights were trained with QuickGELU: the tag's model is built with it
     assert OpenCLIP(name="RN50", pretrained="openai").model_config()["quick_gelu"] is True
-
-
-def test_skeleton_is_the_loaded_structure_on_the_meta_device(tmp_path):
-    for spec in (VIT, RN):
-        skeleton, loaded = OpenCLIP(**spec).skeleton(), load(spec, tmp_path)
-        assert next(skeleton.parameters()).device.type == "meta"
-        assert [(g.name, set(g.parameters)) for g in skeleton.all_groups()] == [
-            (g.name, set(g.parameters)) for g in loaded.all_groups()
-        ]
-        assert skeleton.facts == loaded.facts == OpenCLIP(**spec).facts()
-        report = apply_freeze(skeleton, LastN(vision_blocks=1, text_blocks=0))
-        assert 0 < report.trainable < report.total
 
 
 def test_tokenizer_is_open_clips_small_and_picklable(tmp_path):
@@ -321,9 +249,7 @@ def test_tokenizer_is_open_clips_small_and_picklable(tmp_path):
     assert length < 77 and torch.equal(tokens["input_ids"], open_clip.tokenize(CAPTIONS)[:, :length])
     # the mask covers each text up to its end-of-text token; the padding after it is cut to the longest
     assert tokens["attention_mask"].sum(1).tolist() == [length, 4]
-    blob = pickle.dumps(backbone.text_tokenizer)
-    assert len(blob) < 2000
-    assert torch.equal(pickle.loads(blob)(CAPTIONS)["input_ids"], tokens["input_ids"])
+    assert len(pickle.dumps(backbone.text_tokenizer)) < 2000  # the tokenizer itself is built in each process
 
 
 def test_random_weights_are_seeded_and_leave_the_global_stream_alone(tmp_path):
@@ -353,17 +279,14 @@ def test_replaced_projection_keeps_open_clips_form(tmp_path):
     heads = Replace(dim=8).apply(backbone)
     assert backbone.model.visual.proj.shape == (32, 8) and backbone.model.text_projection.shape == (32, 8)
     assert {id(p) for p in heads} == {id(backbone.model.visual.proj), id(backbone.model.text_projection)}
-    assert backbone.projection_dim == backbone.facts.projection_dim == 8
-    assert backbone.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 8)
-    backbone.check_partition()
+    assert backbone.projection_dim == 8 and backbone.model_cfg["embed_dim"] == 8  # what the export's config says
 
 
 def test_lora_targets_the_mlp_only(tmp_path):
     pytest.importorskip("peft")
-    from handclip.model.lora import Lora, merge_lora
+    from handclip.model.lora import Lora
 
     backbone = load(VIT, tmp_path).eval()
-    pixels = torch.randn(2, 3, 32, 32)
     policy = Lora(rank=2, alpha=4, dropout=0.0, targets=["fc1", "fc2"], towers=["vision", "text"], blocks=1)
     apply_freeze(backbone, policy)
     backbone.check_partition()
@@ -371,13 +294,6 @@ def test_lora_targets_the_mlp_only(tmp_path):
     assert {n.split(".lora_")[0] for n in names} == {"visual.transformer.resblocks.2.mlp.c_fc",
         "visual.transformer.resblocks.2.mlp.c_proj", "transformer.resblocks.1.mlp.c_fc",
         "transformer.resblocks.1.mlp.c_proj"}  # fmt: skip
-    with torch.no_grad():
-        for name, parameter in backbone.model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()
-        adapted = backbone.encode_image(pixels)
-        assert merge_lora(backbone) == 4
-        assert torch.allclose(backbone.encode_image(pixels), adapted, atol=1e-5)
     with pytest.raises(ConfigError, match="freeze.targets has q: open_clip's attention"):
         apply_freeze(load(VIT, tmp_path), Lora(rank=2, alpha=4, dropout=0.0, targets=["q"], towers=["text"], blocks=1))
     with pytest.raises(ConfigError, match="ModifiedResNet"):
@@ -386,15 +302,13 @@ def test_lora_targets_the_mlp_only(tmp_path):
 
 
 @pytest.mark.parametrize("spec", [VIT, RN], ids=["vit", "rn"])
-def test_the_pre_projection_feature_and_the_embedding_come_from_one_forward(tmp_path, spec):
+def test_the_pre_projection_feature_is_what_the_tower_projects(tmp_path, spec):
     backbone = load(spec, tmp_path).eval()
     pixels = torch.randn(2, 3, backbone.image_size, backbone.image_size)
     with torch.no_grad():
         pre, projected = backbone.encode_image(pixels, pre_projection=True)
-        assert torch.allclose(projected, backbone.model.encode_image(pixels), atol=1e-5)
-        assert pre.shape == (2, backbone.facts.vision.width)
         visual = backbone.model.visual
-        if backbone.is_resnet:  # before the attention pool: the average-pooled last stage
+        if spec is RN:  # before the attention pool: the average-pooled last stage
             hidden = backbone.image_prefix(pixels, backbone.facts.depth("vision") + 1)
             assert torch.allclose(pre, hidden.mean(dim=(2, 3)), atol=1e-5)
         else:

@@ -5,7 +5,7 @@ backbone = HuggingFaceCLIP("openai/clip-vit-base-patch32").load()
 report = apply_freeze(backbone, LastN(vision_blocks=2, text_blocks=0))
 """
 
-from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts
+from handclip.model.backbone import Backbone, BackboneFacts, BackboneSpec, LayerGroup, TowerFacts, default_cache_dir
 from handclip.model.freeze import (
     BiasOnly,
     FreezePolicy,
@@ -21,13 +21,13 @@ from handclip.model.freeze import (
     freeze_report,
     trainable_parameter_names,
 )
-from handclip.model.hf import HFBackbone, HuggingFaceCLIP, default_cache_dir
+from handclip.model.hf import HFBackbone, HuggingFaceCLIP
 from handclip.model.projection import Keep, Replace
 
 __all__ = [
-    "Backbone", "BackboneFacts", "BiasOnly", "FreezePolicy", "FreezeReport", "Frozen", "Full", "HFBackbone",
-    "HuggingFaceCLIP", "Keep", "LastN", "LayerGroup", "Locked", "NormsOnly", "Pattern", "Replace", "TextFrozen",
-    "TowerFacts",
+    "Backbone", "BackboneFacts", "BackboneSpec", "BiasOnly", "FreezePolicy", "FreezeReport", "Frozen", "Full",
+    "HFBackbone", "HuggingFaceCLIP", "Keep", "LastN", "LayerGroup", "Locked", "NormsOnly", "Pattern", "Replace",
+    "TextFrozen", "TowerFacts",
     "apply_freeze", "default_cache_dir", "freeze_report", "load_backbone", "trainable_parameter_names",
 ]  # fmt: skip
 

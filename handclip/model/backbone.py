@@ -11,16 +11,29 @@ ordered from input to output. Each group has a `depth`, its distance from the to
 depth 1, block L-1-i depth 1+i, the embeddings depth L+1. "The last N blocks" are the groups of
 depth 1..N, plus the projection.
 
+Each group also carries the implementation's own `label` for it (`vision.attention_pool` for an open_clip
+ResNet's attention pool, which policies treat as its final norm), so that tables show what the group is.
+
+Besides the model itself, every implementation declares what tools need to know about it:
+
+- its FLOPs: `forward_flops(tower, tokens)`, per group, what MFU and the dry run count;
+- how its exports are written and read back: a loaded backbone names its `export_format` and how to
+  load `save_pretrained`'s folder without HandCLIP (`load_hint`, `load_example`); its spec class
+  (`BackboneSpec`) recognises such a folder and loads it (`recognises`, `from_export`; the registry
+  in `handclip.model.exports` asks each known spec class);
+- its initial weights in words, for model cards (`BackboneSpec.initial_weights`).
+
 Nothing outside `handclip.model` parses parameter names: implementations map their own names to
 groups once, here.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,10 +53,14 @@ class LayerGroup:
     parameters: dict[str, nn.Parameter] = field(default_factory=dict)
     block: int | None = None  # the block number for kind == "block"
     norms: set[str] = field(default_factory=set)  # names of its parameters that belong to normalisation layers
+    label: str = ""  # the implementation's own name for the group (`attention_pool`, `layer4`); "" names it by kind
 
     @property
     def name(self) -> str:
-        """`vision.blocks.3`, `text.final_norm`, `vision.projection`, `text.embeddings`."""
+        """What tables show: `vision.blocks.3`, `text.final_norm`, `vision.projection`, `text.embeddings`, or
+        the tower and the implementation's label (`vision.attention_pool`, `vision.layer4`)."""
+        if self.label:
+            return f"{self.tower}.{self.label}"
         return f"{self.tower}.blocks.{self.block}" if self.kind == "block" else f"{self.tower}.{self.kind}"
 
     def numel(self) -> int:
@@ -78,6 +95,11 @@ class BackboneFacts:
         return self.vision if tower == "vision" else self.text
 
 
+def default_cache_dir() -> Path:
+    """Where built backbones are kept: $HANDCLIP_CACHE, else ~/.cache/handclip (read when used)."""
+    return Path(os.environ.get("HANDCLIP_CACHE") or Path.home() / ".cache" / "handclip")
+
+
 class Backbone(nn.Module):
     """The interface: a CLIP model with its tokenizer and image preprocessing values.
 
@@ -85,6 +107,10 @@ class Backbone(nn.Module):
     """
 
     source: str
+    # what `save_pretrained` writes: the library that loads it ("transformers", "open_clip")
+    export_format: ClassVar[str]
+    # a model card's front matter for such a folder (library_name, pipeline_tag)
+    card_metadata: ClassVar[dict[str, str]] = {}
 
     # preprocessing values, the same in training and evaluation
     image_size: int  # side of the square crop the vision tower takes
@@ -162,6 +188,22 @@ class Backbone(nn.Module):
         """Write the model (safetensors), tokenizer and preprocessing so it loads without HandCLIP."""
         raise NotImplementedError
 
+    def load_hint(self, out_dir: str | Path) -> str:
+        """How to load what `save_pretrained(out_dir)` wrote without HandCLIP, in one sentence."""
+        raise NotImplementedError
+
+    def load_example(self, out_dir: str) -> str:
+        """Python that loads `save_pretrained(out_dir)`'s folder without HandCLIP and embeds `image` (a PIL image
+        the code opens from `hand.jpg`) as `features`, a tensor [1, projection_dim]: the model card's snippet."""
+        raise NotImplementedError
+
+    def forward_flops(self, tower: str, tokens: int | None = None) -> list[float | None]:
+        """Forward FLOPs of one sample through each of the tower's groups, in `layer_groups` order: matrix
+        multiplies and convolutions, 2 per multiply-add (`handclip.model.flops`). `tokens` is the text length
+        (the context length if None; the image tower ignores it). None for a group the backbone does not count:
+        this default counts nothing, and MFU then says so."""
+        return [None] * len(self.layer_groups(tower))
+
     def blocks(self, tower: str) -> list[nn.Module]:
         """The tower's repeated blocks (transformer layers), from input to output; [] for a tower without."""
         raise NotImplementedError
@@ -175,6 +217,14 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     # shared
+    def prefix_blocks(self, tower: str, groups: int) -> int:
+        """The blocks a prefix of `groups` groups holds (1 group: the embeddings alone); a cut outside the
+        tower (`image_prefix`, `text_prefix` and their suffixes) is refused."""
+        depth = self.facts.depth(check_tower(tower))
+        if not 1 <= groups <= depth + 1:
+            raise ValueError(f"{tower} prefix of {groups} groups: must be 1 (embeddings) to {depth + 1} (all blocks)")
+        return groups - 1
+
     def all_groups(self) -> Iterator[LayerGroup]:
         for tower in TOWERS:
             yield from self.layer_groups(tower)
@@ -197,18 +247,90 @@ class Backbone(nn.Module):
             raise RuntimeError(f"parameters outside every layer group: {', '.join(stray[:5])}")
 
 
+def check_tower(tower: str) -> str:
+    """`tower` if it is one of `TOWERS`; a ValueError naming them if not."""
+    if tower not in TOWERS:
+        raise ValueError(f"tower {tower!r}: choose vision or text")
+    return tower
+
+
+def with_norms(groups: list[LayerGroup], model: nn.Module, kinds: tuple[type, ...]) -> list[LayerGroup]:
+    """`groups`, each with its `norms`: those of its parameters that belong to a layer of `model` of one of `kinds`
+    (parameter names relative to `model`, as in the groups)."""
+    norms = {
+        f"{name}.{p}" if name else p for name, module in model.named_modules() if isinstance(module, kinds)
+        for p, _ in module.named_parameters(recurse=False)
+    }  # fmt: skip
+    for group in groups:
+        group.norms = norms & set(group.parameters)
+    return groups
+
+
+def group_depths(blocks: int) -> list[int]:
+    """The depth of each group of a tower of `blocks` blocks, from input to output: L+1, L, ..., 1, 1, 0."""
+    return [blocks + 1, *range(blocks, 0, -1), 1, 0]
+
+
 def tower_groups(
     tower: str,
     embeddings: Mapping[str, nn.Parameter],
     blocks: Sequence[Mapping[str, nn.Parameter]],
     final_norm: Mapping[str, nn.Parameter],
     projection: Mapping[str, nn.Parameter],
+    labels: Sequence[str] = (),
 ) -> list[LayerGroup]:
-    """A tower's groups, from input to output, with their depths, from its parameters by part."""
-    depth = len(blocks)
-    groups = [LayerGroup(tower, "embeddings", 0, depth + 1, dict(embeddings))]
+    """A tower's groups, from input to output, with their depths, from its parameters by part.
+
+    `labels`: the implementation's own name of each group, in the same order (none: named by kind).
+    """
+    depths = group_depths(len(blocks))
+    groups = [LayerGroup(tower, "embeddings", 0, depths[0], dict(embeddings))]
     for number, parameters in enumerate(blocks):
-        groups.append(LayerGroup(tower, "block", number + 1, depth - number, dict(parameters), block=number))
-    groups.append(LayerGroup(tower, "final_norm", depth + 1, 1, dict(final_norm)))
-    groups.append(LayerGroup(tower, "projection", depth + 2, 0, dict(projection)))
+        groups.append(LayerGroup(tower, "block", number + 1, depths[number + 1], dict(parameters), block=number))
+    groups.append(LayerGroup(tower, "final_norm", len(blocks) + 1, depths[-2], dict(final_norm)))
+    groups.append(LayerGroup(tower, "projection", len(blocks) + 2, depths[-1], dict(projection)))
+    if labels:
+        if len(labels) != len(groups):
+            raise ValueError(f"{len(labels)} labels for the {len(groups)} groups of the {tower} tower")
+        for group, label in zip(groups, labels, strict=True):
+            group.label = label
     return groups
+
+
+class BackboneSpec:
+    """What a `conf/backbone/*.yaml` file builds: cheap to make, `facts()` and `skeleton()` read the model
+    config only, `load()` brings the weights. Its class also reads back the exports its backbones write."""
+
+    export_format: ClassVar[str]  # as the loaded backbone's: the format its exports are written in
+
+    def facts(self) -> BackboneFacts:
+        """Depths, widths and sizes of the towers, from the model config alone (no weights)."""
+        raise NotImplementedError
+
+    def skeleton(self) -> Backbone:
+        """The model's structure with no weights (on the meta device): what policies are checked on."""
+        raise NotImplementedError
+
+    def load(self, cache_dir: str | Path | None = None) -> Backbone:
+        """The backbone with its weights, tokenizer and preprocessing."""
+        raise NotImplementedError
+
+    def initial_weights(self) -> str:
+        """The weights training starts from, in words, for model cards (`openai/clip-vit-base-patch32`, `random
+        weights (seed 0)`, `pretrained contrastively on synthetic hands ...`)."""
+        raise NotImplementedError
+
+    def base_model(self) -> str | None:
+        """The Hugging Face hub repository the initial weights come from, if any (a model card's `base_model`)."""
+        return None
+
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        """Whether `folder` is an export in this class's `export_format`, by its files (nothing is loaded)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_export(cls, folder: Path) -> BackboneSpec:
+        """A spec whose `load()` brings the export in `folder` back (one `recognises`); refuses, naming the file,
+        an export that cannot be read safely (pickled weights)."""
+        raise NotImplementedError

@@ -64,6 +64,11 @@ class FreezePolicy:
     def adapt(self, backbone: Backbone) -> None:
         """Add what the policy trains that the model lacks (adapters); once, before the optimiser is built."""
 
+    def merge(self, backbone: Backbone) -> str | None:
+        """Fold what `adapt` added into the backbone's own weights, so that it saves as a plain model (export,
+        soups); return what was merged, in words (a model card line), or None: by default nothing is."""
+        return None
+
     def trains(self, group: LayerGroup, name: str) -> bool:
         """Whether parameter `name` (a model name, in `group`) trains."""
         raise NotImplementedError

@@ -12,8 +12,8 @@
 
 The adapters are injected into the model in place (`peft.inject_adapter_in_model`), so they sit
 inside their block's layer group: the freeze table counts them, layer-wise learning rates and
-checkpoints see them like any weight. `merge_lora` folds them into the base weights for export,
-which then loads as a plain model without peft.
+checkpoints see them like any weight. `Lora.merge` (`merge_lora`) folds them into the base weights for
+export and soups, which then load as a plain model without peft.
 """
 
 from __future__ import annotations
@@ -96,6 +96,13 @@ class Lora(FreezePolicy):
             or (self.train_projections and group.kind == "projection")
             or (self.train_norms and name in group.norms)
         )
+
+    def merge(self, backbone: Backbone) -> str | None:
+        """Fold the adapters into their layers (`merge_lora`): the export loads without peft."""
+        layers = merge_lora(backbone)
+        if not layers:
+            return None
+        return f"{self.label}: the adapters of {layers} layers merged into the weights; loads without peft"
 
 
 def merge_lora(backbone: Backbone) -> int:

@@ -52,6 +52,10 @@ class FreezeSchedule(FreezePolicy):
         for policy in self.policies():
             policy.adapt(backbone)
 
+    def merge(self, backbone) -> str | None:
+        merged = [line for policy in self.policies() if (line := policy.merge(backbone))]
+        return "; ".join(merged) or None
+
     def trains(self, group: LayerGroup, name: str) -> bool:
         return self.policy_at(0).trains(group, name)
 

@@ -1,13 +1,14 @@
 """The model card (README.md) every export carries, as Hugging Face users expect to find one.
 
 It is written from what the run left behind (its resolved `config.yaml`, `freeze.txt` and
-`metrics.json`) and what the export did (raw or EMA weights, WiSE-FT, a soup's ingredients).
+`metrics.json`), what the export did (raw or EMA weights, WiSE-FT, a soup's ingredients, merged
+adapters) and what the backbone says of itself: its initial weights and hub id (`BackboneSpec`), its
+format's front matter and the code that loads the folder without HandCLIP (`Backbone`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,6 @@ import yaml
 GALLERIES = {"test": "same-aspect gallery", "test_all": "gallery merged over aspects"}
 METRICS = ("rank1", "rank5", "rank10", "mAP")
 DATA_SHOWN = ("_target_", "name", "format", "root", "aspect", "no_accessories", "runs", "seed", "sampler", "batch_size")
-
-
-def _hub_id(backbone: Mapping) -> str | None:
-    """The backbone's Hugging Face hub id (`org/name`), if it came from the hub."""
-    source = backbone.get("source")
-    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists():
-        return source
-    return None
 
 
 def _settings(spec: Any) -> str:
@@ -64,28 +57,17 @@ def _test_table(payload: Mapping, label: str = "fine-tuned") -> list[str]:
     return lines
 
 
-def _load_snippet(export_format: str | None, load_hint: str | None) -> list[str]:
-    if export_format and "open_clip" in export_format:
-        return [
-            "```python",
-            "import open_clip",
-            "",
-            'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH_TO_THIS_FOLDER")',
-            'tokenizer = open_clip.get_tokenizer("local-dir:PATH_TO_THIS_FOLDER")',
-            "```",
-            "",
-            *([load_hint, ""] if load_hint else []),
-        ]
+PLACEHOLDER = "PATH_TO_THIS_FOLDER"
+
+
+def _load_snippet(backbone) -> list[str]:
     return [
         "```python",
-        "from transformers import CLIPModel, CLIPProcessor",
-        "",
-        'model = CLIPModel.from_pretrained("PATH_TO_THIS_FOLDER")',
-        'processor = CLIPProcessor.from_pretrained("PATH_TO_THIS_FOLDER")',
-        "features = model.get_image_features(**processor(images=image, return_tensors='pt'))",
+        backbone.load_example(PLACEHOLDER),
         "```",
         "",
-        "Re-identification compares L2-normalised image features by cosine similarity.",
+        "`hand.jpg` stands for an image of a hand. Re-identification compares L2-normalised image features by "
+        "cosine similarity.",
         "",
     ]
 
@@ -101,39 +83,36 @@ def run_files(run_dir: str | Path) -> tuple[dict, dict | None, str | None]:
 
 
 def model_card(
-    config: Mapping, payload: Mapping | None, policy: str | None, *, weights: str, export_format: str | None = None,
-    load_hint: str | None = None, wise_ft: float | None = None, ingredients: Sequence[Mapping] = (),
+    config: Mapping, payload: Mapping | None, policy: str | None, *, spec, backbone, weights: str,
+    merged: str | None = None, wise_ft: float | None = None, ingredients: Sequence[Mapping] = (),
     notes: Sequence[str] = (), source: str = "",
 ) -> str:  # fmt: skip
-    """README.md text: YAML front matter, then base model, training, objective, data, results and loading."""
-    backbone = config.get("backbone") or {}
-    open_clip = bool(export_format and "open_clip" in export_format)
+    """README.md text: YAML front matter, then base model, training, objective, data, results and loading.
+
+    `spec` is the run's `BackboneSpec`, `backbone` the exported `Backbone`; `merged` what the freeze policy
+    merged into the weights (`FreezePolicy.merge`).
+    """
     front: dict[str, Any] = {
-        "library_name": "open_clip" if open_clip else "transformers",
+        **{k: v for k, v in backbone.card_metadata.items() if k == "library_name"},
         "tags": ["clip", "handclip", "hand-re-identification", "person-re-identification", "image-feature-extraction"],
     }
-    hub_id = _hub_id(backbone)
+    hub_id = spec.base_model()
     if hub_id:
         front["base_model"] = hub_id
-    if not open_clip:
-        front["pipeline_tag"] = "zero-shot-image-classification"
-    base = hub_id or (
-        f"open_clip {backbone.get('name')} ({backbone.get('pretrained') or 'random weights'})"
-        if "OpenCLIP" in str(backbone.get("_target_"))
-        else f"{backbone.get('name')} (built from a config, random initial weights)"
-    )
+    front.update({k: v for k, v in backbone.card_metadata.items() if k != "library_name"})
     name = config.get("run_name") or config.get("name") or "run"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# HandCLIP: {name}", ""]
     lines += [f"A CLIP model fine-tuned with HandCLIP for hand-based person re-identification, "
               f"exported from `{source}`.", ""]  # fmt: skip
-    lines += ["## Base model", "", f"- backbone: {base}", f"- projection: {_settings(config.get('projection'))}", ""]
+    lines += ["## Base model", "", f"- backbone: {spec.initial_weights()}",
+              f"- projection: {_settings(config.get('projection'))}", ""]  # fmt: skip
     lines += ["## What was trained", "", f"- {policy or 'freeze policy: ' + _settings(config.get('freeze'))}"]
     stage = config.get("stage") or {}
     if stage.get("name"):
         after = f", after the stage in {stage['previous']}" if stage.get("previous") else ""
         lines.append(f"- stage `{stage['name']}` of a run in stages{after}")
-    if "lora" in str((config.get("freeze") or {}).get("_target_", "")).lower():
-        lines.append("- LoRA adapters are merged into the weights: the model loads without peft")
+    if merged:
+        lines.append(f"- {merged}")
     optim = {k: v for k, v in (config.get("optim") or {}).items() if k in ("_target_", "lr", "weight_decay",
                                                                         "head_lr_multiplier")}  # fmt: skip
     trainer = config.get("trainer") or {}
@@ -187,5 +166,5 @@ def model_card(
             lines += [f"The test numbers below are the {tested} weights'; this export holds the {weights} weights.", ""]
         table = _test_table(payload)
         lines += table or ["The run was not tested (eval.test=false).", ""]
-    lines += ["## How to load", "", *_load_snippet(export_format, load_hint)]
+    lines += ["## How to load", "", *_load_snippet(backbone)]
     return "\n".join(lines).rstrip() + "\n"

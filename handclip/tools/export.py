@@ -1,7 +1,7 @@
-"""Export a run as a Hugging Face model directory that loads without HandCLIP.
+"""Export a run as a model directory that loads without HandCLIP (in its backbone's own format).
 
-    python -m handclip.export RUN_DIR_OR_CKPT OUT_DIR [--wise-ft ALPHA] [--weights ema|raw]
-    python -m handclip.export --soup runs/sweeps/NAME OUT_DIR [--greedy]
+    python -m handclip.export RUN_DIR_OR_CKPT OUT_DIR [--wise-ft ALPHA] [--weights ema|raw] [--trust MODULE]
+    python -m handclip.export --soup runs/sweeps/NAME OUT_DIR [--greedy] [--trust MODULE]
 
 writes safetensors weights, config, tokenizer and image processor; the result loads with
 `CLIPModel.from_pretrained(OUT_DIR)` and `pipeline("zero-shot-image-classification", model=OUT_DIR)`.
@@ -12,8 +12,15 @@ weights): the EMA's validation score chose the best checkpoint and its weights w
 tested, so the export is the model the run's numbers describe. `--soup` averages a sweep's runs
 (`handclip.tools.soup`). Every export carries a model card, README.md (`handclip.tools.card`).
 
-A run whose backbone is an open_clip model (`handclip.model.openclip.OpenCLIP`, `backbone=oc_*`) is written
-in open_clip's own format instead: `open_clip_model.safetensors`, `open_clip_config.json` (model and
+The run's `config.yaml` is rebuilt with `handclip.build`, which builds only HandCLIP's components and
+the libraries it builds from: a run folder from elsewhere cannot run its own code here (`--trust
+MODULE` allows a module of yours, e.g. a freeze policy of your own). Weights that are not finite
+(NaN, inf) are refused, naming the first such parameter; so is an output folder that cannot be
+written, before anything is loaded.
+
+Each backbone writes its own format (`Backbone.export_format`, recorded in `handclip_export.json`); a run
+whose backbone is an open_clip model (`handclip.model.openclip.OpenCLIP`, `backbone=oc_*`) is written in
+open_clip's own format: `open_clip_model.safetensors`, `open_clip_config.json` (model and
 preprocessing config) and `<name>.json` (the bare model config). It loads without HandCLIP with
 `open_clip.create_model_and_transforms("local-dir:OUT_DIR")` (tokenizer:
 `open_clip.get_tokenizer("local-dir:OUT_DIR")`), or with `open_clip.add_model_config("OUT_DIR/<name>.json")` and then
@@ -28,12 +35,15 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from handclip.errors import HandClipError, exit_with
-from handclip.model.lora import merge_lora
+from handclip.tools.outputs import check_writable
 
 
 def find_checkpoint(source: str | Path) -> tuple[Path, Path]:
@@ -56,18 +66,36 @@ def find_checkpoint(source: str | Path) -> tuple[Path, Path]:
 WEIGHTS = ("ema", "raw")
 
 
-def load_run_model(source: str | Path, weights: str | None = None):
+# the sections of a run's config that make its model: built, and so checked, before anything is loaded
+MODEL_SECTIONS = ("backbone", "projection", "freeze")
+
+
+@dataclass
+class LoadedRun:
+    """A run's fine-tuned backbone, with what made it."""
+
+    backbone: Any  # the loaded Backbone, with the checkpoint's weights
+    config: dict  # the run's config.yaml
+    weights: str  # "ema" or "raw"
+    spec: Any  # the BackboneSpec the config names
+    policy: Any  # its FreezePolicy (which may hold adapters to merge)
+    checkpoint: Path
+    run_dir: Path
+
+
+def load_run_model(source: str | Path, weights: str | None = None, trust: Sequence[str] = ()):
     """The fine-tuned backbone of a run (with its tokenizer and preprocessing) and the run's config.
 
     `weights`: `ema` (the run's moving average), `raw`, or None: the EMA when the checkpoint holds one.
+    `trust`: modules besides HandCLIP's whose components the run's config may build (`handclip.build`).
     """
-    backbone, config, _ = load_weights(source, weights)
-    return backbone, config
+    run = load_run(source, weights, trust)
+    return run.backbone, run.config
 
 
-def load_weights(source: str | Path, weights: str | None = None):
-    """(backbone, config, which weights: "ema" or "raw") of a run; see `load_run_model`."""
-    from handclip.build import build
+def load_run(source: str | Path, weights: str | None = None, trust: Sequence[str] = ()) -> LoadedRun:
+    """A run's backbone with the weights of its checkpoint (see `load_run_model`)."""
+    from handclip.build import build, check_targets
     from handclip.io import load_checkpoint_file
     from handclip.model.averaging import ema_weights
 
@@ -79,9 +107,13 @@ def load_weights(source: str | Path, weights: str | None = None):
     if not config_path.is_file():
         raise HandClipError(f"{config_path} not found: export needs the run's resolved config beside its checkpoints")
     config = yaml.safe_load(config_path.read_text())
-    backbone = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
-    build(config["projection"], "projection").apply(backbone)
-    _build_freeze(config["freeze"]).adapt(backbone)  # adapters (LoRA) the checkpoint holds weights for
+    for section in MODEL_SECTIONS:  # all of them, before any is built
+        check_targets(config.get(section), section, trust)
+    spec = build(config["backbone"], "backbone", trust)
+    backbone = spec.load((config.get("paths") or {}).get("cache"))
+    build(config["projection"], "projection", trust).apply(backbone)
+    policy = build_freeze(config["freeze"], trust)
+    policy.adapt(backbone)  # adapters (LoRA) the checkpoint holds weights for
     saved = load_checkpoint_file(checkpoint)
     state, averaged = saved["state_dict"], ema_weights(saved)
     del saved
@@ -100,22 +132,33 @@ def load_weights(source: str | Path, weights: str | None = None):
         raise HandClipError(f"{checkpoint} does not fit the run's backbone: {str(error).splitlines()[0]}") from None
     if chosen == "ema":
         backbone.load_state_dict({**backbone.state_dict(), **averaged})
-    return backbone, config, chosen
+    return LoadedRun(backbone, config, chosen, spec, policy, checkpoint, run_dir)
 
 
-def _build_freeze(spec):
+def build_freeze(spec: Mapping, trust: Sequence[str] = ()):
     """The run's freeze policy (its nested parts too: a schedule's stages), without Hydra."""
-    from collections.abc import Mapping
-
     from handclip.build import build
 
-    def make(value):
+    def make(value, key):
         if isinstance(value, Mapping):
-            value = {k: make(v) for k, v in value.items()}
-            return build(value, "freeze") if "_target_" in value else value
+            value = {k: make(v, f"{key}.{k}") for k, v in value.items()}
+            return build(value, key, trust) if "_target_" in value else value
         return value
 
-    return make(spec)
+    return make(spec, "freeze")
+
+
+def check_finite(state: Mapping, what: str) -> None:
+    """Refuse weights that are not all finite, naming the first parameter with a NaN or an infinity."""
+    import torch
+
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            raise HandClipError(
+                f"{what}: {name} holds {bad} values (training diverged); nothing was exported. Export an earlier "
+                "checkpoint, or the raw weights if only the EMA is broken (--weights raw)"
+            )
 
 
 def wise_ft(backbone, original, alpha: float) -> None:
@@ -139,7 +182,7 @@ MARKER = "handclip_export.json"  # what makes a folder a previous export, which 
 
 
 def check_destination(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
-    """Refuse a destination that would touch a run or someone else's files."""
+    """Refuse a destination that would touch a run or someone else's files, or that cannot be written."""
     out, run = out_dir.resolve(), run_dir.resolve()
     if out == run or out in run.parents:
         raise HandClipError(f"{out_dir} holds the run {run_dir} itself: export into a new folder, e.g. exported/NAME")
@@ -155,6 +198,7 @@ def check_destination(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
             f"{out_dir} is not empty and is not a previous export; export into a new folder, or pass --overwrite "
             "to write the model's files and its card (README.md) into it (other files there are left as they are)"
         )
+    check_writable(out_dir, "export into")
 
 
 def _put_in_place(tmp: Path, out_dir: Path) -> None:
@@ -177,15 +221,15 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
 
 def export(
     source: str | Path, out_dir: str | Path, alpha: float | None = None, overwrite: bool = False,
-    weights: str | None = None,
+    weights: str | None = None, trust: Sequence[str] = (),
 ) -> Path:  # fmt: skip
-    """Write the run's model as a Hugging Face directory with a model card; return it.
+    """Write the run's model in its backbone's format with a model card; return the folder.
 
     `weights`: `ema`, `raw`, or None (the EMA when the run kept one: its validation score picked the
     best checkpoint and its weights were the ones tested). The model is written into a new
     temporary folder beside `out_dir` and moved into place only when complete. A non-empty
     `out_dir` that is not a previous export is refused unless `overwrite`; a run directory, or a
-    folder holding the run, is always refused.
+    folder holding the run, is always refused. `trust`: see `load_run_model`.
     """
     from handclip.build import build
     from handclip.tools.card import model_card, run_files
@@ -193,45 +237,40 @@ def export(
     out_dir = Path(out_dir)
     checkpoint, run_dir = find_checkpoint(source)
     check_destination(out_dir, run_dir, overwrite)
-    backbone, config, chosen = load_weights(source, weights)
+    run = load_run(source, weights, trust)
+    backbone, config = run.backbone, run.config
+    merged = run.policy.merge(backbone)  # adapters folded into the weights: the export loads without peft
     if alpha is not None:
         from handclip.model.projection import Keep
 
-        if not isinstance(build(config["projection"], "projection"), Keep):
+        if not isinstance(build(config["projection"], "projection", trust), Keep):
             raise HandClipError(
                 "WiSE-FT needs an original for every weight, and this run replaced its projection heads "
                 f"(projection: {config['projection'].get('_target_')}), which have none: export without --wise-ft"
             )
-        original = build(config["backbone"], "backbone").load((config.get("paths") or {}).get("cache"))
-        merge_lora(backbone)
+        original = run.spec.load((config.get("paths") or {}).get("cache"))
         wise_ft(backbone, original, alpha)
-    marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha, "weights": chosen}
+    marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha, "weights": run.weights}
     _, payload, policy = run_files(run_dir)
-
-    def card(export_format, load_hint):
-        return model_card(config, payload, policy, weights=chosen, export_format=export_format, load_hint=load_hint,
-                          wise_ft=alpha, source=str(checkpoint))  # fmt: skip
-
+    card = model_card(config, payload, policy, spec=run.spec, backbone=backbone, merged=merged, weights=run.weights,
+                      wise_ft=alpha, source=str(checkpoint))  # fmt: skip
     return write_export(backbone, out_dir, marker, card)
 
 
-def write_export(backbone, out_dir: Path, marker: dict, card) -> Path:
-    """Save the backbone, the marker and the model card (`card(export_format, load_hint)`) into a
-    temporary folder, then move it into place."""
+def write_export(backbone, out_dir: Path, marker: dict, card: str) -> Path:
+    """Save the backbone (its adapters merged already), the marker and the model card `card` into a temporary
+    folder, then move it into place; weights that are not finite are refused first."""
+    check_finite(backbone.state_dict(), "export")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     if tmp.exists():
         raise HandClipError(f"{tmp} exists: another export into {out_dir} may be running; remove it if not")
-    merge_lora(backbone)  # adapters folded into the weights: the export loads without peft
     try:
-        backbone.save_pretrained(tmp)  # an open_clip backbone writes open_clip's own format
-        export_format = getattr(backbone, "export_format", None)
-        load_hint = backbone.load_hint(out_dir) if export_format else None
-        if export_format:  # absent (a Hugging Face directory) for the Hugging Face backbone, as before
-            marker["format"] = export_format
-            marker["load"] = load_hint
+        backbone.save_pretrained(tmp)  # in the backbone's own format
+        marker["format"] = backbone.export_format
+        marker["load"] = backbone.load_hint(out_dir)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-        (tmp / "README.md").write_text(card(export_format, load_hint), encoding="utf-8")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder
         raise
@@ -242,13 +281,15 @@ def write_export(backbone, out_dir: Path, marker: dict, card) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run directory (runs/NAME), a checkpoint file, or with --soup a sweep")
-    parser.add_argument("out_dir", help="where to write the Hugging Face model directory")
+    parser.add_argument("out_dir", help="where to write the model directory")
     parser.add_argument("--wise-ft", type=float, default=None, metavar="ALPHA", help="interpolate with the original")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not an export")
     parser.add_argument("--weights", choices=WEIGHTS, default=None,
                         help="the run's EMA or raw weights (default: the EMA when the run kept one)")  # fmt: skip
     parser.add_argument("--soup", action="store_true", help="average the finished points of the sweep SOURCE")
     parser.add_argument("--greedy", action="store_true", help="with --soup: add points only if val Rank-1 holds")
+    parser.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                        help="a module of your own whose components the run's config.yaml may build (repeatable)")
     args = parser.parse_args(argv)
     try:
         if args.greedy and not args.soup:
@@ -258,13 +299,12 @@ def main(argv=None) -> None:
         if args.soup:
             from handclip.tools.soup import soup
 
-            out = soup(args.source, args.out_dir, args.greedy, args.overwrite, args.weights)
+            out = soup(args.source, args.out_dir, args.greedy, args.overwrite, args.weights, args.trust)
         else:
-            out = export(args.source, args.out_dir, args.wise_ft, args.overwrite, args.weights)
+            out = export(args.source, args.out_dir, args.wise_ft, args.overwrite, args.weights, args.trust)
     except HandClipError as error:
         exit_with(error)
-    marker = json.loads((out / MARKER).read_text()) if (out / MARKER).is_file() else {}
-    print(f"exported {out}: {marker.get('load') or f'load it with CLIPModel.from_pretrained({str(out)!r})'}")
+    print(f"exported {out}: {json.loads((out / MARKER).read_text())['load']}")
 
 
 if __name__ == "__main__":

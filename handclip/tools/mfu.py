@@ -1,22 +1,23 @@
 """Model FLOPs utilisation: the FLOPs a training step must do, over what the GPU could do meanwhile.
 
-FLOPs per sample come from the model's shape (`BackboneFacts`), counted as matrix multiplies
-(2 FLOPs per multiply-add; norms, softmax and the loss are left out, as is usual for MFU):
+Forward FLOPs per sample come from the backbone, per layer group (`Backbone.forward_flops`: matrix
+multiplies and convolutions, 2 FLOPs per multiply-add, from the model's shape; the formulas are in
+`handclip.model.flops`). A backbone that does not count a group makes the step's FLOPs unknown,
+and MFU is then reported as not counted (None), never guessed.
 
-- a transformer block on n tokens of width w with MLP width m: 2n(4w² + 2wm) for the linear
-  layers and 4n²w for attention (QKᵀ and the weighted sum), causal masks counted in full;
-- the patch embedding 2·(patches)·(3p²)·w and the projection 2·w·d.
-
-A training step costs the forward pass, plus for every block above the lowest trainable one
+A training step costs the forward pass, plus for every group from the lowest trainable one up
 twice its forward in the backward pass (gradients for the activations and for the weights),
-as in the PaLM appendix; blocks below the lowest trainable block have no backward. With a
+as in the PaLM appendix; groups below the lowest trainable one have no backward. With a
 frozen prefix the backward is cheaper, so MFU measures the work the step must do, not 6N.
 Peak throughput is dense bf16 tensor-core FLOP/s from the table below (by GPU name), or given.
 """
 
 from __future__ import annotations
 
-from handclip.model.backbone import BackboneFacts, TowerFacts
+from collections.abc import Sequence
+
+from handclip.model.backbone import TOWERS, BackboneFacts, group_depths
+from handclip.model.flops import text_transformer_flops, vision_transformer_flops
 
 # dense (not sparse) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {
@@ -46,43 +47,36 @@ def peak_flops(device_name: str, given_tflops: float | None = None) -> float | N
     return PEAK_BF16[max(matches, key=len)] if matches else None
 
 
-def block_flops(tokens: int, tower: TowerFacts) -> float:
-    """Forward FLOPs of one transformer block on `tokens` tokens."""
-    width, mlp = tower.width, tower.mlp_width
-    return 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
-
-
-def tower_step_flops(tokens: int, tower: TowerFacts, trainable_blocks: int, stem: float, projection: float) -> float:
-    """Forward + backward FLOPs of one sample through a tower whose top `trainable_blocks` blocks train.
-
-    `trainable_blocks` = depth + 1 means everything trains (the embeddings too); 0 means only the
-    projection (its own backward is counted), -1 means the tower is frozen (forward only).
-    """
-    block = block_flops(tokens, tower)
-    forward = stem + tower.depth * block + projection
-    if trainable_blocks < 0:
-        return forward
-    backward = 2 * projection + 2 * min(trainable_blocks, tower.depth) * block
-    if trainable_blocks > tower.depth:
-        backward += 2 * stem
-    return forward + backward
+def step_flops(depths: Sequence[int], forward: Sequence[float], trainable: int) -> float:
+    """Forward + backward FLOPs of one sample through a tower's groups (their `depth`s and forward FLOPs) when
+    the groups of depth <= `trainable` train (-1: none; then the step is the forward alone)."""
+    backward = sum(flops for depth, flops in zip(depths, forward, strict=True) if depth <= trainable)
+    return sum(forward) + 2 * backward
 
 
 def step_flops_per_sample(
     facts: BackboneFacts, vision_trainable: int, text_trainable: int, text_tokens: int | None = None
 ) -> float | None:
-    """Training FLOPs per (image, caption) pair; None for a vision tower without patches (ResNet)."""
+    """Training FLOPs per (image, caption) pair of a transformer CLIP from its shape; None for a vision tower
+    without patches (a ResNet: `backbone_step_flops` counts it from the backbone)."""
     if not facts.patch_size:
         return None
-    patches = (facts.image_size // facts.patch_size) ** 2
-    vision, text = facts.vision, facts.text
-    tokens = text_tokens or facts.context_length
-    image = tower_step_flops(
-        patches + 1, vision, vision_trainable, 2 * patches * 3 * facts.patch_size**2 * vision.width,
-        2 * vision.width * facts.projection_dim,
-    )  # fmt: skip
-    caption = tower_step_flops(tokens, text, text_trainable, 0.0, 2 * text.width * facts.projection_dim)
+    image = step_flops(group_depths(facts.vision.depth), vision_transformer_flops(facts), vision_trainable)
+    caption = step_flops(group_depths(facts.text.depth), text_transformer_flops(facts, text_tokens), text_trainable)
     return image + caption
+
+
+def backbone_step_flops(backbone, text_tokens: int | None = None) -> float | None:
+    """Training FLOPs per (image, caption) pair of `backbone` as its groups train now (after `apply_freeze`);
+    None when the backbone does not count some group's FLOPs."""
+    total = 0.0
+    for tower in TOWERS:
+        forward = backbone.forward_flops(tower, text_tokens if tower == "text" else None)
+        if any(flops is None for flops in forward):
+            return None
+        depths = [group.depth for group in backbone.layer_groups(tower)]
+        total += step_flops(depths, forward, trainable_blocks(backbone, tower))
+    return total
 
 
 def trainable_blocks(backbone, tower: str) -> int:

@@ -1,24 +1,31 @@
 """Model soups: the average of a sweep's runs, exported like any run.
 
-    python -m handclip.export --soup runs/sweeps/NAME OUT [--greedy] [--weights ema|raw]
+    python -m handclip.export --soup runs/sweeps/NAME OUT [--greedy] [--weights ema|raw] [--trust MODULE]
 
 Every finished point of the sweep (one with `metrics.json`) contributes its best checkpoint
 (its EMA when it kept one, unless `--weights raw`). Uniform by default: all points, equally
 weighted. `--greedy` (Wortsman et al., 2022) orders the points by their validation Rank-1 and
 adds each to the soup only if the soup's validation Rank-1 does not drop; validation uses the
-first point's data and evaluation settings. Points whose backbone, projection or LoRA adapters
-differ are refused: their weights do not average into one model.
+first point's data and evaluation settings. Points whose backbone, projection or adapters differ
+(what their freeze policies would merge into the weights, `FreezePolicy.merge`) are refused, before
+any weights are loaded: soups average runs of one model.
+
+A soup of one point (a sweep with one finished point, or a greedy soup that kept only its first) is
+exported, as that point's weights, with a warning on stderr and in the model card: it is what
+`python -m handclip.export POINT` writes, and refusing would leave nothing when a sweep's other
+points failed; but nobody should take it for an average.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from handclip.errors import HandClipError
 
-# what must be the same in every ingredient (the freeze policy too when it adds adapters)
+# what must be the same in every ingredient (the freeze policy's adapters too, see `_adapters`)
 SHARED = ("backbone", "projection")
 
 
@@ -31,14 +38,27 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
     return flat
 
 
-def _adapters(config: Mapping) -> Mapping | None:
-    freeze = config.get("freeze") or {}
-    return freeze if "lora" in str(freeze.get("_target_", "")).lower() else None
+def _adapters(config: Mapping, trust: Sequence[str]) -> str | None:
+    """The adapters a point's freeze policy adds and merges into the weights (its label), or None; found on the
+    model's skeleton (its config only, no weights)."""
+    from handclip.build import build
+    from handclip.tools.export import build_freeze
+
+    skeleton = build(config["backbone"], "backbone", trust).skeleton()
+    build(config["projection"], "projection", trust).apply(skeleton)
+    policy = build_freeze(config["freeze"], trust)
+    policy.adapt(skeleton)
+    return policy.label if policy.merge(skeleton) else None
 
 
-def check_ingredients(points: list[tuple[Path, Mapping]]) -> None:
-    """Refuse points whose backbone, projection or LoRA structure differ from the first point's."""
+def check_ingredients(points: list[tuple[Path, Mapping]], trust: Sequence[str] = ()) -> None:
+    """Refuse points whose backbone, projection or adapters differ from the first point's."""
+    from handclip.build import check_targets
+
     (first, reference), rest = points[0], points[1:]
+    for _, config in points:
+        for section in ("backbone", "projection", "freeze"):
+            check_targets(config.get(section), section, trust)
     for point, config in rest:
         for section in SHARED:
             mine, theirs = _flatten(config.get(section), section), _flatten(reference.get(section), section)
@@ -48,11 +68,13 @@ def check_ingredients(points: list[tuple[Path, Mapping]]) -> None:
                         f"{point.name} cannot go in a soup with {first.name}: {key} differs ({mine.get(key)!r} vs "
                         f"{theirs.get(key)!r}); a soup averages runs of one backbone and projection"
                     )
-        if (_adapters(config) or _adapters(reference)) and config.get("freeze") != reference.get("freeze"):
-            raise HandClipError(
-                f"{point.name} cannot go in a soup with {first.name}: its LoRA adapters differ (freeze: "
-                f"{config.get('freeze')} vs {reference.get('freeze')})"
-            )
+        if config.get("freeze") != reference.get("freeze"):
+            mine, theirs = _adapters(config, trust), _adapters(reference, trust)
+            if mine != theirs:
+                raise HandClipError(
+                    f"{point.name} cannot go in a soup with {first.name}: its adapters differ ({mine or 'none'} vs "
+                    f"{theirs or 'none'}); a soup averages runs of one model"
+                )
 
 
 def sweep_points(sweep_dir: Path) -> list[Path]:
@@ -87,31 +109,39 @@ def _validation(config: Mapping):
 
 def soup(
     sweep_dir: str | Path, out_dir: str | Path, greedy: bool = False, overwrite: bool = False,
-    weights: str | None = None,
+    weights: str | None = None, trust: Sequence[str] = (),
 ) -> Path:  # fmt: skip
-    """Average the sweep's finished points into one model and export it (with its model card)."""
+    """Average the sweep's finished points into one model and export it (with its model card).
+
+    `trust`: modules besides HandCLIP's whose components the points' configs may build (`handclip.build`).
+    """
+    from handclip.build import check_targets
     from handclip.model.averaging import average_states
-    from handclip.model.lora import merge_lora
     from handclip.tools.card import model_card, run_files
-    from handclip.tools.export import check_destination, load_weights, write_export
+    from handclip.tools.export import check_destination, check_finite, load_run, write_export
 
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     check_destination(out_dir, sweep_dir, overwrite)
     points = sweep_points(sweep_dir)
     files = {p: run_files(p) for p in points}
-    check_ingredients([(p, files[p][0]) for p in points])
+    check_ingredients([(p, files[p][0]) for p in points], trust)
+    if greedy:  # its validation builds the whole of the first point's config: data, objective, evaluation
+        check_targets(files[points[0]][0], "", trust)
 
-    ingredients, states, chosen, backbone = [], {}, set(), None
+    ingredients, states, chosen, first, merged = [], {}, set(), None, None
     for point in points:
-        loaded, config, used = load_weights(point, weights)
-        merge_lora(loaded)  # adapters folded in: soups average plain weights
-        states[point] = {k: v.detach().cpu() for k, v in loaded.state_dict().items()}
-        chosen.add(used)
-        backbone = backbone or loaded
+        run = load_run(point, weights, trust)
+        merged = run.policy.merge(run.backbone) or merged  # adapters folded in: soups average plain weights
+        states[point] = {k: v.detach().cpu() for k, v in run.backbone.state_dict().items()}
+        check_finite(states[point], f"soup ingredient {point.name}")
+        chosen.add(run.weights)
+        first = first or run
+        used = run.weights
         metrics = files[point][1]["metrics"]
         raw = "raw/" if used == "raw" and "raw/val/rank1" in metrics else ""
         ingredients.append({"name": point.name, "val": metrics.get(f"{raw}val/rank1"),
                             "test": metrics.get(f"{raw}test/rank1"), "path": str(point)})  # fmt: skip
+    backbone = first.backbone  # the soup goes into the first point's model
     shapes = {k: tuple(v.shape) for k, v in states[points[0]].items()}
     for point in points[1:]:
         if {k: tuple(v.shape) for k, v in states[point].items()} != shapes:
@@ -135,13 +165,15 @@ def soup(
                 kept, best = [*kept, item], candidate
         ingredients = kept
     backbone.load_state_dict(average_states([states[Path(i["path"])] for i in ingredients]))
+    if len(ingredients) == 1:
+        why = "the greedy soup kept only its first point" if greedy else "the sweep has only one finished point"
+        alone = f"a soup of one: {why}, so this export is {ingredients[0]['name']}'s own weights, not an average"
+        notes.append(alone)
+        print(f"warning: {alone}", file=sys.stderr, flush=True)
     used = chosen.pop() if len(chosen) == 1 else "mixed"
     marker = {"source": str(sweep_dir), "soup": [i["path"] for i in ingredients], "greedy": greedy, "weights": used}
     config, _, policy = files[Path(ingredients[0]["path"])]
-
-    def card(export_format, load_hint):
-        return model_card(config, None, policy, weights=used, export_format=export_format, load_hint=load_hint,
-                          ingredients=ingredients, notes=notes, source=str(sweep_dir))  # fmt: skip
-
+    card = model_card(config, None, policy, spec=first.spec, backbone=backbone, merged=merged, weights=used,
+                      ingredients=ingredients, notes=notes, source=str(sweep_dir))  # fmt: skip
     print(f"soup of {len(ingredients)}: {', '.join(i['name'] for i in ingredients)}", flush=True)
     return write_export(backbone, out_dir, marker, card)

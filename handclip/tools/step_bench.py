@@ -7,7 +7,7 @@ Each setting runs in its own process (so peak memory is its own): a random-weigh
 named architecture, a fixed random batch of images and 16-token captions, the contrastive step
 of training (`handclip.train.accumulate.contrastive_step`) and AdamW, a warm-up step, then
 `--steps` timed steps. On a GPU: bf16 autocast, fused AdamW, peak allocated memory and model
-FLOPs utilisation (FLOPs from the model's shape, peak from the GPU's name or `--peak-tflops`).
+FLOPs utilisation (FLOPs from the backbone, `Backbone.forward_flops`, peak from the GPU's name or `--peak-tflops`).
 On a CPU: fp32, and the peak resident memory of the process above what it held before the first step.
 """
 
@@ -73,7 +73,7 @@ def measure(model: str, policy: str, batch: int, steps: int, setting: dict, peak
 
     from handclip.losses import ContrastiveLoss, Objective
     from handclip.model import apply_freeze
-    from handclip.tools.mfu import mfu, peak_flops, step_flops_per_sample, trainable_blocks
+    from handclip.tools.mfu import backbone_step_flops, mfu, peak_flops
     from handclip.train.accumulate import contrastive_step
     from handclip.train.compute import Compute
     from handclip.train.optim import fused_if_cuda
@@ -118,9 +118,7 @@ def measure(model: str, policy: str, batch: int, steps: int, setting: dict, peak
     if cuda:
         torch.cuda.synchronize()
     rate = batch * steps / (time.perf_counter() - start)
-    flops = step_flops_per_sample(
-        backbone.facts, trainable_blocks(backbone, "vision"), trainable_blocks(backbone, "text"), text_tokens=16
-    )
+    flops = backbone_step_flops(backbone, text_tokens=16)
     peak = peak_flops(torch.cuda.get_device_name(), peak_tflops) if cuda else None
     # accumulation re-runs the forward of what trains: that work is not counted as model FLOPs
     row = {

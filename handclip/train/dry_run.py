@@ -2,9 +2,10 @@
 
 Built from the configuration and the backbone's config alone (the model's structure on the meta
 device: no weights, no data, no network once a hub model's config is cached). Prints each tower's
-shape and parameter count, the freeze plan per group (per epoch for an unfreeze schedule), the
-optimiser's parameter groups with their learning rates and weight decay, the trainable share and
-an estimate of training memory.
+shape and parameter count, the FLOPs of a forward pass and of a training step under the policy (the
+backbone's own count, `Backbone.forward_flops`), the freeze plan per group (per epoch for an
+unfreeze schedule), the optimiser's parameter groups with their learning rates and weight decay,
+the trainable share and an estimate of training memory.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from handclip.model.freeze import apply_freeze
+from handclip.tools.mfu import backbone_step_flops
 from handclip.train.config import build_components, objective_facts
+
+CAPTION_TOKENS = 32  # captions are short: about 32 tokens padded
 
 
 def _megabytes(count: float) -> str:
@@ -54,6 +58,16 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
         count = f"{sum(g.numel() for g in groups):,}"
         towers.add_row(tower, str(shape.width), str(shape.depth), str(shape.heads), inputs[tower], sizes, count)
     console.print(towers)
+    forward = {tower: skeleton.forward_flops(tower, CAPTION_TOKENS) for tower in ("vision", "text")}
+    step = backbone_step_flops(skeleton, CAPTION_TOKENS)  # under the policy as it stands at the first epoch
+    if step is None:
+        console.print("FLOPs: not counted for this backbone")
+    else:
+        console.print(
+            f"forward FLOPs per sample: image {sum(forward['vision']) / 1e9:.3g} GFLOP, caption "
+            f"{sum(forward['text']) / 1e9:.3g} GFLOP ({CAPTION_TOKENS} tokens); a training step under this policy: "
+            f"{step / 1e9:.3g} GFLOP per pair"
+        )
 
     if parts.freeze.changes_within(epochs):
         plan = parts.freeze.plan(skeleton, epochs, heads)
@@ -104,7 +118,7 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
     weights = report.total * 4
     trained = report.trainable * 4 * 3  # gradient + exp_avg + exp_avg_sq, fp32
     activations = 0.0
-    tokens = {"vision": (grid or 1) ** 2 + 1, "text": 32}  # captions are short: about 32 tokens padded
+    tokens = {"vision": (grid or 1) ** 2 + 1, "text": CAPTION_TOKENS}
     for tower in ("vision", "text"):
         groups_of_tower = skeleton.layer_groups(tower)
         needs_grad = [g for g in groups_of_tower if any(p.requires_grad for p in g.parameters.values())]
@@ -129,4 +143,4 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
     )
     return {"trainable_parameters": report.trainable, "total_parameters": report.total,
             "optimizer_groups": [{"lr": g["lr"], "weight_decay": g["weight_decay"], "tensors": len(g["params"])}
-                                 for g in groups], "memory_bytes": total}  # fmt: skip
+                                 for g in groups], "memory_bytes": total, "step_flops": step}  # fmt: skip

@@ -1,16 +1,4 @@
-"""The Hugging Face implementation of the backbone interface: `transformers.CLIPModel`.
-
-A backbone spec (a `conf/backbone/*.yaml` file) names a hub id or a local directory,
-
-    _target_: handclip.model.HuggingFaceCLIP
-    name: vit_b32
-    source: openai/clip-vit-base-patch32
-
-or, for the tiny random model of the demo and the tests, `source: tiny` with a `config:`
-(a `CLIPConfig`'s fields). The tiny model is built once from its config, saved with
-`save_pretrained` into a cache directory and loaded back with `from_pretrained`, so it goes
-through the same path as a real one. The spec itself is cheap: `facts()` reads only the model
-config, and `load()` brings the weights.
+"""A loaded `transformers.CLIPModel` as a `Backbone`, with its tokenizer and image processor.
 
 Works with transformers 4.x and 5.x (5.x returns output objects from `get_*_features`, and its
 encoder layers return tensors rather than tuples).
@@ -18,10 +6,7 @@ encoder layers return tensors rather than tuples).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,77 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from handclip.checks import integer
-from handclip.errors import BackboneError, ConfigError, first_line
-from handclip.io import atomic_path, remove_dead_leftovers, waiting_lock, write_json_atomic
-from handclip.model.backbone import Backbone, BackboneFacts, LayerGroup, TowerFacts, tower_groups
-from handclip.settings import plain_dict
-
-TINY = "tiny"
-
-
-def default_cache_dir() -> Path:
-    """Where built backbones are kept: $HANDCLIP_CACHE, else ~/.cache/handclip (read when used)."""
-    return Path(os.environ.get("HANDCLIP_CACHE") or Path.home() / ".cache" / "handclip")
-
-
-def _size_field(size: Any, key: str) -> Any:
-    # transformers 4.x keeps sizes in dicts, 5.x in SizeDict objects
-    if isinstance(size, Mapping):
-        return size.get(key)
-    return getattr(size, key, None)
-
-
-def _tensor(output) -> torch.Tensor:
-    # transformers 5 returns an output object whose pooler_output is the projected embedding
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.pooler_output
-
-
-def tiny_clip_config(config: Mapping | None):
-    """The `CLIPConfig` of a tiny backbone from its fields (`projection_dim`, `vision_config`, `text_config`)."""
-    from transformers import CLIPConfig
-
-    config = dict(config or {})
-    text = dict(config.pop("text_config", {}) or {})
-    vision = dict(config.pop("vision_config", {}) or {})
-    for tower, values in (("text_config", text), ("vision_config", vision)):
-        width, heads = values.get("hidden_size", 0), values.get("num_attention_heads", 1)
-        if width and width % heads:
-            raise ConfigError(
-                f"backbone.config.{tower}: hidden_size={width} must be divisible by num_attention_heads={heads}"
-            )
-    # the tokenizer's special ids: the text tower pools at eos_token_id, so they must agree
-    text.setdefault("bos_token_id", 49406)
-    text.setdefault("eos_token_id", 49407)
-    text.setdefault("pad_token_id", 49407)
-    text.setdefault("vocab_size", 49408)
-    return CLIPConfig(text_config=text, vision_config=vision, **config)
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep + os.sep in source
-
-
-def _load_error(source: str, error: Exception) -> BackboneError:
-    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
-        return BackboneError(
-            f"backbone.source={source}: no such directory. A local backbone is a directory written by "
-            "CLIPModel.save_pretrained (with its tokenizer and image processor); check the path"
-        )
-    first = first_line(error)
-    local = Path(source)
-    tried = (
-        f"the local directory '{source}' ({'exists' if local.is_dir() else 'not found'})"
-        f" and the Hugging Face cache/hub (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})"
-    )
-    return BackboneError(
-        f"Could not load backbone '{source}': {first}. Tried {tried}. To fix: download it once on a "
-        f"machine with internet (`hf download {source}`) and run with HF_HUB_OFFLINE=1, or save a "
-        "model with `save_pretrained(DIR)` and use `backbone=local backbone.source=DIR`, or try the "
-        "offline demo with `experiment=demo`."
-    )
+from handclip.errors import ConfigError, first_line
+from handclip.model.backbone import (
+    Backbone,
+    BackboneFacts,
+    LayerGroup,
+    TowerFacts,
+    check_tower,
+    tower_groups,
+    with_norms,
+)
+from handclip.model.flops import text_transformer_flops, vision_transformer_flops
 
 
 def facts_of(config) -> BackboneFacts:
@@ -117,116 +42,18 @@ def facts_of(config) -> BackboneFacts:
     )  # fmt: skip
 
 
-class HuggingFaceCLIP:
-    """A backbone spec for `transformers.CLIPModel`: cheap to build, `load()` brings the weights."""
+def _size_field(size: Any, key: str) -> Any:
+    # transformers 4.x keeps sizes in dicts, 5.x in SizeDict objects
+    if isinstance(size, Mapping):
+        return size.get(key)
+    return getattr(size, key, None)
 
-    def __init__(self, source: str | None = None, name: str | None = None, config: Mapping | None = None,
-                 seed: int = 0, pretrain: Mapping | None = None):  # fmt: skip
-        if not source:
-            raise ConfigError(
-                "backbone.source is missing: give a hub id (openai/clip-vit-base-patch32), "
-                "a local save_pretrained directory, or 'tiny'"
-            )
-        if source != TINY and config:
-            raise ConfigError(f"backbone.config is only for source=tiny; backbone.source={source} brings its own")
-        integer("backbone.seed", seed)
-        self.source = str(source)
-        self.name = name or self.source
-        self.config = plain_dict(config or {}, "backbone.config")
-        self.seed = seed
-        if pretrain is not None and source != TINY:
-            raise ConfigError(f"backbone.pretrain is only for source=tiny; backbone.source={source} is already trained")
-        self.pretrain = None
-        if pretrain is not None:
-            from handclip.model.pretrain import Pretraining
 
-            self.pretrain = Pretraining.from_settings(plain_dict(pretrain, "backbone.pretrain"))
-
-    def clip_config(self):
-        """The model's `CLIPConfig`, without loading any weights."""
-        if self.source == TINY:
-            return tiny_clip_config(self.config)
-        from transformers import CLIPConfig
-
-        try:
-            return CLIPConfig.from_pretrained(self.source)
-        except Exception as error:  # noqa: BLE001 - re-raised with what to do
-            raise _load_error(self.source, error) from error
-
-    def facts(self) -> BackboneFacts:
-        """Depths, widths and sizes of the towers, from the config alone."""
-        return facts_of(self.clip_config())
-
-    def skeleton(self) -> HFBackbone:
-        """The model's structure with no weights (on the meta device): what policies are checked on."""
-        from transformers import CLIPImageProcessor, CLIPModel
-
-        config = self.clip_config()
-        with torch.device("meta"):
-            model = CLIPModel(config)
-        size = int(config.vision_config.image_size)
-        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return HFBackbone(model, None, processor, self.source)
-
-    def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
-        """Build the tiny backbone once (seeded random weights, then pretrained if asked) and return its directory."""
-        key = {"config": self.config, "seed": self.seed}
-        if self.pretrain is not None:
-            key["pretrain"] = self.pretrain.key()
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        kind = "tiny" if self.pretrain is None else "tiny-pretrained"
-        out = Path(cache_dir or default_cache_dir()) / "backbones" / f"{kind}-{digest}"
-
-        def built() -> bool:
-            return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-
-        if built():
-            return out
-        # a second process building the same model waits here, then finds it built
-        with waiting_lock(out.with_name(f".{out.name}.lock")):
-            remove_dead_leftovers(out.parent)  # killed builds' half-made folders
-            if not built():  # missing, or damaged (a file gone): built anew, put in place whole
-                with atomic_path(out) as tmp:
-                    self._build_tiny(tmp)
-        return out
-
-    def _build_tiny(self, out: Path) -> None:
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
-        from handclip.model.tokenizer import build_clip_tokenizer
-
-        config = tiny_clip_config(self.config)
-        # a private random stream: building the cache must not change the run's own random numbers
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = CLIPModel(config)
-            build_clip_tokenizer(out)
-            size = config.vision_config.image_size
-            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-            processor.save_pretrained(out)
-            if self.pretrain is not None:
-                from handclip.model.pretrain import pretrain_tiny
-
-                print("pretraining the tiny CLIP once on synthetic hands (a few minutes on a CPU); "
-                      f"kept in {out.parent}", flush=True)  # fmt: skip
-                backbone = HFBackbone(model, AutoTokenizer.from_pretrained(out), processor, TINY)
-                report = pretrain_tiny(backbone, self.pretrain, self.seed)
-                write_json_atomic(out / "pretraining.json", report)
-                print(f"pretrained in {report['seconds']:.0f} s; loss by epoch {report['epoch_loss']}", flush=True)
-        model.save_pretrained(out, safe_serialization=True)
-
-    def load(self, cache_dir: str | Path | None = None) -> HFBackbone:
-        """Model, tokenizer and image processor through `from_pretrained`."""
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
-        path = str(self.tiny_dir(cache_dir)) if self.source == TINY else self.source
-        try:
-            model = CLIPModel.from_pretrained(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            processor = CLIPImageProcessor.from_pretrained(path)
-        except Exception as error:  # noqa: BLE001 - re-raised with what to do
-            raise _load_error(self.source, error) from error
-        return HFBackbone(model, tokenizer, processor, self.source)
+def _tensor(output) -> torch.Tensor:
+    # transformers 5 returns an output object whose pooler_output is the projected embedding
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.pooler_output
 
 
 def _layer_call(layer: nn.Module):
@@ -258,6 +85,9 @@ class _Tokenize:
 
 class HFBackbone(Backbone):
     """A loaded `CLIPModel` with its tokenizer and image processor."""
+
+    export_format = "transformers"  # a save_pretrained directory
+    card_metadata = {"library_name": "transformers", "pipeline_tag": "zero-shot-image-classification"}
 
     def __init__(self, model, tokenizer, image_processor, source: str = ""):
         super().__init__()
@@ -321,13 +151,12 @@ class HFBackbone(Backbone):
             tower, embeddings, blocks, named(getattr(transformer, final_norm), f"{prefix}.{final_norm}"),
             named(getattr(model, projection), projection),
         )  # fmt: skip
-        norms = {
-            f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)
-            for p, _ in module.named_parameters()
-        }  # fmt: skip
-        for group in groups:
-            group.norms = norms & set(group.parameters)
-        return groups
+        return with_norms(groups, model, (nn.LayerNorm,))
+
+    def forward_flops(self, tower: str, tokens: int | None = None) -> list[float | None]:
+        if check_tower(tower) == "vision":
+            return list(vision_transformer_flops(self.facts))
+        return list(text_transformer_flops(self.facts, tokens))
 
     # partial forward -----------------------------------------------------------------------
     def _blocks(self, transformer, hidden: torch.Tensor, start: int, stop: int, mask=None) -> torch.Tensor:
@@ -335,20 +164,14 @@ class HFBackbone(Backbone):
             hidden = _layer_call(layer)(hidden, mask)
         return hidden
 
-    def _check_groups(self, tower: str, groups: int) -> int:
-        depth = len(self.layer_groups(tower)) - 3
-        if not 1 <= groups <= depth + 1:
-            raise ValueError(f"{tower} prefix of {groups} groups: must be 1 (embeddings) to {depth + 1} (all blocks)")
-        return groups - 1  # blocks in the prefix
-
     def image_prefix(self, pixel_values: torch.Tensor, groups: int) -> torch.Tensor:
-        blocks = self._check_groups("vision", groups)
+        blocks = self.prefix_blocks("vision", groups)
         vision = self.model.vision_model
         hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
         return self._blocks(vision, hidden, 0, blocks)
 
     def image_suffix(self, hidden: torch.Tensor, groups: int, pre_projection: bool = False):
-        blocks = self._check_groups("vision", groups)
+        blocks = self.prefix_blocks("vision", groups)
         vision = self.model.vision_model
         hidden = self._blocks(vision, hidden, blocks, len(vision.encoder.layers))
         pooled = vision.post_layernorm(hidden[:, 0, :])
@@ -367,7 +190,7 @@ class HFBackbone(Backbone):
         return mask
 
     def text_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, groups: int) -> torch.Tensor:
-        blocks = self._check_groups("text", groups)
+        blocks = self.prefix_blocks("text", groups)
         text = self.model.text_model
         hidden = text.embeddings(input_ids=input_ids)
         return self._blocks(text, hidden, 0, blocks, self._text_mask(hidden, attention_mask))
@@ -375,7 +198,7 @@ class HFBackbone(Backbone):
     def text_suffix(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, groups: int
     ) -> torch.Tensor:
-        blocks = self._check_groups("text", groups)
+        blocks = self.prefix_blocks("text", groups)
         text = self.model.text_model
         hidden = self._blocks(text, hidden, blocks, len(text.encoder.layers), self._text_mask(hidden, attention_mask))
         hidden = text.final_layer_norm(hidden)
@@ -445,3 +268,21 @@ class HFBackbone(Backbone):
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
         return out_dir
+
+    def load_hint(self, out_dir: str | Path) -> str:
+        return f"load it with CLIPModel.from_pretrained({str(out_dir)!r})"
+
+    def load_example(self, out_dir: str) -> str:
+        return "\n".join([
+            "import torch",
+            "from PIL import Image",
+            "from transformers import CLIPModel, CLIPProcessor",
+            "",
+            f'model = CLIPModel.from_pretrained("{out_dir}").eval()',
+            f'processor = CLIPProcessor.from_pretrained("{out_dir}")',
+            'image = Image.open("hand.jpg")',
+            "with torch.no_grad():",
+            "    features = model.get_image_features(**processor(images=image, return_tensors=\"pt\"))",
+            "# transformers 5 returns an output object holding the embedding, 4.x the tensor itself",
+            'features = getattr(features, "pooler_output", features)',
+        ])  # fmt: skip
