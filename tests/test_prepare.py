@@ -7,6 +7,7 @@ with nothing written. The tests go through the command line, as a user does.
 """
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -128,7 +129,8 @@ def test_an_image_under_two_identities_is_refused(tmp_path, capsys):
     (root / "captions.csv").write_text("\n".join(lines) + "\n")
     assert prepare(root, "--format", "csv") == 2
     line = error_line(capsys)
-    assert "image img/4.jpg is listed under two identities, 'p1' and 'p7'" in line
+    assert "captions.csv line 26: image img/4.jpg is listed under identity 'p7' here and under 'p1' at " in line
+    assert "captions.csv line 6;" in line
     assert not (root / "splits").exists()
 
 
@@ -247,3 +249,13 @@ def test_an_up_to_date_dataset_is_only_read(tmp_path):
     times = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     assert prepare(root, "--format", "csv") == 0
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == times  # read, not written
+
+
+def test_a_replaced_image_changes_the_content_key_but_not_the_split(hands):
+    # the manifest's .json keys what is computed from the images (e.g. stored activations) by their content
+    assert prepare(hands) == 0
+    (path,) = (hands / "splits").glob("*.csv")
+    text, key = path.read_text(), json.loads(path.with_suffix(".json").read_text())["images_sha256"]
+    Image.new("RGB", (160, 120), (250, 0, 0)).save(hands / manifest(hands)[0]["image"], "JPEG")
+    assert prepare(hands) == 0
+    assert path.read_text() == text and json.loads(path.with_suffix(".json").read_text())["images_sha256"] != key

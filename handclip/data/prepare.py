@@ -29,10 +29,10 @@ from pathlib import Path
 
 from handclip.checks import integer, one_of
 from handclip.data.hands import ASPECTS
-from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache
+from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache, stamp
 from handclip.data.readers import inside_root
 from handclip.data.sources import HD, CaptionCSV, DataSource, Hands11k, ImageFolder
-from handclip.data.split import MANIFEST_COLUMNS, check_protocol, split_sizes
+from handclip.data.split import MANIFEST_COLUMNS, check_protocol, check_records, split_sizes
 from handclip.errors import ConfigError, DataError, exit_with
 from handclip.io import write_json_atomic, write_text_atomic
 
@@ -167,6 +167,7 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     records = source.read(folder)
     for record in records:  # whichever source read them: nothing is read or cached outside the folder
         inside_root(folder, record.image, record.where or f"{type(source).__name__} record")
+    check_records(records)
     rows = source.split(records, settings.draw, settings.runs)
     check_protocol(rows, f"the split of {folder} by {type(source).__name__}")
     images = sorted({r["image"] for r in rows})
@@ -190,11 +191,14 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
             raise DataError(f"bad image {folder / min(bad)}: listed but not found (data.on_bad_image=fail)")
         rows = [r for r in rows if r["image"] not in bad]
         text = _manifest_text(rows)
+        stamps = [[name, stamp(folder / name)] for name in sorted({r["image"] for r in rows})]
         sizes = split_sizes(rows)
         info = {
             "settings": settings.as_dict(),
             "inputs": inputs,
             "manifest_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            # the images as they are now (size, modification time): what anything made from them is keyed by
+            "images_sha256": hashlib.sha256(json.dumps(stamps).encode()).hexdigest(),
             "sizes": {k: {"identities": v[0], "images": v[1]} for k, v in sorted(sizes.items())},
             "bad_images": sorted(bad),
         }

@@ -214,6 +214,21 @@ def _requested_sides(records: list[ImageRecord], groups: dict[str, list[ImageRec
     return sides
 
 
+def check_records(records: list[ImageRecord]) -> None:
+    """Refuse an image listed under two identities, naming both places: in training and test at once,
+    it would make the test scores read 100%."""
+    first: dict[str, ImageRecord] = {}
+    for record in records:
+        seen = first.setdefault(record.image, record)
+        if seen.identity != record.identity:
+            raise DataError(
+                f"{record.where or record.image}: image {record.image} is listed under identity {record.identity!r} "
+                f"here and under {seen.identity!r} at {seen.where or 'an earlier record'}; an image shows one "
+                "identity (under two it lands in training and in test at once and the test scores read 100%): "
+                "keep it under one"
+            )
+
+
 def check_protocol(rows: list[dict], where: str) -> None:
     """Refuse a split in which an image or an identity is on both sides of train/val against test, an image
     shows two identities, or an image is both query and gallery of one run: any of them inflates the scores.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -154,8 +155,7 @@ class HandDataModule(L.LightningDataModule):
         self.captioner = Captioner(captions)
         self.augment = check_augment(augment)
         self.seed = integer("data.run_seed", run_seed, hint=" (it follows the run's seed)")  # batches, augmentation
-        self.prepare_settings = PrepareSettings(source, draw, integer("data.runs", runs, 1, 100),
-                                                on_bad_image=self.loading.on_bad_image).check()  # fmt: skip
+        self.prepare_settings = PrepareSettings(source, draw, runs, on_bad_image=self.loading.on_bad_image).check()
         self.source, self.draw = self.prepare_settings.source, self.prepare_settings.draw
         # what the run, the caches and the evaluator read
         self.batch_size, self.sampler = self.batches.batch_size, self.batches.sampler
@@ -184,6 +184,8 @@ class HandDataModule(L.LightningDataModule):
         self.prepare_settings = dataclasses.replace(self.prepare_settings,
                                                     cache_size=self.loading.cache_size_for(image_size))  # fmt: skip
         self.manifest = prepare(self.prepare_settings)
+        # the manifest's images as they are on disk now: a store of anything computed from them keys on it
+        self.content_digest = json.loads(self.manifest.with_suffix(".json").read_text())["images_sha256"]
         self.rows = read_manifest(self.manifest)
         self.train_rows = [r for r in self.rows if r["split"] == "train"]
         self.val_rows = [r for r in self.rows if r["split"] in ("train", "val")]
