@@ -130,3 +130,32 @@ def test_a_caption_csv_without_identities_is_refused_with_the_reason(tmp_path):
     (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="without an identity column makes each image its own identity"):
         split_captions(read_caption_csv(tmp_path / "captions.csv"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("train image as a query", r"image a/1.jpg is in training and in test"),
+        ("val image also trains", r"image a/2.jpg is both a training and a validation image"),
+        ("query image in the gallery", r"image c/1.jpg is both query and gallery of run 0"),
+        ("training identity tested", r"identity a is in training and in test"),
+    ],
+)
+def test_every_manifest_is_refused_when_it_scores_what_the_model_has_seen(change, message):
+    from handclip.data.split import check_protocol
+    from handclip.errors import DataError
+
+    def row(image, split):
+        return {"image": image, "identity": image.split("/")[0], "split": split}
+
+    rows = [row("a/1.jpg", "train"), row("a/2.jpg", "val"), row("b/1.jpg", "train"), row("b/2.jpg", "val"),
+            row("c/1.jpg", "query0"), row("c/2.jpg", "gallery0")]  # fmt: skip
+    check_protocol(rows, "m")  # a sound split passes
+    extra = {
+        "train image as a query": row("a/1.jpg", "query1"),
+        "val image also trains": row("a/2.jpg", "train"),
+        "query image in the gallery": row("c/1.jpg", "gallery0"),
+        "training identity tested": row("a/3.jpg", "query0"),
+    }[change]
+    with pytest.raises(DataError, match=f"^m: {message}"):
+        check_protocol([*rows, extra], "m")

@@ -230,14 +230,13 @@ def check_records(records: list[ImageRecord]) -> None:
 
 
 def check_protocol(rows: list[dict], where: str) -> None:
-    """Refuse a split in which an image or an identity is on both sides of train/val against test, an image
-    shows two identities, or an image is both query and gallery of one run: any of them inflates the scores.
-
-    Checked on every manifest, whichever source made it, before it is written.
+    """Refuse a split in which an image shows two identities, an image or an identity is in training
+    (train, val) and in test, an image is both a training and a validation image, or both query and
+    gallery of one run: each inflates the scores. Checked on every manifest, whichever source made it.
     """
     identity_of: dict[str, str] = {}
-    sides: dict[str, dict[str, set]] = {"image": defaultdict(set), "identity": defaultdict(set)}
-    runs: dict[str, set] = defaultdict(set)
+    splits_of: dict[str, set] = defaultdict(set)
+    sides_of: dict[str, set] = defaultdict(set)  # identity -> training and/or test
     for row in rows:
         image, identity, split = row["image"], row["identity"], row["split"]
         if identity_of.setdefault(image, identity) != identity:
@@ -246,17 +245,19 @@ def check_protocol(rows: list[dict], where: str) -> None:
                 "an image shows one identity (under two it lands in training and test at once and the test "
                 "scores read 100%): keep it under one"
             )
-        side = "train" if split in ("train", "val") else "test"
-        sides["image"][image].add(side)
-        sides["identity"][identity].add(side)
-        if split.startswith(("query", "gallery")) and not split.startswith("gallery_all"):
-            runs[image].add(split)
-    for kind in ("image", "identity"):
-        both = sorted(k for k, v in sides[kind].items() if len(v) > 1)
-        if both:
-            raise DataError(f"{where}: {kind} {both[0]} is in training and in test ({len(both)} such); "
-                            "the test scores would count what the model trained on")  # fmt: skip
-    for image, splits in runs.items():
-        for split in splits:
-            if split.startswith("query") and f"gallery{split[5:]}" in splits:
-                raise DataError(f"{where}: image {image} is both query and gallery of run {split[5:]}")
+        splits_of[image].add(split)
+        sides_of[identity].add("training" if split in ("train", "val") else "test")
+    for image, splits in sorted(splits_of.items()):
+        training = splits & {"train", "val"}
+        clash = (
+            "in training and in test" if training and splits - training
+            else "both a training and a validation image" if len(training) == 2
+            else next((f"both query and gallery of run {s[5:]}" for s in splits
+                       if s.startswith("query") and f"gallery{s[5:]}" in splits), "")
+        )  # fmt: skip
+        if clash:
+            raise DataError(f"{where}: image {image} is {clash}; the scores would count what the model has seen")
+    both = sorted(k for k, v in sides_of.items() if len(v) > 1)
+    if both:
+        raise DataError(f"{where}: identity {both[0]} is in training and in test ({len(both)} such); "
+                        "re-identification scores need test identities the model never trained on")  # fmt: skip
