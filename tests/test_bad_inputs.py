@@ -16,6 +16,7 @@ from handclip.data.images import build_cache, load_rgb
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.readers import read_11k
 from handclip.data.sampling import IdentityBalancedBatchSampler
+from handclip.data.sources import Hands11k
 from handclip.data.split import split_11k
 from handclip.errors import ConfigError, DataError, HandClipError
 from handclip.io import load_checkpoint_file, save_atomic
@@ -88,8 +89,8 @@ def test_missing_zero_byte_and_truncated_images_are_skipped_and_counted(hands):
     data = (hands / "Hands" / names[2]).read_bytes()
     (hands / "Hands" / names[2]).write_bytes(data[: len(data) // 3])
     with pytest.warns(UserWarning, match="skipping bad image"):
-        path = prepare(PrepareSettings(root=str(hands), aspect=rows[0]["aspectOfHand"], cache_size=40), quiet=True)
-    import json
+        path = prepare(PrepareSettings(Hands11k(root=str(hands), aspect=rows[0]["aspectOfHand"]), cache_size=40),
+                       quiet=True)  # fmt: skip
 
     info = json.loads(path.with_suffix(".json").read_text())
     bad = {f"Hands/{n}" for n in names[:3]}
@@ -105,7 +106,8 @@ def test_a_decompression_bomb_is_skipped_and_counted_like_any_bad_image(hands, m
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 9_700)
     Image.new("RGB", (200, 200), (200, 150, 120)).save(hands / "Hands" / names[0], "JPEG")
     with pytest.warns(UserWarning, match="skipping bad image"):
-        path = prepare(PrepareSettings(root=str(hands), aspect=rows[0]["aspectOfHand"], cache_size=40), quiet=True)
+        path = prepare(PrepareSettings(Hands11k(root=str(hands), aspect=rows[0]["aspectOfHand"]), cache_size=40),
+                       quiet=True)  # fmt: skip
     info = json.loads(path.with_suffix(".json").read_text())
     assert f"Hands/{names[0]}" in info["bad_images"]
     assert f"Hands/{names[0]}" not in {r["image"] for r in read_manifest(path)}
@@ -122,7 +124,7 @@ def test_a_dataset_where_most_images_fail_is_an_error(hands):
     for path in list((hands / "Hands").glob("*.jpg"))[5:]:
         path.unlink()
     with pytest.raises(DataError, match="are missing or unreadable.*looks incomplete"), pytest.warns(UserWarning):
-        prepare(PrepareSettings(root=str(hands), cache_size=40), quiet=True)
+        prepare(PrepareSettings(Hands11k(root=str(hands)), cache_size=40), quiet=True)
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16"])

@@ -115,7 +115,7 @@ def caption_dataset(root, captions: list[str], encoding: str = "utf-8", identiti
 )
 def test_a_bad_caption_file_is_named_before_training(tmp_path, captions, encoding, message):
     caption_dataset(tmp_path / "data", captions, encoding)
-    base = [q for q in QUICK if not q.startswith("data.synthetic")]
+    base = [q for q in QUICK if not q.startswith("data.source")]
     result = run(tmp_path, "data=captions", "data.batch_size=4", "run_name=c", base=base)
     check_refused(result, message)
 
@@ -131,7 +131,7 @@ def test_a_refused_command_keeps_the_empty_folders_it_did_not_make(tmp_path):
 
 def test_identity_losses_on_captions_without_identities_are_refused_with_the_fix(tmp_path):
     caption_dataset(tmp_path / "data", ["a hand"] * 24, identities=False)
-    base = [q for q in QUICK if not q.startswith("data.synthetic")]
+    base = [q for q in QUICK if not q.startswith("data.source")]
     pk = ["data.sampler=identity_balanced", "data.identities_per_batch=2", "data.images_per_identity=2"]
     result = run(tmp_path, "data=captions", "data.batch_size=4", "loss=strong", *pk, "run_name=c", base=base)
     # the split needs identities with two images already (for validation), and says how to add them

@@ -54,7 +54,7 @@ def stage_configs(tmp_path, experiment: str) -> list[dict]:
 def test_every_experiment_composes_resolves_and_builds_every_component(tmp_path, experiment):
     for cfg in stage_configs(tmp_path, experiment):
         assert cfg["name"] == experiment
-        Path(cfg["data"]["root"]).mkdir(parents=True, exist_ok=True)  # the real datasets are not here: folders do
+        Path(cfg["data"]["source"]["root"]).mkdir(parents=True, exist_ok=True)  # no real datasets here: folders do
         # a hub backbone's config is not on this machine: everything else is built and checked
         local = cfg["backbone"]["source"] == "tiny"
         parts = build_components(cfg, read_backbone_config=local)
@@ -69,7 +69,7 @@ def test_every_experiment_composes_resolves_and_builds_every_component(tmp_path,
 
 def test_published_experiments_use_the_protocol_settings(tmp_path):
     aspects = {
-        e: compose_plain(tmp_path, f"experiment={e}")["data"]["aspect"]
+        e: compose_plain(tmp_path, f"experiment={e}")["data"]["source"]["aspect"]
         for e in ("dorsal_hand", "dorsal_left_hand", "palmar_hand", "palmar_left_hand")
     }
     assert aspects == {
@@ -80,7 +80,7 @@ def test_published_experiments_use_the_protocol_settings(tmp_path):
     }
     cfg = compose_plain(tmp_path, "experiment=dorsal_hand")
     assert cfg["backbone"]["source"] == "openai/clip-vit-base-patch32"
-    assert cfg["freeze"]["_target_"].endswith(".TextFrozen") and cfg["data"]["no_accessories"] is True
+    assert cfg["freeze"]["_target_"].endswith(".TextFrozen") and cfg["data"]["source"]["no_accessories"] is True
 
 
 def test_demo_config_passes_the_checks(tmp_path):
@@ -148,7 +148,7 @@ def test_bad_settings_are_refused_before_loading(tmp_path, override, message):
 
 def test_missing_real_data_points_to_the_demo(tmp_path):
     cfg = compose_plain(tmp_path, "experiment=dorsal_hand")
-    with pytest.raises(ConfigError, match=r"data.root=.*11k does not exist.*experiment=demo"):
+    with pytest.raises(ConfigError, match=r"data.source.root=.*11k does not exist.*experiment=demo"):
         check_config(cfg)
     sources = (Path(__file__).resolve().parents[1] / "handclip").rglob("*.py")
     assert not [p for p in sources if "trust_remote_code=True" in p.read_text()]

@@ -66,3 +66,63 @@ def test_a_policy_and_a_loss_from_outside_the_package_train_the_demo(tmp_path):
     assert status["vision.blocks.0"] == "partial" and status["text.embeddings"] == "no"
     assert 0.0 <= payload["metrics"]["test/rank1"] <= 1.0
     assert "val/rank1" in (run / "logs" / "metrics.csv").read_text()
+
+
+READER = '''
+from dataclasses import dataclass
+from pathlib import Path
+
+from handclip.data.readers import ImageRecord
+from handclip.data.sources import DataSource
+
+
+@dataclass
+class FolderPerPerson(DataSource):
+    """ROOT/<person>/<picture>: one folder per person; split by person (the default split)."""
+
+    suffix: str = ".jpg"
+
+    def read(self, folder):
+        pictures = sorted(Path(folder).glob(f"*/*{self.suffix}"))
+        return [ImageRecord(f"{p.parent.name}/{p.name}", p.parent.name, "", where=str(p)) for p in pictures]
+'''
+
+READER_CONFIG = """
+defaults:
+  - loader@_here_: default   # the data module, the draw, the loader, sampler and cache settings
+  - _self_
+name: my_reader
+source:
+  _target_: my_reader.FolderPerPerson
+  root: ${paths.data}/people
+captions:
+  - "a photo of the hand of person {person}"
+"""
+
+
+@pytest.mark.slow
+def test_a_dataset_reader_from_outside_the_package_trains_the_demo(tmp_path):
+    from handclip.data.synthetic import generate_hands
+    from tests.test_train import QUICK
+
+    generate_hands(tmp_path / "drawn", identities=10, seed=4, image_size=(96, 72), aspects=["dorsal right"])
+    for line in (tmp_path / "drawn" / "HandInfo.csv").read_text().splitlines()[1:]:
+        person, name = line.split(",")[0], line.split(",")[7]
+        (tmp_path / "work" / "data" / "people" / person).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "drawn" / "Hands" / name).rename(tmp_path / "work" / "data" / "people" / person / name)
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "my_reader.py").write_text(textwrap.dedent(READER))
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "data" / "my_reader.yaml").write_text(READER_CONFIG)
+    base = [q for q in QUICK if not q.startswith("data.source")]
+    command, env = train_command(
+        tmp_path / "work", "data=my_reader", "data.num_workers=0", "run_name=mine",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", base=base,
+    )  # fmt: skip
+    env["PYTHONPATH"] += f":{tmp_path / 'ext'}"
+    result = subprocess.run(command, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "work" / "runs" / "mine" / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["test/rank1"] <= 1.0 and "test Rank-1" in result.stdout
+    (manifest,) = (tmp_path / "work" / "data" / "people" / "splits").glob("folderperperson_*_draw0_runs2.csv")
+    assert "0000" in manifest.read_text()  # the people's folder names are the identities

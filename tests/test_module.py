@@ -8,6 +8,7 @@ import torch
 from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.sampling import EpochSeededSampler
+from handclip.data.sources import Hands11k
 from handclip.data.transforms import train_transform
 from handclip.losses import LOGIT_SCALE_MAX, ContrastiveLoss, Objective
 from handclip.model import Full, TextFrozen, apply_freeze, load_backbone
@@ -17,18 +18,16 @@ from handclip.train.optim import Optimization, warmup_cosine
 from tests.conftest import TINY
 
 DATA = {
-    "name": "synthetic", "format": "11k", "aspect": "dorsal right", "seed": 0, "run_seed": 0, "runs": 10,
-    "no_accessories": True, "cache_size": 40, "on_bad_image": "skip", "batch_size": 8, "sampler": "random",
-    "identities_per_batch": 4, "images_per_identity": 2, "num_workers": 0,
+    "name": "synthetic", "draw": 0, "run_seed": 0, "runs": 10, "cache_size": 40, "on_bad_image": "skip",
+    "batch_size": 8, "sampler": "random", "identities_per_batch": 4, "images_per_identity": 2, "num_workers": 0,
     "captions": ["a photo of the {aspect} hand of person {person}"], "augment": {"crop_scale": [0.9, 1.0]},
-    "synthetic": None, "csv": "captions.csv", "activation_cache": False, "cached_views": 1,
-    "activation_dtype": "float16",
+    "activation_cache": False, "cached_views": 1, "activation_dtype": "float16",
 }  # fmt: skip
 
 
 def datamodule_for(root, backbone, **changes) -> HandDataModule:
     """A data module on `root`, prepared and attached to `backbone`."""
-    datamodule = HandDataModule(**{**DATA, "root": str(root), **changes})
+    datamodule = HandDataModule(**{**DATA, "source": Hands11k(root=str(root)), **changes})
     datamodule.prepare(backbone.image_size)
     datamodule.attach(backbone, eval_batch_size=16)
     return datamodule
@@ -62,7 +61,7 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
 
 @pytest.fixture
 def prepared(synthetic_hands):
-    path = prepare(PrepareSettings(root=str(synthetic_hands), cache_size=40), quiet=True)
+    path = prepare(PrepareSettings(Hands11k(root=str(synthetic_hands)), cache_size=40), quiet=True)
     return synthetic_hands, read_manifest(path)
 
 

@@ -84,10 +84,10 @@ def test_split_invariants_on_random_datasets(problem):
         warnings.simplefilter("ignore")
         if max(train_counts.values()) < 2:  # no identity can give a validation image
             with pytest.raises(DataError, match="no validation image for model selection"):
-                split_11k(records, aspect, seed=seed, runs=3)
+                split_11k(records, aspect, draw=seed, runs=3)
             return
-        rows = split_11k(records, aspect, seed=seed, runs=3)
-        again = split_11k(records, aspect, seed=seed, runs=3)
+        rows = split_11k(records, aspect, draw=seed, runs=3)
+        again = split_11k(records, aspect, draw=seed, runs=3)
     assert rows == again
     mine = [r for r in records if r.aspect == aspect]
     train = {r["image"] for r in rows if r["split"] in ("train", "val")}

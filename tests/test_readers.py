@@ -3,6 +3,7 @@ from PIL import Image
 
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.readers import read_11k, read_caption_csv, read_hd
+from handclip.data.sources import CaptionCSV
 from handclip.data.split import split_hd, split_sizes
 from handclip.errors import DataError
 
@@ -18,7 +19,7 @@ def make_hd(root, train=(1, 2, 447, 448, 460), distractors=(502, 600)):
 
 def test_hd_split_puts_distractors_in_every_gallery(tmp_path):
     records = read_hd(make_hd(tmp_path))
-    rows = split_hd(records, seed=0, runs=3)
+    rows = split_hd(records, draw=0, runs=3)
     sizes = split_sizes(rows)
     assert sizes["train"][0] == 3 and sizes["val"] == (3, 3)  # subjects 1, 2, 447
     for run in range(3):
@@ -49,7 +50,7 @@ def test_caption_csv_dataset_goes_through_prepare(tmp_path):
             lines.append(f"{name},a red object number {identity},obj{identity}")
     (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
     assert len(read_caption_csv(tmp_path / "captions.csv")) == 30
-    path = prepare(PrepareSettings(root=str(tmp_path), format="csv", aspect="", cache_size=32, runs=2), quiet=True)
+    path = prepare(PrepareSettings(CaptionCSV(root=str(tmp_path)), cache_size=32, runs=2), quiet=True)
     rows = read_manifest(path)
     sizes = split_sizes(rows)
     assert sizes["val"][0] == 8 and sizes["gallery0"] == (2, 2) and sizes["query0"] == (2, 4)

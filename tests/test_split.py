@@ -5,6 +5,7 @@ import pytest
 
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.readers import read_11k
+from handclip.data.sources import Hands11k
 from handclip.data.split import THRESHOLDS_11K, split_11k, split_sizes
 from handclip.data.synthetic import generate_hands
 
@@ -38,7 +39,7 @@ def real_sized_hands(tmp_path_factory):
 
 @pytest.mark.parametrize("aspect", list(REAL))
 def test_split_sizes_equal_the_published_table(real_sized_hands, aspect):
-    rows = split_11k(read_11k(real_sized_hands, no_accessories=False), aspect, seed=0)
+    rows = split_11k(read_11k(real_sized_hands, no_accessories=False), aspect, draw=0)
     sizes = split_sizes(rows)
     (train, val, test) = REAL[aspect]
     assert sizes["train"] == train and sizes["val"] == val
@@ -50,7 +51,7 @@ def test_split_sizes_equal_the_published_table(real_sized_hands, aspect):
 
 def test_protocol_invariants(synthetic_hands):
     records = read_11k(synthetic_hands)
-    rows = split_11k(records, "dorsal left", seed=4, runs=10)
+    rows = split_11k(records, "dorsal left", draw=4, runs=10)
     by_split = defaultdict(list)
     for row in rows:
         by_split[row["split"]].append(row)
@@ -76,16 +77,16 @@ def test_protocol_invariants(synthetic_hands):
 
 def test_same_seed_same_manifest_other_seed_differs(synthetic_hands):
     records = read_11k(synthetic_hands)
-    assert split_11k(records, "palmar right", seed=1) == split_11k(records, "palmar right", seed=1)
-    assert split_11k(records, "palmar right", seed=1) != split_11k(records, "palmar right", seed=2)
+    assert split_11k(records, "palmar right", draw=1) == split_11k(records, "palmar right", draw=1)
+    assert split_11k(records, "palmar right", draw=1) != split_11k(records, "palmar right", draw=2)
 
 
 def test_prepare_writes_manifest_settings_and_cache(synthetic_hands):
-    settings = PrepareSettings(root=str(synthetic_hands), aspect="dorsal right", seed=0, cache_size=48)
+    settings = PrepareSettings(Hands11k(root=str(synthetic_hands), aspect="dorsal right"), draw=0, cache_size=48)
     path = prepare(settings, quiet=True)
     rows = read_manifest(path)
     info = json.loads(path.with_suffix(".json").read_text())
-    assert info["settings"]["seed"] == 0 and info["settings"]["cache_size"] == 48
+    assert info["settings"]["draw"] == 0 and info["settings"]["cache_size"] == 48
     assert info["sizes"]["val"]["identities"] == info["sizes"]["train"]["identities"]
     cached = synthetic_hands / "cache" / "48" / rows[0]["image"]
     from PIL import Image
@@ -94,7 +95,7 @@ def test_prepare_writes_manifest_settings_and_cache(synthetic_hands):
     before = path.read_bytes()
     assert prepare(settings, quiet=True) == path and path.read_bytes() == before
     # a new cache size makes a new cache
-    prepare(PrepareSettings(root=str(synthetic_hands), aspect="dorsal right", seed=0, cache_size=40), quiet=True)
+    prepare(PrepareSettings(Hands11k(root=str(synthetic_hands), aspect="dorsal right"), cache_size=40), quiet=True)
     assert min(Image.open(synthetic_hands / "cache" / "40" / rows[0]["image"]).size) == 40
 
 
@@ -108,7 +109,7 @@ def test_a_caption_csv_with_several_captions_per_image_never_puts_one_image_on_b
             for caption in range(4):  # COCO style: several captions of one image
                 lines.append(f"p{person}_{image}.jpg,caption {caption} of {person},{person}")
     (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
-    rows = split_captions(read_caption_csv(tmp_path / "captions.csv"), seed=0, runs=3)
+    rows = split_captions(read_caption_csv(tmp_path / "captions.csv"), draw=0, runs=3)
     sides = {}
     for row in rows:
         sides.setdefault(row["image"], set()).add(row["split"])
@@ -129,3 +130,32 @@ def test_a_caption_csv_without_identities_is_refused_with_the_reason(tmp_path):
     (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="without an identity column makes each image its own identity"):
         split_captions(read_caption_csv(tmp_path / "captions.csv"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("train image as a query", r"image a/1.jpg is in training and in test"),
+        ("val image also trains", r"image a/2.jpg is both a training and a validation image"),
+        ("query image in the gallery", r"image c/1.jpg is both query and gallery of run 0"),
+        ("training identity tested", r"identity a is in training and in test"),
+    ],
+)
+def test_every_manifest_is_refused_when_it_scores_what_the_model_has_seen(change, message):
+    from handclip.data.split import check_protocol
+    from handclip.errors import DataError
+
+    def row(image, split):
+        return {"image": image, "identity": image.split("/")[0], "split": split}
+
+    rows = [row("a/1.jpg", "train"), row("a/2.jpg", "val"), row("b/1.jpg", "train"), row("b/2.jpg", "val"),
+            row("c/1.jpg", "query0"), row("c/2.jpg", "gallery0")]  # fmt: skip
+    check_protocol(rows, "m")  # a sound split passes
+    extra = {
+        "train image as a query": row("a/1.jpg", "query1"),
+        "val image also trains": row("a/2.jpg", "train"),
+        "query image in the gallery": row("c/1.jpg", "gallery0"),
+        "training identity tested": row("a/3.jpg", "query0"),
+    }[change]
+    with pytest.raises(DataError, match=f"^m: {message}"):
+        check_protocol([*rows, extra], "m")

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
     "experiment=demo",
     "backbone=tiny",  # random weights: the demo's pretrained model takes minutes to build the first time
-    "data.synthetic.identities=10",
-    "data.synthetic.image_size=[96,72]",
+    "data.source.identities=10",
+    "data.source.image_size=[96,72]",
     "data.batch_size=8",
     "data.runs=2",
     "trainer.max_epochs=2",
@@ -82,7 +82,7 @@ def test_demo_run_end_to_end(tmp_path):
     assert "freeze policy: last_n (vision_blocks=1, text_blocks=1)" in (run / "freeze.txt").read_text()
     assert "baseline (untrained)" in result.stdout and "trainable" in result.stdout
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    assert (tmp_path / "data" / "synthetic_hands" / "HandInfo.csv").is_file()
+    assert (tmp_path / "data" / "synthetic_hands" / "10people_96x72_draw0" / "HandInfo.csv").is_file()
 
 
 @pytest.mark.slow
@@ -154,7 +154,7 @@ def test_hd_format_trains_through_the_same_path_with_tensorboard(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         count = len(list(folder.glob(f"{subject}_*.jpg")))
         (source / "Hands" / image).rename(folder / f"{subject}_{count}.jpg")
-    base = [q for q in QUICK if not q.startswith("data.synthetic")]
+    base = [q for q in QUICK if not q.startswith("data.source")]
     train(tmp_path, "data=hd", "data.batch_size=4", "logger=tensorboard", "eval.baseline=false", base=base)
     (run,) = (tmp_path / "runs" / "demo").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]

@@ -1,1 +1,2 @@
-"""Datasets: readers (11k Hands, HD, CSV), the synthetic generator, splits and loading."""
+"""Datasets: sources (11k Hands, HD, caption CSV, Hugging Face image folder, synthetic hands),
+readers, splits, the resized image cache and loading."""

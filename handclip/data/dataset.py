@@ -48,7 +48,11 @@ class ManifestImages(Dataset):
         try:
             image = load_rgb(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise DataError(f"cannot read image {path}: {error}; run prepare again to re-check the dataset") from None
+            if self.image_root != self.root:  # a damaged cached copy: prepare makes a missing one anew
+                raise DataError(f"cannot read the cached copy {path}: {error}; delete it and start again, which "
+                                f"makes it anew from {self.root / row['image']}") from None  # fmt: skip
+            raise DataError(f"cannot read image {path}: {error}; replace or remove it (with data.cache_size > 0 "
+                            "prepare leaves unreadable images out, counted)") from None  # fmt: skip
         if epoch is None:
             pixels, rng = self.transform(image), None
         else:

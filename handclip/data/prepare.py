@@ -2,71 +2,78 @@
 
     python -m handclip.data.prepare --root data/11k --format 11k --aspect "dorsal right"
 
-writes `ROOT/splits/<name>.csv` (one row per image and split) and `<name>.json` (the settings
-that made it, the split sizes and any images left out), and resized copies under
-`ROOT/cache/<size>/`. The same settings give the same manifest; it is rebuilt only when they
-change. `train.py` runs this automatically when the manifest is missing.
+writes `FOLDER/splits/<name>.csv` (one row per image and split) and `<name>.json` (the settings
+that made it, the hashes of the files it was read from, the split sizes and any images left out),
+and resized copies under `FOLDER/cache/<size>/`. The source (`handclip.data.sources`) reads the
+folder and splits it; everything here is the same for every source.
+
+Nothing derived is trusted by name: every call reads the dataset's files again, splits them, and
+compares the manifest on disk with the one they give now; the resized cache checks each copy
+against the original it was made from (`handclip.data.images.ImageCache`). A stale manifest or
+copy is made again, with a message saying what changed. Reading and splitting take well under a
+second even for 11k Hands; only the images that changed are resized again. `train.py` runs this
+on every start.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
+import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from handclip.checks import integer, one_of
 from handclip.data.hands import ASPECTS
-from handclip.data.images import build_cache
-from handclip.data.readers import aspect_slug, read_11k, read_caption_csv, read_hd
-from handclip.data.split import MANIFEST_COLUMNS, split_11k, split_captions, split_hd, split_sizes
+from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache, stamp
+from handclip.data.readers import inside_root
+from handclip.data.sources import HD, CaptionCSV, DataSource, Hands11k, ImageFolder
+from handclip.data.split import MANIFEST_COLUMNS, check_protocol, check_records, split_sizes
 from handclip.errors import ConfigError, DataError, exit_with
-from handclip.io import write_text_atomic
+from handclip.io import write_json_atomic, write_text_atomic
 
-FORMATS = ("11k", "hd", "csv")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: keyed by the content of the source's files; `draw` for `seed`
 
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    root: str
-    format: str = "11k"
-    csv: str = "captions.csv"  # format csv: the caption file, relative to root
-    aspect: str = "dorsal right"
-    seed: int = 0
+    """What a manifest is made from: the source, the draw (seeds the split), the runs, the cache."""
+
+    source: DataSource
+    draw: int = 0
     runs: int = 10
-    no_accessories: bool = True
     cache_size: int = 0  # 0: no cache, read the originals
     on_bad_image: str = "skip"
 
     def check(self) -> PrepareSettings:
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format={self.format!r}: choose one of {', '.join(FORMATS)}")
-        if self.format == "11k" and self.aspect not in ASPECTS:
-            raise ConfigError(f"data.aspect={self.aspect!r}: choose one of {', '.join(ASPECTS)}")
-        if not 1 <= int(self.runs) <= 100:
-            raise ConfigError(f"data.runs={self.runs!r} must be an integer from 1 to 100")
-        if int(self.cache_size) < 0:
-            raise ConfigError(f"data.cache_size={self.cache_size!r} must be 0 (no cache) or a size in pixels")
+        if not isinstance(self.source, DataSource):
+            raise ConfigError(f"data.source={self.source!r} must be a data source: a mapping whose _target_ names a "
+                              "handclip.data.sources.DataSource (conf/data/*.yaml name the built-in ones)")  # fmt: skip
+        integer("data.draw", self.draw, 0, 2**32 - 1)
+        integer("data.runs", self.runs, 1, 100)
+        integer("data.cache_size", self.cache_size, 0, 100_000, hint=" (0: no cache, or a size in pixels)")
+        one_of("data.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
         return self
 
     @property
+    def folder(self) -> Path:
+        return self.source.folder(self.draw)
+
+    @property
     def name(self) -> str:
-        what = {"hd": "hd", "csv": f"csv_{Path(self.csv).stem}"}.get(self.format, f"11k_{aspect_slug(self.aspect)}")
-        return f"{what}_seed{self.seed}_runs{self.runs}{'' if self.no_accessories else '_withacc'}"
+        return f"{self.source.name}_draw{self.draw}_runs{self.runs}"
 
     def as_dict(self) -> dict:
-        settings = dict(self.__dict__)
-        settings.pop("root")
-        settings.pop("on_bad_image")
-        if self.format != "csv":
-            settings.pop("csv")
-        return {"version": MANIFEST_VERSION, **settings}
+        return {"version": MANIFEST_VERSION, "source": self.source.settings(), "draw": self.draw, "runs": self.runs,
+                "cache_size": self.cache_size}  # fmt: skip
 
 
 def manifest_path(settings: PrepareSettings) -> Path:
-    return Path(settings.root) / "splits" / f"{settings.name}.csv"
+    return settings.folder / "splits" / f"{settings.name}.csv"
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -85,74 +92,161 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
-def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
-    """Make sure the manifest (and image cache) for `settings` exist; return the manifest path."""
-    settings.check()
-    path = manifest_path(settings)
-    info_path = path.with_suffix(".json")
-    if path.is_file() and info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("settings") == settings.as_dict() and info.get("cache_ready", {}).get(str(settings.cache_size)):
-            return path
-    root = Path(settings.root)
-    if settings.format == "11k":
-        records = read_11k(root, no_accessories=settings.no_accessories)
-        rows = split_11k(records, settings.aspect, settings.seed, settings.runs)
-    elif settings.format == "hd":
-        records = read_hd(root)
-        rows = split_hd(records, settings.seed, settings.runs)
-    else:
-        records = read_caption_csv(root / settings.csv)
-        rows = split_captions(records, settings.seed, settings.runs)
-    bad: list[str] = []
-    if settings.cache_size:
-        bad = build_cache(root, {r["image"] for r in rows}, settings.cache_size, settings.on_bad_image)
-    else:
-        missing = sorted({r["image"] for r in rows if not (root / r["image"]).is_file()})
-        if missing and settings.on_bad_image == "fail":
-            raise DataError(f"bad image {root / missing[0]}: listed but not found (data.on_bad_image=fail)")
-        bad = missing
-    if bad:
-        bad_set = set(bad)
-        rows = [r for r in rows if r["image"] not in bad_set]
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _manifest_text(rows: list[dict]) -> str:
     columns = MANIFEST_COLUMNS + sorted({k for r in rows for k in r} - set(MANIFEST_COLUMNS))
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
-    sizes = split_sizes(rows)
-    info = {
-        "settings": settings.as_dict(),
-        "sizes": {k: {"identities": v[0], "images": v[1]} for k, v in sorted(sizes.items())},
-        "bad_images": bad,
-        "cache_ready": {str(settings.cache_size): True},
-    }
-    write_text_atomic(info_path, json.dumps(info, indent=2))
-    if not quiet:
+    return buffer.getvalue()
+
+
+def _by_image(rows: list[dict]) -> dict[str, set]:
+    grouped: dict[str, set] = defaultdict(set)
+    for row in rows:
+        grouped[row["image"]].add(tuple(sorted((k, v) for k, v in row.items() if v not in ("", None))))
+    return grouped
+
+
+def _what_changed(path: Path, old: dict, new: dict, rows: list[dict]) -> str:
+    """What differs between the manifest on disk (`old` its .json) and the one the dataset gives now."""
+    reasons = []
+    if old.get("settings") != new["settings"]:
+        reasons.append("made with other settings or by an older HandCLIP")
+    old_inputs = old.get("inputs") or {}
+    reasons += [f"{name} changed" for name, digest in new["inputs"].items() if old_inputs.get(name) != digest]
+    try:
+        before = _by_image(read_manifest(path))
+    except (OSError, DataError, csv.Error):
+        before = {}
+    now = _by_image(rows)
+    for what, names in (
+        ("new", sorted(set(now) - set(before))),
+        ("gone", sorted(set(before) - set(now))),
+        ("listed differently (identity, split, caption or attributes)",
+         sorted(n for n in set(now) & set(before) if now[n] != before[n])),
+    ):  # fmt: skip
+        if names:
+            reasons.append(f"{len(names)} image{'s' if len(names) > 1 else ''} {what}, e.g. {names[0]}")
+    unreadable = sorted(set(new["bad_images"]) - set(old.get("bad_images") or []))
+    if unreadable:
+        reasons.append(f"{len(unreadable)} images unreadable now, e.g. {unreadable[0]}")
+    return "; ".join(reasons) or "it differs from what the dataset gives (edited by hand?)"
+
+
+def _writable(folder: Path, what: str) -> None:
+    """Refuse before anything is written when `folder` cannot be made or written."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(f"{probe} is a file where a folder should be: {what} go in {folder}; move the file away")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(f"{probe} is not writable: {what} go in {folder}; make it writable, or copy the "
+                        "dataset to a folder you can write")  # fmt: skip
+
+
+def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
+    """Make sure the manifest (and image cache) for `settings` match the dataset; return the manifest path.
+
+    `quiet` leaves out the summary of a newly written manifest; what was stale is always said.
+    """
+    settings.check()
+    source, folder = settings.source, settings.folder
+    if not folder.is_dir():
+        why = source.missing(settings.draw) or "point data.source.root at the dataset"
+        raise DataError(f"{folder} is not a folder: {why}")
+    path = manifest_path(settings)
+    records = source.read(folder)
+    for record in records:  # whichever source read them: nothing is read or cached outside the folder
+        inside_root(folder, record.image, record.where or f"{type(source).__name__} record")
+    check_records(records)
+    rows = source.split(records, settings.draw, settings.runs)
+    check_protocol(rows, f"the split of {folder} by {type(source).__name__}")
+    images = sorted({r["image"] for r in rows})
+    cache = ImageCache(folder, settings.cache_size) if settings.cache_size else None
+    todo, bad = cache.plan(images) if cache else ({}, {n: "" for n in images if not (folder / n).is_file()})
+    inputs = {p.relative_to(folder).as_posix(): _sha256(p) for p in source.inputs(folder)}
+    old = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            old = {}
+    if todo or old.get("inputs") != inputs or old.get("settings") != settings.as_dict() or not path.is_file():
+        _writable(path.parent, "split manifests")
+        if cache:
+            _writable(cache.folder, "resized images")
+    try:
+        if cache:
+            bad = dict.fromkeys(cache.build(images, settings.on_bad_image), "")
+        elif bad and settings.on_bad_image == "fail":
+            raise DataError(f"bad image {folder / min(bad)}: listed but not found (data.on_bad_image=fail)")
+        rows = [r for r in rows if r["image"] not in bad]
+        text = _manifest_text(rows)
+        stamps = [[name, stamp(folder / name)] for name in sorted({r["image"] for r in rows})]
+        sizes = split_sizes(rows)
+        info = {
+            "settings": settings.as_dict(),
+            "inputs": inputs,
+            "manifest_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            # the images as they are now (size, modification time): what anything made from them is keyed by
+            "images_sha256": hashlib.sha256(json.dumps(stamps).encode()).hexdigest(),
+            "sizes": {k: {"identities": v[0], "images": v[1]} for k, v in sorted(sizes.items())},
+            "bad_images": sorted(bad),
+        }
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
+        if current == text and old == info:
+            return path
+        _writable(path.parent, "split manifests")
+        if current is not None and current != text:
+            print(f"{path} is out of date ({_what_changed(path, old, info, rows)}): made again", flush=True)
+        write_text_atomic(path, text)
+        write_json_atomic(path.with_suffix(".json"), info)
+    except OSError as error:
+        raise DataError(f"cannot write {error.filename or folder}: {error.strerror or error}") from None
+    if not quiet and current != text:
         shown = {k: v for k, v in sorted(sizes.items()) if k in ("train", "val", "query0", "gallery0", "gallery_all0")}
         print(f"prepared {path}: " + ", ".join(f"{k} {v[0]} ids/{v[1]} images" for k, v in shown.items()))
     return path
 
 
+# the sources the command line knows by a short name (any other: a config's data.source._target_)
+FORMATS = {"11k": Hands11k, "hd": HD, "csv": CaptionCSV, "imagefolder": ImageFolder}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True)
-    parser.add_argument("--format", choices=FORMATS, default="11k")
-    parser.add_argument("--aspect", choices=ASPECTS, default="dorsal right")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=list(FORMATS), default="11k")
+    parser.add_argument("--aspect", choices=ASPECTS, default="dorsal right", help="11k: the aspect split")
+    parser.add_argument("--with-accessories", action="store_true", help="11k: keep images with accessories")
+    parser.add_argument("--csv", default="captions.csv", help="csv: the caption file, relative to --root")
+    parser.add_argument("--caption-column", default="text", help="imagefolder: metadata.jsonl's caption column")
+    parser.add_argument("--identity-column", default=None, help="imagefolder: metadata.jsonl's identity column")
+    parser.add_argument("--draw", type=int, default=0, help="which draw of the split (seeds it)")
+    parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--with-accessories", action="store_true", help="keep images with accessories")
     parser.add_argument("--cache-size", type=int, default=256, help="shortest edge of cached copies; 0 = none")
-    parser.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip")
+    parser.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="skip")
     args = parser.parse_args(argv)
-    settings = PrepareSettings(
-        root=args.root, format=args.format, aspect=args.aspect, seed=args.seed, runs=args.runs,
-        no_accessories=not args.with_accessories, cache_size=args.cache_size, on_bad_image=args.on_bad_image,
-    )  # fmt: skip
+    if args.seed is not None:
+        parser.error("--seed was renamed to --draw (it seeds the split)")
+    source_settings = {
+        "11k": {"aspect": args.aspect, "no_accessories": not args.with_accessories},
+        "csv": {"csv": args.csv},
+        "imagefolder": {"caption_column": args.caption_column, "identity_column": args.identity_column},
+    }.get(args.format, {})
     try:
-        prepare(settings)
+        source = FORMATS[args.format](root=args.root, **source_settings)
+        prepare(PrepareSettings(source, args.draw, args.runs, args.cache_size, args.on_bad_image))
     except (DataError, ConfigError) as error:
         exit_with(error)
 

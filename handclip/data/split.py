@@ -36,13 +36,15 @@ def _by_identity(records: Iterable[ImageRecord]) -> dict[str, list[ImageRecord]]
 
 
 def _row(record: ImageRecord, split: str) -> dict:
+    # a record's own `split` attribute (a caption CSV's request) is what this split decided: not a column
+    extra = {k: v for k, v in record.attributes.items() if k not in MANIFEST_COLUMNS}
     return {
         "image": record.image,
         "identity": record.identity,
         "person": record.person,
         "aspect": record.aspect,
         "split": split,
-        **record.attributes,
+        **extra,
     }
 
 
@@ -103,8 +105,8 @@ def _check_test(test: dict[str, list[ImageRecord]], what: str) -> None:
         )
 
 
-def split_11k(records: list[ImageRecord], aspect: str, seed: int = 0, runs: int = 10) -> list[dict]:
-    """Manifest rows of one 11k aspect: train, val, query/gallery runs and merged galleries."""
+def split_11k(records: list[ImageRecord], aspect: str, draw: int = 0, runs: int = 10) -> list[dict]:
+    """Manifest rows of one 11k aspect: train, val, query/gallery runs and merged galleries; `draw` seeds them."""
     if aspect not in THRESHOLDS_11K:
         raise DataError(f"aspect {aspect!r} is not one of {', '.join(ASPECTS)}")
     rows = []
@@ -120,14 +122,14 @@ def split_11k(records: list[ImageRecord], aspect: str, seed: int = 0, runs: int 
                     f"after filtering (threshold id <= {threshold} trains): both must be non-empty"
                 )
             _check_test(test, f"aspect '{aspect}'")
-            rows += _train_val(train, np.random.default_rng([seed, index]))
-            rows += _query_gallery(test, [seed, index], runs)
+            rows += _train_val(train, np.random.default_rng([draw, index]))
+            rows += _query_gallery(test, [draw, index], runs)
         # the merged gallery draws every aspect's galleries with that aspect's own seed
-        rows += _query_gallery(test, [seed, index], runs, prefix="_all")
+        rows += _query_gallery(test, [draw, index], runs, prefix="_all")
     return rows
 
 
-def split_hd(records: list[ImageRecord], seed: int = 0, runs: int = 10) -> list[dict]:
+def split_hd(records: list[ImageRecord], draw: int = 0, runs: int = 10) -> list[dict]:
     """Manifest rows of HD: train/val, then query/gallery runs with distractors in every gallery."""
     distractors = [r for r in records if r.attributes.get("distractor") == "1"]
     groups = _by_identity(r for r in records if r.attributes.get("distractor") != "1")
@@ -136,8 +138,8 @@ def split_hd(records: list[ImageRecord], seed: int = 0, runs: int = 10) -> list[
     if not train or not test:
         raise DataError(f"HD has {len(train)} training and {len(test)} test identities: both must be non-empty")
     _check_test(test, "HD")
-    rows = _train_val(train, np.random.default_rng([seed, 0]))
-    rows += _query_gallery(test, [seed, 0], runs)
+    rows = _train_val(train, np.random.default_rng([draw, 0]))
+    rows += _query_gallery(test, [draw, 0], runs)
     rows += [_row(r, f"gallery{run}") for run in range(runs) for r in distractors]
     return rows
 
@@ -152,23 +154,110 @@ def split_sizes(rows: list[dict]) -> dict[str, tuple[int, int]]:
     return {split: (len(identities[split]), images[split]) for split in images}
 
 
-def split_captions(records: list[ImageRecord], seed: int = 0, runs: int = 10, test_share: float = 0.2) -> list[dict]:
-    """Manifest rows of a generic caption dataset: the `split` column, or a seeded split by
-    identity; training identities give validation images, test ones query/gallery runs."""
+def split_captions(records: list[ImageRecord], draw: int = 0, runs: int = 10, test_share: float = 0.2) -> list[dict]:
+    """Manifest rows of a generic caption dataset: the records' own `split` (train, val, test), or a
+    split by identity seeded by `draw`; training identities give validation images (the ones marked
+    val, else one drawn per identity), test ones query/gallery runs."""
     groups = _by_identity(records)
-    chosen = {k: v[0].attributes.get("split") for k, v in groups.items()}
-    if not any(chosen.values()):
-        rng = np.random.default_rng([seed, 99])
-        order = list(groups)
-        rng.shuffle(order)
-        test_count = max(1, int(round(test_share * len(order))))
-        chosen = {k: ("test" if i < test_count else "train") for i, k in enumerate(order)}
-    train = {k: v for k, v in groups.items() if chosen[k] != "test"}
+    chosen = _requested_sides(records, groups) or _drawn_sides(groups, draw, test_share)
+    train = {k: v for k, v in groups.items() if chosen[k] == "train"}
     test = {k: v for k, v in groups.items() if chosen[k] == "test"}
     if not train or not test:
         raise DataError(
-            f"the caption CSV has {len(train)} training and {len(test)} test identities: both must be non-empty"
+            f"the dataset has {len(train)} training and {len(test)} test identities: both must be non-empty"
         )
-    rows = _train_val(train, np.random.default_rng([seed, 0]))
-    rows += _query_gallery(test, [seed, 0], runs)
+    if any(r.attributes.get("split") == "val" for r in records):
+        rows = [_row(r, "val" if r.attributes["split"] == "val" else "train") for v in train.values() for r in v]
+    else:
+        rows = _train_val(train, np.random.default_rng([draw, 0]))
+    rows += _query_gallery(test, [draw, 0], runs)
     return rows
+
+
+def _drawn_sides(groups: dict[str, list[ImageRecord]], draw: int, test_share: float) -> dict[str, str]:
+    rng = np.random.default_rng([draw, 99])
+    order = list(groups)
+    rng.shuffle(order)
+    test_count = max(1, int(round(test_share * len(order))))
+    return {k: ("test" if i < test_count else "train") for i, k in enumerate(order)}
+
+
+def _requested_sides(records: list[ImageRecord], groups: dict[str, list[ImageRecord]]) -> dict[str, str]:
+    """Train or test per identity, as the records' `split` asks; {} when none asks. Refuses a request
+    that cannot hold: some rows without a split, one identity on both sides, val images of a test identity."""
+    asked = [r for r in records if r.attributes.get("split")]
+    if not asked:
+        return {}
+    unasked = next((r for r in records if not r.attributes.get("split")), None)
+    if unasked is not None:
+        raise DataError(
+            f"{unasked.where or unasked.image}: split is empty, but other rows give one (e.g. "
+            f"{asked[0].where or asked[0].image}): give every row a split, or none for a seeded split"
+        )
+    sides = {}
+    for identity, group in groups.items():
+        first = {}
+        for record in group:
+            first.setdefault(record.attributes["split"], record)
+        if "train" in first and "test" in first:
+            raise DataError(
+                f"identity {identity!r} is marked train ({first['train'].where or first['train'].image}) and test "
+                f"({first['test'].where or first['test'].image}): one identity on both sides leaks into the test "
+                "scores; give all its images one side"
+            )
+        if "train" not in first and "val" in first:
+            raise DataError(
+                f"identity {identity!r} has val images ({first['val'].where or first['val'].image}) but no train "
+                "images: val images are held-out images of training identities, matched against their train images"
+            )
+        sides[identity] = "test" if "test" in first else "train"
+    return sides
+
+
+def check_records(records: list[ImageRecord]) -> None:
+    """Refuse an image listed under two identities, naming both places: in training and test at once,
+    it would make the test scores read 100%."""
+    first: dict[str, ImageRecord] = {}
+    for record in records:
+        seen = first.setdefault(record.image, record)
+        if seen.identity != record.identity:
+            raise DataError(
+                f"{record.where or record.image}: image {record.image} is listed under identity {record.identity!r} "
+                f"here and under {seen.identity!r} at {seen.where or 'an earlier record'}; an image shows one "
+                "identity (under two it lands in training and in test at once and the test scores read 100%): "
+                "keep it under one"
+            )
+
+
+def check_protocol(rows: list[dict], where: str) -> None:
+    """Refuse a split in which an image shows two identities, an image or an identity is in training
+    (train, val) and in test, an image is both a training and a validation image, or both query and
+    gallery of one run: each inflates the scores. Checked on every manifest, whichever source made it.
+    """
+    identity_of: dict[str, str] = {}
+    splits_of: dict[str, set] = defaultdict(set)
+    sides_of: dict[str, set] = defaultdict(set)  # identity -> training and/or test
+    for row in rows:
+        image, identity, split = row["image"], row["identity"], row["split"]
+        if identity_of.setdefault(image, identity) != identity:
+            raise DataError(
+                f"{where}: image {image} is listed under two identities, {identity_of[image]!r} and {identity!r}; "
+                "an image shows one identity (under two it lands in training and test at once and the test "
+                "scores read 100%): keep it under one"
+            )
+        splits_of[image].add(split)
+        sides_of[identity].add("training" if split in ("train", "val") else "test")
+    for image, splits in sorted(splits_of.items()):
+        training = splits & {"train", "val"}
+        clash = (
+            "in training and in test" if training and splits - training
+            else "both a training and a validation image" if len(training) == 2
+            else next((f"both query and gallery of run {s[5:]}" for s in splits
+                       if s.startswith("query") and f"gallery{s[5:]}" in splits), "")
+        )  # fmt: skip
+        if clash:
+            raise DataError(f"{where}: image {image} is {clash}; the scores would count what the model has seen")
+    both = sorted(k for k, v in sides_of.items() if len(v) > 1)
+    if both:
+        raise DataError(f"{where}: identity {both[0]} is in training and in test ({len(both)} such); "
+                        "re-identification scores need test identities the model never trained on")  # fmt: skip

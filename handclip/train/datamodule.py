@@ -1,7 +1,9 @@
 """The data module: validates the `data:` settings, prepares the dataset, serves the loaders.
 
 Built from `conf/data/*.yaml` by its `_target_`; the constructor only checks settings (no I/O),
-so a bad value is refused before anything heavy. Then, in order:
+so a bad value is refused before anything heavy. The dataset itself is `data.source`, a
+`handclip.data.sources.DataSource` named by its own `_target_`; the flat loader, sampler and cache
+settings are gathered into the small `Batches`, `Loading` and `Caches` objects. Then, in order:
 
     datamodule.prepare(image_size)   # synthetic data on first use, the split manifest, the image cache
     datamodule.attach(backbone)      # datasets with the backbone's preprocessing values and tokenizer
@@ -10,8 +12,12 @@ so a bad value is refused before anything heavy. Then, in order:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +25,26 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from handclip.checks import integer
+from handclip.checks import flag, integer, one_of
 from handclip.data.activations import DTYPES
 from handclip.data.captions import Captioner
 from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.data.images import BAD_IMAGE_POLICIES
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler, balanced_sampler_for
+from handclip.data.sources import DataSource
 from handclip.data.transforms import check_augment, eval_transform, train_transform
 from handclip.errors import ConfigError
 from handclip.eval.protocol import images_needed
 
 SAMPLERS = ("random", "identity_balanced")
+# keys of the layout before data sources: where each went
+MOVED = {
+    "seed": "data.draw (it seeds the split and, for synthetic data, the people drawn)",
+    "root": "data.source.root", "aspect": "data.source.aspect", "no_accessories": "data.source.no_accessories",
+    "csv": "data.source.csv", "synthetic": "data.source (identities, image_size; data=synthetic)",
+    "format": "data.source._target_ (data=hands11k, hd, captions, synthetic or imagefolder)",
+}  # fmt: skip
 
 
 def loader_workers(value: int | str) -> int:
@@ -40,120 +54,138 @@ def loader_workers(value: int | str) -> int:
         return max(0, min(cores - 1, 16))
     if isinstance(value, str):
         raise ConfigError(f"data.num_workers={value!r} must be auto or an integer from 0 to 256")
-    return _integer("num_workers", value, 0, 256)
+    return integer("data.num_workers", value, 0, 256)
 
 
-def _integer(key: str, value: Any, low: int, high: int = 1_000_000) -> int:
-    return integer(f"data.{key}", value, low, high)
+@dataclass
+class Batches:
+    """How training batches are drawn: `batch_size` pairs at random, or P identities x K images."""
 
+    batch_size: int
+    sampler: str
+    identities_per_batch: int  # identity_balanced: P
+    images_per_identity: int  # identity_balanced: K
 
-def _check_synthetic(synthetic: Mapping[str, Any]) -> dict:
-    synthetic = dict(synthetic)
-    unknown = sorted(set(synthetic) - {"identities", "seed", "image_size"})
-    if unknown:
-        raise ConfigError(f"data.synthetic.{unknown[0]} is not a setting; settings are identities, seed, image_size")
-    identities = synthetic.get("identities")
-    if isinstance(identities, bool) or not isinstance(identities, int) or not 4 <= identities <= 1000:
-        raise ConfigError(f"data.synthetic.identities={identities!r} must be an integer from 4 to 1000")
-    if isinstance(synthetic.get("seed"), bool) or not isinstance(synthetic.get("seed"), int):
-        raise ConfigError(f"data.synthetic.seed={synthetic.get('seed')!r} must be an integer")
-    size = synthetic.get("image_size")
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(isinstance(v, int) and v >= 32 for v in size):
-        raise ConfigError(f"data.synthetic.image_size={size!r} must be [width, height], each at least 32 pixels")
-    return synthetic
-
-
-class HandDataModule(L.LightningDataModule):
-    """Training pairs (image, caption, identity) and the validation images, from a split manifest."""
-
-    def __init__(
-        self, *, name: str, format: str, root: str, aspect: str, seed: int, run_seed: int, runs: int,
-        no_accessories: bool,
-        cache_size: int | str, on_bad_image: str, batch_size: int, sampler: str, identities_per_batch: int,
-        images_per_identity: int, num_workers: int, captions: Sequence[str], augment: Mapping[str, Any] | None,
-        synthetic: Mapping[str, Any] | None, csv: str, activation_cache: bool, cached_views: int,
-        activation_dtype: str,
-    ):  # fmt: skip
-        super().__init__()
-        self.name = name
-        batch_size = _integer("batch_size", batch_size, 1)
-        if batch_size < 2:
+    def __post_init__(self):
+        integer("data.batch_size", self.batch_size, 1, 1_000_000)
+        if self.batch_size < 2:
             raise ConfigError(
-                f"data.batch_size={batch_size} is too small: a contrastive loss needs at least 2 pairs per batch"
+                f"data.batch_size={self.batch_size} is too small: a contrastive loss needs at least 2 pairs per batch"
             )
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"data.sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if sampler == "identity_balanced":
-            p = _integer("identities_per_batch", identities_per_batch, 2)
-            k = _integer("images_per_identity", images_per_identity, 1)
-            if p * k != batch_size:
+        one_of("data.sampler", self.sampler, SAMPLERS)
+        if self.sampler == "identity_balanced":
+            p = integer("data.identities_per_batch", self.identities_per_batch, 2, 1_000_000)
+            k = integer("data.images_per_identity", self.images_per_identity, 1, 1_000_000)
+            if p * k != self.batch_size:
                 raise ConfigError(
-                    f"data.batch_size={batch_size} must equal data.identities_per_batch x data.images_per_identity "
-                    f"= {p} x {k} = {p * k} with data.sampler=identity_balanced"
+                    f"data.batch_size={self.batch_size} must equal data.identities_per_batch x "
+                    f"data.images_per_identity = {p} x {k} = {p * k} with data.sampler=identity_balanced"
                 )
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ConfigError(f"data.on_bad_image={on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
-        self.num_workers = loader_workers(num_workers)
-        if not isinstance(activation_cache, bool):
-            raise ConfigError(f"data.activation_cache={activation_cache!r} must be true or false")
-        if activation_dtype not in DTYPES:
-            raise ConfigError(f"data.activation_dtype={activation_dtype!r}: choose one of {', '.join(DTYPES)}")
-        self.activation_cache, self.activation_dtype = activation_cache, activation_dtype
-        self.cached_views = _integer("cached_views", cached_views, 1, 1000)
-        self.captioner = Captioner(captions)
-        self.augment = check_augment(augment)
-        self.batch_size, self.sampler = batch_size, sampler
-        self.identities_per_batch, self.images_per_identity = identities_per_batch, images_per_identity
-        if isinstance(run_seed, bool) or not isinstance(run_seed, int):
-            raise ConfigError(f"data.run_seed={run_seed!r} must be an integer (it follows the run's seed)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"data.seed={seed!r} must be an integer (it seeds the split)")
-        self.seed = run_seed  # batch order, augmentation, captions; `seed` seeds the split
-        self.synthetic = _check_synthetic(synthetic) if synthetic else None
-        if cache_size in (None, False):
-            cache_size = 0
-        if cache_size != "auto":
-            _integer("cache_size", cache_size, 0, 100_000)
-        self._cache_size = cache_size
-        self.prepare_settings = PrepareSettings(
-            root=str(root), format=str(format), csv=str(csv), aspect=str(aspect), seed=seed,
-            runs=_integer("runs", runs, 1, 100), no_accessories=bool(no_accessories), cache_size=0,
-            on_bad_image=on_bad_image,
-        ).check()  # fmt: skip
-        self.rows: list[dict] = []
-        self.manifest: Path | None = None
 
-    def check_root(self) -> None:
-        """The dataset folder exists (or will be generated)."""
-        if not self.root.exists() and not self.synthetic:
-            raise ConfigError(
-                f"data.root={self.root} does not exist. Put the dataset there (see data/README.md), "
-                "point data.root at it, or try the demo on synthetic hands: python train.py experiment=demo"
-            )
 
-    @property
-    def root(self) -> Path:
-        return Path(self.prepare_settings.root)
+@dataclass
+class Loading:
+    """How images reach the model: loader processes, the resized cache, what a bad image does."""
+
+    num_workers: int | str  # auto: CPU cores - 1 (at most 16)
+    cache_size: int | str  # shortest edge of the resized cache; auto: 1.15 x the model's input; 0: none
+    on_bad_image: str
+
+    def __post_init__(self):
+        self.num_workers = loader_workers(self.num_workers)
+        self.cache_size = 0 if self.cache_size in (None, False) else self.cache_size
+        if self.cache_size != "auto":
+            integer("data.cache_size", self.cache_size, 0, 100_000, hint=" (0: no cache, auto, or a size in pixels)")
+        one_of("data.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
 
     def cache_size_for(self, image_size: int) -> int:
         """The resized cache's shortest edge; `auto` is a little above the model's input for crops."""
-        return int(round(image_size * 1.15)) if self._cache_size == "auto" else int(self._cache_size)
+        return int(round(image_size * 1.15)) if self.cache_size == "auto" else int(self.cache_size)
+
+
+@dataclass
+class Caches:
+    """Stored activations of the frozen prefix of the image tower (handclip.data.activations)."""
+
+    activation_cache: bool
+    cached_views: int  # with augmentation: views per training image stored; each epoch draws one
+    activation_dtype: str
+
+    def __post_init__(self):
+        flag("data.activation_cache", self.activation_cache)
+        integer("data.cached_views", self.cached_views, 1, 1000)
+        one_of("data.activation_dtype", self.activation_dtype, DTYPES)
+
+
+SETTINGS = {group: [f.name for f in dataclasses.fields(group)] for group in (Batches, Loading, Caches)}
+KNOWN = ["name", "source", "draw", "runs", "run_seed", "captions", "augment", *sum(SETTINGS.values(), [])]
+
+
+def _check_keys(settings: Mapping[str, Any]) -> None:
+    """Every flat data setting is one of the groups' (a key of the old layout says where it went)."""
+    for key, value in settings.items():
+        if key in MOVED and value is not None:  # `seed: null` stays in conf/ only to answer data.seed=N
+            raise ConfigError(f"data.{key} was renamed: use {MOVED[key]}")
+        if key not in KNOWN and key not in MOVED:
+            near = difflib.get_close_matches(key, KNOWN, n=1)
+            raise ConfigError(f"data.{key} is not a setting{f' (did you mean data.{near[0]}?)' if near else ''}; "
+                              f"settings are {', '.join(KNOWN)}")  # fmt: skip
+    missing = [k for names in SETTINGS.values() for k in names if k not in settings]
+    if missing:
+        raise ConfigError(f"data.{missing[0]} is missing: conf/data/loader/default.yaml gives every data setting")
+
+
+class HandDataModule(L.LightningDataModule):
+    """Training pairs (image, caption, identity) and the validation images, from a split manifest.
+
+    `source` reads and splits the dataset; `draw` seeds the split (and a synthetic source's people);
+    `run_seed` the batch order, augmentation and caption choice. The other settings are those of
+    `Batches`, `Loading` and `Caches`, plus the caption templates and the augmentation.
+    """
+
+    def __init__(
+        self, *, name: str, source: DataSource, draw: int, runs: int, run_seed: int,
+        captions: Sequence[str], augment: Mapping[str, Any] | None, **settings: Any,
+    ):  # fmt: skip
+        super().__init__()
+        self.name = name
+        _check_keys(settings)
+        groups = (group(**{k: settings[k] for k in keys}) for group, keys in SETTINGS.items())
+        self.batches, self.loading, self.caches = groups
+        self.captioner = Captioner(captions)
+        self.augment = check_augment(augment)
+        self.seed = integer("data.run_seed", run_seed, hint=" (it follows the run's seed)")  # batches, augmentation
+        self.prepare_settings = PrepareSettings(source, draw, runs, on_bad_image=self.loading.on_bad_image).check()
+        self.source, self.draw = self.prepare_settings.source, self.prepare_settings.draw
+        # what the run, the caches and the evaluator read
+        self.batch_size, self.sampler = self.batches.batch_size, self.batches.sampler
+        self.num_workers = self.loading.num_workers
+        self.activation_cache, self.cached_views = self.caches.activation_cache, self.caches.cached_views
+        self.activation_dtype = self.caches.activation_dtype
+        self.rows: list[dict] = []
+        self.manifest: Path | None = None
+
+    @property
+    def root(self) -> Path:
+        """The folder of this draw's data (a synthetic source has one per draw and setting)."""
+        return self.prepare_settings.folder
+
+    def check_root(self) -> None:
+        """The dataset folder exists (or will be generated)."""
+        problem = self.source.missing(self.draw)
+        if problem:
+            raise ConfigError(problem)
 
     # before weights ---------------------------------------------------------------------------
-    def ensure_synthetic(self) -> None:
-        """The synthetic dataset at `root`, made with `data.synthetic`'s settings (generated on first use)."""
-        if self.synthetic:
-            from handclip.data.synthetic import ensure_synthetic
-
-            ensure_synthetic(self.root, **self.synthetic)
-
     def prepare(self, image_size: int) -> list[dict]:
-        """Synthetic data if asked, the manifest and the image cache; the rows. Checks the sampler can be filled."""
-        from dataclasses import replace
-
-        self.ensure_synthetic()
-        self.prepare_settings = replace(self.prepare_settings, cache_size=self.cache_size_for(image_size))
+        """Data of this draw (generated if the source makes it), the manifest and the image cache; the rows.
+        Checks the sampler can be filled."""
+        self.source.make(self.draw)
+        self.prepare_settings = dataclasses.replace(self.prepare_settings,
+                                                    cache_size=self.loading.cache_size_for(image_size))  # fmt: skip
         self.manifest = prepare(self.prepare_settings)
+        # the manifest's images as they are on disk now: a store of anything computed from them keys on it
+        self.content_digest = json.loads(self.manifest.with_suffix(".json").read_text())["images_sha256"]
         self.rows = read_manifest(self.manifest)
         self.train_rows = [r for r in self.rows if r["split"] == "train"]
         self.val_rows = [r for r in self.rows if r["split"] in ("train", "val")]
@@ -197,7 +229,8 @@ class HandDataModule(L.LightningDataModule):
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
     def balanced_sampler(self) -> IdentityBalancedBatchSampler:
-        return balanced_sampler_for(self.rows, self.identities_per_batch, self.images_per_identity, self.seed)
+        batches = self.batches
+        return balanced_sampler_for(self.rows, batches.identities_per_batch, batches.images_per_identity, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         common = {"collate_fn": self.collate, "pin_memory": torch.cuda.is_available(), **self._workers()}

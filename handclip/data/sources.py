@@ -1,0 +1,229 @@
+"""Data sources: a dataset format and its split protocol, named in the config by `_target_`.
+
+    data:
+      source:
+        _target_: handclip.data.sources.Hands11k
+        root: ${paths.data}/11k
+        aspect: dorsal right
+      draw: 0        # which draw of the data: seeds the split (and a synthetic source's people)
+
+A source is a dataclass holding its own settings (checked when it is made) and answering:
+
+- `read(folder)`: the folder's images as `ImageRecord`s (paths relative to `folder`);
+- `split(records, draw, runs)`: manifest rows (train, val, queryR, galleryR, ...) seeded by `draw`;
+  the default is a split by identity (the records' own `split` attribute where they give one);
+- `inputs(folder)`: the files `read` takes its records from; their content keys the manifest;
+- `name`: the manifest's file stem, different for any two settings of the source;
+- `folder(draw)` and `make(draw)`: where the data of a draw lives, and making it when the source
+  generates its data (synthetic hands); other sources read `root` as it is.
+
+`handclip.data.prepare` does the rest, the same for every source: every image path must stay inside
+the folder, no image or identity may sit on both sides of train and test, and the manifest and image
+cache are checked against what they were made from. A source of your own is a subclass in any
+importable module, named by `data.source._target_` (see tests/test_extension.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from handclip.checks import flag, integer, one_of
+from handclip.data.hands import ASPECTS
+from handclip.data.readers import (
+    ImageRecord,
+    aspect_slug,
+    inside_root,
+    read_11k,
+    read_caption_csv,
+    read_hd,
+    read_imagefolder,
+)
+from handclip.data.split import split_11k, split_captions, split_hd
+from handclip.errors import ConfigError
+
+KEY = "data.source"
+
+
+@dataclass
+class DataSource:
+    """A dataset in a folder: how to read it and how to split it (see the module's docstring)."""
+
+    root: str
+
+    def __post_init__(self):
+        if not isinstance(self.root, (str, Path)) or not str(self.root):
+            raise ConfigError(f"{KEY}.root={self.root!r} must be the dataset folder")
+        self.root = str(self.root)
+
+    # what a source gives --------------------------------------------------------------------
+    def read(self, folder: Path) -> list[ImageRecord]:
+        raise NotImplementedError(f"{type(self).__name__}.read(folder) must return the folder's ImageRecords")
+
+    def split(self, records: list[ImageRecord], draw: int, runs: int) -> list[dict]:
+        """Identities split into train (one val image each) and test (query/gallery runs), seeded by `draw`."""
+        return split_captions(records, draw, runs)
+
+    def inputs(self, folder: Path) -> list[Path]:
+        """The files the records are read from (a folder listing needs none: the manifest diff shows it)."""
+        return []
+
+    def settings(self) -> dict:
+        """What the manifest records it was made with: the target and every setting but the folder."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "root"}
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **values}
+
+    @property
+    def name(self) -> str:
+        """The manifest's file stem: the source's kind and a digest of its settings."""
+        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()
+        return f"{_slug(type(self).__name__)}_{digest[:8]}"
+
+    # where the data is ----------------------------------------------------------------------
+    def folder(self, draw: int) -> Path:
+        """The folder holding draw `draw` of the data."""
+        return Path(self.root)
+
+    def make(self, draw: int) -> None:
+        """Make the data of draw `draw` where it is made rather than read (nothing here)."""
+
+    def missing(self, draw: int) -> str | None:
+        """Why the data cannot be had (one line naming the key), or None."""
+        if Path(self.root).exists():
+            return None
+        return (f"{KEY}.root={self.root} does not exist. Put the dataset there (see data/README.md), point "
+                f"{KEY}.root at it, or try the demo on synthetic hands: python train.py experiment=demo")  # fmt: skip
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
+
+
+@dataclass
+class Hands11k(DataSource):
+    """11k Hands (`HandInfo.csv` + `Hands/`), one aspect split by the published protocol."""
+
+    aspect: str = "dorsal right"
+    no_accessories: bool = True  # the protocol keeps images with accessories == 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(f"{KEY}.aspect", self.aspect, ASPECTS)
+        flag(f"{KEY}.no_accessories", self.no_accessories)
+
+    @property
+    def name(self) -> str:
+        return f"11k_{aspect_slug(self.aspect)}{'' if self.no_accessories else '_withacc'}"
+
+    def inputs(self, folder: Path) -> list[Path]:
+        return [folder / "HandInfo.csv"]
+
+    def read(self, folder: Path) -> list[ImageRecord]:
+        return read_11k(folder, no_accessories=self.no_accessories)
+
+    def split(self, records: list[ImageRecord], draw: int, runs: int) -> list[dict]:
+        return split_11k(records, self.aspect, draw, runs)
+
+
+@dataclass
+class SyntheticHands(Hands11k):
+    """Procedurally drawn hands in the 11k format (`handclip.data.synthetic`), generated on first use.
+
+    `draw` seeds the people drawn as well as the split; each draw and each setting of `identities`
+    and `image_size` has its own folder under `root`, so runs of different draws never touch each
+    other's data. The people's ids stay below 11k's largest (1590), far from the ids the demo's tiny
+    backbone was pretrained on (`handclip.model.pretrain.FIRST_ID`).
+    """
+
+    identities: int = 64
+    image_size: tuple[int, int] = (320, 240)  # width, height
+
+    def __post_init__(self):
+        super().__post_init__()
+        integer(f"{KEY}.identities", self.identities, 4, 1000)
+        size = self.image_size
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise ConfigError(f"{KEY}.image_size={size!r} must be [width, height], each at least 32 pixels")
+        self.image_size = tuple(integer(f"{KEY}.image_size", v, 32, 10_000) for v in size)
+
+    def folder(self, draw: int) -> Path:
+        width, height = self.image_size
+        return Path(self.root) / f"{self.identities}people_{width}x{height}_draw{draw}"
+
+    def make(self, draw: int) -> None:
+        from handclip.data.synthetic import ensure_synthetic
+
+        ensure_synthetic(self.folder(draw), self.identities, draw, self.image_size)
+
+    def missing(self, draw: int) -> str | None:
+        return None  # generated on first use
+
+
+@dataclass
+class HD(DataSource):
+    """The HD hand dorsal dataset: folders `1-501` and `502-712`; 502-712 are distractors in every gallery."""
+
+    @property
+    def name(self) -> str:
+        return "hd"
+
+    def read(self, folder: Path) -> list[ImageRecord]:
+        return read_hd(folder)
+
+    def split(self, records: list[ImageRecord], draw: int, runs: int) -> list[dict]:
+        return split_hd(records, draw, runs)
+
+
+@dataclass
+class CaptionCSV(DataSource):
+    """Any image-caption dataset: `root/<csv>` with columns image, caption [, identity, split]."""
+
+    csv: str = "captions.csv"  # relative to root
+
+    def __post_init__(self):
+        super().__post_init__()
+        inside_root(self.root, str(self.csv), f"{KEY}.csv")  # lexically: no '..', not absolute
+
+    @property
+    def name(self) -> str:
+        return f"csv_{_slug(Path(self.csv).with_suffix('').as_posix())}"
+
+    def inputs(self, folder: Path) -> list[Path]:
+        return [folder / self.csv]
+
+    def read(self, folder: Path) -> list[ImageRecord]:
+        inside_root(folder, str(self.csv), f"{KEY}.csv")
+        return read_caption_csv(folder / self.csv, folder)
+
+
+@dataclass
+class ImageFolder(DataSource):
+    """A Hugging Face `datasets` image folder: images and `metadata.jsonl` (`file_name`, a caption column,
+    optionally an identity column), optionally in `train/`, `validation/` and `test/` sub-folders."""
+
+    caption_column: str = "text"
+    identity_column: str | None = None  # none: each image its own identity
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("caption_column", "identity_column"):
+            value: Any = getattr(self, key)
+            if value is None and key == "identity_column":
+                continue
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{KEY}.{key}={value!r} must be a column name of metadata.jsonl")
+
+    @property
+    def name(self) -> str:
+        return "imagefolder_" + _slug(f"{self.caption_column}_{self.identity_column or 'noid'}")
+
+    def inputs(self, folder: Path) -> list[Path]:
+        return sorted(p for p in folder.rglob("metadata.jsonl") if p.is_file())
+
+    def read(self, folder: Path) -> list[ImageRecord]:
+        return read_imagefolder(folder, self.caption_column, self.identity_column)
