@@ -228,9 +228,8 @@ def test_no_space_left_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(
-        HandClipError, match=r"No space left on device \(is the disk full\?.*\)\. The previous checkpoint there, if any, is intact"
-    ):
+    full = r"No space left on device \(is the disk full\?.*\)\. The previous checkpoint there, if any, is intact"
+    with pytest.raises(HandClipError, match=full):
         save_atomic({"step": 2}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

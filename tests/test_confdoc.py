@@ -62,8 +62,9 @@ def test_every_comment_of_every_file_appears_in_its_own_section(page):
     for path in sorted(CONF.rglob("*.yaml")):
         if path.name == "train.yaml":
             text = section(page, "## Run settings: `train.yaml`")
-        else:
-            text = section(page, f"### `{path.parent.name}={path.stem}`")
+        else:  # an option of a group, or of a group inside a group (data=loader/default)
+            group, *inner = path.relative_to(CONF).with_suffix("").parts
+            text = section(page, f"### `{group}={'/'.join(inner)}`")
         for comment in comments_of(path):
             assert plain(comment) in plain(text), f"{path}: {comment!r} is missing"
 
@@ -73,10 +74,10 @@ def test_comments_sit_in_the_row_of_the_key_they_explain(page):
     # a comment on the line above a key
     assert "resume: `last`" in row(train, "ckpt_path")
     assert "| `null` |" in row(train, "ckpt_path")
-    hands = section(page, "### `data=hands11k`")
+    loader = section(page, "### `data=loader/default`")
     # a comment beside a key, with its value
-    assert row(hands, "data.sampler").startswith("| `data.sampler` | `random` | random \\| identity\\_balanced")
-    assert "seeds the split" in row(hands, "data.seed")
+    assert row(loader, "data.sampler").startswith("| `data.sampler` | `random` | random \\| identity\\_balanced")
+    assert "seeds the split" in row(loader, "data.draw")
     optim = section(page, "### `optim=adamw`")
     # a comment beside a key whose value is a block mapping, and the keys inside it
     assert "layer-wise lr decay per tower" in row(optim, "optim.layer_decay")

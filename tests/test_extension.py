@@ -120,7 +120,7 @@ def test_a_dataset_reader_from_outside_the_package_trains_the_demo(tmp_path):
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]", base=base,
     )  # fmt: skip
     env["PYTHONPATH"] += f":{tmp_path / 'ext'}"
-    result = subprocess.run(command, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
+    result = run_in_process(command, tmp_path / "work", env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "work" / "runs" / "mine" / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["test/rank1"] <= 1.0 and "test Rank-1" in result.stdout

@@ -17,7 +17,7 @@ import yaml
 
 GALLERIES = {"test": "same-aspect gallery", "test_all": "gallery merged over aspects"}
 METRICS = ("rank1", "rank5", "rank10", "mAP")
-DATA_SHOWN = ("_target_", "name", "format", "root", "aspect", "no_accessories", "runs", "seed", "sampler", "batch_size")
+DATA_SHOWN = ("_target_", "name", "source", "draw", "runs", "sampler", "batch_size")
 
 
 def _settings(spec: Any) -> str:

@@ -85,6 +85,7 @@ def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, c
         "backbone": f"{type(backbone).__name__}:{backbone.source}", "weights": prefix_digest(backbone, groups),
         "groups": groups, "image_size": backbone.image_size, "resize_size": backbone.resize_size,
         "mean": list(backbone.image_mean), "std": list(backbone.image_std), "source": str(train.image_root),
+        "data": datamodule.content_digest,  # the images' sizes and times: a replaced image never reads stale values
     }  # fmt: skip
     augmenting = augments(datamodule.augment)
     batch, directory, dtype = datamodule.eval_batch_size, store_dir(datamodule.root), datamodule.activation_dtype

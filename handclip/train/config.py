@@ -111,6 +111,7 @@ def _target_path(prefix: str, spec: Any, target: str) -> str:
 
 def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
     """A one-line ConfigError from whatever went wrong while building `section`."""
+    top = section  # the section as built; `section` may narrow to a nested part below
     located = re.search(r"Error locating target '([^']+)'", str(error))
     if located:
         where = _target_path(section, spec, located.group(1))
@@ -142,7 +143,7 @@ def _explain(section: str, spec: Mapping, error: Exception) -> ConfigError:
             known = []
         key = unexpected.group(1)
         elsewhere = [k for k in _flat_keys(spec) if k != key and not k.startswith("_")]
-        near = _nearest(key, known) or _nearest(key, elsewhere).replace("mean ", f"mean {section}.")
+        near = _nearest(key, known) or _nearest(key, elsewhere).replace("mean ", f"mean {top}.")
         return ConfigError(
             f"{section}.{key} is not a setting of {target}{near}; its settings are {', '.join(known) or 'none'}"
         )
