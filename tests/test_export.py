@@ -84,7 +84,7 @@ def test_wise_ft_is_refused_for_replaced_projections(tmp_path):
 
 def test_feature_cli_embeds_a_folder(finished_run, tmp_path):
     out = export(finished_run / "runs" / "r", tmp_path / "model")
-    images = finished_run / "data" / "synthetic_hands" / "Hands"
+    (images,) = (finished_run / "data" / "synthetic_hands").glob("*_draw0/Hands")
     result = subprocess.run(
         [sys.executable, "-m", "handclip.features", str(out), str(images), "--out", str(tmp_path / "f.npz")],
         capture_output=True, text=True, timeout=300,
@@ -103,7 +103,7 @@ def test_feature_cli_skips_what_is_not_an_image_and_refuses_bad_paths_at_once(fi
     out = export(finished_run / "runs" / "r", tmp_path / "model")
     images = tmp_path / "images"
     images.mkdir()
-    for source in sorted((finished_run / "data" / "synthetic_hands" / "Hands").glob("*.jpg"))[:3]:
+    for source in sorted((finished_run / "data" / "synthetic_hands").glob("*_draw0/Hands/*.jpg"))[:3]:
         shutil.copy(source, images / source.name)
     (images / "notes.jpg").write_text("not an image")
     (images / "folder.jpg").mkdir()
