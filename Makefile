@@ -25,11 +25,12 @@ install: $(VENV)/.installed  ## create .venv and install HandCLIP with its test 
 demo: install  ## train the tiny CLIP on synthetic hands on the CPU, printing baseline and final Rank-1/mAP
 	$(BIN)/python train.py experiment=demo overwrite=true
 
+# one test process per core (pytest-xdist); the test that builds the pretrained tiny backbone starts first
 test: install  ## run the whole test suite (what CI runs)
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 $(PYTEST_ARGS)
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --durations=10 $(PYTEST_ARGS)
 
 test-quick: install  ## run the tests without the slow end-to-end runs
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto -m "not slow" $(PYTEST_ARGS)
 
 bench: install  ## benchmarks: image cache vs decoding; plain loop, open_clip, HandCLIP, HandCLIP cached per policy
 	$(BIN)/python -m handclip.benchmark --json bench.json

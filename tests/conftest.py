@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 
+# several test processes (pytest-xdist, `make test`) share the cores: each takes its share of threads
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                 // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))  # fmt: skip
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -70,3 +77,9 @@ def synthetic_hands(tmp_path_factory):
 def pretrained_cache(tmp_path_factory):
     """A cache directory shared by the tests that use the demo's pretrained tiny backbone (built once, by the first)."""
     return tmp_path_factory.mktemp("pretrained-cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest test first (it builds the demo's pretrained backbone: minutes), so that with several test
+    processes it runs beside the others instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("pretrained") is None)

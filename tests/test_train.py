@@ -117,6 +117,7 @@ def test_missing_real_data_stops_at_once_with_directions(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.pretrained
 def test_pretrained_demo_backbone_knows_aspects_and_fine_tuning_clearly_beats_it(tmp_path, pretrained_cache):
     # the demo's own data and model (pretrained on first use) and epochs: a broken loss, text
     # pooling, optimiser or freeze policy shows up here as no gain
