@@ -159,3 +159,17 @@ def test_every_manifest_is_refused_when_it_scores_what_the_model_has_seen(change
     }[change]
     with pytest.raises(DataError, match=f"^m: {message}"):
         check_protocol([*rows, extra], "m")
+
+
+def test_other_aspects_add_only_their_training_identities_and_leave_validation_and_test_alone(synthetic_hands):
+    records = read_11k(synthetic_hands)
+    plain = split_11k(records, "dorsal right", draw=3, runs=2)
+    more = split_11k(records, "dorsal right", draw=3, runs=2, other_aspects=True)
+    extra = [r for r in more if r not in plain]
+    assert extra and all(r["split"] == "train" and r["aspect"] != "dorsal right" for r in extra)
+    assert all(int(r["person"]) <= THRESHOLDS_11K[r["aspect"]] for r in extra)  # training identities only
+    assert [r for r in more if r["split"] != "train"] == [r for r in plain if r["split"] != "train"]
+    tested = {r["identity"] for r in more if r["split"].startswith(("query", "gallery"))}
+    assert not tested & {r["identity"] for r in more if r["split"] == "train"}  # no test identity of any aspect trains
+    both = Hands11k(root=str(synthetic_hands), other_aspects=True)
+    assert both.name != Hands11k(root=str(synthetic_hands)).name  # its own manifest

@@ -110,15 +110,19 @@ class Hands11k(DataSource):
 
     aspect: str = "dorsal right"
     no_accessories: bool = True  # the protocol keeps images with accessories == 0
+    # also train on the other aspects' training identities (unused by the published protocol)
+    other_aspects: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         one_of(f"{KEY}.aspect", self.aspect, ASPECTS)
         flag(f"{KEY}.no_accessories", self.no_accessories)
+        flag(f"{KEY}.other_aspects", self.other_aspects)
 
     @property
     def name(self) -> str:
-        return f"11k_{aspect_slug(self.aspect)}{'' if self.no_accessories else '_withacc'}"
+        extra = ("" if self.no_accessories else "_withacc") + ("_allaspects" if self.other_aspects else "")
+        return f"11k_{aspect_slug(self.aspect)}{extra}"
 
     def inputs(self, folder: Path) -> list[Path]:
         return [folder / "HandInfo.csv"]
@@ -127,7 +131,7 @@ class Hands11k(DataSource):
         return read_11k(folder, no_accessories=self.no_accessories)
 
     def split(self, records: list[ImageRecord], draw: int, runs: int) -> list[dict]:
-        return split_11k(records, self.aspect, draw, runs)
+        return split_11k(records, self.aspect, draw, runs, self.other_aspects)
 
 
 @dataclass

@@ -105,8 +105,14 @@ def _check_test(test: dict[str, list[ImageRecord]], what: str) -> None:
         )
 
 
-def split_11k(records: list[ImageRecord], aspect: str, draw: int = 0, runs: int = 10) -> list[dict]:
-    """Manifest rows of one 11k aspect: train, val, query/gallery runs and merged galleries; `draw` seeds them."""
+def split_11k(
+    records: list[ImageRecord], aspect: str, draw: int = 0, runs: int = 10, other_aspects: bool = False
+) -> list[dict]:
+    """Manifest rows of one 11k aspect: train, val, query/gallery runs and merged galleries; `draw` seeds them.
+
+    With `other_aspects`, the training identities of the other three aspects (at or below their own
+    thresholds) train too: images the published protocol leaves unused, never a test identity of any
+    aspect. Validation and the test runs stay the aspect's own."""
     if aspect not in THRESHOLDS_11K:
         raise DataError(f"aspect {aspect!r} is not one of {', '.join(ASPECTS)}")
     rows = []
@@ -124,6 +130,8 @@ def split_11k(records: list[ImageRecord], aspect: str, draw: int = 0, runs: int 
             _check_test(test, f"aspect '{aspect}'")
             rows += _train_val(train, np.random.default_rng([draw, index]))
             rows += _query_gallery(test, [draw, index], runs)
+        elif other_aspects:
+            rows += [_row(record, "train") for records in train.values() for record in records]
         # the merged gallery draws every aspect's galleries with that aspect's own seed
         rows += _query_gallery(test, [draw, index], runs, prefix="_all")
     return rows
