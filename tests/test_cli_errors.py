@@ -43,6 +43,13 @@ CASES = [
     (["experiment=demo_clipreid", "stages.prompts.optim.lr=-1"], "stages.prompts: optim.lr=-1"),
     (["freeze=locked"], "freeze=Locked trains nothing of the backbone and the loss has no learnable parts"),
     (["experiment=demo_clipreid", "+stages.prompts.ckpt_path=last"], "stages.prompts.ckpt_path cannot be set by one"),
+    # the second hostile pass: settings read before the components are built, names no folder can have
+    (["overwrite=no"], "overwrite='no' must be true or false"),  # was read as true: checkpoints removed
+    (["dry_run=no"], "dry_run='no' must be true or false"),  # was read as true
+    (["ckpt_path=true"], "ckpt_path=True must be last or a checkpoint file"),
+    (["init_from=5"], "init_from=5 must be a checkpoint file (quote a file name"),
+    (["run_name=" + "a" * 300], "a folder name of 300 bytes, longer than the 255"),
+    (["run_name=."], "run_name='.' names paths.runs itself"),
     (
         ["experiment=demo_clipreid", "stages.prompts.loss=nothing", "dry_run=true"],
         "stages.prompts: In 'train': Could not find 'loss/nothing'; available options in 'loss': clip, clipreid",
@@ -136,3 +143,13 @@ def test_identity_losses_on_captions_without_identities_are_refused_with_the_fix
     result = run(tmp_path, "data=captions", "data.batch_size=4", "loss=strong", *pk, "run_name=c", base=base)
     # the split needs identities with two images already (for validation), and says how to add them
     check_refused(result, "A caption CSV without an identity column makes each image its own identity: add an identity")
+
+
+def test_run_name_in_a_sweep_is_refused_not_ignored(tmp_path):
+    from tests.test_train import train
+
+    # every point has a folder of its own under runs/sweeps/<name>: run_name was dropped without a word
+    result = train(tmp_path, "seed=0,1", "run_name=mine", multirun=True, check=False)
+    check_refused(result, "run_name=mine names one run, and a sweep (-m) runs several")
+    assert "hydra.sweep.dir=runs/sweeps/mine" in result.stderr
+    assert not list((tmp_path / "runs").rglob("*.ckpt")) and not (tmp_path / "runs" / "mine").exists()
