@@ -43,13 +43,16 @@ CASES = [
     (["experiment=demo_clipreid", "stages.prompts.optim.lr=-1"], "stages.prompts: optim.lr=-1"),
     (["freeze=locked"], "freeze=Locked trains nothing of the backbone and the loss has no learnable parts"),
     (["experiment=demo_clipreid", "+stages.prompts.ckpt_path=last"], "stages.prompts.ckpt_path cannot be set by one"),
-    # the second hostile pass: settings read before the components are built, names no folder can have
+    # the second hostile pass: settings read before the components are built, names no folder can have, metrics
+    # that validation never gives
     (["overwrite=no"], "overwrite='no' must be true or false"),  # was read as true: checkpoints removed
     (["dry_run=no"], "dry_run='no' must be true or false"),  # was read as true
     (["ckpt_path=true"], "ckpt_path=True must be last or a checkpoint file"),
     (["init_from=5"], "init_from=5 must be a checkpoint file (quote a file name"),
     (["run_name=" + "a" * 300], "a folder name of 300 bytes, longer than the 255"),
     (["run_name=."], "run_name='.' names paths.runs itself"),
+    (["eval.select=val/bogus"], "eval.select='val/bogus' must be a validation metric, one of val/rank1"),
+    (["eval.wise_ft.metric=val/bogus"], "eval.wise_ft.metric='val/bogus' must be a validation metric"),
     (
         ["experiment=demo_clipreid", "stages.prompts.loss=nothing", "dry_run=true"],
         "stages.prompts: In 'train': Could not find 'loss/nothing'; available options in 'loss': clip, clipreid",
