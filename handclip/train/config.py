@@ -225,6 +225,20 @@ def _try_trainer(trainer: Callable) -> None:
         quiet.setLevel(level)
 
 
+def _try_logger(logger: Callable) -> None:
+    """Make the logger once in a scratch folder, so its own checks (logger.mode=...) fail now, before the data,
+    the weights and the baseline, and before anything is written into the run directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="handclip-logger-") as scratch:
+        try:
+            logger(save_dir=scratch)
+        except HandClipError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a library's own refusal of a setting, in one line
+            raise ConfigError(f"logger: {first_line(error)}") from None
+
+
 def objective_facts(
     facts: BackboneFacts | None, num_identities: int, identity_keys: list[str] | None = None,
     text_tower: str | None = None,
@@ -322,6 +336,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     for key, made in (("logger", logger), ("trainer", trainer), ("loss", objective)):
         check_keywords(key, made)
     _try_trainer(trainer)
+    _try_logger(logger)
     clip = cfg["trainer"].get("gradient_clip_val")
     if clip is not None:
         number("trainer.gradient_clip_val", clip, 0, hint=" (0 or null: no clipping)")

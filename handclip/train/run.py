@@ -56,13 +56,18 @@ def initial_weights(path: str) -> dict:
 
 def load_initial_weights(module, path: str, state: Mapping) -> None:
     """init_from: the weights of a checkpoint, nothing else (fresh optimiser and schedule)."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
+    own = module.state_dict()
+    misfits = [f"{len(names)} {what}, e.g. {names[0]}" for what, names in (
+        ("missing", [k for k in own if k not in state]),
+        ("not in this model", [k for k in state if k not in own]),
+        ("of another shape", [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]),
+    ) if names]  # fmt: skip
+    if misfits:  # one line, however many weights differ
         raise HandClipError(
-            f"init_from={path}: its weights do not fit this model ({str(error).splitlines()[1].strip()}); "
+            f"init_from={path}: its weights do not fit this model ({'; '.join(misfits)}); "
             "use the same backbone, projection and loss as the run that wrote it"
-        ) from None
+        )
+    module.load_state_dict(state)
 
 
 @dataclass
@@ -213,8 +218,6 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     objective = spec.objective(**objective_facts(
         backbone.facts, datamodule.num_identities, datamodule.identity_keys, digest
     ))  # fmt: skip
-    record()
-    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     encode = ImageEncoder(spec.eval.feature, objective)
     datamodule.attach(backbone, spec.eval.batch_size)
     bad = json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])
@@ -227,6 +230,8 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
                        encode, compute=spec.compute, selection=selection)  # fmt: skip
     if initial is not None:
         load_initial_weights(module, spec.init_from, initial)
+    record()  # nothing was refused: the run directory is written from here on
+    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     if resume is not None and datamodule.activation_cache:  # a resume has no init_from: the starting weights are
         restore_frozen_prefix(module, backbone, resume.path, spec.freeze, spec.epochs)  # in the checkpoint
     caches = attach_caches(datamodule, evaluate, module, backbone, spec.freeze, spec.epochs, console)
