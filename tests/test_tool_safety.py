@@ -280,3 +280,13 @@ def test_the_card_describes_the_initial_weights_as_they_were(tmp_path):
     assert "pretrained contrastively on synthetic hands: 384 people the demo never sees" in cards["pretrained"]
     assert "random" not in cards["pretrained"].split("## Base model")[1].split("##")[0]
     assert "base_model: org/model" in cards["hub"] and "org/model (Hugging Face hub)" in cards["hub"]
+
+
+@pytest.mark.parametrize("text, message", [("", "holds nothing, not the mapping"), ("- a\n", "holds a list"),
+                                           ("backbone: [\n", "is damaged or unreadable"),
+                                           ("name: x\n", "has no backbone section")])  # fmt: skip
+def test_a_damaged_config_yaml_is_one_line_naming_it(finished, tmp_path, text, message):
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / "config.yaml").write_text(text)  # was: a traceback from yaml or from None.get
+    line = one_error_line(command(run, tmp_path / "out"))
+    assert f"{run / 'config.yaml'}" in line and message in line and not (tmp_path / "out").exists()

@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from handclip.errors import HandClipError, exit_with
 from handclip.tools.outputs import check_writable
 
@@ -96,7 +94,7 @@ def load_run_model(source: str | Path, weights: str | None = None, trust: Sequen
 def load_run(source: str | Path, weights: str | None = None, trust: Sequence[str] = ()) -> LoadedRun:
     """A run's backbone with the weights of its checkpoint (see `load_run_model`)."""
     from handclip.build import build, check_targets
-    from handclip.io import load_checkpoint_file
+    from handclip.io import load_checkpoint_file, read_record
     from handclip.model.averaging import ema_weights
 
     if weights not in (None, *WEIGHTS):
@@ -106,8 +104,10 @@ def load_run(source: str | Path, weights: str | None = None, trust: Sequence[str
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise HandClipError(f"{config_path} not found: export needs the run's resolved config beside its checkpoints")
-    config = yaml.safe_load(config_path.read_text())
+    config = read_record(config_path)  # a damaged one is one line naming it
     for section in MODEL_SECTIONS:  # all of them, before any is built
+        if not isinstance(config.get(section), Mapping):
+            raise HandClipError(f"{config_path} has no {section} section: it is not a HandCLIP run's config.yaml")
         check_targets(config.get(section), section, trust)
     spec = build(config["backbone"], "backbone", trust)
     backbone = spec.load((config.get("paths") or {}).get("cache"))

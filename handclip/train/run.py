@@ -112,6 +112,10 @@ def run_training(cfg: Mapping, run_dir: str | Path, record_as: Mapping | None = 
     check_run_dir(run_dir)
     with RunLock(run_dir):
         resume = _resume(spec, run_dir)
+        if resume is not None and spec.eval.curve:
+            from handclip.train.callbacks import TestCurve
+
+            TestCurve.check(run_dir / "curve.json")  # before anything is written
         initial = initial_weights(spec.init_from) if spec.init_from else None
 
         def record() -> None:  # once the data is read and the objective built: nothing was refused
@@ -346,10 +350,17 @@ def _exit_if_stopped(stop) -> None:
 def _baseline(evaluate, backbone, run_dir: Path, resume: Resume | None) -> dict:
     """The untrained model's scores (kept in baseline.json: a resumed run does not score them again)."""
     from handclip.eval.evaluator import saveable
+    from handclip.io import DamagedFileError, read_record
 
     path = run_dir / "baseline.json"
     if resume and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            saved = read_record(path)
+            if not all(isinstance(saved.get(key), dict) for key in ("metrics", "runs", "cmc")):
+                raise DamagedFileError(f"{path} is damaged: it lacks the scores HandCLIP writes there")
+            return saved
+        except DamagedFileError as error:
+            print(f"{error}: the untrained model is scored again", flush=True)
     baseline = evaluate(backbone)
     write_json_atomic(path, saveable(baseline))
     return baseline
