@@ -234,3 +234,29 @@ def test_a_damaged_record_of_a_finished_run_is_said_and_the_run_done_again_never
     with pytest.raises(HandClipError, match=r"curve.json is damaged.*move it away to resume without them"):
         TestCurve.check(tmp_path / "curve.json")
 
+
+def test_a_backbone_cache_whose_weights_changed_in_place_is_built_again_and_an_older_one_recorded(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from handclip.model import load_backbone
+    from handclip.model.hf.spec import BUILT
+    from tests.conftest import TINY
+
+    first = load_backbone(TINY, tmp_path)
+    folder = next((tmp_path / "backbones").glob("tiny-*"))
+    recorded = json.loads((folder / BUILT).read_text())
+    assert set(recorded) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    weights = load_file(folder / "model.safetensors")
+    weights["visual_projection.weight"] = 2 * weights["visual_projection.weight"]  # other weights, the same size
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    again = load_backbone(TINY, tmp_path)  # was: started from the changed weights without a word
+    assert "model.safetensors changed or went missing since it was built; built again" in capsys.readouterr().out
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    (folder / BUILT).unlink()  # built by a HandCLIP that kept no record: recorded as it is, not built again
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    load_backbone(TINY, tmp_path)
+    assert json.loads((folder / BUILT).read_text()) == recorded
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp and "built again" not in capsys.readouterr().out
