@@ -209,7 +209,7 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(tmp, out_dir)
     elif (out_dir / MARKER).is_file():  # a previous export: ours, replaced whole
-        retired = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+        retired = out_dir.with_name(f"{tmp.name}-old")
         os.replace(out_dir, retired)
         os.replace(tmp, out_dir)
         shutil.rmtree(retired)
@@ -260,9 +260,12 @@ def export(
 def write_export(backbone, out_dir: Path, marker: dict, card: str) -> Path:
     """Save the backbone (its adapters merged already), the marker and the model card `card` into a temporary
     folder, then move it into place; weights that are not finite are refused first."""
+    from handclip.io import remove_dead_leftovers, temporary_path
+
     check_finite(backbone.state_dict(), "export")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    remove_dead_leftovers(out_dir.parent, out_dir.name)  # what an export killed half-way left (its process is gone)
+    tmp = temporary_path(out_dir)
     if tmp.exists():
         raise HandClipError(f"{tmp} exists: another export into {out_dir} may be running; remove it if not")
     try:
