@@ -86,6 +86,38 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=float))
 
 
+class DamagedFileError(HandClipError):
+    """A record HandCLIP wrote (config.yaml, metrics.json, ...) that can no longer be read as one."""
+
+
+def read_record(path: str | Path, kind: type = dict) -> Any:
+    """The JSON (or, for `.yaml`, YAML) record in `path`, a `kind` (a mapping unless said otherwise). One cut
+    short, edited into something else or unreadable is a DamagedFileError naming the file: a caller that can make
+    the record again does so, any other refuses in one line, and none goes on with part of it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        value = _parse_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON or not YAML
+        raise DamagedFileError(f"{path} is damaged or unreadable ({first_line(error)})") from None
+    if not isinstance(value, kind):
+        held = "nothing" if value is None else f"a {type(value).__name__}"
+        raise DamagedFileError(f"{path} is damaged: it holds {held}, not the "
+                               f"{'mapping' if kind is dict else kind.__name__} HandCLIP writes there")  # fmt: skip
+    return value
+
+
+def _parse_yaml(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(first_line(error)) from None
+
+
 def save_atomic(payload: Any, path: str | Path) -> None:
     """`torch.save` to `path` atomically: a checkpoint is never half written over a good one."""
     import torch

@@ -43,6 +43,17 @@ CASES = [
     (["experiment=demo_clipreid", "stages.prompts.optim.lr=-1"], "stages.prompts: optim.lr=-1"),
     (["freeze=locked"], "freeze=Locked trains nothing of the backbone and the loss has no learnable parts"),
     (["experiment=demo_clipreid", "+stages.prompts.ckpt_path=last"], "stages.prompts.ckpt_path cannot be set by one"),
+    # the second hostile pass: settings read before the components are built, names no folder can have, metrics
+    # that validation never gives, a logger's own settings
+    (["overwrite=no"], "overwrite='no' must be true or false"),  # was read as true: checkpoints removed
+    (["dry_run=no"], "dry_run='no' must be true or false"),  # was read as true
+    (["ckpt_path=true"], "ckpt_path=True must be last or a checkpoint file"),
+    (["init_from=5"], "init_from=5 must be a checkpoint file (quote a file name"),
+    (["run_name=" + "a" * 300], "a folder name of 300 bytes, longer than the 255"),
+    (["run_name=."], "run_name='.' names paths.runs itself"),
+    (["eval.select=val/bogus"], "eval.select='val/bogus' must be a validation metric, one of val/rank1"),
+    (["eval.wise_ft.metric=val/bogus"], "eval.wise_ft.metric='val/bogus' must be a validation metric"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus': choose one of online, offline, disabled"),
     (
         ["experiment=demo_clipreid", "stages.prompts.loss=nothing", "dry_run=true"],
         "stages.prompts: In 'train': Could not find 'loss/nothing'; available options in 'loss': clip, clipreid",
@@ -136,3 +147,26 @@ def test_identity_losses_on_captions_without_identities_are_refused_with_the_fix
     result = run(tmp_path, "data=captions", "data.batch_size=4", "loss=strong", *pk, "run_name=c", base=base)
     # the split needs identities with two images already (for validation), and says how to add them
     check_refused(result, "A caption CSV without an identity column makes each image its own identity: add an identity")
+
+
+def test_init_from_weights_of_another_model_are_refused_in_one_line_before_the_run_is_written(tmp_path):
+    from tests.fake_runs import fake_run
+
+    fake_run(tmp_path / "other")  # a finished run of another tiny model (3 vision blocks, width 32)
+    checkpoint = tmp_path / "other" / "checkpoints" / "best.ckpt"
+    result = run(tmp_path, f"init_from='{checkpoint}'", "run_name=x")
+    check_refused(result, "its weights do not fit this model (")
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert "16 not in this model, e.g. backbone." in line and "of another shape" in line and len(line) < 600, line
+    # (was: every such key, one after another)
+    assert not (tmp_path / "runs" / "x").exists()  # was: config.yaml and freeze.txt of a run that never ran
+
+
+def test_run_name_in_a_sweep_is_refused_not_ignored(tmp_path):
+    from tests.test_train import train
+
+    # every point has a folder of its own under runs/sweeps/<name>: run_name was dropped without a word
+    result = train(tmp_path, "seed=0,1", "run_name=mine", multirun=True, check=False)
+    check_refused(result, "run_name=mine names one run, and a sweep (-m) runs several")
+    assert "hydra.sweep.dir=runs/sweeps/mine" in result.stderr
+    assert not list((tmp_path / "runs").rglob("*.ckpt")) and not (tmp_path / "runs" / "mine").exists()

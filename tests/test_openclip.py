@@ -313,3 +313,15 @@ def test_the_pre_projection_feature_is_what_the_tower_projects(tmp_path, spec):
             assert torch.allclose(pre, hidden.mean(dim=(2, 3)), atol=1e-5)
         else:
             assert torch.allclose(pre @ visual.proj, projected, atol=1e-5)
+
+
+def test_a_cached_model_config_edited_since_it_was_written_is_written_again(tmp_path, capsys):
+    spec = OpenCLIP(**VIT)
+    folder = spec.config_dir(tmp_path)
+    written = (folder / CONFIG).read_text()
+    edited = json.loads(written)
+    edited["model_cfg"]["vision_cfg"]["layers"] = 5  # was: the model built with 5 blocks, the run's config says 3
+    (folder / CONFIG).write_text(json.dumps(edited))
+    assert spec.config_dir(tmp_path) == folder and (folder / CONFIG).read_text() == written
+    assert "differs from the config it was written from: written again" in capsys.readouterr().out
+    assert spec.load(tmp_path).facts.vision.depth == 3

@@ -134,6 +134,45 @@ def test_an_image_under_two_identities_is_refused(tmp_path, capsys):
     assert not (root / "splits").exists()
 
 
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_one_picture_under_two_names_is_refused(tmp_path, capsys, link):
+    # a link inside the folder is a second name for one file: by name, two images, so one picture could be a training
+    # and a test image (or query and gallery), and the scores count what the model has seen
+    root = caption_folder(tmp_path)
+    alias = root / "img" / "alias.jpg"
+    alias.symlink_to("4.jpg") if link == "symlink" else os.link(root / "img" / "4.jpg", alias)
+    with open(root / "captions.csv", "a") as handle:
+        handle.write("img/alias.jpg,someone else,p7\n")
+    assert prepare(root, "--format", "csv") == 2
+    line = error_line(capsys)
+    assert "captions.csv line 26: image img/alias.jpg is the same file as img/4.jpg (" in line and "line 6)" in line
+    assert not (root / "splits").exists()
+
+
+def test_names_that_are_not_image_files_are_skipped_with_the_reason_never_opened(tmp_path):
+    # a pipe would be opened and waited on forever; a loop of links or a name too long was a traceback
+    root = caption_folder(tmp_path)
+    os.mkfifo(root / "img" / "pipe.jpg")
+    (root / "img" / "loop.jpg").symlink_to("loop.jpg")
+    (root / "img" / "folder.jpg").mkdir()
+    long = "x" * 300 + ".jpg"
+    with open(root / "captions.csv", "a") as handle:
+        for number, name in enumerate(["pipe.jpg", "loop.jpg", "folder.jpg", long]):
+            handle.write(f"img/{name},odd file {number},p{number}\n")
+    for cache in ("0", "40"):  # read from the originals, or through the resized cache
+        shutil.rmtree(root / "splits", ignore_errors=True)
+        command = [sys.executable, "-m", "handclip.data.prepare", "--root", str(root), "--format", "csv",
+                   "--runs", "2", "--cache-size", cache]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        for why in ("pipe.jpg: not a regular file (a pipe, socket or device)", "folder.jpg: a folder, not an image",
+                    "loop.jpg: cannot be opened (Too many levels of symbolic links)",
+                    "x.jpg: cannot be opened (File name too long)"):  # fmt: skip
+            assert why in done.stderr, (cache, why, done.stderr[-2000:])
+        listed = {row["image"] for row in manifest(root)}
+        assert "img/0.jpg" in listed and not listed & {"img/pipe.jpg", "img/loop.jpg", "img/folder.jpg"}
+
+
 def test_a_split_column_is_honoured_with_val_images_and_refused_when_it_mixes_sides(tmp_path, capsys):
     sides = {0: "test", 1: "test", 2: "test"}
     root = caption_folder(

@@ -61,3 +61,14 @@ def test_caption_csv_paths_may_not_leave_the_root(tmp_path):
     (tmp_path / "captions.csv").write_text("image,caption\n../secret.jpg,x\n")
     with pytest.raises(DataError, match="points outside the dataset root"):
         read_caption_csv(tmp_path / "captions.csv")
+
+
+@pytest.mark.parametrize("folder, subject", [("502-712", 460), ("1-501", 650), ("502-712", 2)])
+def test_an_hd_subject_outside_its_folders_range_is_refused(tmp_path, folder, subject):
+    # its folder says whether it is a distractor; a test subject's picture in 502-712 was a second gallery match
+    # labelled as that subject in every run, a subject 650 in 1-501 a test identity
+    root = make_hd(tmp_path)
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(root / folder / f"{subject}_7.jpg")
+    with pytest.raises(DataError, match=rf"{folder}/{subject}_7.jpg: subject {subject} in {folder}/, the folder of "
+                                        r"subjects \d+ to \d+; move the file"):  # fmt: skip
+        read_hd(root)

@@ -187,3 +187,76 @@ def test_a_scalar_layer_decay_applies_to_both_towers_and_all_zero_loss_weights_a
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match=r"ContrastiveLoss.weight=.* must be a number >= 0"):
             ContrastiveLoss(weight=bad)
+
+
+# --- the second hostile pass -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a list", "no metrics"])
+def test_a_damaged_record_of_a_finished_run_is_said_and_the_run_done_again_never_read_in_part(tmp_path, damage, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from handclip.errors import HandClipError
+    from handclip.train.callbacks import TestCurve
+    from handclip.train.run import Resume, _baseline
+    from handclip.train.rundir import finished_run
+    from handclip.train.sweep import collect_runs, main
+    from handclip.train.sweep_point import prepare_point
+    from tests.test_replication import write_run
+
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "a", 2, 0, 0, 0.5, 0.3)
+    write_run(sweep / "b", 2, 1, 0, 0.6, 0.3)
+    metrics = sweep / "b" / "metrics.json"
+    text = {"cut short": metrics.read_text()[:30], "a list": "[1, 2]", "no metrics": '{"manifest": "x"}'}[damage]
+    metrics.write_text(text)
+    # the summary names it and goes on (was: a traceback from json)
+    _, rows = collect_runs(sweep)
+    row = next(r for r in rows if r["run"] == "b")
+    assert row["status"] == "damaged" and "metrics.json is damaged" in row["error"]
+    main([str(sweep)])
+    assert "b (all runs) damaged: left out" in capsys.readouterr().out
+    # a sweep run again does the point again, from its checkpoint (was: a traceback, or its old numbers)
+    (sweep / "b" / "checkpoints").mkdir()
+    (sweep / "b" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    plain = {"seed": 1, "freeze": {"vision_blocks": 2}, "data": {"draw": 0}, "trainer": {"max_epochs": 2},
+             "logger": {}, "overwrite": False, "ckpt_path": None}  # fmt: skip
+    prepared = prepare_point(plain, sweep / "b", SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep))))
+    assert isinstance(prepared, tuple) and prepared[0]["ckpt_path"] == "last"
+    assert "metrics.json is damaged" in capsys.readouterr().out and finished_run(sweep / "b") is None  # a stage too
+    # a resumed run scores a damaged baseline again, and refuses a damaged curve before anything is written
+    (tmp_path / "baseline.json").write_text(text)
+    scored = {"metrics": {"val/rank1": 0.25}, "runs": {}, "cmc": {}}
+    assert _baseline(lambda backbone: scored, None, tmp_path, Resume("last.ckpt", 5)) == scored
+    assert json.loads((tmp_path / "baseline.json").read_text())["metrics"] == {"val/rank1": 0.25}
+    (tmp_path / "curve.json").write_text(text.replace("[1, 2]", "{}"))
+    with pytest.raises(HandClipError, match=r"curve.json is damaged.*move it away to resume without them"):
+        TestCurve.check(tmp_path / "curve.json")
+
+
+def test_a_backbone_cache_whose_weights_changed_in_place_is_built_again_and_an_older_one_recorded(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from handclip.model import load_backbone
+    from handclip.model.hf.spec import BUILT
+    from tests.conftest import TINY
+
+    first = load_backbone(TINY, tmp_path)
+    folder = next((tmp_path / "backbones").glob("tiny-*"))
+    recorded = json.loads((folder / BUILT).read_text())
+    assert set(recorded) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    weights = load_file(folder / "model.safetensors")
+    weights["visual_projection.weight"] = 2 * weights["visual_projection.weight"]  # other weights, the same size
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    again = load_backbone(TINY, tmp_path)  # was: started from the changed weights without a word
+    assert "model.safetensors changed or went missing since it was built; built again" in capsys.readouterr().out
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    (folder / BUILT).unlink()  # built by a HandCLIP that kept no record: recorded as it is, not built again
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    load_backbone(TINY, tmp_path)
+    assert json.loads((folder / BUILT).read_text()) == recorded
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp and "built again" not in capsys.readouterr().out

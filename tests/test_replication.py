@@ -117,3 +117,21 @@ def test_groups_are_the_swept_settings_other_than_seed_and_draw(tmp_path):
     assert result.swept == ["freeze.vision_blocks"] and sorted(len(g) for g in result.groups.values()) == [9, 9]
     spread = interval([1.0, 2.0, 3.0])
     assert spread.mean == 2.0 and math.isclose(spread.ci95, stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+
+
+def test_a_setting_that_follows_the_seed_replicates_and_does_not_group(tmp_path, capsys):
+    # every real run resolves data.run_seed: ${seed}, so it differs between runs exactly as the seed does; grouped
+    # by it, each seed was a group of its own and no pair could be compared
+    sweep_of(tmp_path, {2: 0.0, 4: 0.05}, noise=0.01)
+    for config_path in tmp_path.glob("*/config.yaml"):
+        config = yaml.safe_load(config_path.read_text())
+        config["data"]["run_seed"] = config["seed"]
+        config_path.write_text(yaml.safe_dump(config))
+    swept, runs = collect_runs(tmp_path)
+    assert swept == ["data.draw", "data.run_seed", "freeze.vision_blocks", "seed"]
+    result = replicate(runs, swept)
+    assert result.swept == ["freeze.vision_blocks"] and sorted(len(g) for g in result.groups.values()) == [9, 9]
+    write_summary(tmp_path)
+    verdict = r"vision_blocks=2 trails vision_blocks=4 by -5\.\d test Rank-1, .*, 9 paired runs"
+    assert re.search(verdict, capsys.readouterr().out)
+    assert {row["group"] for row in read(tmp_path / "summary.csv")} == {"vision_blocks=2", "vision_blocks=4"}

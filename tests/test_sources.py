@@ -80,6 +80,10 @@ def test_an_image_folder_line_without_the_named_column_is_named(tmp_path):
     (root / "metadata.jsonl").write_text('{"file_name": "../x.png", "text": "out"}\n')
     with pytest.raises(DataError, match=r"metadata.jsonl line 1: image path '../x.png' points outside"):
         ImageFolder(root=str(root)).read(root)
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a hand", "identity": 3.0}\n')
+    # (it said "missing or empty")
+    with pytest.raises(DataError, match=r"line 1: 'identity' is 3.0: give it as text or a whole number"):
+        ImageFolder(root=str(root), identity_column="identity").read(root)
 
 
 # --- every source, held to the same rules -------------------------------------------------------
@@ -131,6 +135,9 @@ def test_settings_are_checked_with_the_key():
         SyntheticHands(root="x", aspect="dorsal")
     with pytest.raises(ConfigError, match=r"data.draw=-1 must be an integer"):
         PrepareSettings(SyntheticHands(root="x"), draw=-1).check()
+    for csv in (".", ""):  # a folder, not the caption file (`.` was a traceback: "has an empty name")
+        with pytest.raises(ConfigError, match=r"data.source.csv=.* must name the caption file inside data.source.root"):
+            CaptionCSV(root="x", csv=csv)
 
 
 def test_data_seed_says_it_was_renamed_to_draw(tmp_path):

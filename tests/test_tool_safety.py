@@ -116,7 +116,7 @@ def test_export_and_soups_refuse_weights_that_are_not_finite(tmp_path):
     fake_run(tmp_path / "sweep" / "a", change=lambda state: state["model.logit_scale"].fill_(float("inf")))
     with pytest.raises(HandClipError, match=r"soup ingredient a: model.logit_scale holds infinite values"):
         soup(tmp_path / "sweep", tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*out.*"))
 
 
 # --- soups ------------------------------------------------------------------------------------------------
@@ -280,3 +280,25 @@ def test_the_card_describes_the_initial_weights_as_they_were(tmp_path):
     assert "pretrained contrastively on synthetic hands: 384 people the demo never sees" in cards["pretrained"]
     assert "random" not in cards["pretrained"].split("## Base model")[1].split("##")[0]
     assert "base_model: org/model" in cards["hub"] and "org/model (Hugging Face hub)" in cards["hub"]
+
+
+@pytest.mark.parametrize("text, message", [("", "holds nothing, not the mapping"), ("- a\n", "holds a list"),
+                                           ("backbone: [\n", "is damaged or unreadable"),
+                                           ("name: x\n", "has no backbone section")])  # fmt: skip
+def test_a_damaged_config_yaml_is_one_line_naming_it(finished, tmp_path, text, message):
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / "config.yaml").write_text(text)  # was: a traceback from yaml or from None.get
+    line = one_error_line(command(run, tmp_path / "out"))
+    assert f"{run / 'config.yaml'}" in line and message in line and not (tmp_path / "out").exists()
+
+
+def test_what_a_killed_export_left_is_removed_by_the_next_and_a_running_ones_is_not(finished, tmp_path):
+    # a kill between writing and moving into place left a hidden folder of the model's size there for good
+    dead = tmp_path / "out.tmp999999999"  # no such process
+    running = tmp_path / f"out.tmp{os.getppid()}"  # a process that is alive
+    for leftover in (dead, running):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half written")
+    out = export(finished, tmp_path / "out")
+    assert (out / MARKER).is_file() and not dead.exists() and running.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", running.name]

@@ -90,12 +90,26 @@ def cache_dir(root: str | Path, size: int) -> Path:
 
 
 def stamp(path: Path) -> list[int] | None:
-    """[size, modification time in ns] of a file, or None when there is none."""
+    """[size, modification time in ns] of a regular file, or None when there is none (`not_a_file` says why)."""
+    try:
+        info = os.stat(path)
+    except OSError:  # missing, a name too long, a loop of links, no permission
+        return None
+    return [info.st_size, info.st_mtime_ns] if stat.S_ISREG(info.st_mode) else None
+
+
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as an image file, in words: a pipe is never opened (reading it would wait
+    forever), a folder or a broken name is never a traceback."""
     try:
         info = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        return None
-    return None if stat.S_ISDIR(info.st_mode) else [info.st_size, info.st_mtime_ns]
+        return f"{path}: listed but not found"
+    except OSError as error:
+        return f"{path}: cannot be opened ({error.strerror or error})"
+    if stat.S_ISDIR(info.st_mode):
+        return f"{path}: a folder, not an image file"
+    return f"{path}: not a regular file (a pipe, socket or device), so it is not read"
 
 
 def _cache_one(source: Path, target: Path, size: int) -> str | None:
@@ -142,7 +156,7 @@ class ImageCache:
         for name in sorted(set(images)):
             source, entry = stamp(self.root / name), index.get(name)
             if source is None:
-                bad[name] = f"{self.root / name}: listed but not found"
+                bad[name] = not_a_file(self.root / name)
             elif entry is None:
                 todo[name] = "unrecorded" if (self.folder / name).exists() else "new"
             elif entry.get("source") != source:

@@ -23,14 +23,15 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from handclip.checks import integer, one_of
 from handclip.data.hands import ASPECTS
-from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache, stamp
-from handclip.data.readers import inside_root
+from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache, not_a_file, stamp
+from handclip.data.readers import check_distinct_files, inside_root
 from handclip.data.sources import HD, CaptionCSV, DataSource, Hands11k, ImageFolder
 from handclip.data.split import MANIFEST_COLUMNS, check_protocol, check_records, split_sizes
 from handclip.errors import ConfigError, DataError, exit_with
@@ -168,11 +169,13 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     for record in records:  # whichever source read them: nothing is read or cached outside the folder
         inside_root(folder, record.image, record.where or f"{type(source).__name__} record")
     check_records(records)
+    check_distinct_files(folder, records)
     rows = source.split(records, settings.draw, settings.runs)
     check_protocol(rows, f"the split of {folder} by {type(source).__name__}")
     images = sorted({r["image"] for r in rows})
     cache = ImageCache(folder, settings.cache_size) if settings.cache_size else None
-    todo, bad = cache.plan(images) if cache else ({}, {n: "" for n in images if not (folder / n).is_file()})
+    todo, bad = cache.plan(images) if cache else ({}, {n: not_a_file(folder / n) for n in images
+                                                       if stamp(folder / n) is None})  # fmt: skip
     inputs = {p.relative_to(folder).as_posix(): _sha256(p) for p in source.inputs(folder)}
     old = {}
     if path.is_file():
@@ -188,7 +191,10 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
         if cache:
             bad = dict.fromkeys(cache.build(images, settings.on_bad_image), "")
         elif bad and settings.on_bad_image == "fail":
-            raise DataError(f"bad image {folder / min(bad)}: listed but not found (data.on_bad_image=fail)")
+            raise DataError(f"bad image {bad[min(bad)]} (data.on_bad_image=fail; use skip to leave it out)")
+        else:
+            for name in sorted(set(bad) - set(old.get("bad_images") or [])):  # said once, as the cache says it
+                warnings.warn(f"skipping bad image {bad[name]}", stacklevel=2)
         rows = [r for r in rows if r["image"] not in bad]
         text = _manifest_text(rows)
         stamps = [[name, stamp(folder / name)] for name in sorted({r["image"] for r in rows})]

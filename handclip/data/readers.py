@@ -71,6 +71,27 @@ def inside_root(root: str | Path, name: str, where: str) -> str:
     return path.as_posix()
 
 
+def check_distinct_files(root: str | Path, records: list[ImageRecord]) -> None:
+    """Refuse two image names for one file (a symlink or hard link inside the folder, `a.jpg` beside a link
+    `b.jpg -> a.jpg`): by name they are two images, so one picture could train and be tested, or be both query
+    and gallery, and the scores would count what the model has seen. Names of missing files are left to the
+    reader of the images."""
+    root, seen = Path(root), {}
+    for record in records:
+        try:
+            info = os.stat(root / record.image)
+        except OSError:
+            continue
+        first = seen.setdefault((info.st_dev, info.st_ino), record)
+        if first.image != record.image:
+            raise DataError(
+                f"{record.where or record.image}: image {record.image} is the same file as {first.image} "
+                f"({first.where or 'an earlier record'}), a link or a second name of one picture; under two names "
+                "it can be a training and a test image at once: list it once (a picture shows one identity, on one "
+                "side of the split)"
+            )
+
+
 def read_table(path: Path, required: tuple[str, ...], hint: str = "") -> list[tuple[int, dict[str, str]]]:
     """(line, row) of a UTF-8 CSV file whose header holds `required`; values stripped.
 
@@ -148,12 +169,19 @@ def read_hd(root: str | Path) -> list[ImageRecord]:
         if not folder.is_dir():
             warnings.warn(f"{folder} not found: HD galleries will have no distractors", stacklevel=2)
             continue
+        low, high = (int(bound) for bound in folder.name.split("-"))
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             match = re.match(r"(\d+)", path.name)
             if not match:
                 raise DataError(f"{path}: HD file names must start with the subject number (e.g. 12_3.jpg)")
+            if not low <= int(match.group(1)) <= high:  # its folder says whether it is a distractor: they must agree
+                raise DataError(
+                    f"{path}: subject {int(match.group(1))} in {folder.name}/, the folder of subjects {low} to {high}; "
+                    "move the file to its subject's folder or rename it (a subject's folder decides whether it is "
+                    "a distractor)"
+                )
             image = inside_root(root, path.relative_to(root).as_posix(), str(path))
             distractor = {"distractor": str(int(folder.name == "502-712"))}
             records.append(ImageRecord(image, f"{int(match.group(1)):04d}", "dorsal", distractor, str(path)))
@@ -218,11 +246,13 @@ def read_imagefolder(
             where = f"{path} line {line}"
             for column in ("file_name", caption_column, *([identity_column] if identity_column else [])):
                 value = entry.get(column)
-                if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value).strip() == "":
+                if value is None or str(value).strip() == "":
                     raise DataError(
                         f"{where}: '{column}' is missing or empty (found columns: {', '.join(entry)}); every line "
                         "needs file_name, the caption column and, if one is set, the identity column"
                     )
+                if not isinstance(value, (str, int)) or isinstance(value, bool):
+                    raise DataError(f"{where}: '{column}' is {json.dumps(value)}: give it as text or a whole number")
             image = inside_root(root, (path.parent.relative_to(root) / str(entry["file_name"])).as_posix(), where)
             parts = Path(image).parts
             split = IMAGEFOLDER_SPLITS.get(parts[0], "") if len(parts) > 1 else ""

@@ -191,6 +191,8 @@ class CaptionCSV(DataSource):
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.csv, str) or not Path(self.csv).name:  # `.`, `` or `/`: a folder, not a file
+            raise ConfigError(f"{KEY}.csv={self.csv!r} must name the caption file inside {KEY}.root, e.g. captions.csv")
         inside_root(self.root, str(self.csv), f"{KEY}.csv")  # lexically: no '..', not absolute
 
     @property

@@ -51,9 +51,19 @@ class EvalSettings:
             flag(f"eval.{key}", getattr(self, key))
         integer("eval.batch_size", self.batch_size, 1)
         integer("eval.smooth", self.smooth, 1, 1000)
-        if not isinstance(self.select, str) or not self.select.startswith("val"):
-            raise ConfigError(f"eval.select={self.select!r} must be a validation metric (val/rank1, val/mAP, ...): "
-                              "a checkpoint is never chosen on test")  # fmt: skip
+        check_validation_metric("eval.select", self.select, "a checkpoint is never chosen on test")
+        if self.wise_ft is not None:  # a metric validation never gives would choose the unmixed model without a word
+            check_validation_metric("eval.wise_ft.metric", self.wise_ft.metric, "a mix is never chosen on test")
+
+
+def check_validation_metric(key: str, value: Any, why: str) -> str:
+    """`value` if validation gives it (val/rank1, val/rank5, val/rank10, val/mAP), else a ConfigError naming `key`."""
+    from handclip.eval.protocol import VALIDATION_METRICS
+
+    if value not in VALIDATION_METRICS:
+        raise ConfigError(f"{key}={value!r} must be a validation metric, one of {', '.join(VALIDATION_METRICS)}: "
+                          f"{why}")  # fmt: skip
+    return value
 
 
 class Evaluator:

@@ -20,6 +20,8 @@ import torch
 from handclip.eval.reid import evaluate
 
 METRICS = ("rank1", "rank5", "rank10", "mAP")
+# what every validation gives: what may select a checkpoint (eval.select) or a WiSE-FT mix (eval.wise_ft.metric)
+VALIDATION_METRICS = tuple(f"val/{name}" for name in METRICS)
 CMC_RANKS = tuple(range(1, 21))
 
 

@@ -131,7 +131,8 @@ def group_label(run: Mapping, swept: Sequence[str]) -> str:
 def replicate(runs: Sequence[Mapping], swept: Sequence[str], metrics: Sequence[str] | None = None) -> Replication:
     """Group the runs (dicts with their swept settings, `status`, `metrics` and `data`: the split file) by the swept
     settings other than the replication keys, summarise each group, and compare every pair of groups."""
-    grouping = [key for key in swept if key not in REPLICATION_KEYS]
+    replication = [*REPLICATION_KEYS, *_following(runs, swept)]
+    grouping = [key for key in swept if key not in replication]
     result = Replication(grouping, {})
     for run in runs:
         label = group_label(run, grouping)
@@ -158,6 +159,18 @@ def replicate(runs: Sequence[Mapping], swept: Sequence[str], metrics: Sequence[s
             if comparison is not None:
                 result.comparisons.append(comparison)
     return result
+
+
+def _following(runs: Sequence[Mapping], swept: Sequence[str]) -> list[str]:
+    """The swept settings that take a replication key's value in every run, as an interpolation does
+    (`data.run_seed: ${seed}`): they vary with the seed or the draw, so they replicate; grouping by them would
+    split each group by seed and leave no pair to compare."""
+    keys = [key for key in REPLICATION_KEYS if key in swept]
+    return [
+        key for key in swept
+        if key not in REPLICATION_KEYS
+        and any(all(str(run.get(key)) == str(run.get(leader)) for run in runs) for leader in keys)
+    ]  # fmt: skip
 
 
 def _pair_key(run: Mapping) -> tuple:

@@ -75,9 +75,11 @@ def _load_snippet(backbone) -> list[str]:
 def run_files(run_dir: str | Path) -> tuple[dict, dict | None, str | None]:
     """(config, metrics.json or None, freeze policy line or None) of a run directory."""
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    from handclip.io import read_record
+
+    config = read_record(run_dir / "config.yaml")
     metrics_path, freeze_path = run_dir / "metrics.json", run_dir / "freeze.txt"
-    payload = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    payload = read_record(metrics_path) if metrics_path.is_file() else None
     policy = freeze_path.read_text().splitlines()[0].strip() if freeze_path.is_file() else None
     return config, payload, policy
 

@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from handclip.errors import HandClipError, exit_with
 from handclip.tools.outputs import check_writable
 
@@ -96,7 +94,7 @@ def load_run_model(source: str | Path, weights: str | None = None, trust: Sequen
 def load_run(source: str | Path, weights: str | None = None, trust: Sequence[str] = ()) -> LoadedRun:
     """A run's backbone with the weights of its checkpoint (see `load_run_model`)."""
     from handclip.build import build, check_targets
-    from handclip.io import load_checkpoint_file
+    from handclip.io import load_checkpoint_file, read_record
     from handclip.model.averaging import ema_weights
 
     if weights not in (None, *WEIGHTS):
@@ -106,8 +104,10 @@ def load_run(source: str | Path, weights: str | None = None, trust: Sequence[str
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise HandClipError(f"{config_path} not found: export needs the run's resolved config beside its checkpoints")
-    config = yaml.safe_load(config_path.read_text())
+    config = read_record(config_path)  # a damaged one is one line naming it
     for section in MODEL_SECTIONS:  # all of them, before any is built
+        if not isinstance(config.get(section), Mapping):
+            raise HandClipError(f"{config_path} has no {section} section: it is not a HandCLIP run's config.yaml")
         check_targets(config.get(section), section, trust)
     spec = build(config["backbone"], "backbone", trust)
     backbone = spec.load((config.get("paths") or {}).get("cache"))
@@ -209,7 +209,7 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(tmp, out_dir)
     elif (out_dir / MARKER).is_file():  # a previous export: ours, replaced whole
-        retired = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+        retired = out_dir.with_name(f"{tmp.name}-old")
         os.replace(out_dir, retired)
         os.replace(tmp, out_dir)
         shutil.rmtree(retired)
@@ -260,9 +260,12 @@ def export(
 def write_export(backbone, out_dir: Path, marker: dict, card: str) -> Path:
     """Save the backbone (its adapters merged already), the marker and the model card `card` into a temporary
     folder, then move it into place; weights that are not finite are refused first."""
+    from handclip.io import remove_dead_leftovers, temporary_path
+
     check_finite(backbone.state_dict(), "export")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    remove_dead_leftovers(out_dir.parent, out_dir.name)  # what an export killed half-way left (its process is gone)
+    tmp = temporary_path(out_dir)
     if tmp.exists():
         raise HandClipError(f"{tmp} exists: another export into {out_dir} may be running; remove it if not")
     try:

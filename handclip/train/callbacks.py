@@ -11,6 +11,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler
+from handclip.errors import HandClipError
 from handclip.io import load_checkpoint_file, save_atomic
 
 
@@ -141,14 +142,26 @@ class TestCurve(L.Callback):
     def __init__(self, evaluate, path: str | Path):
         self.evaluate, self.path = evaluate, Path(path)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import json
+    @staticmethod
+    def check(path: str | Path) -> None:
+        """Refuse to resume onto a damaged curve: its earlier epochs cannot be scored again."""
+        from handclip.io import DamagedFileError, read_record
 
-        from handclip.io import write_json_atomic
+        if Path(path).is_file():
+            try:
+                read_record(path, list)
+            except DamagedFileError as error:
+                raise HandClipError(
+                    f"{error}; it holds every earlier epoch's test scores (eval.curve): move it away to resume "
+                    "without them, or start the run over with overwrite=true"
+                ) from None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from handclip.io import read_record, write_json_atomic
 
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        rows = json.loads(self.path.read_text()) if self.path.is_file() else []
+        rows = read_record(self.path, list) if self.path.is_file() else []
         rows = [row for row in rows if row["epoch"] < trainer.current_epoch]  # a resumed run redoes later epochs
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val", "ema/val"))}
         scores = self.evaluate(pl_module.backbone, include_test=True, language=False, merged=False)["metrics"]

@@ -57,9 +57,19 @@ def run_command(cfg: DictConfig, hydra_cfg) -> float:
     if problem:
         refuse(problem, run_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)
+    try:  # read before anything is built: overwrite=no must not start a run over
+        from handclip.train.config import check_run_settings
+
+        check_run_settings(plain)
+    except HandClipError as error:
+        refuse(str(error), run_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and plain.get("run_name"):  # it would be ignored: every point has a folder of its own
+        refuse(f"run_name={plain['run_name']} names one run, and a sweep (-m) runs several, each in "
+               "runs/sweeps/<name>/<its overrides>; give the sweep a folder of its own with "
+               f"hydra.sweep.dir=runs/sweeps/{plain['run_name']}, or leave run_name out", run_dir)  # fmt: skip
     if plain.get("dry_run"):
         return dry_run_command(cfg, hydra_cfg, plain, run_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     asked = plain  # what config.yaml records
     if multirun:
         from handclip.train.sweep_point import prepare_point

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handclip.build import check_keywords
-from handclip.checks import integer, number
+from handclip.checks import flag, integer, number
 from handclip.errors import ConfigError, HandClipError, first_line
 from handclip.eval.evaluator import EvalSettings
 from handclip.eval.feature import ImageEncoder
@@ -179,6 +179,19 @@ def _check_top_level(cfg: Mapping) -> None:
             raise ConfigError(f"config section '{section}' is missing")
 
 
+def check_run_settings(cfg: Mapping) -> None:
+    """The settings of the run itself that are read before its components are built (a dry run, a sweep point's
+    bookkeeping, which checkpoints to remove): `overwrite=no` must not read as true and start a run over."""
+    for key in ("overwrite", "dry_run"):
+        flag(key, cfg.get(key, False))
+    for key in ("ckpt_path", "init_from"):
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, str):
+            what = "last or a checkpoint file" if key == "ckpt_path" else "a checkpoint file"
+            raise ConfigError(f"{key}={value!r} must be {what} (quote a file name that reads as a number or true: "
+                              f"\"{key}='{value}'\")")  # fmt: skip
+
+
 def _integer(cfg: Mapping, key: str, low: int, high: int) -> int:
     section, name = key.split(".")
     return integer(key, (cfg.get(section) or {}).get(name), low, high)
@@ -210,6 +223,20 @@ def _try_trainer(trainer: Callable) -> None:
         raise ConfigError(f"trainer: {first_line(error)}") from None
     finally:
         quiet.setLevel(level)
+
+
+def _try_logger(logger: Callable) -> None:
+    """Make the logger once in a scratch folder, so its own checks (logger.mode=...) fail now, before the data,
+    the weights and the baseline, and before anything is written into the run directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="handclip-logger-") as scratch:
+        try:
+            logger(save_dir=scratch)
+        except HandClipError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a library's own refusal of a setting, in one line
+            raise ConfigError(f"logger: {first_line(error)}") from None
 
 
 def objective_facts(
@@ -282,6 +309,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     machine cannot reach), so the settings that depend on it are not checked and `facts` is None.
     """
     _check_top_level(cfg)
+    check_run_settings(cfg)
     seed = cfg.get("seed")
     seed = integer("seed", seed, 0, 2**32 - 1)
     if cfg.get("ckpt_path") and cfg.get("init_from"):
@@ -308,6 +336,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     for key, made in (("logger", logger), ("trainer", trainer), ("loss", objective)):
         check_keywords(key, made)
     _try_trainer(trainer)
+    _try_logger(logger)
     clip = cfg["trainer"].get("gradient_clip_val")
     if clip is not None:
         number("trainer.gradient_clip_val", clip, 0, hint=" (0 or null: no clipping)")

@@ -22,6 +22,7 @@ def short(overrides: str) -> str:
 # where a run whose run_name would leave runs/ is pointed, so nothing is written outside runs/;
 # train.py refuses it before anything is written there
 REFUSED_RUN_NAME = ".refused-run-name"
+NAME_MAX = 255  # bytes in one file or folder name, on every common file system
 
 
 def run_name_problem(run_name, key: str = "run_name") -> str | None:
@@ -35,6 +36,12 @@ def run_name_problem(run_name, key: str = "run_name") -> str | None:
             f"{key}={text!r} must be a relative name inside paths.runs (letters, digits, - _ . and /); "
             "absolute paths and .. are not allowed. To keep runs elsewhere, set paths.runs=DIR"
         )
+    if not Path(text).parts:  # `.`: the runs folder itself, which holds every other run
+        return f"{key}={text!r} names paths.runs itself: give the run a name of its own inside it, e.g. {key}=mine"
+    longest = max(Path(text).parts, key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > NAME_MAX:
+        return (f"{key}={text[:40]!r}...: a folder name of {len(os.fsencode(longest))} bytes, longer than the "
+                f"{NAME_MAX} a file system allows; choose a shorter name")  # fmt: skip
     return None
 
 

@@ -56,13 +56,18 @@ def initial_weights(path: str) -> dict:
 
 def load_initial_weights(module, path: str, state: Mapping) -> None:
     """init_from: the weights of a checkpoint, nothing else (fresh optimiser and schedule)."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
+    own = module.state_dict()
+    misfits = [f"{len(names)} {what}, e.g. {names[0]}" for what, names in (
+        ("missing", [k for k in own if k not in state]),
+        ("not in this model", [k for k in state if k not in own]),
+        ("of another shape", [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]),
+    ) if names]  # fmt: skip
+    if misfits:  # one line, however many weights differ
         raise HandClipError(
-            f"init_from={path}: its weights do not fit this model ({str(error).splitlines()[1].strip()}); "
+            f"init_from={path}: its weights do not fit this model ({'; '.join(misfits)}); "
             "use the same backbone, projection and loss as the run that wrote it"
-        ) from None
+        )
+    module.load_state_dict(state)
 
 
 @dataclass
@@ -107,6 +112,10 @@ def run_training(cfg: Mapping, run_dir: str | Path, record_as: Mapping | None = 
     check_run_dir(run_dir)
     with RunLock(run_dir):
         resume = _resume(spec, run_dir)
+        if resume is not None and spec.eval.curve:
+            from handclip.train.callbacks import TestCurve
+
+            TestCurve.check(run_dir / "curve.json")  # before anything is written
         initial = initial_weights(spec.init_from) if spec.init_from else None
 
         def record() -> None:  # once the data is read and the objective built: nothing was refused
@@ -213,8 +222,6 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     objective = spec.objective(**objective_facts(
         backbone.facts, datamodule.num_identities, datamodule.identity_keys, digest
     ))  # fmt: skip
-    record()
-    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     encode = ImageEncoder(spec.eval.feature, objective)
     datamodule.attach(backbone, spec.eval.batch_size)
     bad = json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])
@@ -227,6 +234,8 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
                        encode, compute=spec.compute, selection=selection)  # fmt: skip
     if initial is not None:
         load_initial_weights(module, spec.init_from, initial)
+    record()  # nothing was refused: the run directory is written from here on
+    write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     if resume is not None and datamodule.activation_cache:  # a resume has no init_from: the starting weights are
         restore_frozen_prefix(module, backbone, resume.path, spec.freeze, spec.epochs)  # in the checkpoint
     caches = attach_caches(datamodule, evaluate, module, backbone, spec.freeze, spec.epochs, console)
@@ -341,10 +350,17 @@ def _exit_if_stopped(stop) -> None:
 def _baseline(evaluate, backbone, run_dir: Path, resume: Resume | None) -> dict:
     """The untrained model's scores (kept in baseline.json: a resumed run does not score them again)."""
     from handclip.eval.evaluator import saveable
+    from handclip.io import DamagedFileError, read_record
 
     path = run_dir / "baseline.json"
     if resume and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            saved = read_record(path)
+            if not all(isinstance(saved.get(key), dict) for key in ("metrics", "runs", "cmc")):
+                raise DamagedFileError(f"{path} is damaged: it lacks the scores HandCLIP writes there")
+            return saved
+        except DamagedFileError as error:
+            print(f"{error}: the untrained model is scored again", flush=True)
     baseline = evaluate(backbone)
     write_json_atomic(path, saveable(baseline))
     return baseline

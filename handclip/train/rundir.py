@@ -91,6 +91,25 @@ def resolve_resume(
     raise RunDirError(f"no loadable checkpoint in {folder}: last.ckpt and best.ckpt are damaged")
 
 
+def finished_run(run_dir: str | Path, then: str = "it runs again") -> tuple[dict, dict] | None:
+    """(config.yaml, metrics) of a run (a sweep point, a stage) that finished, or None: not finished, or a record
+    of it is damaged, which is said (with `then`, what happens instead): its results are never read in part."""
+    from handclip.io import DamagedFileError, read_record
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        return None
+    try:
+        saved = read_record(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+        metrics = read_record(run_dir / "metrics.json").get("metrics")
+        if not isinstance(metrics, dict):
+            raise DamagedFileError(f"{run_dir / 'metrics.json'} is damaged: it has no metrics")
+    except DamagedFileError as error:
+        print(f"{error}: {then}", flush=True)
+        return None
+    return saved, metrics
+
+
 _existing: Path | None = None  # the nearest folder above the run (or sweep) directory that existed at the start
 
 

@@ -21,7 +21,9 @@ class Selection:
     """The selecting score: `metric`'s trailing mean over the last `smooth` validations."""
 
     def __init__(self, metric: str = "val/rank1", smooth: int = 1, history: Sequence[float] = ()):
-        self.metric = metric
+        from handclip.eval.evaluator import check_validation_metric
+
+        self.metric = check_validation_metric("eval.select", metric, "a checkpoint is never chosen on test")
         self.smooth = integer("eval.smooth", smooth, 1, 1000)
         self.history = list(history)
 

@@ -130,16 +130,15 @@ def plan_stages(names: list[str], folders: list[Path], configs: list[dict], resu
     """What happens to each stage: `keep` (finished earlier with these settings), `resume` (stopped, and
     ckpt_path=last) or `start`. Once a stage runs, every later one runs anew (its inputs change). Raises,
     writing nothing, when a finished stage's settings differ."""
-    import yaml
-
+    from handclip.train.rundir import finished_run
     from handclip.train.sweep import changed_settings
 
     plan, rerun = [], False
     for name, folder, cfg in zip(names, folders, configs, strict=True):
-        finished = (folder / "metrics.json").is_file()
+        result = finished_run(folder, "the stage runs again")  # None also when its records are damaged
+        finished = result is not None
         if finished and not cfg.get("overwrite") and not rerun:
-            saved_file = folder / "config.yaml"
-            saved = (yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else None) or {}
+            saved = result[0]
             changed = changed_settings(_portable(saved, _saved_run_dir(saved)), _portable(cfg, folder.parent))
             if changed:
                 key, before, now = changed[0]
@@ -173,7 +172,7 @@ def run_stages(plain: Mapping, run_dir: Path, compose: Callable[[str, str | None
 
     from handclip.train.config import check_config
     from handclip.train.run import run_training
-    from handclip.train.rundir import RunLock, check_run_dir
+    from handclip.train.rundir import RunLock, check_run_dir, finished_run
 
     names = stage_names(plain["stages"])
     resume = plain.get("ckpt_path")
@@ -211,7 +210,7 @@ def run_stages(plain: Mapping, run_dir: Path, compose: Callable[[str, str | None
         for name, folder, cfg, action, original in zip(names, folders, configs, plan, asked, strict=True):
             if action == "keep":
                 print(f"stage {name}: finished earlier, kept (same settings; {folder})", flush=True)
-                metrics = json.loads((folder / "metrics.json").read_text())["metrics"]
+                metrics = finished_run(folder)[1]
             else:
                 print(f"stage {name} ({folder.name}): " + ("resuming" if action == "resume" else "starting"),
                       flush=True)  # fmt: skip

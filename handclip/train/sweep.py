@@ -24,8 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from handclip.errors import first_line
 from handclip.io import atomic_write, write_json_atomic
 
@@ -56,19 +54,25 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
     points = sorted({p.parent for name in ("config.yaml", "failed.json") for p in Path(sweep_dir).glob(f"*/{name}")})
     for run_dir in points:
         failed, finished = run_dir / "failed.json", run_dir / "metrics.json"
-        failure = json.loads(failed.read_text()) if failed.is_file() else None
+        damage = []  # a record that cannot be read is said in the row, never read in part
+        failure = _record(failed, damage) if failed.is_file() else None
         if (run_dir / "config.yaml").is_file():
-            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            config = _record(run_dir / "config.yaml", damage) or {}
         else:  # refused before its run directory was written: the failure keeps what was asked
             config = (failure or {}).get("config") or {}
-        row: dict[str, Any] = {"run": run_dir.name, "config": _flatten(config)}
+        payload = _record(finished, damage) if finished.is_file() else None
+        if payload is not None and not isinstance(payload.get("metrics"), Mapping):
+            damage.append(f"{finished} is damaged: it has no metrics")
+            payload = None
+        row: dict[str, Any] = {"run": run_dir.name, "config": _flatten(config if isinstance(config, Mapping) else {})}
         # a failure recorded after the point finished (a rerun refused) is the point's state now
-        if failure is not None and (not finished.is_file() or failed.stat().st_mtime >= finished.stat().st_mtime):
+        if damage:
+            row.update(status="damaged", error=damage[0])
+        elif failure is not None and (payload is None or failed.stat().st_mtime >= finished.stat().st_mtime):
             row.update(status="failed", error=failure.get("error", ""))
-        elif finished.is_file():
+        elif payload is not None:
             from handclip.eval.replication import gains
 
-            payload = json.loads(finished.read_text())
             metrics = {**payload["metrics"], **gains(payload["metrics"])}
             row.update({k: metrics.get(k) for k in COLUMNS if k in metrics}, status="finished")
             row.update(metrics=metrics, data=payload.get("manifest"))
@@ -85,6 +89,17 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
         for key in swept:
             row[key] = row["config"].get(key)
     return swept, runs
+
+
+def _record(path: Path, damage: list[str]) -> dict | None:
+    """The record in `path`, or None with the reason added to `damage` when it cannot be read."""
+    from handclip.io import DamagedFileError, read_record
+
+    try:
+        return read_record(path)
+    except DamagedFileError as error:
+        damage.append(str(error))
+        return None
 
 
 def write_summary(sweep_dir: str | Path) -> tuple[Path, Path | None]:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,22 +19,21 @@ from handclip.errors import HandClipError
 def prepare_point(plain: dict, run_dir: Path, hydra_cfg) -> tuple[dict, dict] | float:
     """(the configuration to run, the configuration to record), or the point's result when it does not run:
     its validation Rank-1 when it finished earlier, NaN when it is refused (recorded in its failed.json)."""
+    from handclip.train.rundir import finished_run
     from handclip.train.sweep import changed_settings, record_failure
 
     sweep = Path(hydra_cfg.sweep.dir)
     plain["sweep"] = {"dir": str(sweep), "name": sweep.name}
     if "group" in plain["logger"] and plain["logger"]["group"] is None:
         plain["logger"]["group"] = plain["sweep"]["name"]  # wandb groups a sweep's runs
-    finished = run_dir / "metrics.json"
-    if finished.is_file() and not plain.get("overwrite"):
-        import yaml
-
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-        changed = changed_settings(saved or {}, plain)
+    result = None if plain.get("overwrite") else finished_run(run_dir, "running the point again")
+    if result is not None:
+        saved, metrics = result
+        changed = changed_settings(saved, plain)
         if not changed:
             print(f"{run_dir.name}: finished earlier, skipping")
             (run_dir / "failed.json").unlink(missing_ok=True)
-            return float(json.loads(finished.read_text())["metrics"].get("val/rank1", float("nan")))
+            return float(metrics.get("val/rank1", float("nan")))
         key, before, now = changed[0]
         message = (
             f"{run_dir.name} finished earlier with other settings ({key}: {before} -> {now}"

@@ -26,6 +26,36 @@ SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+BUILT = "handclip_built.json"  # in a built backbone's folder: the SHA-256 of each of its files as built
+UNRECORDED = "built before folders kept a record"
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file in `folder` but the record itself (a tiny model's are a few MB: milliseconds)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != BUILT}  # fmt: skip
+
+
+def built_problem(folder: Path) -> str | None:
+    """Why a built backbone's folder cannot be used as it is (missing, a file gone, a file changed since it was
+    built), `UNRECORDED` for a folder built before records were kept, or None: a changed weight would otherwise
+    start every run from other weights than its config and seed say, without a word."""
+    if not folder.is_dir():
+        return "missing"
+    gone = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+    if gone:
+        return f"{gone[0]} is missing"
+    if not (folder / BUILT).is_file():
+        return UNRECORDED
+    try:
+        recorded = json.loads((folder / BUILT).read_text())
+    except (OSError, ValueError):
+        return f"{BUILT} is damaged"
+    now = file_digests(folder)  # a file added beside them is not read by from_pretrained's names: left alone
+    changed = sorted(name for name in recorded if recorded.get(name) != now.get(name))
+    return f"{changed[0]} changed or went missing since it was built" if changed else None
+
+
 def tiny_clip_config(config: Mapping | None):
     """The `CLIPConfig` of a tiny backbone from its fields (`projection_dim`, `vision_config`, `text_config`)."""
     from transformers import CLIPConfig
@@ -133,17 +163,20 @@ class HuggingFaceCLIP(BackboneSpec):
         kind = "tiny" if self.pretrain is None else "tiny-pretrained"
         out = Path(cache_dir or default_cache_dir()) / "backbones" / f"{kind}-{digest}"
 
-        def built() -> bool:
-            return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-
-        if built():
+        if built_problem(out) is None:
             return out
         # a second process building the same model waits here, then finds it built
         with waiting_lock(out.with_name(f".{out.name}.lock")):
             remove_dead_leftovers(out.parent)  # killed builds' half-made folders
-            if not built():  # missing, or damaged (a file gone): built anew, put in place whole
+            problem = built_problem(out)
+            if problem == UNRECORDED:  # built by a HandCLIP that kept no record: its files as they are now
+                write_json_atomic(out / BUILT, file_digests(out))
+            elif problem is not None:  # missing, or damaged (a file gone or changed): built anew, put in place whole
+                if out.exists():
+                    print(f"{out}: {problem}; built again", flush=True)
                 with atomic_path(out) as tmp:
                     self._build_tiny(tmp)
+                    write_json_atomic(tmp / BUILT, file_digests(tmp))
         return out
 
     def _build_tiny(self, out: Path) -> None:

@@ -240,10 +240,16 @@ class OpenCLIP(BackboneSpec):
             / "backbones"
             / f"openclip-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
         )
-        if not (out / CONFIG).is_file():
-            write_text_atomic(out / CONFIG, json.dumps(
-                {"model_cfg": cfg, "preprocess_cfg": jsonable(self.preprocess_config(cfg))}, indent=2, sort_keys=True
-            ))  # fmt: skip
+        text = json.dumps({"model_cfg": cfg, "preprocess_cfg": jsonable(self.preprocess_config(cfg))}, indent=2,
+                          sort_keys=True)  # fmt: skip
+        try:
+            current = (out / CONFIG).read_text()
+        except (OSError, ValueError):
+            current = None
+        if current != text:  # missing, or edited since: the model would be built from another config without a word
+            if current is not None:
+                print(f"{out / CONFIG} differs from the config it was written from: written again", flush=True)
+            write_text_atomic(out / CONFIG, text)
         return out
 
     def load(self, cache_dir: str | Path | None = None) -> OpenCLIPBackbone:
