@@ -69,11 +69,13 @@ def interpolate(initial: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.T
 
 
 def choose_alpha(scores: Mapping[float, float], initial_score: float, keep: float) -> float:
-    """The smallest alpha whose validation gain over the initial model is at least `keep` of alpha 1's; alpha 1 when
-    fine-tuning gained nothing on validation (the mix would have nothing to keep)."""
+    """The smallest alpha whose validation gain over the initial model is at least `keep` of alpha 1's. When
+    fine-tuning gained nothing on validation there is no gain to keep a share of: the alpha that validates best (the
+    smallest of equals), which is the initial model itself unless a mix beats it."""
     full = scores[1.0] - initial_score
     if full <= 0:
-        return 1.0
+        best = max(scores.values())
+        return min(alpha for alpha, score in scores.items() if score == best)
     return min(alpha for alpha, score in scores.items() if score - initial_score >= keep * full)
 
 

@@ -158,3 +158,24 @@ def _why_no_wise_ft(run, initial) -> str | None:
     if initial is None:
         return f"this run was started before its starting weights were kept ({INITIAL} is missing)"
     return None
+
+
+def choice_line(metrics: Mapping[str, Any], select: str, smooth: int) -> str | None:
+    """One line on how the reported model was chosen: the selected epoch and its validation gain, what the last
+    epoch's weights would have scored, the WiSE-FT ratio and the retention (None when nothing was selected)."""
+    if "selection/epoch" not in metrics:
+        return None
+    how = select if smooth == 1 else f"{select} (mean of {smooth})"
+    parts = [f"selected epoch {metrics['selection/epoch']} by {how}"]
+    if "selection/val_gain" in metrics:
+        parts[0] += f", {100 * metrics['selection/val_gain']:+.1f} over the untrained model"
+    if "last/test/rank1" in metrics:
+        parts.append(f"the last epoch would score test Rank-1 {100 * metrics['last/test/rank1']:.1f}%")
+    if "raw/test/rank1" in metrics:
+        parts.append(f"the raw (not EMA) weights {100 * metrics['raw/test/rank1']:.1f}%")
+    if "wise_ft/alpha" in metrics:
+        parts.append(f"WiSE-FT mix {metrics['wise_ft/alpha']:g} of the fine-tuned weights")
+    if "zeroshot/retention" in metrics:
+        parts.append(f"zero-shot retention {metrics['zeroshot/retention']:.2f}")
+    return "; ".join(parts)
+

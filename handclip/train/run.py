@@ -179,7 +179,7 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
 
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
-        from handclip.train.final import final_evaluation
+        from handclip.train.final import choice_line, final_evaluation
 
         last = str(run_dir / "checkpoints" / "last.ckpt")
         found, extra = final_evaluation(spec, run, weights, best.best_model_path, last, results, run.initial, run_dir)
@@ -195,6 +195,9 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
             **extra,  # weights: the EMA's or the raw ones behind test/* (raw/* holds the raw ones'); wise_ft: the mix
         })  # fmt: skip
         logger.log_final(metrics, trainer.global_step)
+        line = choice_line(metrics, spec.eval.select, spec.eval.smooth)
+        if line:
+            console.print(line)
         console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
         return metrics
 

@@ -1,0 +1,60 @@
+"""Retention and WiSE-FT's choice of mixing ratio: the numbers a user reads after every run."""
+
+import pytest
+import torch
+
+from handclip.eval.forgetting import WiseFT, choose_alpha, interpolate, retention
+from handclip.errors import ConfigError
+from handclip.train.final import choice_line
+
+
+def _zeroshot(aspect, skin, gender):
+    return {"zeroshot/aspect_accuracy": aspect, "zeroshot/aspect_chance": 0.25,
+            "zeroshot/skin_accuracy": skin, "zeroshot/skin_chance": 0.25,
+            "zeroshot/gender_accuracy": gender, "zeroshot/gender_chance": 0.5}  # fmt: skip
+
+
+def test_retention_is_the_mean_share_of_skill_above_chance_kept_over_tasks_the_baseline_could_do():
+    baseline = _zeroshot(aspect=0.45, skin=0.65, gender=0.52)  # gender: 2 points above chance, nothing to retain
+    final = _zeroshot(aspect=0.35, skin=0.65, gender=0.30)
+    # aspect keeps (0.35 - 0.25) / (0.45 - 0.25) = 0.5, skin 1.0; gender is left out
+    assert retention(baseline, final) == pytest.approx(0.75)
+    assert retention(baseline, baseline) == pytest.approx(1.0)
+    assert retention(_zeroshot(0.26, 0.27, 0.5), final) is None  # no task above chance: no figure, not 0 or NaN
+
+
+def test_wise_ft_keeps_the_smallest_ratio_with_enough_of_the_validation_gain():
+    scores = {0.0: 0.40, 0.25: 0.44, 0.5: 0.47, 0.75: 0.49, 1.0: 0.50}
+    assert choose_alpha(scores, initial_score=0.40, keep=0.8) == 0.75  # 0.09 of 0.10
+    assert choose_alpha(scores, initial_score=0.40, keep=0.65) == 0.5
+    assert choose_alpha(scores, initial_score=0.40, keep=1.0) == 1.0
+
+
+def test_wise_ft_without_a_validation_gain_reports_the_ratio_that_validates_best():
+    # fine-tuning lost on validation: the initial model is reported, not the weights that lost
+    assert choose_alpha({0.0: 0.40, 0.5: 0.39, 1.0: 0.35}, initial_score=0.40, keep=0.8) == 0.0
+    # ... unless a mix beats it
+    assert choose_alpha({0.0: 0.40, 0.5: 0.43, 1.0: 0.38}, initial_score=0.40, keep=0.8) == 0.5
+
+
+def test_interpolation_ends_at_the_two_models_and_leaves_integer_tensors_alone():
+    initial = {"w": torch.zeros(3), "ids": torch.tensor([1, 2])}
+    tuned = {"w": torch.full((3,), 2.0), "ids": torch.tensor([1, 2])}
+    assert torch.equal(interpolate(initial, tuned, 0.0)["w"], initial["w"])
+    assert torch.equal(interpolate(initial, tuned, 1.0)["w"], tuned["w"])
+    assert torch.allclose(interpolate(initial, tuned, 0.25)["w"], torch.full((3,), 0.5))
+    assert torch.equal(interpolate(initial, tuned, 0.5)["ids"], tuned["ids"])
+
+
+@pytest.mark.parametrize("alphas, message", [([0.5], "must hold 1.0"), ([1.0], "must hold 1.0"), ([0.5, 1.2], "from 0 to 1")])
+def test_bad_ratios_are_refused_by_name(alphas, message):
+    with pytest.raises(ConfigError, match=message):
+        WiseFT(alphas=alphas)
+
+
+def test_the_choice_line_says_epoch_gain_last_epoch_mix_and_retention():
+    line = choice_line({"selection/epoch": 53, "selection/val_gain": 0.028, "last/test/rank1": 0.353,
+                        "wise_ft/alpha": 0.75, "zeroshot/retention": 0.72}, "val/mAP", 5)  # fmt: skip
+    assert line == ("selected epoch 53 by val/mAP (mean of 5), +2.8 over the untrained model; the last epoch would "
+                    "score test Rank-1 35.3%; WiSE-FT mix 0.75 of the fine-tuned weights; zero-shot retention 0.72")  # fmt: skip
+    assert choice_line({}, "val/mAP", 5) is None
