@@ -100,8 +100,8 @@ def test_every_component_default_lives_in_conf(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("freeze.vision_blocks=9", "freeze.vision_blocks=9 is out of range: the backbone's vision tower has 4 blocks"),
-        ("freeze.text_blocks=-1", "freeze.text_blocks=-1 must be"),
+        ("freeze=last_n|freeze.vision_blocks=9", "freeze.vision_blocks=9 is out of range: the backbone's vision tower has 4 blocks"),
+        ("freeze=last_n|freeze.text_blocks=-1", "freeze.text_blocks=-1 must be"),
         ("freeze._target_=handclip.model.freeze.Nope", "freeze._target_='handclip.model.freeze.Nope' cannot be"),
         ("loss.terms.clip._target_=handclip.losses.Triplet", "loss.terms.clip._target_='handclip.losses.Triplet'"),
         ("loss.terms.clip.weight=-1", "loss: ContrastiveLoss.weight=-1 must be a number >= 0"),
@@ -113,7 +113,7 @@ def test_every_component_default_lives_in_conf(tmp_path):
         ('data.captions=["{person} {colour}"]', "unknown field 'colour'"),
         ("+data.augment.hflip=true", "turns a right hand into a left one"),
         ("data.on_bad_image=ignore", "data.on_bad_image='ignore': choose one of skip, fail"),
-        ("+freeze.vision_block=2", "freeze.vision_block is not a freeze setting .did you mean freeze.vision_blocks"),
+        ("freeze=last_n|+freeze.vision_block=2", "freeze.vision_block is not a freeze setting .did you mean freeze.vision_blocks"),
         ("+optim.betas=[0.9,0.9]", "optim.betas is not a setting of handclip.train.optim.Optimization"),
         ("+max_epoch=3", "max_epoch is not a setting .did you mean trainer.max_epochs"),
         ("eval.batch_size=0", "eval.batch_size=0 must be an integer >= 1"),

@@ -24,6 +24,7 @@ QUICK = [
     "backbone.config.vision_config.image_size=32",
     "backbone.config.vision_config.num_hidden_layers=2",
     "backbone.config.text_config.num_hidden_layers=2",
+    "freeze=last_n",  # the demo trains everything; the quick runs train the top block of each tower
     "freeze.vision_blocks=1",
     "freeze.text_blocks=1",
 ]
@@ -81,6 +82,12 @@ def test_demo_run_end_to_end(tmp_path):
             assert 0.0 <= metrics[key] <= 1.0
     assert "freeze policy: last_n (vision_blocks=1, text_blocks=1)" in (run / "freeze.txt").read_text()
     assert "baseline (untrained)" in result.stdout and "trainable" in result.stdout
+    # how the reported model was chosen, said on the console and kept: the epoch, WiSE-FT's mix and its curve
+    assert f"selected epoch {metrics['selection/epoch']} by val/mAP (mean of 5)" in result.stdout
+    saved = json.loads((run / "metrics.json").read_text())["wise_ft"]
+    assert [row["alpha"] for row in saved["curve"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert metrics["wise_ft/alpha"] == saved["alpha"] and (run / "wise_ft.png").is_file()
+    assert (metrics["wise_ft/alpha"] == 1.0) != ("finetuned/test/rank1" in metrics)  # the unmixed scores, when mixed
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "data" / "synthetic_hands" / "10people_96x72_draw0" / "HandInfo.csv").is_file()
 
