@@ -75,3 +75,21 @@ def test_slurm_launcher_config_composes(tmp_path):
             return_hydra_config=True,
         )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_a_sweep_over_experiments_gives_each_its_own_point(tmp_path):
+    # the experiment is left out of folder names (a run's name says it); swept, it must be in each point's folder,
+    # or every experiment after the first found "its" folder finished with other settings and was refused
+    from tests.test_train import QUICK
+
+    base = ["data=synthetic", *(q for q in QUICK if q != "experiment=demo")]  # Hydra checks these without the sweep
+    train(tmp_path, "experiment=demo,demo_siglip", "eval.baseline=false", "trainer.max_epochs=1", multirun=True,
+          base=base)  # fmt: skip
+    (summary,) = (tmp_path / "runs" / "sweeps").rglob("summary.csv")
+    points = sorted(p.name for p in summary.parent.iterdir() if p.is_dir())
+    assert [p.split(",")[0] for p in points] == ["experiment=demo", "experiment=demo_siglip"]
+    assert [p.name for p in (tmp_path / "runs" / "sweeps").iterdir()] == [summary.parent.name]  # one sweep folder
+    rows = list(csv.DictReader(open(summary)))
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    names = {yaml.safe_load((summary.parent / p / "config.yaml").read_text())["name"] for p in points}
+    assert names == {"demo", "demo_siglip"}

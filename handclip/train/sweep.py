@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -338,10 +339,29 @@ except ImportError:  # pragma: no cover
     _HydraCallback = object
 
 
+def _forget_swept_experiment() -> None:
+    from handclip.train.resolvers import SWEPT_EXPERIMENT, SWEPT_EXPERIMENT_NAME
+
+    os.environ.pop(SWEPT_EXPERIMENT, None)
+    os.environ.pop(SWEPT_EXPERIMENT_NAME, None)
+
+
 class SweepSummary(_HydraCallback):
-    """Hydra callback: summarise the sweep directory when a multirun ends."""
+    """Hydra callback: name the swept experiment in each point's folder; summarise the sweep directory when a
+    multirun ends."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from handclip.train.resolvers import SWEPT_EXPERIMENT, SWEPT_EXPERIMENT_NAME
+
+        _forget_swept_experiment()
+        for override in config.hydra.overrides.task:
+            key, _, value = str(override).partition("=")
+            if key.lstrip("+~") == "experiment" and ("," in value or value.startswith(("choice(", "range(", "glob("))):
+                os.environ[SWEPT_EXPERIMENT] = "1"
+                os.environ[SWEPT_EXPERIMENT_NAME] = str(config.name)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        _forget_swept_experiment()
         sweep_dir = _sweep_dir(config)
         if sweep_dir.is_dir():
             csv_path, png = write_summary(sweep_dir)
