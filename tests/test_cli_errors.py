@@ -170,3 +170,12 @@ def test_run_name_in_a_sweep_is_refused_not_ignored(tmp_path):
     check_refused(result, "run_name=mine names one run, and a sweep (-m) runs several")
     assert "hydra.sweep.dir=runs/sweeps/mine" in result.stderr
     assert not list((tmp_path / "runs").rglob("*.ckpt")) and not (tmp_path / "runs" / "mine").exists()
+
+
+@pytest.mark.parametrize("key", ["data", "cache"])
+def test_a_file_where_the_data_or_cache_folder_goes_is_refused_before_anything_is_written(tmp_path, key):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    result = run(tmp_path, f"paths.{key}={afile}")
+    check_refused(result, f"paths.{key}={afile} is a file: point it at a folder")  # was NotADirectoryError
+    assert not (tmp_path / "runs").exists()

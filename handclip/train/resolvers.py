@@ -76,6 +76,14 @@ def runs_problem(path: str) -> str | None:
     return None
 
 
+def folder_problems(paths) -> list[str]:
+    """`paths.data` and `paths.cache` that name a file where a folder must be (each a traceback before)."""
+    what = {"data": "where datasets are read and synthetic data is drawn", "cache": "where built backbones are kept"}
+    return [f"paths.{key}={paths[key]} is a file: point it at a folder ({purpose})"
+            for key, purpose in what.items()
+            if paths.get(key) and Path(str(paths[key])).exists() and not Path(str(paths[key])).is_dir()]  # fmt: skip
+
+
 def runs_dir(path: str) -> str:
     """`paths.runs`, or, when runs cannot be written there, a stand-in folder that train.py refuses and removes:
     Hydra makes the run directory before any check can run, and must not fail with a traceback."""
