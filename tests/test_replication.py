@@ -135,3 +135,21 @@ def test_a_setting_that_follows_the_seed_replicates_and_does_not_group(tmp_path,
     verdict = r"vision_blocks=2 trails vision_blocks=4 by -5\.\d test Rank-1, .*, 9 paired runs"
     assert re.search(verdict, capsys.readouterr().out)
     assert {row["group"] for row in read(tmp_path / "summary.csv")} == {"vision_blocks=2", "vision_blocks=4"}
+
+
+def test_a_swept_config_group_names_its_groups_as_the_command_line_did(tmp_path, capsys):
+    # freeze=full,lp_ft differ in many settings inside the group (_target_, stages...): the groups are named
+    # freeze=full and freeze=lp_ft, as swept, not by every setting that differs
+    policies = {"full": {"_target_": "handclip.model.freeze.Full"},
+                "lp_ft": {"_target_": "handclip.model.schedule.Staged", "stages": {"0": {"_target_": "Frozen"}}}}
+    for name, freeze in policies.items():
+        for seed in SEEDS:
+            for draw in DRAWS:
+                folder = tmp_path / f"data.draw={draw},data.source.image_size=[96,72],freeze={name},seed={seed}"
+                write_run(folder, 0, seed, draw, 0.4 + (0.1 if name == "full" else 0.0) + 0.01 * seed, 0.3)
+                config = yaml.safe_load((folder / "config.yaml").read_text())
+                config["freeze"] = freeze
+                (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    write_summary(tmp_path)
+    assert {row["group"] for row in read(tmp_path / "summary.csv")} == {"freeze=full", "freeze=lp_ft"}
+    assert re.search(r"freeze=full beats freeze=lp_ft by \+10\.0 test Rank-1", capsys.readouterr().out)

@@ -134,8 +134,9 @@ def replicate(runs: Sequence[Mapping], swept: Sequence[str], metrics: Sequence[s
     replication = [*REPLICATION_KEYS, *_following(runs, swept)]
     grouping = [key for key in swept if key not in replication]
     result = Replication(grouping, {})
+    labels = _command_line_labels(runs, grouping)
     for run in runs:
-        label = group_label(run, grouping)
+        label = labels.get(id(run)) or group_label(run, grouping)
         if run.get("status") != "finished":
             result.notes.append(f"{run.get('run')} ({label}) {run.get('status', 'did not finish')}: left out")
             continue
@@ -159,6 +160,42 @@ def replicate(runs: Sequence[Mapping], swept: Sequence[str], metrics: Sequence[s
             if comparison is not None:
                 result.comparisons.append(comparison)
     return result
+
+
+def _overrides(folder: str) -> dict[str, str] | None:
+    """The key=value overrides a sweep point's folder is named by (Hydra's override_dirname), or None when the name
+    is not one (a hashed long name, a folder named by hand)."""
+    items: list[str] = []
+    for part in folder.split(","):
+        if "=" in part.split("[", 1)[0] and not (items and items[-1].count("[") > items[-1].count("]")):
+            items.append(part)
+        elif items:  # a list value's own comma: image_size=[96,72]
+            items[-1] += "," + part
+        else:
+            return None
+    pairs = dict(item.split("=", 1) for item in items)
+    return pairs if len(pairs) == len(items) else None
+
+
+def _command_line_labels(runs: Sequence[Mapping], grouping: Sequence[str]) -> dict[int, str]:
+    """Each run's group named as the command line swept it (`freeze=lp_ft`, `experiment=demo_strong`) rather than by
+    the settings that differ inside a config group (`_target_=...Staged,...`): the overrides in its folder's name
+    that are no replication key and differ between runs. Only when every run's folder is so named and these names
+    split the runs exactly as their settings do; otherwise nothing (the settings name the groups)."""
+    parsed = {id(run): _overrides(str(run.get("run", ""))) for run in runs}
+    if not runs or not grouping or any(items is None for items in parsed.values()):
+        return {}
+    keys = sorted({key for items in parsed.values() for key in items if key.lstrip("+~") not in REPLICATION_KEYS})
+    varying = [key for key in keys if len({parsed[id(run)].get(key) for run in runs}) > 1]
+    labels = {id(run): ",".join(f"{key.lstrip('+~')}={parsed[id(run)].get(key)}" for key in varying) for run in runs}
+    by_settings: dict[str, set] = {}
+    by_name: dict[str, set] = {}
+    for run in runs:
+        by_settings.setdefault(group_label(run, grouping), set()).add(id(run))
+        by_name.setdefault(labels[id(run)], set()).add(id(run))
+    if not all(labels.values()) or sorted(map(sorted, by_settings.values())) != sorted(map(sorted, by_name.values())):
+        return {}
+    return labels
 
 
 def _following(runs: Sequence[Mapping], swept: Sequence[str]) -> list[str]:
