@@ -111,3 +111,14 @@ def test_the_export_folder_is_recognised_by_its_config_and_needs_safetensors(tmp
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "clip"}')
     with pytest.raises(BackboneError, match="has config.json but no model.safetensors"):
         HuggingFaceCLIP.from_export(tmp_path / "bert")
+
+
+def test_a_folder_that_is_there_but_does_not_load_is_named_with_what_to_do(tmp_path):
+    # a damaged local or cached model folder was answered with `hf download <folder>`, which cannot fix it
+    directory = spec().tiny_dir(tmp_path)
+    (directory / "model.safetensors").write_bytes(b"cut short")
+    with pytest.raises(BackboneError) as error:
+        load_backbone({"name": "local", "source": str(directory)})
+    message = str(error.value)
+    assert f"backbone folder {directory} could not be loaded" in message and "delete the folder" in message
+    assert "hf download" not in message

@@ -102,6 +102,9 @@ def test_every_component_default_lives_in_conf(tmp_path):
     [
         ("freeze=last_n|freeze.vision_blocks=9", "freeze.vision_blocks=9 is out of range: the backbone's vision tower has 4 blocks"),
         ("freeze=last_n|freeze.text_blocks=-1", "freeze.text_blocks=-1 must be"),
+        # schedules that would never act were accepted silently
+        ("freeze=gradual|freeze.every=100", "freeze.every=100 with trainer.max_epochs=80: .* would never act"),
+        ("freeze=lp_ft|trainer.max_epochs=5", "freeze.stages.10 starts at epoch 10, but trainer.max_epochs=5"),
         ("freeze._target_=handclip.model.freeze.Nope", "freeze._target_='handclip.model.freeze.Nope' cannot be"),
         ("loss.terms.clip._target_=handclip.losses.Triplet", "loss.terms.clip._target_='handclip.losses.Triplet'"),
         ("loss.terms.clip.weight=-1", "loss: ContrastiveLoss.weight=-1 must be a number >= 0"),

@@ -67,6 +67,14 @@ class Lora(FreezePolicy):
                     f"freeze.blocks={self.blocks} is out of range: the backbone's {tower} tower has "
                     f"{facts.depth(tower)} blocks"
                 )
+            # an adapter B @ A of a layer in -> out has rank at most min(in, out); the attention layers are
+            # width x width, the MLP's width x mlp_width: a larger rank only adds parameters
+            width = facts.tower(tower).width
+            if self.rank > width:
+                raise ConfigError(
+                    f"freeze.rank={self.rank} is out of range: the backbone's {tower} tower is {width} wide, and an "
+                    f"adapter's rank cannot exceed its layers' width; choose from 1 to {width} (a few to 64 is usual)"
+                )
 
     def module_names(self, backbone: Backbone) -> list[str]:
         """The linear layers that get adapters, relative to the backbone's adapter host."""

@@ -89,6 +89,13 @@ def _load_error(source: str, error: Exception) -> BackboneError:
         )
     first = first_line(error)
     local = Path(source)
+    if local.expanduser().is_dir():  # a folder that is there but does not load: no download can fix it
+        return BackboneError(
+            f"backbone folder {source} could not be loaded: {first}. It is damaged or incomplete (a copy cut "
+            "short, a file missing or edited): if HandCLIP built it in its cache, delete the folder and the next run "
+            "builds it again; otherwise write it again with CLIPModel.save_pretrained (with its tokenizer and image "
+            "processor)"
+        )
     tried = (
         f"the local directory '{source}' ({'exists' if local.is_dir() else 'not found'})"
         f" and the Hugging Face cache/hub (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})"
