@@ -11,16 +11,16 @@ import os
 from pathlib import Path
 
 
-# set (to "1") while a multirun sweeps `experiment` (handclip.train.sweep.SweepSummary): the experiment is left out of
-# folder names made from overrides (a run's name says it), so a sweep over it names it in each point's folder, which
-# would otherwise be the same for every experiment at the same other settings
+# the sweep's own name (its folder under runs/sweeps), set while a multirun sweeps `experiment`
+# (handclip.train.sweep.SweepSummary): the experiment is left out of folder names made from overrides (a run's name
+# says it), so a sweep over it names it in each point's folder, which would otherwise be the same for every
+# experiment at the same other settings, and keeps every point in that one sweep folder
 SWEPT_EXPERIMENT = "HANDCLIP_SWEPT_EXPERIMENT"
-SWEPT_EXPERIMENT_NAME = "HANDCLIP_SWEPT_EXPERIMENT_NAME"  # the sweep's own name then (its folder under runs/sweeps)
 
 
 def short(overrides: str) -> str:
     """Overrides as a directory name: readable, and hashed when too long for a file system."""
-    if os.environ.get(SWEPT_EXPERIMENT) == "1":
+    if os.environ.get(SWEPT_EXPERIMENT):
         overrides = _with_experiment(overrides)
     overrides = overrides.replace("/", "_")
     if len(overrides) <= 120:
@@ -108,7 +108,7 @@ def safe_name(name: str) -> str:
     """`name` as a folder under runs/sweeps, or the stand-in that train.py refuses when it would leave it. While a
     multirun sweeps `experiment`, every point's name is the sweep's (each experiment has its own), so that all points
     land in one sweep folder."""
-    name = os.environ.get(SWEPT_EXPERIMENT_NAME) or name
+    name = os.environ.get(SWEPT_EXPERIMENT) or name
     return REFUSED_RUN_NAME if run_name_problem(name, "name") else name
 
 

@@ -339,29 +339,24 @@ except ImportError:  # pragma: no cover
     _HydraCallback = object
 
 
-def _forget_swept_experiment() -> None:
-    from handclip.train.resolvers import SWEPT_EXPERIMENT, SWEPT_EXPERIMENT_NAME
-
-    os.environ.pop(SWEPT_EXPERIMENT, None)
-    os.environ.pop(SWEPT_EXPERIMENT_NAME, None)
-
-
 class SweepSummary(_HydraCallback):
     """Hydra callback: name the swept experiment in each point's folder; summarise the sweep directory when a
     multirun ends."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        from handclip.train.resolvers import SWEPT_EXPERIMENT, SWEPT_EXPERIMENT_NAME
+        from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        _forget_swept_experiment()
-        for override in config.hydra.overrides.task:
-            key, _, value = str(override).partition("=")
-            if key.lstrip("+~") == "experiment" and ("," in value or value.startswith(("choice(", "range(", "glob("))):
-                os.environ[SWEPT_EXPERIMENT] = "1"
-                os.environ[SWEPT_EXPERIMENT_NAME] = str(config.name)
+        from handclip.train.resolvers import SWEPT_EXPERIMENT
+
+        os.environ.pop(SWEPT_EXPERIMENT, None)
+        overrides = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+        if any(o.key_or_group == "experiment" and o.is_sweep_override() for o in overrides):
+            os.environ[SWEPT_EXPERIMENT] = str(config.name)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        _forget_swept_experiment()
+        from handclip.train.resolvers import SWEPT_EXPERIMENT
+
+        os.environ.pop(SWEPT_EXPERIMENT, None)
         sweep_dir = _sweep_dir(config)
         if sweep_dir.is_dir():
             csv_path, png = write_summary(sweep_dir)
