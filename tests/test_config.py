@@ -100,7 +100,10 @@ def test_every_component_default_lives_in_conf(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("freeze=last_n|freeze.vision_blocks=9", "freeze.vision_blocks=9 is out of range: the backbone's vision tower has 4 blocks"),
+        (
+            "freeze=last_n|freeze.vision_blocks=9",
+            "freeze.vision_blocks=9 is out of range: the backbone's vision tower has 4 blocks",
+        ),
         ("freeze=last_n|freeze.text_blocks=-1", "freeze.text_blocks=-1 must be"),
         # schedules that would never act were accepted silently
         ("freeze=gradual|freeze.every=100", "freeze.every=100 with trainer.max_epochs=80: .* would never act"),
@@ -116,7 +119,10 @@ def test_every_component_default_lives_in_conf(tmp_path):
         ('data.captions=["{person} {colour}"]', "unknown field 'colour'"),
         ("+data.augment.hflip=true", "turns a right hand into a left one"),
         ("data.on_bad_image=ignore", "data.on_bad_image='ignore': choose one of skip, fail"),
-        ("freeze=last_n|+freeze.vision_block=2", "freeze.vision_block is not a freeze setting .did you mean freeze.vision_blocks"),
+        (
+            "freeze=last_n|+freeze.vision_block=2",
+            "freeze.vision_block is not a freeze setting .did you mean freeze.vision_blocks",
+        ),
         ("+optim.betas=[0.9,0.9]", "optim.betas is not a setting of handclip.train.optim.Optimization"),
         ("+max_epoch=3", "max_epoch is not a setting .did you mean trainer.max_epochs"),
         ("eval.batch_size=0", "eval.batch_size=0 must be an integer >= 1"),

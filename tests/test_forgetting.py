@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from handclip.eval.forgetting import WiseFT, choose_alpha, interpolate, retention
 from handclip.errors import ConfigError
+from handclip.eval.forgetting import WiseFT, choose_alpha, interpolate, retention
 from handclip.train.final import choice_line
 
 
@@ -46,7 +46,9 @@ def test_interpolation_ends_at_the_two_models_and_leaves_integer_tensors_alone()
     assert torch.equal(interpolate(initial, tuned, 0.5)["ids"], tuned["ids"])
 
 
-@pytest.mark.parametrize("alphas, message", [([0.5], "must hold 1.0"), ([1.0], "must hold 1.0"), ([0.5, 1.2], "from 0 to 1")])
+@pytest.mark.parametrize(
+    "alphas, message", [([0.5], "must hold 1.0"), ([1.0], "must hold 1.0"), ([0.5, 1.2], "from 0 to 1")]
+)
 def test_bad_ratios_are_refused_by_name(alphas, message):
     with pytest.raises(ConfigError, match=message):
         WiseFT(alphas=alphas)
@@ -55,6 +57,8 @@ def test_bad_ratios_are_refused_by_name(alphas, message):
 def test_the_choice_line_says_epoch_gain_last_epoch_mix_and_retention():
     line = choice_line({"selection/epoch": 53, "selection/val_gain": 0.028, "last/test/rank1": 0.353,
                         "wise_ft/alpha": 0.75, "zeroshot/retention": 0.72}, "val/mAP", 5)  # fmt: skip
-    assert line == ("selected epoch 53 by val/mAP (mean of 5), +2.8 over the untrained model; the last epoch would "
-                    "score test Rank-1 35.3%; WiSE-FT mix 0.75 of the fine-tuned weights; zero-shot retention 0.72")  # fmt: skip
+    assert line == (
+        "selected epoch 53 by val/mAP (mean of 5), +2.8 over the untrained model; the last epoch would score test "
+        "Rank-1 35.3%; WiSE-FT mix 0.75 of the fine-tuned weights; zero-shot retention 0.72"
+    )
     assert choice_line({}, "val/mAP", 5) is None

@@ -70,7 +70,8 @@ def test_bad_lora_settings_are_named(changes, message):
 def test_a_rank_above_the_layers_width_is_refused(tiny_model):
     # rank 100000 was accepted: 204M trainable parameters for adapters whose rank can be at most the width
     width = tiny_model.facts.vision.width
-    with pytest.raises(ConfigError, match=f"freeze.rank=100000 is out of range: the backbone's vision tower is {width}"):
+    message = f"freeze.rank=100000 is out of range: the backbone's vision tower is {width}"
+    with pytest.raises(ConfigError, match=message):
         apply_freeze(tiny_model, lora(rank=100000))
     apply_freeze(tiny_model, lora(rank=width))  # the full rank is allowed
 

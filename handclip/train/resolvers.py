@@ -10,7 +10,6 @@ import hashlib
 import os
 from pathlib import Path
 
-
 # the sweep's own name (its folder under runs/sweeps), set while a multirun sweeps `experiment`
 # (handclip.train.sweep.SweepSummary): the experiment is left out of folder names made from overrides (a run's name
 # says it), so a sweep over it names it in each point's folder, which would otherwise be the same for every
