@@ -44,13 +44,13 @@ def run_command(cfg: DictConfig, hydra_cfg) -> float:
     from hydra.types import RunMode
 
     from handclip.errors import HandClipError
-    from handclip.train.resolvers import folder_problems, run_name_problem, runs_problem
+    from handclip.train.resolvers import paths_problem, run_name_problem
 
     run_dir = Path(hydra_cfg.runtime.output_dir)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         refuse(f"{missing[0]} has no value; set it on the command line, e.g. {missing[0]}=...", run_dir)
-    problem = runs_problem(str(cfg.paths.runs)) or next(iter(folder_problems(cfg.paths)), None)
+    problem = paths_problem(cfg.paths)
     if problem:
         refuse(problem, run_dir)
     problem = run_name_problem(cfg.get("run_name")) or run_name_problem(cfg.get("name"), "name")

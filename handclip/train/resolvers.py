@@ -62,25 +62,38 @@ def run_name_problem(run_name, key: str = "run_name") -> str | None:
     return None
 
 
-def runs_problem(path: str) -> str | None:
-    """Why runs cannot be written under `paths.runs` (a file there, or a folder this process may not write), or None."""
+FOLDERS = {  # the paths.* folders, and what each holds
+    "runs": "where run directories go",
+    "data": "where datasets are read and synthetic data is drawn",
+    "cache": "where built backbones are kept",
+}
+
+
+def folder_problem(key: str, path: str, writable: bool = False) -> str | None:
+    """Why `paths.<key>` cannot be used: a file where the folder goes, or (`writable`) a folder this process may not
+    write; None when it can."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        return f"paths.runs={path} is a file: point it at a folder (where run directories go)"
-    while not folder.exists() and folder != folder.parent:
+        return f"paths.{key}={path} is a file: point it at a folder ({FOLDERS[key]})"
+    while writable and not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return (f"paths.runs={path}: {folder} is not writable by this user (read-only?); point paths.runs at a "
+    if writable and not os.access(folder, os.W_OK | os.X_OK):
+        return (f"paths.{key}={path}: {folder} is not writable by this user (read-only?); point paths.{key} at a "
                 "folder you can write")  # fmt: skip
     return None
 
 
-def folder_problems(paths) -> list[str]:
-    """`paths.data` and `paths.cache` that name a file where a folder must be (each a traceback before)."""
-    what = {"data": "where datasets are read and synthetic data is drawn", "cache": "where built backbones are kept"}
-    return [f"paths.{key}={paths[key]} is a file: point it at a folder ({purpose})"
-            for key, purpose in what.items()
-            if paths.get(key) and Path(str(paths[key])).exists() and not Path(str(paths[key])).is_dir()]  # fmt: skip
+def runs_problem(path: str) -> str | None:
+    """Why runs cannot be written under `paths.runs` (a file there, or a folder this process may not write), or None."""
+    return folder_problem("runs", path, writable=True)
+
+
+def paths_problem(paths) -> str | None:
+    """The first of `paths.runs`, `paths.data` and `paths.cache` that cannot be used, said why; None when all can
+    (a file where the data or cache folder goes was a NotADirectoryError traceback)."""
+    problems = [runs_problem(str(paths.runs))]
+    problems += [folder_problem(key, str(paths[key])) for key in ("data", "cache") if paths.get(key)]
+    return next((problem for problem in problems if problem), None)
 
 
 def runs_dir(path: str) -> str:
