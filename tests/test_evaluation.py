@@ -42,6 +42,9 @@ def test_score_protocol_per_run_mean_and_std():
     assert [r["rank1"] for r in result["runs"]["test"]] == [0.5, 0.5]
     assert result["metrics"]["test/rank1"] == pytest.approx(0.5) and result["metrics"]["test/rank1_std"] == 0.0
     assert len(result["cmc"]["test"]) == 20 and result["cmc"]["test"][-1] == 1.0
+    # validation keeps each query's score, in manifest order, for paired comparisons; the test runs do not
+    assert result["per_query"] == {"val": {"rank1": [1.0, 1.0], "rank5": [1.0, 1.0], "rank10": [1.0, 1.0],
+                                           "mAP": [1.0, 1.0]}}  # fmt: skip
 
 
 def test_pairs_never_evaluate_on_test_for_validation():

@@ -25,16 +25,58 @@ def test_retention_is_the_mean_share_of_skill_above_chance_kept_over_tasks_the_b
 
 def test_wise_ft_keeps_the_smallest_ratio_with_enough_of_the_validation_gain():
     scores = {0.0: 0.40, 0.25: 0.44, 0.5: 0.47, 0.75: 0.49, 1.0: 0.50}
-    assert choose_alpha(scores, initial_score=0.40, keep=0.8) == 0.75  # 0.09 of 0.10
-    assert choose_alpha(scores, initial_score=0.40, keep=0.65) == 0.5
-    assert choose_alpha(scores, initial_score=0.40, keep=1.0) == 1.0
+    assert choose_alpha(scores, keep=0.8) == 0.75  # 0.09 of 0.10
+    assert choose_alpha(scores, keep=0.65) == 0.5
+    assert choose_alpha(scores, keep=1.0) == 1.0
 
 
 def test_wise_ft_without_a_validation_gain_reports_the_ratio_that_validates_best():
     # fine-tuning lost on validation: the initial model is reported, not the weights that lost
-    assert choose_alpha({0.0: 0.40, 0.5: 0.39, 1.0: 0.35}, initial_score=0.40, keep=0.8) == 0.0
+    assert choose_alpha({0.0: 0.40, 0.5: 0.39, 1.0: 0.35}, keep=0.8) == 0.0
     # ... unless a mix beats it
-    assert choose_alpha({0.0: 0.40, 0.5: 0.43, 1.0: 0.38}, initial_score=0.40, keep=0.8) == 0.5
+    assert choose_alpha({0.0: 0.40, 0.5: 0.43, 1.0: 0.38}, keep=0.8) == 0.5
+
+
+def test_wise_ft_counts_only_the_gains_validation_tells_from_noise():
+    scores = {0.0: 0.40, 0.25: 0.44, 0.5: 0.47, 0.75: 0.49, 1.0: 0.50}
+    assert choose_alpha(scores, keep=0.8, beyond_noise={0.75, 1.0}) == 0.75
+    assert choose_alpha(scores, keep=0.8, beyond_noise={1.0}) == 1.0  # 0.75 gains enough, but within noise
+    # alpha 1 within noise, a mix beyond it: the best of those beyond noise
+    assert choose_alpha(scores, keep=0.8, beyond_noise={0.25, 0.5}) == 0.5
+    # no gain beyond noise: the initial model, however large the gain looks
+    assert choose_alpha(scores, keep=0.8, beyond_noise=set()) == 0.0
+
+
+def test_paired_gain_is_scipys_bootstrap_interval_of_the_mean_difference_over_queries():
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from handclip.eval.significance import RESAMPLES, SEED, paired_gain
+
+    rng = np.random.default_rng(0)
+    initial = rng.uniform(0, 1, 32)
+    clear = paired_gain(initial + 0.2 + rng.normal(0, 0.05, 32), initial)  # every query better
+    noise = paired_gain(initial + rng.normal(0, 0.3, 32), initial)  # as many better as worse
+    assert clear.beyond_noise and clear.low > 0.15 and clear.queries == 32
+    assert not noise.beyond_noise and noise.low < 0 < noise.high
+    difference = (initial + rng.normal(0.05, 0.2, 32)) - initial
+    expected = bootstrap((difference,), np.mean, n_resamples=RESAMPLES, method="percentile", random_state=SEED)
+    found = paired_gain(initial + difference, initial)
+    assert (found.low, found.high) == pytest.approx(tuple(expected.confidence_interval))
+    assert found.mean == pytest.approx(difference.mean())
+    assert paired_gain([0.5, 0.7], [0.5, 0.7]).low == 0.0  # no difference at all: no gain, not a NaN interval
+    with pytest.raises(ValueError, match="same queries"):
+        paired_gain([0.5, 0.7], [0.5])
+
+
+def test_validation_gain_reads_the_per_query_scores_an_evaluation_keeps():
+    from handclip.eval.significance import validation_gain
+
+    tuned = {"per_query": {"val": {"mAP": [1.0, 1.0, 0.5, 1.0], "rank1": [1, 1, 0, 1]}}}
+    initial = {"per_query": {"val": {"mAP": [0.5, 0.5, 0.5, 0.5], "rank1": [0, 1, 0, 0]}}}
+    assert validation_gain(tuned, initial, "val/mAP").mean == pytest.approx(0.375)
+    assert validation_gain(tuned, initial, "val/rank1").mean == pytest.approx(0.5)
+    assert validation_gain(tuned, {"metrics": {}}, "val/mAP") is None  # a baseline.json from before: no figure
 
 
 def test_interpolation_ends_at_the_two_models_and_leaves_integer_tensors_alone():
@@ -47,7 +89,8 @@ def test_interpolation_ends_at_the_two_models_and_leaves_integer_tensors_alone()
 
 
 @pytest.mark.parametrize(
-    "alphas, message", [([0.5], "must hold 1.0"), ([1.0], "must hold 1.0"), ([0.5, 1.2], "from 0 to 1")]
+    "alphas, message",
+    [([0.5], "must hold 1.0"), ([1.0], "must hold 1.0"), ([0.5, 1.2], "from 0 to 1"), ([0.5, 1.0], "must hold 0.0")],
 )
 def test_bad_ratios_are_refused_by_name(alphas, message):
     with pytest.raises(ConfigError, match=message):
@@ -62,3 +105,21 @@ def test_the_choice_line_says_epoch_gain_last_epoch_mix_and_retention():
         "Rank-1 35.3%; WiSE-FT mix 0.75 of the fine-tuned weights; zero-shot retention 0.72"
     )
     assert choice_line({}, "val/mAP", 5) is None
+
+
+def test_the_choice_line_says_when_the_gain_is_within_noise_and_when_the_untrained_model_is_reported():
+    gain = {"selection/epoch": 9, "reported/val_gain": 0.021, "reported/val_gain_low": -0.012,
+            "reported/val_gain_high": 0.055}  # fmt: skip
+    line = choice_line({**gain, "wise_ft/alpha": 1.0}, "val/mAP", 1)
+    assert "validation gain of the reported model +2.1, 95% CI [-1.2, +5.5]: within noise" in line
+    untrained = {**gain, "wise_ft/alpha": 0.0, "reported/val_gain": 0.0, "reported/val_gain_low": 0.0,
+                 "reported/val_gain_high": 0.0}  # fmt: skip
+    line = choice_line(untrained, "val/mAP", 1)
+    assert "WiSE-FT reports the untrained model: no mix beat it on validation beyond the noise" in line
+    assert "within noise" not in line
+
+
+@pytest.mark.parametrize("confidence", [0, 1, 1.5, "high"])
+def test_a_confidence_outside_0_to_1_is_refused_by_name(confidence):
+    with pytest.raises(ConfigError, match="eval.wise_ft.confidence"):
+        WiseFT(confidence=confidence)

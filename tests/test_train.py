@@ -98,6 +98,13 @@ def test_demo_run_end_to_end(tmp_path):
     # the trade-off figure needs a retention, which needs a prompt task the untrained model could do
     assert (run / "wise_ft.png").is_file() == any(row.get("zeroshot/retention") is not None for row in saved["curve"])
     assert (metrics["wise_ft/alpha"] == 1.0) != ("finetuned/test/rank1" in metrics)  # the unmixed scores, when mixed
+    # each mix's validation gain with its interval, and the reported model's; the untrained model when none is clear
+    assert all("val/mAP_gain_low" in row for row in saved["curve"] if row["alpha"] > 0)
+    clear = [row["alpha"] for row in saved["curve"] if row["alpha"] > 0 and row["val/mAP_gain_low"] > 0]
+    assert (metrics["wise_ft/alpha"] == 0.0) == (not clear)
+    assert metrics["reported/val_gain_low"] <= metrics["reported/val_gain"] <= metrics["reported/val_gain_high"]
+    baseline = json.loads((run / "baseline.json").read_text())
+    assert len(baseline["per_query"]["val"]["mAP"]) == baseline["runs"]["val"][0]["queries"] > 0  # kept for resumes
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "data" / "synthetic_hands" / "10people_96x72_draw0" / "HandInfo.csv").is_file()
 

@@ -26,7 +26,7 @@ class EvalSettings:
     text: bool  # zero-shot attribute prompts and retrieval on the test images
     batch_size: int  # images per forward pass in every evaluation, validation included
     feature: str = "projected"  # the image feature scored (handclip.eval.feature); the default is in conf/eval
-    # WiSE-FT after training (handclip.eval.forgetting.WiseFT's settings: alphas, keep, metric), or None: off
+    # WiSE-FT after training (handclip.eval.forgetting.WiseFT's settings), or None: off
     wise_ft: Any = None
     select: str = "val/rank1"  # the validation metric that picks the best checkpoint (handclip.train.selection)
     smooth: int = 1  # ... averaged over the last this many validations
@@ -41,11 +41,12 @@ class EvalSettings:
         one_of("eval.feature", self.feature, EVAL_FEATURES)
         if self.wise_ft is not None and not isinstance(self.wise_ft, WiseFT):
             if not isinstance(self.wise_ft, Mapping):
-                raise ConfigError(f"eval.wise_ft={self.wise_ft!r} must be null or settings such as "
-                                  "{alphas: [0.0, 0.25, 0.5, 0.75, 1.0], keep: 0.8, metric: val/mAP}")  # fmt: skip
-            unknown = sorted(set(self.wise_ft) - {"alphas", "keep", "metric"})
+                raise ConfigError(f"eval.wise_ft={self.wise_ft!r} must be null or settings such as {{alphas: [0.0, "
+                                  "0.25, 0.5, 0.75, 1.0], keep: 0.8, metric: val/mAP, confidence: 0.95}")  # fmt: skip
+            unknown = sorted(set(self.wise_ft) - {"alphas", "keep", "metric", "confidence"})
             if unknown:
-                raise ConfigError(f"eval.wise_ft.{unknown[0]} is not a setting; settings are alphas, keep, metric")
+                raise ConfigError(f"eval.wise_ft.{unknown[0]} is not a setting; settings are alphas, keep, metric, "
+                                  "confidence")  # fmt: skip
             object.__setattr__(self, "wise_ft", WiseFT(**self.wise_ft))
         for key in ("baseline", "test", "flip_tta", "text", "curve"):
             flag(f"eval.{key}", getattr(self, key))

@@ -7,13 +7,16 @@
 - WiSE-FT (Wortsman et al., 2022): the weights (1 - alpha) * initial + alpha * fine-tuned, for a
   few alphas, with no retraining; `choose_alpha` picks one on validation alone: the smallest alpha
   (the closest to the initial model, so the most of its zero-shot ability) whose validation gain
-  over the initial model is at least `keep` of the fine-tuned model's own (alpha 1).
+  over the initial model is at least `keep` of the fine-tuned model's own (alpha 1) and beyond the
+  noise of the validation queries (handclip.eval.significance, at `confidence`). When no mix gains
+  beyond noise, alpha 0: the initial model is reported, not a fine-tune that validation cannot
+  tell from luck.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +47,9 @@ class WiseFT:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     keep: float = 0.8
     metric: str = "val/mAP"
+    # a mix must beat the initial model on validation at this confidence (paired bootstrap over the validation
+    # queries); None: any gain counts, however small
+    confidence: float | None = 0.95
 
     def __post_init__(self):
         if not isinstance(self.alphas, (list, tuple)):
@@ -52,8 +58,14 @@ class WiseFT:
         if 1.0 not in alphas or len(alphas) < 2:
             raise ConfigError(f"eval.wise_ft.alphas={list(self.alphas)} must hold 1.0 (the fine-tuned weights) and at "
                               "least one smaller ratio, e.g. [0.0, 0.25, 0.5, 0.75, 1.0]")  # fmt: skip
+        if 0.0 not in alphas:
+            raise ConfigError(f"eval.wise_ft.alphas={list(self.alphas)} must hold 0.0 (the initial weights): each "
+                              "mix's gain is measured from it, and it is reported when no mix gains")  # fmt: skip
         object.__setattr__(self, "alphas", alphas)
         object.__setattr__(self, "keep", number("eval.wise_ft.keep", self.keep, 0, 1, low_open=True))
+        if self.confidence is not None:
+            object.__setattr__(self, "confidence",
+                               number("eval.wise_ft.confidence", self.confidence, 0, 1, low_open=True, high_open=True))
         if not self.metric.startswith("val/"):
             raise ConfigError(f"eval.wise_ft.metric={self.metric!r} must be a validation metric (val/mAP, val/rank1): "
                               "a mix is never chosen on test")  # fmt: skip
@@ -68,15 +80,19 @@ def interpolate(initial: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.T
     return mixed
 
 
-def choose_alpha(scores: Mapping[float, float], initial_score: float, keep: float) -> float:
-    """The smallest alpha whose validation gain over the initial model is at least `keep` of alpha 1's. When
-    fine-tuning gained nothing on validation there is no gain to keep a share of: the alpha that validates best (the
-    smallest of equals), which is the initial model itself unless a mix beats it."""
-    full = scores[1.0] - initial_score
-    if full <= 0:
-        best = max(scores.values())
-        return min(alpha for alpha, score in scores.items() if score == best)
-    return min(alpha for alpha, score in scores.items() if score - initial_score >= keep * full)
+def choose_alpha(scores: Mapping[float, float], keep: float, beyond_noise: Collection[float] | None = None) -> float:
+    """The alpha to report, from each alpha's validation score (alpha 0 is the initial model): the smallest alpha
+    whose gain over alpha 0 is at least `keep` of alpha 1's and, when `beyond_noise` is given, among those alphas
+    (whose gain validation tells from noise). When alpha 1 gained nothing (or not beyond noise), the alpha that
+    validates best among those that gain; when none gains, 0: the initial model."""
+    gains = {alpha: score - scores[0.0] for alpha, score in scores.items()}
+    gaining = {a: g for a, g in gains.items() if a > 0 and g > 0 and (beyond_noise is None or a in beyond_noise)}
+    if not gaining:
+        return 0.0
+    if 1.0 in gaining:
+        return min(alpha for alpha, gain in gaining.items() if gain >= keep * gaining[1.0])
+    best = max(gaining.values())
+    return min(alpha for alpha, gain in gaining.items() if gain == best)
 
 
 def curve_rows(results: Mapping[float, Mapping[str, float]], baseline: Mapping[str, float] | None) -> list[dict]:

@@ -118,7 +118,9 @@ def score_protocol(
     """Score every evaluation of the manifest from precomputed features.
 
     Returns {"metrics": {"val/rank1": ..., "test/rank1": mean, "test/rank1_std": ..., ...},
-    "runs": {"test": [per-run dicts], ...}, "cmc": {"test": [Rank-1..20 averaged over runs], ...}}.
+    "runs": {"test": [per-run dicts], ...}, "cmc": {"test": [Rank-1..20 averaged over runs], ...},
+    "per_query": {"val": {"rank1": [...], ..., "mAP": [...]}}} (validation's score of each query, in
+    manifest order, for paired comparisons of two models: handclip.eval.significance).
     """
     position = {r["image"]: i for i, r in enumerate(image_rows)}
     identity_ids: dict[str, int] = {}
@@ -133,12 +135,16 @@ def score_protocol(
         return features[index], ids
 
     per_prefix: dict[str, list[dict]] = {}
+    per_query: dict[str, dict[str, list[float]]] = {}
     cmc: dict[str, list[list[float]]] = {}
     for prefix, run, query_split, gallery_split in protocol_pairs(rows, include_test):
         query, query_ids = gather(query_split)
         gallery, gallery_ids = gather(gallery_split)
         # one evaluation gives Rank-1..20: the CMC curve, and the per-run metrics it contains
-        scores = evaluate(query, query_ids, gallery, gallery_ids, ranks=CMC_RANKS)
+        scores = evaluate(query, query_ids, gallery, gallery_ids, ranks=CMC_RANKS, per_query=prefix == "val")
+        if "per_query" in scores:
+            each = scores.pop("per_query")
+            per_query[prefix] = {name: each[name] for name in METRICS}
         cmc.setdefault(prefix, []).append([scores[f"rank{k}"] for k in CMC_RANKS])
         result = {k: v for k, v in scores.items() if not k.startswith("rank") or k in METRICS}
         result["run"] = run
@@ -152,4 +158,4 @@ def score_protocol(
                 metrics[f"{prefix}/{name}_std"] = statistics.stdev(values)
         metrics[f"{prefix}/queries_without_match"] = sum(r["queries_without_match"] for r in results)
     curves = {p: [statistics.fmean(c[k] for c in cs) for k in range(len(CMC_RANKS))] for p, cs in cmc.items()}
-    return {"metrics": metrics, "runs": per_prefix, "cmc": curves}
+    return {"metrics": metrics, "runs": per_prefix, "cmc": curves, "per_query": per_query}

@@ -53,11 +53,14 @@ def evaluate(
     gallery_features: torch.Tensor,
     gallery_ids: torch.Tensor,
     ranks: tuple[int, ...] = (1, 5, 10),
-) -> dict[str, float]:
+    per_query: bool = False,
+) -> dict:
     """Rank-k and mAP of queries against a gallery, as fractions in [0, 1].
 
     Returns `rank1`, `rank5`, `rank10`, `mAP`, plus `queries` (evaluated) and
-    `queries_without_match` (left out because their identity is not in the gallery).
+    `queries_without_match` (left out because their identity is not in the gallery). With
+    `per_query`, also `per_query`: {"rank1": [0/1 per evaluated query], ..., "mAP": [AP per query]},
+    the numbers those means are taken over (for paired comparisons of two models on the same queries).
     """
     query_ids = torch.as_tensor(query_ids).reshape(-1)
     gallery_ids = torch.as_tensor(gallery_ids).reshape(-1)
@@ -82,8 +85,12 @@ def evaluate(
     scores = similarity(query_features, gallery_features)[has_match]
     matches = matches[has_match]
     first = match_ranks(scores, matches)
-    result = {f"rank{k}": float((first <= k).float().mean()) for k in ranks}
-    result["mAP"] = float(average_precision(scores, matches).mean())
+    hits = {f"rank{k}": (first <= k).float() for k in ranks}
+    precision = average_precision(scores, matches)
+    result: dict = {name: float(values.mean()) for name, values in hits.items()}
+    result["mAP"] = float(precision.mean())
+    if per_query:
+        result["per_query"] = {**{name: values.tolist() for name, values in hits.items()}, "mAP": precision.tolist()}
     result["queries"] = int(has_match.sum())
     result["queries_without_match"] = int((~has_match).sum())
     return result

@@ -9,9 +9,13 @@ After training, in this order:
    `selection/val_gain` how much validation it gained over the untrained model;
 3. *WiSE-FT* (`eval.wise_ft`): the selected weights mixed with the weights the run started from
    at each ratio, every mix scored; the mix is chosen on validation alone (the smallest ratio that
-   keeps `keep` of the validation gain, handclip.eval.forgetting) and becomes the reported model,
-   the unmixed one's scores kept under `finetuned/`; the curve is saved (`wise_ft.png`);
-4. *retention*: `zeroshot/retention`, the reported model's zero-shot skill over the untrained one's.
+   keeps `keep` of the validation gain, among the ratios whose gain is beyond the noise of the
+   validation queries; none: ratio 0, the untrained weights; handclip.eval.forgetting) and becomes
+   the reported model, the unmixed one's scores kept under `finetuned/`; the curve is saved
+   (`wise_ft.png`);
+4. *retention*: `zeroshot/retention`, the reported model's zero-shot skill over the untrained one's;
+   `reported/val_gain` (with `_low`, `_high`: its 95% interval), the reported model's paired
+   validation gain over the untrained one.
 
 The weights a run starts from (what WiSE-FT mixes with) are kept in `initial_weights.safetensors`
 in the run directory, for the parameters that train, so that a resumed run mixes the same ones.
@@ -84,6 +88,7 @@ def wise_ft(backbone, evaluate, settings, initial: Mapping[str, torch.Tensor], t
     Returns (chosen alpha, its result, the curve rows); alpha 1 is `tuned_result` (not scored again)."""
     from handclip.eval.forgetting import choose_alpha, curve_rows, interpolate, trade_off_figure
     from handclip.eval.plots import pyplot
+    from handclip.eval.significance import validation_gain
 
     parameters = dict(backbone.named_parameters())
     tuned = {name: parameters[name].detach().clone() for name in initial}
@@ -94,13 +99,20 @@ def wise_ft(backbone, evaluate, settings, initial: Mapping[str, torch.Tensor], t
         _load(parameters, interpolate(initial, tuned, alpha))
         results[alpha] = evaluate(backbone)
     metric = settings.metric
-    start = results[0.0]["metrics"] if 0.0 in results else baseline
-    if start is None or metric not in start or any(metric not in r["metrics"] for r in results.values()):
-        chosen = 1.0  # nothing to compare the gain against: the fine-tuned weights stay
+    gains = {}
+    if any(metric not in r["metrics"] for r in results.values()):
+        chosen = 1.0  # no validation to compare the mixes on: the fine-tuned weights stay
     else:
-        chosen = choose_alpha({a: r["metrics"][metric] for a, r in results.items()}, start[metric], settings.keep)
+        if settings.confidence is not None:
+            gains = {a: validation_gain(r, results[0.0], metric, settings.confidence) for a, r in results.items() if a}
+        beyond = {a for a, g in gains.items() if g is not None and g.beyond_noise} if gains else None
+        chosen = choose_alpha({a: r["metrics"][metric] for a, r in results.items()}, settings.keep, beyond)
     _load(parameters, interpolate(initial, tuned, chosen))
     rows = curve_rows({a: r["metrics"] for a, r in results.items()}, baseline)
+    for row in rows:  # each mix's validation gain over the initial model, with its interval
+        gain = gains.get(row["alpha"])
+        if gain is not None:
+            row.update({f"{metric}_gain": gain.mean, f"{metric}_gain_low": gain.low, f"{metric}_gain_high": gain.high})
     figure = trade_off_figure(rows, chosen, run_dir / "wise_ft.png")
     if figure is not None:
         pyplot().close(figure)
@@ -146,10 +158,22 @@ def final_evaluation(spec, run, weights, best_path: str, last_path: str, results
                 final = chosen
     results["fine-tuned"] = final
     metrics.update(final["metrics"])
+    gain = reported_gain(results.get("baseline"), final, mixing.metric if mixing is not None else spec.eval.select)
+    if gain is not None:
+        metrics.update({"reported/val_gain": gain.mean, "reported/val_gain_low": gain.low,
+                        "reported/val_gain_high": gain.high})  # fmt: skip
     kept = retention(baseline, final["metrics"]) if baseline is not None else None
     if kept is not None:
         metrics["zeroshot/retention"] = kept
     return metrics, extra
+
+
+def reported_gain(baseline: Mapping | None, final: Mapping, metric: str):
+    """The reported model's paired validation gain over the untrained model on `metric`, with its 95% interval (None
+    without a baseline that kept its validation queries' scores)."""
+    from handclip.eval.significance import validation_gain
+
+    return validation_gain(final, baseline, metric) if baseline is not None else None
 
 
 def _why_no_wise_ft(run, initial) -> str | None:
@@ -174,7 +198,15 @@ def choice_line(metrics: Mapping[str, Any], select: str, smooth: int) -> str | N
     if "raw/test/rank1" in metrics:
         parts.append(f"the raw (not EMA) weights {100 * metrics['raw/test/rank1']:.1f}%")
     if "wise_ft/alpha" in metrics:
-        parts.append(f"WiSE-FT mix {metrics['wise_ft/alpha']:g} of the fine-tuned weights")
+        alpha = metrics["wise_ft/alpha"]
+        parts.append(f"WiSE-FT mix {alpha:g} of the fine-tuned weights" if alpha else
+                     "WiSE-FT reports the untrained model: no mix beat it on validation beyond the noise of its "
+                     "queries")  # fmt: skip
+    if "reported/val_gain" in metrics:
+        low, high = 100 * metrics["reported/val_gain_low"], 100 * metrics["reported/val_gain_high"]
+        parts.append(f"validation gain of the reported model {100 * metrics['reported/val_gain']:+.1f}, 95% CI "
+                     f"[{low:+.1f}, {high:+.1f}]" + ("" if low > 0 or metrics.get("wise_ft/alpha") == 0 else
+                     ": within noise, it may be no better than the untrained model on people never seen"))  # fmt: skip
     if "zeroshot/retention" in metrics:
         parts.append(f"zero-shot retention {metrics['zeroshot/retention']:.2f}")
     return "; ".join(parts)
