@@ -9,7 +9,8 @@ from handclip.data.dataset import CaptionCollator, ManifestImages
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.sampling import EpochSeededSampler
 from handclip.data.sources import Hands11k
-from handclip.data.transforms import train_transform
+from handclip.data.transforms import eval_transform, train_transform
+from handclip.errors import DataError
 from handclip.losses import LOGIT_SCALE_MAX, ContrastiveLoss, Objective
 from handclip.model import Full, TextFrozen, apply_freeze, load_backbone
 from handclip.train.datamodule import HandDataModule
@@ -72,6 +73,27 @@ def test_augmentation_is_seeded_per_sample_and_epoch(prepared):
     dataset = ManifestImages(train, root, transform, 40, captioner=lambda row, rng: row["person"], seed=1)
     assert torch.equal(dataset[(0, 3)]["pixel_values"], dataset[(0, 3)]["pixel_values"])
     assert not torch.equal(dataset[(0, 3)]["pixel_values"], dataset[(1, 3)]["pixel_values"])
+
+
+def test_validation_images_are_read_once_when_they_fit_in_memory_and_give_the_same_tensors(prepared, tmp_path):
+    import shutil
+
+    root, rows = prepared
+    rows = [r for r in rows if r["split"] == "val"][:4]
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    transform = eval_transform(32, 32, [0.5] * 3, [0.5] * 3)
+    plain = ManifestImages(rows, copy, transform, 40)
+    kept = ManifestImages(rows, copy, transform, 40, memory_bytes=1 << 20)
+    small = ManifestImages(rows, copy, transform, 40, memory_bytes=3 * 32 * 32 * 4 * 3)  # 3 of the 4 would fit
+    first = [kept[i]["pixel_values"] for i in range(4)]
+    assert all(torch.equal(a, plain[i]["pixel_values"]) for i, a in enumerate(first))
+    [small[i] for i in range(4)]
+    shutil.rmtree(copy)  # the images are gone: the kept tensors are served, nothing else is
+    assert all(torch.equal(kept[i]["pixel_values"], first[i]) for i in range(4))
+    assert kept[2]["identity"] == plain.identity_index[rows[2]["identity"]]
+    with pytest.raises(DataError, match="cannot read"):
+        small[0]
 
 
 def test_training_steps_lower_the_loss_and_keep_logit_scale_clamped(synthetic_hands, tmp_path):

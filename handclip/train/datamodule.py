@@ -38,6 +38,9 @@ from handclip.errors import ConfigError
 from handclip.eval.protocol import images_needed
 
 SAMPLERS = ("random", "identity_balanced")
+# validation reads the same images every epoch: their tensors are kept in memory when all of them fit in this much
+# (per loader process); read again otherwise. The same numbers either way
+VALIDATION_MEMORY_BYTES = 1 << 30
 # keys of the layout before data sources: where each went
 MOVED = {
     "seed": "data.draw (it seeds the split and, for synthetic data, the people drawn)",
@@ -222,8 +225,9 @@ class HandDataModule(L.LightningDataModule):
             self.captioner, seed=self.seed,
         )  # fmt: skip
         self.val_set = ManifestImages(
-            images_needed(self.val_rows, include_test=False), self.root, eval_transform(size, resize, mean, std), cache
-        )
+            images_needed(self.val_rows, include_test=False), self.root, eval_transform(size, resize, mean, std), cache,
+            memory_bytes=VALIDATION_MEMORY_BYTES,
+        )  # fmt: skip
 
     def _workers(self) -> dict:
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
