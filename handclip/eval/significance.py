@@ -32,10 +32,6 @@ class Gain:
     def beyond_noise(self) -> bool:
         return self.low > 0
 
-    def describe(self, scale: float = 100.0) -> str:
-        return (f"{scale * self.mean:+.1f} ({100 * self.confidence:g}% CI [{scale * self.low:+.1f}, "
-                f"{scale * self.high:+.1f}], {self.queries} queries)")  # fmt: skip
-
 
 def paired_gain(tuned: Sequence[float], initial: Sequence[float], confidence: float = 0.95) -> Gain:
     """The gain of `tuned` over `initial`, query by query, with a percentile bootstrap interval over the queries."""
