@@ -130,6 +130,7 @@ def final_evaluation(spec, run, weights, best_path: str, last_path: str, results
     """Steps 1-4 of the module docstring. Adds to `results` (label -> evaluation result; the reported model last,
     as "fine-tuned") and returns (metrics, what else metrics.json records)."""
     from handclip.eval.forgetting import retention
+    from handclip.eval.significance import validation_gain
 
     baseline = (results.get("baseline") or {}).get("metrics")
     metrics: dict[str, Any] = {}
@@ -158,7 +159,11 @@ def final_evaluation(spec, run, weights, best_path: str, last_path: str, results
                 final = chosen
     results["fine-tuned"] = final
     metrics.update(final["metrics"])
-    gain = reported_gain(results.get("baseline"), final, mixing.metric if mixing is not None else spec.eval.select)
+    # the reported model's paired validation gain over the untrained one, with its 95% interval (none without a
+    # baseline that kept its validation queries' scores)
+    start = results.get("baseline")
+    metric = mixing.metric if mixing is not None else spec.eval.select
+    gain = validation_gain(final, start, metric) if start is not None else None
     if gain is not None:
         metrics.update({"reported/val_gain": gain.mean, "reported/val_gain_low": gain.low,
                         "reported/val_gain_high": gain.high})  # fmt: skip
@@ -166,14 +171,6 @@ def final_evaluation(spec, run, weights, best_path: str, last_path: str, results
     if kept is not None:
         metrics["zeroshot/retention"] = kept
     return metrics, extra
-
-
-def reported_gain(baseline: Mapping | None, final: Mapping, metric: str):
-    """The reported model's paired validation gain over the untrained model on `metric`, with its 95% interval (None
-    without a baseline that kept its validation queries' scores)."""
-    from handclip.eval.significance import validation_gain
-
-    return validation_gain(final, baseline, metric) if baseline is not None else None
 
 
 def _why_no_wise_ft(run, initial) -> str | None:
@@ -210,4 +207,3 @@ def choice_line(metrics: Mapping[str, Any], select: str, smooth: int) -> str | N
     if "zeroshot/retention" in metrics:
         parts.append(f"zero-shot retention {metrics['zeroshot/retention']:.2f}")
     return "; ".join(parts)
-
