@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import torch
 
 from handclip.io import load_checkpoint_file
 from handclip.train.rundir import RunLock
-from tests.test_train import train, train_command
+from tests.test_train import QUICK, train, train_command
 
 pytestmark = pytest.mark.slow
 EPOCHS = ["trainer.max_epochs=6", "eval.baseline=false", "run_name=r"]
@@ -185,6 +186,41 @@ def test_a_signal_at_any_moment_saves_a_checkpoint_that_resumes_exactly(tmp_path
     )  # no epoch skipped, no batch applied twice
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def caption_run(root):
+    """Settings of a run on a caption CSV (24 images of 8 identities, each with a split of its own)."""
+    from tests.test_prepare import caption_folder
+
+    folder = caption_folder(root / "data" / "captions", split=lambda n: "test" if n >= 18 else "train")
+    return [*STOPPED, "data=captions", f"data.source.root={folder}", "data.runs=2", "data.augment.rotation=10"]
+
+
+@pytest.mark.parametrize("data", ["11k_format", "captions"])
+def test_with_loader_workers_a_ctrl_c_to_the_whole_process_group_resumes_exactly(tmp_path, whole_run, data):
+    """A terminal's Ctrl-C reaches the loader workers too; the run must still stop between batches, and the resume
+    must train the rest of the epoch in the order and with the augmentation of the uninterrupted run."""
+    overrides, base, whole, split = STOPPED, QUICK, whole_run, tmp_path / "split"
+    if data == "captions":  # the uninterrupted run, with no workers: workers change nothing
+        overrides, whole = caption_run(tmp_path / "whole"), tmp_path / "whole"
+        base = [q for q in QUICK if not q.startswith("data.source")]
+        train(whole, *overrides, "data.num_workers=0", base=base)
+        caption_run(split)
+    command, env = train_command(split, *overrides, "data.num_workers=2", base=base, script="tests/step_printer.py")
+    process = subprocess.Popen(command, cwd=split, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    for line in process.stdout:
+        if line.strip() == "handclip-test-step 8":  # mid-epoch: steps 6..11 are epoch 1 (11k), 6..8 epoch 2 (captions)
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 1 and "SIGINT: saved" in output, output[-2000:]
+    assert "exited unexpectedly" not in output
+    train(split, *overrides, "data.num_workers=2", "ckpt_path=last", base=base)
+    assert metrics_of(split)["test/mAP"] == pytest.approx(metrics_of(whole)["test/mAP"], abs=1e-6)
+    a, b = weights_of(whole), weights_of(split)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
 def test_a_resumed_run_keeps_its_whole_csv_history(tmp_path):

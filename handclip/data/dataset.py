@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,6 +14,18 @@ from torch.utils.data import Dataset
 from handclip.data.images import cache_dir, load_rgb
 from handclip.data.sampling import sample_seed
 from handclip.errors import DataError
+
+
+def leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A loader worker's `worker_init_fn`: Ctrl-C and SIGTERM are ignored in the worker.
+
+    A terminal's Ctrl-C (and a SLURM or container stop) reaches every process of the group: a worker
+    that died of it would take the batch in flight with it, and the main process, which stops
+    between batches and saves a resumable checkpoint, would crash instead. The main process shuts
+    its workers down itself; a worker whose main process is gone exits on its own.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ManifestImages(Dataset):

@@ -29,7 +29,11 @@ def pixel_batches(dataset, batch_size: int = 64, num_workers: int = 0, flip: boo
     """Batches `{"pixel_values"}` of a dataset's items in order; with `flip`, each also holds its `mirrored` batch."""
     from torch.utils.data import DataLoader
 
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    from handclip.data.dataset import leave_signals_to_the_main_process
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=leave_signals_to_the_main_process if num_workers else None)  # fmt: skip
+    for batch in loader:
         pixels = batch["pixel_values"]
         yield {"pixel_values": pixels, **({"mirrored": {"pixel_values": pixels.flip(-1)}} if flip else {})}
 

@@ -112,26 +112,39 @@ class FollowFreezeSchedule(L.Callback):
 
 
 class ExactResume(L.Callback):
-    """A run resumed from a mid-epoch checkpoint continues with the very next batch.
+    """A resumed run continues with the very batch the uninterrupted run would have trained next.
 
-    Lightning re-iterates the loader from the start of the epoch (and skips on_train_epoch_start),
-    so the samplers are told to skip the batches already trained on. Their order is a function of
-    (seed, epoch), so the rest of the epoch is exactly what it would have been. Runs after the
-    checkpoint is restored, before the loader is read.
+    Lightning resumes with the loader iterator it made while setting up, before it restored the
+    epoch; loader workers start reading from that iterator at once, so with workers the resumed
+    epoch would be trained in the order, and with the augmentation, of epoch 0. Here, once the
+    checkpoint is restored and before a batch is read, the samplers are given the restored epoch
+    and told to skip the batches already trained on (a mid-epoch checkpoint), and the iterator is
+    made again: its workers drop what they had read ahead. Sample order and augmentation are
+    functions of (seed, epoch, index), so the rest of the run is exactly the uninterrupted one, with
+    any number of workers.
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
-        done = loop.epoch_loop.batch_progress.current.completed if loop.restarting else 0
-        batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if trainer.ckpt_path is None:  # a new run
+            return
+        loader = trainer.train_dataloader
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is None:
+            return
+        sampler = batch_sampler.sampler if isinstance(batch_sampler, IdentityBalancedBatchSampler) else loader.sampler
+        if isinstance(sampler, EpochSeededSampler):
+            sampler.set_epoch(trainer.current_epoch)
+        done = loop.epoch_loop.batch_progress.current.completed
         # a checkpoint taken after the epoch's last batch (during its validation) starts a new
         # epoch: nothing of that one is skipped
-        if not done or batch_sampler is None or done >= len(batch_sampler):
-            return
-        if isinstance(batch_sampler, IdentityBalancedBatchSampler):
-            batch_sampler.skip = done
-        elif isinstance(batch_sampler.sampler, EpochSeededSampler):
-            batch_sampler.sampler.skip = done * batch_sampler.batch_size
+        if 0 < done < len(batch_sampler):
+            if isinstance(batch_sampler, IdentityBalancedBatchSampler):
+                batch_sampler.skip = done
+            elif isinstance(sampler, EpochSeededSampler):
+                sampler.skip = done * batch_sampler.batch_size
+        if loop._data_fetcher is not None:  # Lightning's own fetcher, made again as it does at an epoch's start
+            iter(loop._data_fetcher)
 
 
 class TestCurve(L.Callback):

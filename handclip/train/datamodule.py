@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from handclip.checks import flag, integer, one_of
 from handclip.data.activations import DTYPES
 from handclip.data.captions import Captioner
-from handclip.data.dataset import CaptionCollator, ManifestImages
+from handclip.data.dataset import CaptionCollator, ManifestImages, leave_signals_to_the_main_process
 from handclip.data.images import BAD_IMAGE_POLICIES
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler, balanced_sampler_for
@@ -230,7 +230,9 @@ class HandDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def _workers(self) -> dict:
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        workers = self.num_workers
+        return {"num_workers": workers, "persistent_workers": workers > 0,
+                "worker_init_fn": leave_signals_to_the_main_process if workers else None}  # fmt: skip
 
     def balanced_sampler(self) -> IdentityBalancedBatchSampler:
         batches = self.batches
