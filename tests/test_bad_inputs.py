@@ -117,7 +117,7 @@ def test_bad_image_with_fail_policy_stops_at_once(hands):
     name = rows_of(hands)[0]["imageName"]
     (hands / "Hands" / name).write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=rf"{name}: cannot be decoded.*on_bad_image=fail"):
-        build_cache(hands, [f"Hands/{name}"], 40, on_bad_image="fail")
+        build_cache(hands, [f"Hands/{name}"], 40, hands.parent / "derived", on_bad_image="fail")
 
 
 def test_a_dataset_where_most_images_fail_is_an_error(hands):

@@ -23,7 +23,7 @@ def cached_run(root, backbone, policy, **data):
     """A prepared data module, evaluator and module with caches attached under `policy`."""
     apply_freeze(backbone, policy)
     datamodule = datamodule_for(root, backbone, activation_cache=True, **{"augment": NO_AUGMENT, **data})
-    evaluate = Evaluator(datamodule.rows, datamodule.root, datamodule.prepare_settings.cache_size, SETTINGS)
+    evaluate = Evaluator(datamodule.rows, datamodule.root, datamodule.prepare_settings.image_cache, SETTINGS)
     module = fine_tuner(backbone, datamodule)
     uncached = datamodule.train_set
     summary = attach_caches(datamodule, evaluate, module, backbone, policy, epochs=2)
@@ -72,8 +72,8 @@ def test_every_evaluation_feature_reads_the_store(tmp_path, synthetic_hands, fea
     datamodule = datamodule_for(synthetic_hands, backbone, activation_cache=True, augment=NO_AUGMENT,
                                 activation_dtype="float32")  # fmt: skip
     settings = EvalSettings(baseline=False, test=True, flip_tta=True, text=False, batch_size=16)
-    cache_size = datamodule.prepare_settings.cache_size
-    evaluate = Evaluator(datamodule.rows, datamodule.root, cache_size, settings, encode=encode)
+    evaluate = Evaluator(datamodule.rows, datamodule.root, datamodule.prepare_settings.image_cache, settings,
+                         encode=encode)  # fmt: skip
     module = fine_tuner(backbone, datamodule)
     module.encode, val_pixels = encode, datamodule.val_set
     summary = attach_caches(datamodule, evaluate, module, backbone, policy, epochs=2)

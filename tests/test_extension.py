@@ -2,9 +2,11 @@
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from handclip.data.prepare import derived_folder
 from tests.runner import run_in_process
 from tests.test_train import train_command
 
@@ -124,5 +126,6 @@ def test_a_dataset_reader_from_outside_the_package_trains_the_demo(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "work" / "runs" / "mine" / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["test/rank1"] <= 1.0 and "test Rank-1" in result.stdout
-    (manifest,) = (tmp_path / "work" / "data" / "people" / "splits").glob("folderperperson_*_draw0_runs2.csv")
+    derived = derived_folder(tmp_path / "work" / "data" / "people", Path(env["HANDCLIP_CACHE"]) / "data")
+    (manifest,) = (derived / "splits").glob("folderperperson_*_draw0_runs2.csv")
     assert "0000" in manifest.read_text()  # the people's folder names are the identities

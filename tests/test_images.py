@@ -70,8 +70,9 @@ def test_out_of_range_wide_pixels_are_refused_with_the_mode_and_range(tmp_path):
 def test_a_16_bit_image_is_cached_as_it_looks(tmp_path):
     (tmp_path / "img").mkdir()
     _encoded("I;16").resize((256, 64)).save(tmp_path / "img" / "deep.png")
-    assert build_cache(tmp_path, ["img/deep.png"], 32) == []
-    cached = np.asarray(Image.open(cache_dir(tmp_path, 32) / "img" / "deep.png"), float).mean(axis=(0, 2))
+    assert build_cache(tmp_path, ["img/deep.png"], 32, tmp_path / "derived") == []
+    cached = np.asarray(Image.open(cache_dir(tmp_path / "derived", 32) / "img" / "deep.png"), float)
+    cached = cached.mean(axis=(0, 2))
     assert cached[:8].mean() < 40 and cached[-8:].mean() > 215  # not a white page
 
 
@@ -81,7 +82,7 @@ def cached(tmp_path, synthetic_hands):
     root = tmp_path / "hands"
     shutil.copytree(synthetic_hands / "Hands", root / "Hands")
     names = sorted(f"Hands/{p.name}" for p in (root / "Hands").iterdir())[:6]
-    assert build_cache(root, names, 32) == []
+    assert build_cache(root, names, 32, root.parent / "derived") == []
     return root, names
 
 
@@ -89,8 +90,8 @@ def test_a_replaced_original_is_resized_again(cached, capsys):
     root, names = cached
     Image.new("RGB", (160, 120), (250, 0, 0)).save(root / names[0], "JPEG")
     capsys.readouterr()
-    assert build_cache(root, names, 32) == []
-    red = np.asarray(Image.open(cache_dir(root, 32) / names[0]), float).mean(axis=(0, 1))
+    assert build_cache(root, names, 32, root.parent / "derived") == []
+    red = np.asarray(Image.open(cache_dir(root.parent / "derived", 32) / names[0]), float).mean(axis=(0, 1))
     assert red[0] > 200 and red[1] < 60  # the copy shows the new picture, not the old hand
     said = capsys.readouterr().out
     assert f"originals changed since they were resized: 1, e.g. {names[0]}; resized again" in said
@@ -99,7 +100,7 @@ def test_a_replaced_original_is_resized_again(cached, capsys):
 @pytest.mark.parametrize("damage", ["truncate", "delete", "garble"])
 def test_a_damaged_cached_copy_is_made_again_from_its_original(cached, capsys, damage):
     root, names = cached
-    copy = cache_dir(root, 32) / names[1]
+    copy = cache_dir(root.parent / "derived", 32) / names[1]
     before = copy.read_bytes()
     if damage == "truncate":
         copy.write_bytes(before[: len(before) // 2])
@@ -109,7 +110,7 @@ def test_a_damaged_cached_copy_is_made_again_from_its_original(cached, capsys, d
         copy.write_bytes(before[:200] + bytes(len(before) - 200))
         os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
     capsys.readouterr()
-    assert build_cache(root, names, 32) == []
+    assert build_cache(root, names, 32, root.parent / "derived") == []
     assert copy.read_bytes() == before
     Image.open(copy).load()  # decodes whole
     assert f"cached copies changed, damaged or deleted: 1, e.g. {names[1]}; made again" in capsys.readouterr().out
@@ -117,7 +118,7 @@ def test_a_damaged_cached_copy_is_made_again_from_its_original(cached, capsys, d
 
 def test_an_up_to_date_cache_is_read_not_written(cached):
     root, names = cached
-    folder = cache_dir(root, 32)
+    folder = cache_dir(root.parent / "derived", 32)
     times = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
-    assert build_cache(root, names, 32) == []
+    assert build_cache(root, names, 32, root.parent / "derived") == []
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == times

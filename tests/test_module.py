@@ -62,15 +62,15 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
 
 @pytest.fixture
 def prepared(synthetic_hands):
-    path = prepare(PrepareSettings(Hands11k(root=str(synthetic_hands)), cache_size=40), quiet=True)
-    return synthetic_hands, read_manifest(path)
+    settings = PrepareSettings(Hands11k(root=str(synthetic_hands)), cache_size=40)
+    return settings.image_cache, read_manifest(prepare(settings, quiet=True))
 
 
 def test_augmentation_is_seeded_per_sample_and_epoch(prepared):
-    root, rows = prepared
+    cache, rows = prepared
     train = [r for r in rows if r["split"] == "train"]
     transform = train_transform(32, 32, [0.5] * 3, [0.5] * 3, {"crop_scale": [0.5, 1.0], "rotation": 10})
-    dataset = ManifestImages(train, root, transform, 40, captioner=lambda row, rng: row["person"], seed=1)
+    dataset = ManifestImages(train, "unread", transform, cache, captioner=lambda row, rng: row["person"], seed=1)
     assert torch.equal(dataset[(0, 3)]["pixel_values"], dataset[(0, 3)]["pixel_values"])
     assert not torch.equal(dataset[(0, 3)]["pixel_values"], dataset[(1, 3)]["pixel_values"])
 
@@ -78,14 +78,14 @@ def test_augmentation_is_seeded_per_sample_and_epoch(prepared):
 def test_validation_images_are_read_once_when_they_fit_in_memory_and_give_the_same_tensors(prepared, tmp_path):
     import shutil
 
-    root, rows = prepared
+    cache, rows = prepared
     rows = [r for r in rows if r["split"] == "val"][:4]
     copy = tmp_path / "copy"
-    shutil.copytree(root, copy)
+    shutil.copytree(cache, copy)  # the resized copies the images are read from
     transform = eval_transform(32, 32, [0.5] * 3, [0.5] * 3)
-    plain = ManifestImages(rows, copy, transform, 40)
-    kept = ManifestImages(rows, copy, transform, 40, memory_bytes=1 << 20)
-    small = ManifestImages(rows, copy, transform, 40, memory_bytes=3 * 32 * 32 * 4 * 3)  # 3 of the 4 would fit
+    plain = ManifestImages(rows, "unread", transform, copy)
+    kept = ManifestImages(rows, "unread", transform, copy, memory_bytes=1 << 20)
+    small = ManifestImages(rows, "unread", transform, copy, memory_bytes=3 * 32 * 32 * 4 * 3)  # 3 of the 4 would fit
     first = [kept[i]["pixel_values"] for i in range(4)]
     assert all(torch.equal(a, plain[i]["pixel_values"]) for i, a in enumerate(first))
     [small[i] for i in range(4)]

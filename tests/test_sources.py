@@ -104,8 +104,8 @@ class Leaky(DataSource):
 
 def test_a_split_that_leaks_test_images_into_training_is_refused_for_any_source(tmp_path):
     with pytest.raises(DataError, match=r"split of .* by Leaky: image \d_\d.jpg is listed under two identities"):
-        prepare(PrepareSettings(Leaky(root=str(tmp_path)), runs=1), quiet=True)
-    assert not (tmp_path / "splits").exists()
+        prepare(settings := PrepareSettings(Leaky(root=str(tmp_path)), runs=1), quiet=True)
+    assert not settings.derived.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_a_source_giving_a_path_outside_its_folder_is_refused(tmp_path):
@@ -206,8 +206,8 @@ def test_processes_on_different_draws_at_once_do_not_collide(tmp_path):
         "source.make(int(sys.argv[2]))\n"
         "print(prepare(PrepareSettings(source, draw=int(sys.argv[2]), runs=2, cache_size=32), quiet=True))\n"
     )
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(d)], env=env, text=True,
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HANDCLIP_CACHE": str(tmp_path / "cache")}
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data"), str(d)], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for d in (0, 1, 0)]  # fmt: skip
     outputs = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [0, 0, 0], outputs
@@ -215,4 +215,4 @@ def test_processes_on_different_draws_at_once_do_not_collide(tmp_path):
     assert len(manifests) == 2
     for path in manifests:
         info = json.loads(path.with_suffix(".json").read_text())
-        assert path.parent.parent.name.endswith(f"_draw{info['settings']['draw']}")
+        assert path.parent.parent.name.startswith(f"4people_64x48_draw{info['settings']['draw']}-")

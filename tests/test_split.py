@@ -88,15 +88,17 @@ def test_prepare_writes_manifest_settings_and_cache(synthetic_hands):
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["settings"]["draw"] == 0 and info["settings"]["cache_size"] == 48
     assert info["sizes"]["val"]["identities"] == info["sizes"]["train"]["identities"]
-    cached = synthetic_hands / "cache" / "48" / rows[0]["image"]
+    cached = settings.image_cache / rows[0]["image"]
+    assert synthetic_hands not in cached.parents  # derived files go under the cache, never in the dataset folder
     from PIL import Image
 
     assert min(Image.open(cached).size) == 48
     before = path.read_bytes()
     assert prepare(settings, quiet=True) == path and path.read_bytes() == before
     # a new cache size makes a new cache
-    prepare(PrepareSettings(Hands11k(root=str(synthetic_hands), aspect="dorsal right"), cache_size=40), quiet=True)
-    assert min(Image.open(synthetic_hands / "cache" / "40" / rows[0]["image"]).size) == 40
+    other = PrepareSettings(Hands11k(root=str(synthetic_hands), aspect="dorsal right"), cache_size=40)
+    prepare(other, quiet=True)
+    assert min(Image.open(other.image_cache / rows[0]["image"]).size) == 40
 
 
 def test_a_caption_csv_with_several_captions_per_image_never_puts_one_image_on_both_sides(tmp_path):

@@ -1,9 +1,10 @@
 """Stored activations of the frozen prefix of the image tower, memory-mapped from the data cache.
 
 An `ActivationStore` is one array `[views, images, tokens, width]` (float16 by default, float32 on
-request) in `ROOT/cache/activations/<key digest>.npy`, beside a `.json` with the key it was made
-under: the backbone, a hash of the prefix weights, the number of prefix groups, the image list,
-the resized source, the transform (with its sizes and normalisation) and the views. Any change gives
+request) in `DERIVED/activations/<key digest>.npy` (the dataset's folder of derived files under the
+cache, `handclip.data.prepare.derived_folder`), beside a `.json` with the key it was made under:
+the backbone, a hash of the prefix weights, the number of prefix groups, the image list, the
+resized source, the transform (with its sizes and normalisation) and the views. Any change gives
 another file, so a changed setting never reads stale activations. A store is filled once, under a
 file lock (a second process waits, then reads it), into a temporary file that replaces the final
 name only when complete: an interrupted fill leaves nothing half written. Later runs with the same
@@ -32,8 +33,8 @@ from handclip.io import atomic_path, remove_dead_leftovers, write_text_atomic
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def store_dir(root: str | Path) -> Path:
-    return Path(root) / "cache" / "activations"
+def store_dir(derived: str | Path) -> Path:
+    return Path(derived) / "activations"
 
 
 def images_digest(images: Sequence[str]) -> str:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from handclip.data.images import cache_dir, load_rgb
+from handclip.data.images import load_rgb
 from handclip.data.sampling import sample_seed
 from handclip.errors import DataError
 
@@ -36,7 +36,7 @@ class ManifestImages(Dataset):
         rows: Sequence[dict],
         root: str | Path,
         transform: Callable,
-        cache_size: int = 0,
+        cache: str | Path | None = None,
         captioner: Callable | None = None,
         seed: int = 0,
         memory_bytes: int = 0,
@@ -47,7 +47,7 @@ class ManifestImages(Dataset):
         self.memory_bytes = memory_bytes
         self._kept: dict[int, torch.Tensor] | None = None
         self.root = Path(root)
-        self.image_root = cache_dir(root, cache_size) if cache_size else self.root
+        self.image_root = Path(cache) if cache else self.root  # resized copies (PrepareSettings.image_cache)
         self.transform = transform
         self.captioner = captioner
         # identities as 0..n-1 in sorted order (balanced_sampler_for numbers them the same way)

@@ -1,6 +1,7 @@
 """Opening images safely (any mode to 8-bit RGB) and the resized image cache.
 
-The cache keeps, beside the resized copies (`ROOT/cache/<size>/<image>`), an index of what each was
+The cache keeps, beside the resized copies (`DERIVED/images/<size>/<image>`, in the dataset's folder of derived
+files under the cache, never in the dataset folder), an index of what each was
 made from: the original's size and modification time, and the copy's own. Before any use every
 entry is checked against the files on disk, so a replaced original is resized again and a damaged
 or deleted copy is made again from its original, each with a message; a copy is never trusted on
@@ -85,8 +86,9 @@ def _resize_shortest(image: Image.Image, size: int) -> Image.Image:
     return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
 
 
-def cache_dir(root: str | Path, size: int) -> Path:
-    return Path(root) / "cache" / str(size)
+def cache_dir(derived: str | Path, size: int) -> Path:
+    """The resized copies (shortest edge `size`) in a dataset's folder of derived files (`handclip.data.prepare`)."""
+    return Path(derived) / "images" / str(size)
 
 
 def stamp(path: Path) -> list[int] | None:
@@ -135,12 +137,12 @@ REMAKE = {
 
 
 class ImageCache:
-    """Resized copies (shortest edge `size`) of a dataset's images under `root/cache/<size>/`, each
-    recorded in `.index.json` with the original it was made from."""
+    """Resized copies (shortest edge `size`) of the images of dataset folder `root`, under `derived/images/<size>/`,
+    each recorded in `.index.json` with the original it was made from."""
 
-    def __init__(self, root: str | Path, size: int):
+    def __init__(self, root: str | Path, size: int, derived: str | Path):
         self.root, self.size = Path(root), int(size)
-        self.folder = cache_dir(root, size)
+        self.folder = cache_dir(derived, size)
         self.index_path = self.folder / ".index.json"
 
     def _index(self) -> dict:
@@ -224,7 +226,13 @@ class ImageCache:
 
 
 def build_cache(
-    root: str | Path, images: Iterable[str], size: int, on_bad_image: str = "skip", workers: int = 4
+    root: str | Path,
+    images: Iterable[str],
+    size: int,
+    derived: str | Path,
+    on_bad_image: str = "skip",
+    workers: int = 4,
 ) -> list[str]:
-    """Resize every image (shortest edge `size`) into `root/cache/size`; return the bad ones (see `ImageCache`)."""
-    return ImageCache(root, size).build(images, on_bad_image, workers)
+    """Resize every image (shortest edge `size`) into `cache_dir(derived, size)`; return the bad ones (see
+    `ImageCache`)."""
+    return ImageCache(root, size, derived).build(images, on_bad_image, workers)

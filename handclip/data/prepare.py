@@ -2,10 +2,12 @@
 
     python -m handclip.data.prepare --root data/11k --format 11k --aspect "dorsal right"
 
-writes `FOLDER/splits/<name>.csv` (one row per image and split) and `<name>.json` (the settings
-that made it, the hashes of the files it was read from, the split sizes and any images left out),
-and resized copies under `FOLDER/cache/<size>/`. The source (`handclip.data.sources`) reads the
-folder and splits it; everything here is the same for every source.
+only reads the dataset folder (it may be read-only or shared). What it derives goes in the dataset's
+own folder under the cache (`derived_folder`: `.cache/data/<folder name>-<digest of its path>/`):
+`splits/<name>.csv` (one row per image and split) and `<name>.json` (the settings that made it, the
+hashes of the files it was read from, the split sizes and any images left out), resized copies
+under `images/<size>/`, and the stored activations of `handclip.data.activations`. The source
+(`handclip.data.sources`) reads the folder and splits it; everything here is the same for every source.
 
 Nothing derived is trusted by name: every call reads the dataset's files again, splits them, and
 compares the manifest on disk with the one they give now; the resized cache checks each copy
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from handclip.checks import integer, one_of
 from handclip.data.hands import ASPECTS
-from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache, not_a_file, stamp
+from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache, cache_dir, not_a_file, stamp
 from handclip.data.readers import check_distinct_files, inside_root
 from handclip.data.sources import HD, CaptionCSV, DataSource, Hands11k, ImageFolder
 from handclip.data.split import MANIFEST_COLUMNS, check_protocol, check_records, split_sizes
@@ -38,6 +40,15 @@ from handclip.errors import ConfigError, DataError, exit_with
 from handclip.io import write_json_atomic, write_text_atomic
 
 MANIFEST_VERSION = 2  # 2: keyed by the content of the source's files; `draw` for `seed`
+
+
+def derived_folder(folder: str | Path, cache_root: str | Path) -> Path:
+    """Where the files derived from the dataset in `folder` go: one folder under `cache_root` per dataset folder,
+    named by the folder's name and a digest of its full path (links resolved). The dataset folder is only read."""
+    real = os.path.realpath(folder)
+    digest = hashlib.sha256(real.encode()).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(real).name).strip("-.") or "data"
+    return Path(cache_root) / f"{name}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class PrepareSettings:
     runs: int = 10
     cache_size: int = 0  # 0: no cache, read the originals
     on_bad_image: str = "skip"
+    cache_root: str | Path | None = None  # derived files' root (data.cache_root); None: $HANDCLIP_CACHE/data
 
     def check(self) -> PrepareSettings:
         if not isinstance(self.source, DataSource):
@@ -65,6 +77,18 @@ class PrepareSettings:
         return self.source.folder(self.draw)
 
     @property
+    def derived(self) -> Path:
+        """The folder of what is derived from this draw's data: manifests, resized images, stored activations."""
+        from handclip.model.backbone import default_cache_dir
+
+        return derived_folder(self.folder, self.cache_root or default_cache_dir() / "data")
+
+    @property
+    def image_cache(self) -> Path | None:
+        """The folder of the resized copies images are read from, or None (read the originals)."""
+        return cache_dir(self.derived, self.cache_size) if self.cache_size else None
+
+    @property
     def name(self) -> str:
         return f"{self.source.name}_draw{self.draw}_runs{self.runs}"
 
@@ -74,7 +98,7 @@ class PrepareSettings:
 
 
 def manifest_path(settings: PrepareSettings) -> Path:
-    return settings.folder / "splits" / f"{settings.name}.csv"
+    return settings.derived / "splits" / f"{settings.name}.csv"
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -173,7 +197,7 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     rows = source.split(records, settings.draw, settings.runs)
     check_protocol(rows, f"the split of {folder} by {type(source).__name__}")
     images = sorted({r["image"] for r in rows})
-    cache = ImageCache(folder, settings.cache_size) if settings.cache_size else None
+    cache = ImageCache(folder, settings.cache_size, settings.derived) if settings.cache_size else None
     todo, bad = cache.plan(images) if cache else ({}, {n: not_a_file(folder / n) for n in images
                                                        if stamp(folder / n) is None})  # fmt: skip
     inputs = {p.relative_to(folder).as_posix(): _sha256(p) for p in source.inputs(folder)}
@@ -241,6 +265,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--cache-size", type=int, default=256, help="shortest edge of cached copies; 0 = none")
+    parser.add_argument(
+        "--cache",
+        default=".cache/data",
+        help="where derived files go (train.py: paths.cache/data); the dataset folder is only read",
+    )
     parser.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="skip")
     args = parser.parse_args(argv)
     if args.seed is not None:
@@ -252,7 +281,7 @@ def main(argv=None) -> None:
     }.get(args.format, {})
     try:
         source = FORMATS[args.format](root=args.root, **source_settings)
-        prepare(PrepareSettings(source, args.draw, args.runs, args.cache_size, args.on_bad_image))
+        prepare(PrepareSettings(source, args.draw, args.runs, args.cache_size, args.on_bad_image, args.cache))
     except (DataError, ConfigError) as error:
         exit_with(error)
 

@@ -1,6 +1,6 @@
 """Evaluation as one object, called on the backbone before and after training.
 
-`Evaluator(rows, root, cache_size, settings, captioner)(backbone)` extracts the features of every
+`Evaluator(rows, root, image_cache, settings, captioner)(backbone)` extracts the features of every
 image the protocol needs once, scores validation and the test runs (see `handclip.eval.protocol`),
 and adds the language side (zero-shot attribute prompts, retrieval) on images never trained on.
 """
@@ -71,7 +71,7 @@ class Evaluator:
     """Scores a backbone by the re-identification protocol of a manifest's rows."""
 
     def __init__(
-        self, rows: Sequence[dict], root: str | Path, cache_size: int, settings: EvalSettings,
+        self, rows: Sequence[dict], root: str | Path, image_cache: str | Path | None, settings: EvalSettings,
         captioner: Callable | None = None, encode: Callable | None = None,
     ):  # fmt: skip
         self.rows = list(rows)
@@ -79,7 +79,7 @@ class Evaluator:
 
         self.encode = encode or ImageEncoder()  # the evaluation feature (eval.feature); default: projected
         self.root = root
-        self.cache_size = cache_size
+        self.image_cache = image_cache  # the folder of resized copies (PrepareSettings.image_cache), or None
         self.settings = settings
         self.captioner = captioner
         # set by handclip.train.caches: (store, image -> position, prefix groups) and a frozen text tower's cache
@@ -122,7 +122,6 @@ class Evaluator:
                 result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache))
         return result
 
-
     def _batches(self, backbone, image_rows: Sequence[dict]):
         """The images' batches: stored hidden states of the frozen prefix, or pixels through the eval transform."""
         size, flip = self.settings.batch_size, self.settings.flip_tta
@@ -136,7 +135,7 @@ class Evaluator:
         from handclip.eval.protocol import pixel_batches
 
         transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
-        return pixel_batches(ManifestImages(image_rows, self.root, transform, self.cache_size), size, flip=flip)
+        return pixel_batches(ManifestImages(image_rows, self.root, transform, self.image_cache), size, flip=flip)
 
 
 def saveable(result: dict) -> dict:

@@ -103,7 +103,7 @@ def _validation(config: Mapping):
     # a BN-neck lives in the objective, which no export holds: the soup is scored on what it exports
     feature = "projected" if parts.eval.feature == "bnneck" else parts.eval.feature
     encode = ImageEncoder(feature)
-    evaluate = Evaluator(rows, parts.data.root, parts.data.prepare_settings.cache_size, parts.eval, None, encode)
+    evaluate = Evaluator(rows, parts.data.root, parts.data.prepare_settings.image_cache, parts.eval, None, encode)
     return lambda backbone: float(evaluate(backbone, include_test=False)["metrics"]["val/rank1"])
 
 

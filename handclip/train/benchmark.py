@@ -44,9 +44,9 @@ def bench_data(count: int = 24) -> list[tuple[str, str, str]]:
         root = Path(folder)
         generate_hands(root, seed=0, plan={"dorsal right": [(5, count)]}, aspects=["dorsal right"])
         names = [f"Hands/{p.name}" for p in sorted((root / "Hands").glob("*.jpg"))]
-        build_cache(root, names, 258)
+        build_cache(root, names, 258, root / "derived")
         full = _rate(lambda n: transform(load_rgb(root / n)), names)
-        cached = _rate(lambda n: transform(load_rgb(cache_dir(root, 258) / n)), names)
+        cached = _rate(lambda n: transform(load_rgb(cache_dir(root / "derived", 258) / n)), names)
     return [
         ("decode + transform, 1600x1200 JPEG", f"{full:.1f} images/s", "1.00x"),
         ("decode + transform, 258 px cache", f"{cached:.1f} images/s", f"{cached / full:.2f}x"),

@@ -88,7 +88,7 @@ def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, c
         "data": datamodule.content_digest,  # the images' sizes and times: a replaced image never reads stale values
     }  # fmt: skip
     augmenting = augments(datamodule.augment)
-    batch, directory, dtype = datamodule.eval_batch_size, store_dir(datamodule.root), datamodule.activation_dtype
+    batch, directory, dtype = datamodule.eval_batch_size, store_dir(datamodule.derived), datamodule.activation_dtype
     views = datamodule.cached_views if augmenting else 1
     key = {**common, "images": images_digest([r["image"] for r in train.rows]), "transform": repr(train.transform),
            "seed": datamodule.seed if augmenting else None}  # fmt: skip
@@ -102,7 +102,7 @@ def attach_caches(datamodule, evaluate, module, backbone, freeze, epochs: int, c
     names = {r["image"] for r in rows}
     rows += [r for r in datamodule.val_set.rows if r["image"] not in names]
     transform = eval_transform(backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)
-    images = ManifestImages(rows, datamodule.root, transform, datamodule.prepare_settings.cache_size)
+    images = ManifestImages(rows, datamodule.root, transform, datamodule.prepare_settings.image_cache)
     flip = evaluate.settings.flip_tta
     key = {**common, "images": images_digest([r["image"] for r in rows]), "transform": repr(transform)}
     compute, device = _prefix(backbone, images, groups, flip_view=1 if flip else None)

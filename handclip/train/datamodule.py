@@ -93,6 +93,8 @@ class Loading:
     num_workers: int | str  # auto: CPU cores - 1 (at most 16)
     cache_size: int | str  # shortest edge of the resized cache; auto: 1.15 x the model's input; 0: none
     on_bad_image: str
+    # where what is derived from a dataset goes, one folder per dataset folder (None: $HANDCLIP_CACHE/data)
+    cache_root: str | None = None
 
     def __post_init__(self):
         self.num_workers = loader_workers(self.num_workers)
@@ -100,6 +102,8 @@ class Loading:
         if self.cache_size != "auto":
             integer("data.cache_size", self.cache_size, 0, 100_000, hint=" (0: no cache, auto, or a size in pixels)")
         one_of("data.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        if self.cache_root is not None and (not isinstance(self.cache_root, (str, Path)) or not str(self.cache_root)):
+            raise ConfigError(f"data.cache_root={self.cache_root!r} must be a folder (default: ${{paths.cache}}/data)")
 
     def cache_size_for(self, image_size: int) -> int:
         """The resized cache's shortest edge; `auto` is a little above the model's input for crops."""
@@ -133,7 +137,8 @@ def _check_keys(settings: Mapping[str, Any]) -> None:
             near = difflib.get_close_matches(key, KNOWN, n=1)
             raise ConfigError(f"data.{key} is not a setting{f' (did you mean data.{near[0]}?)' if near else ''}; "
                               f"settings are {', '.join(KNOWN)}")  # fmt: skip
-    missing = [k for names in SETTINGS.values() for k in names if k not in settings]
+    required = [f.name for group in SETTINGS for f in dataclasses.fields(group) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in settings]
     if missing:
         raise ConfigError(f"data.{missing[0]} is missing: conf/data/loader/default.yaml gives every data setting")
 
@@ -153,12 +158,13 @@ class HandDataModule(L.LightningDataModule):
         super().__init__()
         self.name = name
         _check_keys(settings)
-        groups = (group(**{k: settings[k] for k in keys}) for group, keys in SETTINGS.items())
+        groups = (group(**{k: settings[k] for k in keys if k in settings}) for group, keys in SETTINGS.items())
         self.batches, self.loading, self.caches = groups
         self.captioner = Captioner(captions)
         self.augment = check_augment(augment)
         self.seed = integer("data.run_seed", run_seed, hint=" (it follows the run's seed)")  # batches, augmentation
-        self.prepare_settings = PrepareSettings(source, draw, runs, on_bad_image=self.loading.on_bad_image).check()
+        self.prepare_settings = PrepareSettings(source, draw, runs, on_bad_image=self.loading.on_bad_image,
+                                                cache_root=self.loading.cache_root).check()  # fmt: skip
         self.source, self.draw = self.prepare_settings.source, self.prepare_settings.draw
         # what the run, the caches and the evaluator read
         self.batch_size, self.sampler = self.batches.batch_size, self.batches.sampler
@@ -170,8 +176,13 @@ class HandDataModule(L.LightningDataModule):
 
     @property
     def root(self) -> Path:
-        """The folder of this draw's data (a synthetic source has one per draw and setting)."""
+        """The folder of this draw's data (a synthetic source has one per draw and setting); only read."""
         return self.prepare_settings.folder
+
+    @property
+    def derived(self) -> Path:
+        """The folder of what is derived from this draw's data (manifests, resized images, activations)."""
+        return self.prepare_settings.derived
 
     def check_root(self) -> None:
         """The dataset folder exists (or will be generated)."""
@@ -217,7 +228,7 @@ class HandDataModule(L.LightningDataModule):
         """Build the datasets with the backbone's preprocessing values and tokenizer."""
         size, resize = backbone.image_size, backbone.resize_size
         mean, std = backbone.image_mean, backbone.image_std
-        cache = self.prepare_settings.cache_size
+        cache = self.prepare_settings.image_cache
         self.collate = CaptionCollator(backbone.text_tokenizer)  # not the model: workers get a copy
         self.eval_batch_size = eval_batch_size
         self.train_set = ManifestImages(

@@ -230,7 +230,7 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     bad = json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])
     metrics: dict[str, Any] = {"trainable_parameters": report.trainable, "total_parameters": report.total,
                                "data/bad_images": len(bad)}  # fmt: skip
-    evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.cache_size, spec.eval,
+    evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.image_cache, spec.eval,
                          datamodule.captioner, encode)  # fmt: skip
     selection = Selection(spec.eval.select, spec.eval.smooth)
     module = FineTuner(backbone, objective, spec.optimization, datamodule.val_rows, heads, spec.signature, spec.freeze,
