@@ -106,16 +106,20 @@ def test_demo_run_end_to_end(tmp_path):
     baseline = json.loads((run / "baseline.json").read_text())
     assert len(baseline["per_query"]["val"]["mAP"]) == baseline["runs"]["val"][0]["queries"] > 0  # kept for resumes
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    # what the models retrieve: test queries' top 5 gallery images, and the captions' top 5 test images
+    assert (run / "ranked.png").is_file() and (run / "ranked_text.png").is_file()
     assert (tmp_path / "data" / "synthetic_hands" / "10people_96x72_draw0" / "HandInfo.csv").is_file()
 
 
 @pytest.mark.slow
 def test_same_seed_same_numbers(tmp_path):
     train(tmp_path / "a", "eval.baseline=false")
-    train(tmp_path / "b", "eval.baseline=false")
+    train(tmp_path / "b", "eval.baseline=false", "eval.ranked=0")  # no pictures of what it retrieves: the same numbers
     a, b = (json.loads(next((tmp_path / x / "runs").rglob("metrics.json")).read_text())["metrics"] for x in "ab")
     for key in ("val/rank1", "test/rank1", "test/mAP", "test_all/mAP"):
         assert a[key] == b[key], key
+    assert [p.name for p in (tmp_path / "a" / "runs").rglob("ranked*.png")] != []
+    assert [p.name for p in (tmp_path / "b" / "runs").rglob("ranked*.png")] == []
 
 
 @pytest.mark.slow

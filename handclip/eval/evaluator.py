@@ -33,6 +33,9 @@ class EvalSettings:
     # record the test protocol after every validation in curve.json, for studies of checkpoint selection (never read
     # by the run itself: it selects on validation alone)
     curve: bool = False
+    # pictures of what the model retrieves (ranked.png, and ranked_text.png with captions): each of a few test queries
+    # with its top this-many gallery images, right and wrong marked; 0: none
+    ranked: int = 5
 
     def __post_init__(self):
         from handclip.eval.feature import EVAL_FEATURES
@@ -52,6 +55,7 @@ class EvalSettings:
             flag(f"eval.{key}", getattr(self, key))
         integer("eval.batch_size", self.batch_size, 1)
         integer("eval.smooth", self.smooth, 1, 1000)
+        integer("eval.ranked", self.ranked, 0, 20, hint=" (0: no pictures of the top-ranked gallery images)")
         check_validation_metric("eval.select", self.select, "a checkpoint is never chosen on test")
         if self.wise_ft is not None:  # a metric validation never gives would choose the unmixed model without a word
             check_validation_metric("eval.wise_ft.metric", self.wise_ft.metric, "a mix is never chosen on test")
@@ -87,7 +91,9 @@ class Evaluator:
         self.text_cache = None
 
     def __call__(self, backbone, include_test: bool | None = None, language: bool = True, merged: bool = True) -> dict:
-        """{"metrics", "runs", "cmc"} (see `score_protocol`), plus `_features` and `_image_rows` for plots."""
+        """{"metrics", "runs", "cmc"} (see `score_protocol`), plus for the figures `_image_rows`, `_scored` (their
+        scored features), `_features` (their features in the space of the captions) and `_text` (the test images'
+        positions in `_image_rows`, their `captions`, the distinct `unique` ones and their embeddings `text`)."""
         from handclip.eval.feature import ImageEncoder
         from handclip.eval.protocol import extract_features, images_needed, score_protocol
         from handclip.model.forward import Forward
@@ -105,8 +111,9 @@ class Evaluator:
         features = extract(self.encode, progress=True)
         result = score_protocol(features, image_rows, rows, include_test)
         joint = self.encode.feature == "projected"  # comparable with text embeddings
-        # for plots (in the joint space, beside captions); not saved
-        result["_features"], result["_image_rows"] = (features, image_rows) if joint else (None, None)
+        # for the figures; not saved
+        result["_image_rows"], result["_scored"] = image_rows, features
+        result["_features"] = features if joint else None  # in the joint space, beside captions
         if include_test and language and self.settings.text and self.captioner is not None:
             from handclip.eval.zeroshot import text_metrics
 
@@ -118,9 +125,18 @@ class Evaluator:
                 projected = features
                 if not joint:
                     projected = extract(ImageEncoder())
-                    result["_features"], result["_image_rows"] = projected, image_rows
-                result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache))
+                    result["_features"] = projected
+                kept: dict = {}
+                result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache,
+                                                      kept))  # fmt: skip
+                result["_text"] = {"images": test, "captions": captions, "unique": kept["captions"],
+                                   "text": kept["text"]}  # fmt: skip
         return result
+
+    @property
+    def image_root(self) -> Path:
+        """Where the images are read from: the resized cache when there is one."""
+        return Path(self.image_cache) if self.image_cache else Path(self.root)
 
     def _batches(self, backbone, image_rows: Sequence[dict]):
         """The images' batches: stored hidden states of the frozen prefix, or pixels through the eval transform."""

@@ -1,4 +1,5 @@
-"""Figures a person would rather look at than read: CMC curves and an embedding map."""
+"""Figures a person would rather look at than read: CMC curves and an embedding map (and, in
+`handclip.eval.ranked`, what the models retrieve)."""
 
 from __future__ import annotations
 
@@ -86,8 +87,9 @@ def plot_embeddings(
     return fig
 
 
-def run_figures(results: dict, backbone, captioner, run_dir: str | Path) -> dict:
-    """CMC curves (baseline vs fine-tuned) and a PCA of test images and captions, written as PNGs.
+def run_figures(results: dict, backbone, captioner, run_dir: str | Path, evaluator=None) -> dict:
+    """CMC curves (baseline vs fine-tuned), a PCA of test images and captions and, with the run's `evaluator`
+    (handclip.eval.Evaluator: its rows, images and `eval.ranked`), what the models retrieve, written as PNGs.
 
     Returns {name: figure}; the caller logs and closes them.
     """
@@ -104,11 +106,16 @@ def run_figures(results: dict, backbone, captioner, run_dir: str | Path) -> dict
         for i, r in enumerate(image_rows or [])
         if r["split"].startswith(("query", "gallery")) and "_all" not in r["split"]
     ]
-    if test and captioner is not None:
+    if test and captioner is not None and features is not None:
         chosen = [image_rows[i] for i in test]
         captions = sorted({(r["identity"], captioner(r)) for r in chosen})
         text = encode_texts(backbone, [c for _, c in captions])
         figures["embeddings"] = plot_embeddings(
             features[test], [r["identity"] for r in chosen], text, [i for i, _ in captions], run_dir / "embeddings.png"
         )
+    if evaluator is not None:
+        from handclip.eval.ranked import ranked_figures
+
+        figures.update(ranked_figures(results, evaluator.rows, evaluator.image_root, evaluator.settings.ranked,
+                                      run_dir))  # fmt: skip
     return figures

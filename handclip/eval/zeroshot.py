@@ -59,11 +59,13 @@ def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] =
 
 
 def text_metrics(
-    image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], backbone, text_cache=None
-) -> dict[str, float]:
+    image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], backbone, text_cache=None,
+    kept: dict | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Zero-shot attribute accuracies and retrieval recalls for images with their rows and captions.
 
-    With a `text_cache` (a frozen text tower), prompts and captions are encoded once per run.
+    With a `text_cache` (a frozen text tower), prompts and captions are encoded once per run. A `kept` dict receives
+    the distinct captions (`captions`, sorted) and their embeddings (`text`), for the retrieval figure.
     """
     if text_cache is not None:
 
@@ -91,6 +93,8 @@ def text_metrics(
                     metrics[f"zeroshot/{part}_accuracy"] = float((side[predicted] == side[truth]).float().mean())
     unique = sorted(set(captions))
     text = encode(backbone, unique)
+    if kept is not None:
+        kept.update(captions=unique, text=text)
     position = {caption: i for i, caption in enumerate(unique)}
     index = torch.tensor([position[c] for c in captions])
     correct = index[:, None] == torch.arange(len(unique))[None, :]

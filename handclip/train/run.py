@@ -284,7 +284,7 @@ def _log_figures(logger, results: dict, run: Assembled, run_dir: Path) -> None:
 
     from handclip.eval.plots import run_figures
 
-    figures = run_figures(results, run.backbone, run.datamodule.captioner, run_dir)
+    figures = run_figures(results, run.backbone, run.datamodule.captioner, run_dir, run.evaluate)
     try:
         logger.log_figures(figures)
     finally:
