@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from handclip.data.prepare import derived_folder, main, read_manifest
+from handclip.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,6 +196,72 @@ def test_a_split_column_is_honoured_with_val_images_and_refused_when_it_mixes_si
     root = caption_folder(tmp_path / "b", split=lambda n: "test" if n == 4 else "train")
     assert prepare(root, "--format", "csv") == 2
     assert "identity 'p1' is marked train (" in error_line(capsys)
+
+
+def prepare_source(source) -> list[dict]:
+    from handclip.data.prepare import PrepareSettings
+    from handclip.data.prepare import prepare as prepare_settings
+
+    settings = PrepareSettings(source, runs=2, cache_root=Path(source.root).parent / "derived")
+    return read_manifest(prepare_settings(settings, quiet=True))
+
+
+def test_a_caption_file_with_its_own_column_names_and_separator_is_read(tmp_path):
+    # as run_clip.py's --image_column/--caption_column and open_clip's --csv-img-key name them
+    from handclip.data.sources import CaptionCSV
+
+    root = caption_folder(tmp_path / "data", split=lambda n: "test" if n >= 18 else "train")
+    lines = (root / "captions.csv").read_text().splitlines()
+    renamed = ["file_name;text;person;subset"] + [line.replace(",", ";") for line in lines[1:]]
+    (root / "captions.csv").write_text("\n".join(renamed) + "\n")
+    source = CaptionCSV(root=str(root), image_column="file_name", caption_column="text", identity_column="person",
+                        split_column="subset", separator=";")  # fmt: skip
+    rows = prepare_source(source)
+    assert {r["person"] for r in rows if r["split"].startswith("gallery")} == {"p6", "p7"}
+    assert {r["caption"] for r in rows if r["image"] == "img/5.jpg"} == {"a hand number 5"}
+    with pytest.raises(DataError, match="column 'image' is missing .*the header holds ';': is that the separator"):
+        prepare_source(CaptionCSV(root=str(root)))
+
+
+def test_one_caption_file_per_split_is_read_with_its_split(tmp_path):
+    from handclip.data.sources import CaptionCSV
+
+    root = caption_folder(tmp_path / "data")
+    header, *lines = (root / "captions.csv").read_text().splitlines()
+    parts = {"train": [x for x in lines if int(x.split("/")[1].split(".")[0]) < 15],
+             "val": [x for x in lines if 15 <= int(x.split("/")[1].split(".")[0]) < 18 and "p5" in x],
+             "test": [x for x in lines if int(x.split("/")[1].split(".")[0]) >= 18]}  # fmt: skip
+    for split, chosen in parts.items():
+        (root / f"{split}.csv").write_text("\n".join([header, *chosen]) + "\n")
+    # p5's images 15-17 are val only: held out of training, no train image of their own -> refused by name
+    files = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+    with pytest.raises(DataError, match="identity 'p5' has val images .* but no train images"):
+        prepare_source(CaptionCSV(root=str(root), csv=files))
+    (root / "val.csv").write_text("\n".join([header, lines[12]]) + "\n")  # image 12, of p4 (train)
+    (root / "train.csv").write_text("\n".join([header, *(x for x in parts["train"] if x != lines[12])]) + "\n")
+    rows = prepare_source(CaptionCSV(root=str(root), csv=files))
+    assert {r["image"] for r in rows if r["split"] == "val"} == {"img/12.jpg"}
+    assert {r["person"] for r in rows if r["split"].startswith("gallery")} == {"p6", "p7"}
+    (root / "val.csv").write_text(header + "\n")
+    with pytest.raises(DataError, match="val.csv has no rows under its header"):
+        prepare_source(CaptionCSV(root=str(root), csv=files))
+    (root / "val.csv").write_text("\n".join([header, lines[12]]) + "\n")
+    marked = [f"{header},split", *(f"{x},test" for x in parts["test"][:-1]), f"{parts['test'][-1]},train"]
+    (root / "test.csv").write_text("\n".join(marked) + "\n")
+    with pytest.raises(DataError, match="split is 'train' in the file of the test split"):
+        prepare_source(CaptionCSV(root=str(root), csv=files))
+
+
+def test_a_test_split_of_one_identity_is_refused_and_a_small_one_warned(tmp_path):
+    # identity = class: 24 images of 4 classes leave 1 test class, and Rank-1 would read 100% whatever the model
+    root = caption_folder(tmp_path / "classes", identities={n: f"class{n % 4}" for n in range(24)})
+    from handclip.data.sources import CaptionCSV
+
+    with pytest.raises(DataError, match="the test split has 1 identity .* Rank-1 and mAP read 100% whatever the model"):
+        prepare_source(CaptionCSV(root=str(root)))
+    root = caption_folder(tmp_path / "few")  # 8 people: 2 test identities
+    with pytest.warns(UserWarning, match=r"the test split has only 2 identities and 4 queries per run: chance Rank-1"):
+        prepare_source(CaptionCSV(root=str(root)))
 
 
 # --- paths that come from the data --------------------------------------------------------------

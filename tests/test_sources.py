@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -136,8 +137,20 @@ def test_settings_are_checked_with_the_key():
     with pytest.raises(ConfigError, match=r"data.draw=-1 must be an integer"):
         PrepareSettings(SyntheticHands(root="x"), draw=-1).check()
     for csv in (".", ""):  # a folder, not the caption file (`.` was a traceback: "has an empty name")
-        with pytest.raises(ConfigError, match=r"data.source.csv=.* must name the caption file inside data.source.root"):
+        with pytest.raises(ConfigError, match=r"data.source.csv=.* must name a caption file inside data.source.root"):
             CaptionCSV(root="x", csv=csv)
+    refused = [
+        ({"csv": {"train": "a.csv"}}, "give one file per split as train, test and optionally val (train and test"),
+        ({"csv": {"train": "a.csv", "test": "b.csv", "dev": "c.csv"}}, "(not 'dev')"),
+        ({"csv": {"train": "a.csv", "test": "a.csv"}}, "names one file for two splits"),
+        ({"separator": ";;"}, "data.source.separator=';;' must be one character"),
+        ({"image_column": ""}, "data.source.image_column='' must be a column name"),
+        ({"caption_column": "image"}, "image_column, caption_column, identity_column and split_column must differ"),
+    ]
+    for settings, message in refused:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            CaptionCSV(root="x", **settings)
+    assert CaptionCSV(root="x", separator="tab").separator == "\t"  # as typed on a command line
 
 
 def test_data_seed_says_it_was_renamed_to_draw(tmp_path):

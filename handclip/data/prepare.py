@@ -35,7 +35,7 @@ from handclip.data.hands import ASPECTS
 from handclip.data.images import BAD_IMAGE_POLICIES, ImageCache, cache_dir, not_a_file, stamp
 from handclip.data.readers import check_distinct_files, inside_root
 from handclip.data.sources import HD, CaptionCSV, DataSource, Hands11k, ImageFolder
-from handclip.data.split import MANIFEST_COLUMNS, check_protocol, check_records, split_sizes
+from handclip.data.split import MANIFEST_COLUMNS, check_protocol, check_records, check_test_set, split_sizes
 from handclip.errors import ConfigError, DataError, exit_with
 from handclip.io import write_json_atomic, write_text_atomic
 
@@ -196,6 +196,7 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     check_distinct_files(folder, records)
     rows = source.split(records, settings.draw, settings.runs)
     check_protocol(rows, f"the split of {folder} by {type(source).__name__}")
+    check_test_set(rows, f"the split of {folder} by {type(source).__name__}")
     images = sorted({r["image"] for r in rows})
     cache = ImageCache(folder, settings.cache_size, settings.derived) if settings.cache_size else None
     todo, bad = cache.plan(images) if cache else ({}, {n: not_a_file(folder / n) for n in images

@@ -92,20 +92,25 @@ def check_distinct_files(root: str | Path, records: list[ImageRecord]) -> None:
             )
 
 
-def read_table(path: Path, required: tuple[str, ...], hint: str = "") -> list[tuple[int, dict[str, str]]]:
-    """(line, row) of a UTF-8 CSV file whose header holds `required`; values stripped.
+def read_table(
+    path: Path, required: tuple[str, ...], hint: str = "", delimiter: str = ","
+) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of a UTF-8 CSV file (fields separated by `delimiter`) whose header holds `required`; values
+    stripped.
 
     A row with more or fewer fields than the header is refused by file and line: read as it is,
     its fields would land in the wrong columns without a word.
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, delimiter=delimiter)
             header = [h.strip() for h in next(reader, [])]
             missing = [c for c in required if c not in header]
             if missing:
+                other = next((d for d in (",", "\t", ";", "|") if d != delimiter and d in ",".join(header)), None)
+                guess = f"; the header holds {other!r}: is that the separator?" if other else ""
                 raise DataError(
-                    f"{path}: column '{missing[0]}' is missing{hint} (found: {', '.join(header) or 'none'})"
+                    f"{path}: column '{missing[0]}' is missing{hint} (found: {', '.join(header) or 'none'}){guess}"
                 )
             rows = []
             start = reader.line_num + 1
@@ -116,7 +121,7 @@ def read_table(path: Path, required: tuple[str, ...], hint: str = "") -> list[tu
                 if len(fields) != len(header):
                     raise DataError(
                         f"{path} line {line}: {len(fields)} fields, but the header has {len(header)} "
-                        f"({', '.join(header)}); a field holding a comma must be quoted"
+                        f"({', '.join(header)}); a field holding the separator {delimiter!r} must be quoted"
                     )
                 rows.append((line, {k: v.strip() for k, v in zip(header, fields, strict=True) if k}))
     except UnicodeDecodeError as error:
@@ -188,23 +193,48 @@ def read_hd(root: str | Path) -> list[ImageRecord]:
     return records
 
 
-def read_caption_csv(csv_path: str | Path, root: str | Path | None = None) -> list[ImageRecord]:
+@dataclass(frozen=True)
+class CaptionColumns:
+    """The columns of a caption CSV (as `run_clip.py`'s `--image_column`/`--caption_column` and open_clip's
+    `--csv-img-key`/`--csv-caption-key` name them) and its separator. `identity` and `split` are optional: a file
+    without them has each image its own identity and a seeded split."""
+
+    image: str = "image"
+    caption: str = "caption"
+    identity: str = "identity"
+    split: str = "split"
+    separator: str = ","
+
+
+def read_caption_csv(
+    csv_path: str | Path, root: str | Path | None = None, columns: CaptionColumns = CaptionColumns(),
+    split: str = "",
+) -> list[ImageRecord]:  # fmt: skip
     """Records of a generic image-caption CSV (any domain), image paths relative to `root`
     (the dataset folder, which holds the CSV; by default the CSV's folder).
 
-    Columns: `image` (path relative to the CSV's folder) and `caption`, required; `identity`
-    (images of one identity are positives of each other; default: each image its own) and
-    `split` (`train`, `val` or `test`; default: a seeded split by identity), optional.
+    Columns (names as `columns` gives them): the image (path relative to the CSV's folder) and its
+    caption, required; the identity (images of one identity are positives of each other; default:
+    each image its own) and the split (`train`, `val` or `test`; default: a seeded split by
+    identity), optional. `split`: every row's split, for a file that holds one split (train.csv,
+    test.csv); a split column in it must agree.
     """
     csv_path = Path(csv_path)
     folder = csv_path.parent.relative_to(root) if root is not None else Path()
     if not csv_path.is_file():
-        raise DataError(f"{csv_path} not found: a caption CSV needs the columns image, caption")
+        raise DataError(f"{csv_path} not found: a caption CSV needs the columns {columns.image}, {columns.caption}")
     records = []
-    for line, row in read_table(csv_path, ("image", "caption")):
+    for line, row in read_table(csv_path, (columns.image, columns.caption), delimiter=columns.separator):
         where = f"{csv_path} line {line}"
-        image = (folder / inside_root(csv_path.parent, row["image"], where)).as_posix()
-        records.append(_captioned(image, row["caption"], row.get("identity", ""), row.get("split", ""), where))
+        image = (folder / inside_root(csv_path.parent, row[columns.image], where)).as_posix()
+        own = row.get(columns.split, "")
+        if split and own and own != split:
+            raise DataError(f"{where}: {columns.split} is {own!r} in the file of the {split} split; leave the column "
+                            "out, or make it agree")  # fmt: skip
+        identity = row.get(columns.identity, "")
+        records.append(_captioned(image, row[columns.caption], identity, split or own, where))
+    if not records:
+        raise DataError(f"{csv_path} has no rows under its header: nothing to train or test on")
     return records
 
 

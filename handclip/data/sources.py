@@ -36,6 +36,7 @@ from typing import Any
 from handclip.checks import flag, integer, one_of
 from handclip.data.hands import ASPECTS
 from handclip.data.readers import (
+    CaptionColumns,
     ImageRecord,
     aspect_slug,
     inside_root,
@@ -98,6 +99,10 @@ class DataSource:
             return None
         return (f"{KEY}.root={self.root} does not exist. Put the dataset there (see data/README.md), point "
                 f"{KEY}.root at it, or try the demo on synthetic hands: python train.py experiment=demo")  # fmt: skip
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, default=str).encode()).hexdigest()[:8]
 
 
 def _slug(text: str) -> str:
@@ -183,28 +188,79 @@ class HD(DataSource):
         return split_hd(records, draw, runs)
 
 
+CSV_SPLITS = ("train", "val", "test")  # the keys of `csv` given as one file per split
+
+
 @dataclass
 class CaptionCSV(DataSource):
-    """Any image-caption dataset: `root/<csv>` with columns image, caption [, identity, split]."""
+    """Any image-caption dataset: `root/<csv>` with columns image, caption [, identity, split], or one file per
+    split (`csv: {train: train.csv, val: val.csv, test: test.csv}`; val optional). Column names and the
+    separator are settings (a tab-separated file: `separator: "\\t"`)."""
 
-    csv: str = "captions.csv"  # relative to root
+    csv: Any = "captions.csv"  # relative to root; or {train: ..., test: ..., val: ...}
+    image_column: str = "image"
+    caption_column: str = "caption"
+    identity_column: str = "identity"  # optional in the file: without it each image is its own identity
+    split_column: str = "split"  # optional in the file: without it a seeded split by identity
+    separator: str = ","
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.csv, str) or not Path(self.csv).name:  # `.`, `` or `/`: a folder, not a file
-            raise ConfigError(f"{KEY}.csv={self.csv!r} must name the caption file inside {KEY}.root, e.g. captions.csv")
-        inside_root(self.root, str(self.csv), f"{KEY}.csv")  # lexically: no '..', not absolute
+        if hasattr(self.csv, "items"):  # a mapping from the config: plain, so the manifest records it as it is
+            self.csv = {str(k): v for k, v in self.csv.items()}
+        if isinstance(self.separator, str) and self.separator.lower() in ("\\t", "tab"):
+            self.separator = "\t"  # as typed on a command line
+        files = self.files()
+        for split, name in files.items():
+            key = f"{KEY}.csv" + (f".{split}" if split else "")
+            if not isinstance(name, str) or not Path(name).name:  # `.`, `` or `/`: a folder, not a file
+                raise ConfigError(f"{key}={name!r} must name a caption file inside {KEY}.root, e.g. captions.csv")
+            inside_root(self.root, str(name), key)  # lexically: no '..', not absolute
+        if len(set(files.values())) < len(files):
+            raise ConfigError(f"{KEY}.csv names one file for two splits ({self.csv}): give each split its own file")
+        for key in ("image_column", "caption_column", "identity_column", "split_column"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise ConfigError(f"{KEY}.{key}={getattr(self, key)!r} must be a column name of the caption file")
+        names = [self.image_column, self.caption_column, self.identity_column, self.split_column]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"{KEY}: image_column, caption_column, identity_column and split_column must differ "
+                              f"(given {', '.join(names)})")  # fmt: skip
+        if not isinstance(self.separator, str) or len(self.separator) != 1 or self.separator in "\"\r\n":
+            raise ConfigError(f"{KEY}.separator={self.separator!r} must be one character such as ',', ';', '|' or "
+                              "'\\t' (a tab)")  # fmt: skip
+
+    def files(self) -> dict[str, str]:
+        """{split: file} for one file per split, {"": file} for one file."""
+        if hasattr(self.csv, "items"):
+            files = dict(self.csv.items())
+            unknown = sorted(set(files) - set(CSV_SPLITS))
+            if unknown or "train" not in files or "test" not in files:
+                raise ConfigError(
+                    f"{KEY}.csv={files}: give one file per split as train, test and optionally val "
+                    f"({f'not {unknown[0]!r}' if unknown else 'train and test are needed'})"
+                )
+            return {split: files[split] for split in CSV_SPLITS if split in files}
+        return {"": self.csv}
+
+    def columns(self) -> CaptionColumns:
+        return CaptionColumns(self.image_column, self.caption_column, self.identity_column, self.split_column,
+                              self.separator)  # fmt: skip
 
     @property
     def name(self) -> str:
-        return f"csv_{_slug(Path(self.csv).with_suffix('').as_posix())}"
+        files = "_".join(Path(name).with_suffix("").as_posix() for name in self.files().values())
+        default = self.columns() == CaptionColumns()
+        return f"csv_{_slug(files)}" + ("" if default else f"_{_digest(dataclasses.astuple(self.columns()))}")
 
     def inputs(self, folder: Path) -> list[Path]:
-        return [folder / self.csv]
+        return [folder / name for name in self.files().values()]
 
     def read(self, folder: Path) -> list[ImageRecord]:
-        inside_root(folder, str(self.csv), f"{KEY}.csv")
-        return read_caption_csv(folder / self.csv, folder)
+        records = []
+        for split, name in self.files().items():
+            inside_root(folder, str(name), f"{KEY}.csv")
+            records += read_caption_csv(folder / name, folder, self.columns(), split)
+        return records
 
 
 @dataclass

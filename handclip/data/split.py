@@ -237,6 +237,37 @@ def check_records(records: list[ImageRecord]) -> None:
             )
 
 
+# below this many test identities a re-identification score is coarse: said, with chance level
+FEW_TEST_IDENTITIES = 10
+
+
+def check_test_set(rows: list[dict], where: str) -> None:
+    """Refuse a test split whose re-identification scores would mean nothing, whatever the model: fewer than two
+    gallery identities (Rank-1 and mAP read 100%), or no query at all; warn when there are few identities."""
+    gallery = {r["identity"] for r in rows if r["split"] == "gallery0"}
+    queries = sum(r["split"] == "query0" for r in rows)
+    if not gallery and not queries:
+        return  # a source without query/gallery runs
+    if len(gallery) < 2:
+        raise DataError(
+            f"{where}: the test split has {len(gallery)} identity ({', '.join(sorted(gallery)) or 'none'}), so every "
+            "query matches the only gallery identity and Rank-1 and mAP read 100% whatever the model. Give the test "
+            "split more identities (more data, or a split column). If the identity column holds classes (identity = "
+            "class), this is classification, not re-identification: give each individual its own identity"
+        )
+    if not queries:
+        raise DataError(
+            f"{where}: no test identity has two images, so there is no query (each identity's single image is its "
+            "gallery image); re-identification needs test identities with two images or more"
+        )
+    if len(gallery) < FEW_TEST_IDENTITIES:
+        warnings.warn(
+            f"{where}: the test split has only {len(gallery)} identities and {queries} queries per run: chance "
+            f"Rank-1 is {100 / len(gallery):.0f}% and one query moves it by {100 / queries:.0f} points",
+            stacklevel=3,
+        )
+
+
 def check_protocol(rows: list[dict], where: str) -> None:
     """Refuse a split in which an image shows two identities, an image or an identity is in training
     (train, val) and in test, an image is both a training and a validation image, or both query and
