@@ -146,7 +146,7 @@ def test_a_soup_of_two_seeds_scores_on_validation_at_least_as_well_as_the_worse(
     from handclip.tools.soup import _validation
 
     train(tmp_path, "seed=0,1", "eval.baseline=false", "eval.test=false", "trainer.max_epochs=3", multirun=True)
-    sweep = tmp_path / "runs" / "sweeps" / "demo"
+    (sweep,) = (tmp_path / "runs" / "sweeps" / "demo").iterdir()
     points = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
     assert len(points) == 2
     uniform, greedy = soup(sweep, tmp_path / "uniform"), soup(sweep, tmp_path / "greedy", greedy=True)

@@ -28,7 +28,7 @@ from typing import Any
 from handclip.errors import first_line
 from handclip.io import atomic_write, write_json_atomic
 
-IGNORED = ("paths.", "hydra.", "run_name", "ckpt_path", "overwrite", "sweep.")
+IGNORED = ("paths.", "hydra.", "run_name", "sweep_name", "ckpt_path", "overwrite", "sweep.")
 COLUMNS = (
     "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std", "test/mAP", "test/mAP_std",
     "test_all/rank1", "test_all/mAP", "train_time_s", "wall_time_s", "peak_memory_mb",
@@ -90,6 +90,13 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
         for key in swept:
             row[key] = row["config"].get(key)
     return swept, runs
+
+
+def sweeps_in(folder: str | Path) -> list[Path]:
+    """The sweeps directly inside `folder` (runs/sweeps/<name> holds one folder per sweep), in name order: the
+    folders that hold points (subfolders with config.yaml or failed.json)."""
+    inner = [p for p in Path(folder).iterdir() if p.is_dir()] if Path(folder).is_dir() else []
+    return sorted(p for p in inner if any(p.glob("*/config.yaml")) or any(p.glob("*/failed.json")))
 
 
 def _record(path: Path, damage: list[str]) -> dict | None:
@@ -315,7 +322,7 @@ def record_failure(run_dir: str | Path, error: BaseException, config: Mapping | 
 
 
 # settings that cannot change a point's result: where files go, how it is logged, how fast it loads
-NOT_RESULT = ("paths.", "sweep.", "hydra.", "logger.", "callbacks.", "ckpt_path", "overwrite", "run_name",
+NOT_RESULT = ("paths.", "sweep.", "sweep_name", "hydra.", "logger.", "callbacks.", "ckpt_path", "overwrite", "run_name",
               "data.num_workers", "eval.batch_size", "trainer.enable_progress_bar")  # fmt: skip
 
 
@@ -340,18 +347,37 @@ except ImportError:  # pragma: no cover
 
 
 class SweepSummary(_HydraCallback):
-    """Hydra callback: name the swept experiment in each point's folder; summarise the sweep directory when a
-    multirun ends."""
+    """Hydra callback: check and say the sweep's folder; name the swept experiment in each point's folder; summarise
+    the sweep directory when a multirun ends, and exit 2 when every point this command ran failed."""
+
+    def __init__(self) -> None:
+        self.points: list[Path] = []  # the folders of this command's points (of the jobs that ran in this process)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from handclip.train.resolvers import SWEPT_EXPERIMENT
+        from handclip.train.resolvers import SWEPT_EXPERIMENT, run_name_problem
 
         os.environ.pop(SWEPT_EXPERIMENT, None)
+        self.points = []
         overrides = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+        folder_given = any(str(o).startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra)
+        sweep_name = config.get("sweep_name")
+        problem = run_name_problem(sweep_name, "sweep_name")
+        if any(o.key_or_group == "sweep_name" and o.is_sweep_override() for o in overrides):
+            problem = "sweep_name names the one folder of a sweep: give one name, not several"
+        elif sweep_name is not None and folder_given:
+            problem = f"sweep_name={sweep_name} and hydra.sweep.dir both name the sweep's folder: give one of them"
+        if problem:  # before the sweeper makes any folder: a refused command writes nothing
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
         if any(o.key_or_group == "experiment" and o.is_sweep_override() for o in overrides):
             os.environ[SWEPT_EXPERIMENT] = str(config.name)
+        print(f"sweep folder: {_sweep_dir(config)}", flush=True)
+
+    def on_job_end(self, config, job_return=None, **kwargs) -> None:
+        # (a launcher that runs jobs elsewhere, SLURM, ends them in their own process: then every point counts)
+        self.points.append(Path(config.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from handclip.train.resolvers import SWEPT_EXPERIMENT
@@ -362,7 +388,10 @@ class SweepSummary(_HydraCallback):
             csv_path, png = write_summary(sweep_dir)
             print(f"sweep summary: {csv_path}" + (f" and {png}" if png else ""))
             _, runs = collect_runs(sweep_dir)
-            if runs and all(r["status"] == "failed" for r in runs):
+            # this command's points; a named sweep's folder may hold others, finished by an earlier command
+            ran = {p.name for p in self.points}
+            mine = [r for r in runs if r["run"] in ran] if ran else runs
+            if mine and all(r["status"] == "failed" for r in mine):
                 print(f"error: every point of the sweep failed; see {csv_path}", file=sys.stderr)
                 sys.exit(2)
 
@@ -401,7 +430,12 @@ def main(argv=None) -> None:
         sys.exit(2)
     swept, runs = collect_runs(folder)
     if not runs:
-        print(f"error: no runs in {folder} (a run is a subfolder with config.yaml or failed.json)", file=sys.stderr)
+        inner = sweeps_in(folder)
+        if inner:  # runs/sweeps/<name>: one folder per sweep, each summarised on its own
+            print(f"error: {folder} holds sweeps ({len(inner)}), not runs: summarise one of them, e.g. {inner[-1]}",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"error: no runs in {folder} (a run is a subfolder with config.yaml or failed.json)", file=sys.stderr)
         sys.exit(2)
     csv_path, png = write_summary(folder)
     print(f"summary: {csv_path}" + (f" and {png}" if png else ""))
