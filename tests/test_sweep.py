@@ -170,3 +170,53 @@ def test_a_sweep_over_experiments_gives_each_its_own_point(tmp_path):
     assert [r["status"] for r in rows] == ["finished", "finished"]
     names = {yaml.safe_load((summary.parent / p / "config.yaml").read_text())["name"] for p in points}
     assert names == {"demo", "demo_siglip"}
+
+
+CAPTION_METRICS = {  # what a run on caption data (data=captions) holds in metrics.json: no aspects, no zero-shot
+    "trainable_parameters": 108417, "val/rank1": 0.67, "test/rank1": 0.875, "test/rank1_std": 0.18, "test/mAP": 0.94,
+    "test/mAP_std": 0.09, "train_time_s": 4.7, "baseline/test/rank1": 0.8, "retrieval/text_to_image_R@10": 1.0,
+    "retrieval/image_to_text_R@1": 0.17, "retrieval/image_to_text_R@10": 1.0, "retrieval/image_to_text_R@5": 0.83,
+    "retrieval/text_to_image_R@1": 0.25, "retrieval/text_to_image_R@5": 0.8,
+    "baseline/retrieval/image_to_text_R@1": 0.1,
+}  # fmt: skip
+
+
+def _finished(folder, lr, metrics):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": lr}, "data": {"draw": 0}}))
+    (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+
+
+def test_a_caption_sweeps_summary_shows_its_retrieval_recalls_and_no_hand_columns(tmp_path, capsys, monkeypatch):
+    # its columns were the hand data's: zero-shot and merged-gallery columns all "-", no retrieval, "same-aspect"
+    from handclip.train.sweep import markdown_table, write_summary
+
+    monkeypatch.setenv("COLUMNS", "200")  # the printed table's headings whole
+    _finished(tmp_path / "lr=1e-4", 1e-4, CAPTION_METRICS)
+    _finished(tmp_path / "lr=2e-4", 2e-4, {**CAPTION_METRICS, "retrieval/image_to_text_R@1": 0.33})
+    csv_path, _ = write_summary(tmp_path)
+    fields = next(csv.reader(open(csv_path)))
+    recalls = [f"retrieval/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+    assert fields == ["run", "optim.lr", "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std",
+                      "test/mAP", "test/mAP_std", "train_time_s", "baseline/test/rank1", *recalls, "error"]  # fmt: skip
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [float(r["retrieval/image_to_text_R@1"]) for r in rows] == [0.17, 0.33]
+    out = capsys.readouterr().out
+    assert "same-aspect" not in out and "zero-shot" not in out
+    assert "sweep summary (test: queries against each run's gallery, mean ± std over runs)" in out
+    _, runs = collect_runs(tmp_path)
+    head = markdown_table(["optim.lr"], runs).splitlines()[0]
+    assert head == "| run | optim.lr | trainable | train s | test R1 | test mAP | image→text R@1 | text→image R@1 |"
+
+
+def test_a_hand_sweeps_summary_keeps_its_columns_in_their_order(tmp_path, capsys, monkeypatch):
+    from handclip.train.sweep import COLUMNS, write_summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    hand = {key: 0.5 for key in COLUMNS if key != "status"}
+    _finished(tmp_path / "lr=1e-4", 1e-4, hand)
+    _finished(tmp_path / "lr=2e-4", 2e-4, {k: v for k, v in hand.items() if not k.startswith("zeroshot/")})
+    fields = next(csv.reader(open(write_summary(tmp_path)[0])))
+    assert fields == ["run", "optim.lr", *COLUMNS, "error"]
+    out = capsys.readouterr().out
+    assert "sweep summary (test: same-aspect gallery, mean ± std over runs)" in out and "zero-shot" in out

@@ -36,6 +36,25 @@ COLUMNS = (
     "zeroshot/gender_accuracy", "zeroshot/nail_polish_accuracy",
 )  # fmt: skip
 ZERO_SHOT = ("aspect", "skin", "gender", "nail_polish")
+RETRIEVAL = "retrieval/"  # image-text recall (`retrieval/image_to_text_R@1`, ...), measured on caption data
+
+
+def metric_columns(runs: list[dict]) -> list[str]:
+    """The summary's columns after the swept settings: `status`, then those of COLUMNS that some run holds (in
+    their order), then the retrieval recalls some run holds (image-to-text first, R@1 before R@5)."""
+    held = {key for row in runs for key in row.get("metrics") or {}}
+    recalls = [key for key in held if key.startswith(RETRIEVAL)]
+    recalls.sort(key=lambda k: (k.rsplit("_R@", 1)[0], int(k.rsplit("@", 1)[1]) if k[-1].isdigit() else 0, k))
+    return [key for key in COLUMNS if key == "status" or key in held] + recalls
+
+
+def test_wording(runs: list[dict]) -> str:
+    """What the test columns measure, as the runs' metrics name it: `test` is the same-aspect gallery only where a
+    gallery merged over aspects (`test_all`) exists beside it; other data has one gallery per test run."""
+    held = {key for row in runs for key in row.get("metrics") or {}}
+    if any(key.startswith("test_all/") for key in held):
+        return "test: same-aspect gallery"
+    return "test: queries against each run's gallery"
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -75,7 +94,8 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
             from handclip.eval.replication import gains
 
             metrics = {**payload["metrics"], **gains(payload["metrics"])}
-            row.update({k: metrics.get(k) for k in COLUMNS if k in metrics}, status="finished")
+            shown = {k: v for k, v in metrics.items() if k in COLUMNS or k.startswith(RETRIEVAL)}
+            row.update(shown, status="finished")
             row.update(metrics=metrics, data=payload.get("manifest"))
         else:
             row["status"] = "unfinished"
@@ -117,7 +137,7 @@ def write_summary(sweep_dir: str | Path) -> tuple[Path, Path | None]:
 
     sweep_dir = Path(sweep_dir)
     swept, runs = collect_runs(sweep_dir)
-    fields = ["run", *swept, *COLUMNS, "error"]
+    fields = ["run", *swept, *metric_columns(runs), "error"]
     replicated = any(key in swept for key in REPLICATION_KEYS)
     csv_path = sweep_dir / ("runs.csv" if replicated else "summary.csv")
     with atomic_write(csv_path) as handle:
@@ -166,7 +186,7 @@ def write_replication(sweep_dir: Path, swept: list[str], runs: list[dict]) -> tu
                 "ci95_high": "" if d is None else _blank(d.high), "p_value": _blank(c.p_value), "pairs": c.pairs,
                 "note": c.problem,
             })  # fmt: skip
-    _print_replication(result)
+    _print_replication(result, test_wording(runs))
     png = _plot_replication(sweep_dir / "summary.png", result)
     return summary, png
 
@@ -175,12 +195,12 @@ def _blank(value: float | None) -> float | str:
     return "" if value is None else value
 
 
-def _print_replication(result) -> None:
+def _print_replication(result, wording: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title="replicated sweep: mean ± 95% CI over draws and seeds (test: same-aspect gallery, %)")
+    table = Table(title=f"replicated sweep: mean ± 95% CI over draws and seeds ({wording}, %)")
     for name in ["group", "n", "test R1", "gain R1", "test mAP", "gain mAP", "val R1", "retention"]:
         table.add_column(name, justify="right")
 
@@ -240,32 +260,49 @@ def _plot_replication(path: Path, result) -> Path | None:
     return path
 
 
+def _pct(row: Mapping, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    std = row.get(key + "_std")
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+# the tables' columns after the swept settings: heading, whether a row holds it, its cell
+TABLE = {
+    "trainable": (lambda r: r.get("trainable_parameters"), lambda r: f"{r['trainable_parameters']:,}"),
+    "val R1": (lambda r: r.get("val/rank1") is not None, lambda r: _pct(r, "val/rank1")),
+    "test R1": (lambda r: r.get("test/rank1") is not None, lambda r: _pct(r, "test/rank1")),
+    "test mAP": (lambda r: r.get("test/mAP") is not None, lambda r: _pct(r, "test/mAP")),
+    "zero-shot a/s/g/n": (lambda r: zero_shot(r) != "-", lambda r: zero_shot(r)),
+    "image→text R@1": (lambda r: r.get("retrieval/image_to_text_R@1") is not None,
+                       lambda r: _pct(r, "retrieval/image_to_text_R@1")),
+    "text→image R@1": (lambda r: r.get("retrieval/text_to_image_R@1") is not None,
+                       lambda r: _pct(r, "retrieval/text_to_image_R@1")),
+    "train s": (lambda r: r.get("train_time_s"), lambda r: f"{r['train_time_s']:.0f}"),
+}  # fmt: skip
+
+
+def table_columns(runs: list[dict], names=tuple(TABLE)) -> list[str]:
+    """Those of the table's columns `names` that some run holds: a column no run has is left out."""
+    return [name for name in names if any(TABLE[name][0](row) for row in runs)]
+
+
+def _cells(row: Mapping, columns: list[str]) -> list[str]:
+    return [TABLE[name][1](row) if TABLE[name][0](row) else "-" for name in columns]
+
+
 def _print_table(swept: list[str], runs: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="sweep summary (test: same-aspect gallery, mean ± std over runs)")
-    for name in [*swept, "status", "trainable", "val R1", "test R1", "test mAP", "zero-shot a/s/g/n", "train s"]:
+    columns = table_columns(runs)
+    tested = "test R1" in columns or "test mAP" in columns
+    table = Table(title="sweep summary" + (f" ({test_wording(runs)}, mean ± std over runs)" if tested else ""))
+    for name in [*swept, "status", *columns]:
         table.add_column(name, justify="right")
-
-    def pct(row, key):
-        value = row.get(key)
-        if value is None:
-            return "-"
-        std = row.get(key + "_std")
-        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
     for row in runs:
-        table.add_row(
-            *[str(row.get(k)) for k in swept],
-            row["status"],
-            f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
-            pct(row, "val/rank1"),
-            pct(row, "test/rank1"),
-            pct(row, "test/mAP"),
-            zero_shot(row),
-            f"{row['train_time_s']:.0f}" if row.get("train_time_s") else "-",
-        )
+        table.add_row(*[str(row.get(k)) for k in swept], row["status"], *_cells(row, columns))
     Console().print(table)
 
 
@@ -397,21 +434,13 @@ class SweepSummary(_HydraCallback):
 
 
 def markdown_table(swept: list[str], runs: list[dict]) -> str:
-    """The summary as a Markdown table (percent, mean ± std over the test runs)."""
-
-    def pct(row, key):
-        value, std = row.get(key), row.get(key + "_std")
-        if value is None:
-            return "-"
-        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
-    head = ["run", *swept, "trainable", "train s", "test R1", "test mAP", "zero-shot aspect/skin/gender/nails %"]
+    """The summary as a Markdown table (percent, mean ± std over the test runs); columns no run has are left out."""
+    names = ("trainable", "train s", "test R1", "test mAP", "zero-shot a/s/g/n", "image→text R@1", "text→image R@1")
+    columns = table_columns(runs, names)
+    head = ["run", *swept, *(name.replace("a/s/g/n", "aspect/skin/gender/nails %") for name in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in runs:
-        cells = [row["run"], *[str(row.get(k)) for k in swept]]
-        cells.append(f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-")
-        cells.append(f"{row['train_time_s']:.0f}" if row.get("train_time_s") else "-")
-        cells += [pct(row, "test/rank1"), pct(row, "test/mAP"), zero_shot(row)]
+        cells = [row["run"], *[str(row.get(k)) for k in swept], *_cells(row, columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
