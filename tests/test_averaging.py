@@ -26,13 +26,19 @@ def test_average_of_one_state_is_that_state_and_of_two_their_mean():
 
 
 def _point(sweep, name, **changes):
-    """A finished sweep point on disk (config, metrics, a best checkpoint file) without training."""
+    """A finished sweep point on disk (config, metrics, a best checkpoint file) without training; `changes` name
+    settings by their path with `__` (`data__source__identities=12`)."""
     config = {"backbone": {"_target_": "handclip.model.HuggingFaceCLIP", "name": "tiny", "source": "tiny"},
               "projection": {"_target_": "handclip.model.projection.Keep"},
-              "freeze": {"_target_": "handclip.model.freeze.LastN", "vision_blocks": 2}}  # fmt: skip
+              "freeze": {"_target_": "handclip.model.freeze.LastN", "vision_blocks": 2},
+              "data": {"draw": 0,
+                       "source": {"_target_": "handclip.data.sources.SyntheticHands", "identities": 10}}}  # fmt: skip
     for key, value in changes.items():
-        section, setting = key.split("__")
-        config[section][setting] = value
+        *sections, setting = key.split("__")
+        tree = config
+        for section in sections:
+            tree = tree[section]
+        tree[setting] = value
     (sweep / name / "checkpoints").mkdir(parents=True)
     (sweep / name / "checkpoints" / "best.ckpt").write_bytes(b"")
     (sweep / name / "config.yaml").write_text(yaml.safe_dump(config))
@@ -45,6 +51,40 @@ def test_a_soup_of_points_with_different_backbones_is_refused_naming_point_and_s
     _point(tmp_path / "s", "b", backbone__source="openai/clip-vit-base-patch32")
     with pytest.raises(HandClipError, match=r"b cannot go in a soup with a: backbone\.source differs"):
         soup(tmp_path / "s", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data__draw": 1}, "data.draw differs (1 vs 0)"),
+        ({"data__source__identities": 12}, "data.source.identities differs (12 vs 10)"),
+        ({"data__source___target_": "handclip.data.sources.CaptionCSV"},
+         "data.source._target_ differs ('handclip.data.sources.CaptionCSV' vs 'handclip.data.sources.SyntheticHands')"),
+    ],
+    ids=["draw", "source setting", "source"],
+)  # fmt: skip
+def test_a_soup_of_points_trained_on_other_data_is_refused_in_one_line_writing_nothing(tmp_path, capsys, change,
+                                                                                        message):  # fmt: skip
+    # such soups were averaged without a word
+    from handclip.tools.export import main
+
+    _point(tmp_path / "s", "a")
+    _point(tmp_path / "s", "b", **change)
+    with pytest.raises(SystemExit) as stop:
+        main(["--soup", str(tmp_path / "s"), str(tmp_path / "out")])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"error: b cannot go in a soup with a: {message}; a soup averages models trained on the same data"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_soup_of_an_experiments_folder_of_sweeps_is_refused_naming_one_sweep(tmp_path):
+    _point(tmp_path / "demo" / "2025-01-01_10-00-00", "a")
+    _point(tmp_path / "demo" / "2025-01-02_10-00-00", "a", data__draw=1)
+    with pytest.raises(HandClipError, match=r"holds sweeps \(2\), not a sweep's points: give one of them, e\.g\. .*"
+                                            r"demo/2025-01-02_10-00-00$"):  # fmt: skip
+        soup(tmp_path / "demo", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -146,7 +186,7 @@ def test_a_soup_of_two_seeds_scores_on_validation_at_least_as_well_as_the_worse(
     from handclip.tools.soup import _validation
 
     train(tmp_path, "seed=0,1", "eval.baseline=false", "eval.test=false", "trainer.max_epochs=3", multirun=True)
-    sweep = tmp_path / "runs" / "sweeps" / "demo"
+    (sweep,) = (tmp_path / "runs" / "sweeps" / "demo").iterdir()
     points = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
     assert len(points) == 2
     uniform, greedy = soup(sweep, tmp_path / "uniform"), soup(sweep, tmp_path / "greedy", greedy=True)

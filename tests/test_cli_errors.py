@@ -165,10 +165,10 @@ def test_init_from_weights_of_another_model_are_refused_in_one_line_before_the_r
 def test_run_name_in_a_sweep_is_refused_not_ignored(tmp_path):
     from tests.test_train import train
 
-    # every point has a folder of its own under runs/sweeps/<name>: run_name was dropped without a word
+    # every point has a folder of its own under runs/sweeps/<name>/<sweep>: run_name was dropped without a word
     result = train(tmp_path, "seed=0,1", "run_name=mine", multirun=True, check=False)
     check_refused(result, "run_name=mine names one run, and a sweep (-m) runs several")
-    assert "hydra.sweep.dir=runs/sweeps/mine" in result.stderr
+    assert "sweep_name=mine" in result.stderr
     assert not list((tmp_path / "runs").rglob("*.ckpt")) and not (tmp_path / "runs" / "mine").exists()
 
 

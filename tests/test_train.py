@@ -126,7 +126,7 @@ def test_same_seed_same_numbers(tmp_path):
 def test_two_point_sweep(tmp_path):
     # as the README writes it: no paths given, everything lands under the starting directory
     train(tmp_path, "freeze.vision_blocks=0,2", "eval.baseline=false", multirun=True, root=False)
-    sweep = tmp_path / "runs" / "sweeps" / "demo"
+    (sweep,) = (tmp_path / "runs" / "sweeps" / "demo").iterdir()  # the sweep's own folder, named by its start
     counts = {}
     for run in [p for p in sweep.iterdir() if (p / "config.yaml").is_file()]:
         blocks = yaml.safe_load((run / "config.yaml").read_text())["freeze"]["vision_blocks"]

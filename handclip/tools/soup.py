@@ -7,8 +7,9 @@ Every finished point of the sweep (one with `metrics.json`) contributes its best
 weighted. `--greedy` (Wortsman et al., 2022) orders the points by their validation Rank-1 and
 adds each to the soup only if the soup's validation Rank-1 does not drop; validation uses the
 first point's data and evaluation settings. Points whose backbone, projection or adapters differ
-(what their freeze policies would merge into the weights, `FreezePolicy.merge`) are refused, before
-any weights are loaded: soups average runs of one model.
+(what their freeze policies would merge into the weights, `FreezePolicy.merge`), or that trained on
+other data (`data.source`, `data.draw`), are refused, before any weights are loaded: soups average
+runs of one model on one dataset.
 
 A soup of one point (a sweep with one finished point, or a greedy soup that kept only its first) is
 exported, as that point's weights, with a warning on stderr and in the model card: it is what
@@ -25,8 +26,13 @@ from typing import Any
 
 from handclip.errors import HandClipError
 
-# what must be the same in every ingredient (the freeze policy's adapters too, see `_adapters`)
-SHARED = ("backbone", "projection")
+# what must be the same in every ingredient (the freeze policy's adapters too, see `_adapters`), and why
+SHARED = {
+    "backbone": "a soup averages runs of one backbone and projection",
+    "projection": "a soup averages runs of one backbone and projection",
+    "data.source": "a soup averages models trained on the same data",
+    "data.draw": "a soup averages models trained on the same data",
+}
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -36,6 +42,13 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(_flatten(value, f"{prefix}.{key}"))
     return flat
+
+
+def _select(config: Mapping, dotted: str) -> Any:
+    """The setting at `dotted` (`data.draw`) in a nested config, or None where it has none."""
+    for key in dotted.split("."):
+        config = config.get(key) if isinstance(config, Mapping) else None
+    return config
 
 
 def _adapters(config: Mapping, trust: Sequence[str]) -> str | None:
@@ -52,7 +65,8 @@ def _adapters(config: Mapping, trust: Sequence[str]) -> str | None:
 
 
 def check_ingredients(points: list[tuple[Path, Mapping]], trust: Sequence[str] = ()) -> None:
-    """Refuse points whose backbone, projection or adapters differ from the first point's."""
+    """Refuse points whose backbone, projection, adapters or training data (the data source's settings and draw)
+    differ from the first point's."""
     from handclip.build import check_targets
 
     (first, reference), rest = points[0], points[1:]
@@ -60,13 +74,13 @@ def check_ingredients(points: list[tuple[Path, Mapping]], trust: Sequence[str] =
         for section in ("backbone", "projection", "freeze"):
             check_targets(config.get(section), section, trust)
     for point, config in rest:
-        for section in SHARED:
-            mine, theirs = _flatten(config.get(section), section), _flatten(reference.get(section), section)
+        for section, why in SHARED.items():
+            mine, theirs = _flatten(_select(config, section), section), _flatten(_select(reference, section), section)
             for key in sorted(set(mine) | set(theirs)):
                 if mine.get(key) != theirs.get(key):
                     raise HandClipError(
                         f"{point.name} cannot go in a soup with {first.name}: {key} differs ({mine.get(key)!r} vs "
-                        f"{theirs.get(key)!r}); a soup averages runs of one backbone and projection"
+                        f"{theirs.get(key)!r}); {why}"
                     )
         if config.get("freeze") != reference.get("freeze"):
             mine, theirs = _adapters(config, trust), _adapters(reference, trust)
@@ -87,6 +101,13 @@ def sweep_points(sweep_dir: Path) -> list[Path]:
         (points if finished and not (run_dir / "failed.json").is_file() else skipped).append(run_dir)
     for run_dir in skipped:
         print(f"soup: {run_dir.name} left out (not finished, or failed)", flush=True)
+    if not points and not skipped:
+        from handclip.train.sweep import sweeps_in
+
+        inner = sweeps_in(sweep_dir)
+        if inner:  # runs/sweeps/<name> holds one folder per sweep; a soup never mixes two
+            raise HandClipError(f"--soup {sweep_dir} holds sweeps ({len(inner)}), not a sweep's points: give one of "
+                                f"them, e.g. {inner[-1]}")  # fmt: skip
     if not points:
         raise HandClipError(f"--soup {sweep_dir}: no finished sweep points (folders with metrics.json and a best.ckpt)")
     return points

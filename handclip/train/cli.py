@@ -66,8 +66,11 @@ def run_command(cfg: DictConfig, hydra_cfg) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun and plain.get("run_name"):  # it would be ignored: every point has a folder of its own
         refuse(f"run_name={plain['run_name']} names one run, and a sweep (-m) runs several, each in "
-               "runs/sweeps/<name>/<its overrides>; give the sweep a folder of its own with "
-               f"hydra.sweep.dir=runs/sweeps/{plain['run_name']}, or leave run_name out", run_dir)  # fmt: skip
+               "runs/sweeps/<name>/<sweep>/<its overrides>; name the sweep's folder with "
+               f"sweep_name={plain['run_name']}, or leave run_name out", run_dir)  # fmt: skip
+    if not multirun and plain.get("sweep_name") is not None:  # it would be ignored: one run has no sweep folder
+        refuse(f"sweep_name={plain['sweep_name']} names a sweep's folder, and this is one run: sweep with -m, "
+               "or name the run with run_name", run_dir)  # fmt: skip
     if plain.get("dry_run"):
         return dry_run_command(cfg, hydra_cfg, plain, run_dir)
     asked = plain  # what config.yaml records

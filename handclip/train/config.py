@@ -27,9 +27,9 @@ from handclip.train.compute import Compute, compute_settings, contrastive_accumu
 
 # the top-level settings a run reads; anything else is a typo
 TOP_LEVEL = (
-    "name", "run_name", "seed", "ckpt_path", "init_from", "overwrite", "dry_run", "paths", "backbone", "freeze",
-    "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep", "ema", "compute",
-    "stages", "stage",
+    "name", "run_name", "sweep_name", "seed", "ckpt_path", "init_from", "overwrite", "dry_run", "paths", "backbone",
+    "freeze", "projection", "loss", "optim", "data", "trainer", "logger", "callbacks", "eval", "sweep", "ema",
+    "compute", "stages", "stage",
 )  # fmt: skip
 # what a resumed run must share with the checkpoint it resumes
 SIGNATURE_KEYS = ("backbone", "freeze", "projection", "loss")

@@ -124,6 +124,15 @@ def safe_name(name: str) -> str:
     return REFUSED_RUN_NAME if run_name_problem(name, "name") else name
 
 
+def sweep_folder(sweep_name, started: str) -> str:
+    """A sweep's own folder under runs/sweeps/<name>: `sweep_name`, or the time the sweep started when it has none
+    (every sweep a folder of its own, so that no summary, soup or failure mixes two sweeps); the stand-in that the
+    sweep refuses when the name would leave that folder."""
+    if sweep_name is None:
+        return started
+    return REFUSED_RUN_NAME if run_name_problem(sweep_name, "sweep_name") else str(sweep_name)
+
+
 def register_resolvers() -> None:
     """Register `handclip.cwd`, `handclip.run_dir` and `handclip.short` (idempotent)."""
     from omegaconf import OmegaConf
@@ -135,3 +144,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("handclip.runs_dir", runs_dir, replace=True)
     OmegaConf.register_new_resolver("handclip.short", short, replace=True)
     OmegaConf.register_new_resolver("handclip.safe_name", safe_name, replace=True)
+    OmegaConf.register_new_resolver("handclip.sweep_folder", sweep_folder, replace=True)

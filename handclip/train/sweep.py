@@ -28,7 +28,7 @@ from typing import Any
 from handclip.errors import first_line
 from handclip.io import atomic_write, write_json_atomic
 
-IGNORED = ("paths.", "hydra.", "run_name", "ckpt_path", "overwrite", "sweep.")
+IGNORED = ("paths.", "hydra.", "run_name", "sweep_name", "ckpt_path", "overwrite", "sweep.")
 COLUMNS = (
     "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std", "test/mAP", "test/mAP_std",
     "test_all/rank1", "test_all/mAP", "train_time_s", "wall_time_s", "peak_memory_mb",
@@ -36,6 +36,25 @@ COLUMNS = (
     "zeroshot/gender_accuracy", "zeroshot/nail_polish_accuracy",
 )  # fmt: skip
 ZERO_SHOT = ("aspect", "skin", "gender", "nail_polish")
+RETRIEVAL = "retrieval/"  # image-text recall (`retrieval/image_to_text_R@1`, ...), measured on caption data
+
+
+def metric_columns(runs: list[dict]) -> list[str]:
+    """The summary's columns after the swept settings: `status`, then those of COLUMNS that some run holds (in
+    their order), then the retrieval recalls some run holds (image-to-text first, R@1 before R@5)."""
+    held = {key for row in runs for key in row.get("metrics") or {}}
+    recalls = [key for key in held if key.startswith(RETRIEVAL)]
+    recalls.sort(key=lambda k: (k.rsplit("_R@", 1)[0], int(k.rsplit("@", 1)[1]) if k[-1].isdigit() else 0, k))
+    return [key for key in COLUMNS if key == "status" or key in held] + recalls
+
+
+def test_wording(runs: list[dict]) -> str:
+    """What the test columns measure, as the runs' metrics name it: `test` is the same-aspect gallery only where a
+    gallery merged over aspects (`test_all`) exists beside it; other data has one gallery per test run."""
+    held = {key for row in runs for key in row.get("metrics") or {}}
+    if any(key.startswith("test_all/") for key in held):
+        return "test: same-aspect gallery"
+    return "test: queries against each run's gallery"
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -75,7 +94,8 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
             from handclip.eval.replication import gains
 
             metrics = {**payload["metrics"], **gains(payload["metrics"])}
-            row.update({k: metrics.get(k) for k in COLUMNS if k in metrics}, status="finished")
+            shown = {k: v for k, v in metrics.items() if k in COLUMNS or k.startswith(RETRIEVAL)}
+            row.update(shown, status="finished")
             row.update(metrics=metrics, data=payload.get("manifest"))
         else:
             row["status"] = "unfinished"
@@ -90,6 +110,13 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
         for key in swept:
             row[key] = row["config"].get(key)
     return swept, runs
+
+
+def sweeps_in(folder: str | Path) -> list[Path]:
+    """The sweeps directly inside `folder` (runs/sweeps/<name> holds one folder per sweep), in name order: the
+    folders that hold points (subfolders with config.yaml or failed.json)."""
+    inner = [p for p in Path(folder).iterdir() if p.is_dir()] if Path(folder).is_dir() else []
+    return sorted(p for p in inner if any(p.glob("*/config.yaml")) or any(p.glob("*/failed.json")))
 
 
 def _record(path: Path, damage: list[str]) -> dict | None:
@@ -110,7 +137,7 @@ def write_summary(sweep_dir: str | Path) -> tuple[Path, Path | None]:
 
     sweep_dir = Path(sweep_dir)
     swept, runs = collect_runs(sweep_dir)
-    fields = ["run", *swept, *COLUMNS, "error"]
+    fields = ["run", *swept, *metric_columns(runs), "error"]
     replicated = any(key in swept for key in REPLICATION_KEYS)
     csv_path = sweep_dir / ("runs.csv" if replicated else "summary.csv")
     with atomic_write(csv_path) as handle:
@@ -159,7 +186,7 @@ def write_replication(sweep_dir: Path, swept: list[str], runs: list[dict]) -> tu
                 "ci95_high": "" if d is None else _blank(d.high), "p_value": _blank(c.p_value), "pairs": c.pairs,
                 "note": c.problem,
             })  # fmt: skip
-    _print_replication(result)
+    _print_replication(result, test_wording(runs))
     png = _plot_replication(sweep_dir / "summary.png", result)
     return summary, png
 
@@ -168,12 +195,12 @@ def _blank(value: float | None) -> float | str:
     return "" if value is None else value
 
 
-def _print_replication(result) -> None:
+def _print_replication(result, wording: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title="replicated sweep: mean ± 95% CI over draws and seeds (test: same-aspect gallery, %)")
+    table = Table(title=f"replicated sweep: mean ± 95% CI over draws and seeds ({wording}, %)")
     for name in ["group", "n", "test R1", "gain R1", "test mAP", "gain mAP", "val R1", "retention"]:
         table.add_column(name, justify="right")
 
@@ -233,32 +260,49 @@ def _plot_replication(path: Path, result) -> Path | None:
     return path
 
 
+def _pct(row: Mapping, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    std = row.get(key + "_std")
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+# the tables' columns after the swept settings: heading, whether a row holds it, its cell
+TABLE = {
+    "trainable": (lambda r: r.get("trainable_parameters"), lambda r: f"{r['trainable_parameters']:,}"),
+    "val R1": (lambda r: r.get("val/rank1") is not None, lambda r: _pct(r, "val/rank1")),
+    "test R1": (lambda r: r.get("test/rank1") is not None, lambda r: _pct(r, "test/rank1")),
+    "test mAP": (lambda r: r.get("test/mAP") is not None, lambda r: _pct(r, "test/mAP")),
+    "zero-shot a/s/g/n": (lambda r: zero_shot(r) != "-", lambda r: zero_shot(r)),
+    "image→text R@1": (lambda r: r.get("retrieval/image_to_text_R@1") is not None,
+                       lambda r: _pct(r, "retrieval/image_to_text_R@1")),
+    "text→image R@1": (lambda r: r.get("retrieval/text_to_image_R@1") is not None,
+                       lambda r: _pct(r, "retrieval/text_to_image_R@1")),
+    "train s": (lambda r: r.get("train_time_s"), lambda r: f"{r['train_time_s']:.0f}"),
+}  # fmt: skip
+
+
+def table_columns(runs: list[dict], names=tuple(TABLE)) -> list[str]:
+    """Those of the table's columns `names` that some run holds: a column no run has is left out."""
+    return [name for name in names if any(TABLE[name][0](row) for row in runs)]
+
+
+def _cells(row: Mapping, columns: list[str]) -> list[str]:
+    return [TABLE[name][1](row) if TABLE[name][0](row) else "-" for name in columns]
+
+
 def _print_table(swept: list[str], runs: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="sweep summary (test: same-aspect gallery, mean ± std over runs)")
-    for name in [*swept, "status", "trainable", "val R1", "test R1", "test mAP", "zero-shot a/s/g/n", "train s"]:
+    columns = table_columns(runs)
+    tested = "test R1" in columns or "test mAP" in columns
+    table = Table(title="sweep summary" + (f" ({test_wording(runs)}, mean ± std over runs)" if tested else ""))
+    for name in [*swept, "status", *columns]:
         table.add_column(name, justify="right")
-
-    def pct(row, key):
-        value = row.get(key)
-        if value is None:
-            return "-"
-        std = row.get(key + "_std")
-        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
     for row in runs:
-        table.add_row(
-            *[str(row.get(k)) for k in swept],
-            row["status"],
-            f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-",
-            pct(row, "val/rank1"),
-            pct(row, "test/rank1"),
-            pct(row, "test/mAP"),
-            zero_shot(row),
-            f"{row['train_time_s']:.0f}" if row.get("train_time_s") else "-",
-        )
+        table.add_row(*[str(row.get(k)) for k in swept], row["status"], *_cells(row, columns))
     Console().print(table)
 
 
@@ -315,7 +359,7 @@ def record_failure(run_dir: str | Path, error: BaseException, config: Mapping | 
 
 
 # settings that cannot change a point's result: where files go, how it is logged, how fast it loads
-NOT_RESULT = ("paths.", "sweep.", "hydra.", "logger.", "callbacks.", "ckpt_path", "overwrite", "run_name",
+NOT_RESULT = ("paths.", "sweep.", "sweep_name", "hydra.", "logger.", "callbacks.", "ckpt_path", "overwrite", "run_name",
               "data.num_workers", "eval.batch_size", "trainer.enable_progress_bar")  # fmt: skip
 
 
@@ -340,18 +384,37 @@ except ImportError:  # pragma: no cover
 
 
 class SweepSummary(_HydraCallback):
-    """Hydra callback: name the swept experiment in each point's folder; summarise the sweep directory when a
-    multirun ends."""
+    """Hydra callback: check and say the sweep's folder; name the swept experiment in each point's folder; summarise
+    the sweep directory when a multirun ends, and exit 2 when every point this command ran failed."""
+
+    def __init__(self) -> None:
+        self.points: list[Path] = []  # the folders of this command's points (of the jobs that ran in this process)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from handclip.train.resolvers import SWEPT_EXPERIMENT
+        from handclip.train.resolvers import SWEPT_EXPERIMENT, run_name_problem
 
         os.environ.pop(SWEPT_EXPERIMENT, None)
+        self.points = []
         overrides = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
+        folder_given = any(str(o).startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra)
+        sweep_name = config.get("sweep_name")
+        problem = run_name_problem(sweep_name, "sweep_name")
+        if any(o.key_or_group == "sweep_name" and o.is_sweep_override() for o in overrides):
+            problem = "sweep_name names the one folder of a sweep: give one name, not several"
+        elif sweep_name is not None and folder_given:
+            problem = f"sweep_name={sweep_name} and hydra.sweep.dir both name the sweep's folder: give one of them"
+        if problem:  # before the sweeper makes any folder: a refused command writes nothing
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
         if any(o.key_or_group == "experiment" and o.is_sweep_override() for o in overrides):
             os.environ[SWEPT_EXPERIMENT] = str(config.name)
+        print(f"sweep folder: {_sweep_dir(config)}", flush=True)
+
+    def on_job_end(self, config, job_return=None, **kwargs) -> None:
+        # (a launcher that runs jobs elsewhere, SLURM, ends them in their own process: then every point counts)
+        self.points.append(Path(config.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from handclip.train.resolvers import SWEPT_EXPERIMENT
@@ -362,27 +425,22 @@ class SweepSummary(_HydraCallback):
             csv_path, png = write_summary(sweep_dir)
             print(f"sweep summary: {csv_path}" + (f" and {png}" if png else ""))
             _, runs = collect_runs(sweep_dir)
-            if runs and all(r["status"] == "failed" for r in runs):
+            # this command's points; a named sweep's folder may hold others, finished by an earlier command
+            ran = {p.name for p in self.points}
+            mine = [r for r in runs if r["run"] in ran] if ran else runs
+            if mine and all(r["status"] == "failed" for r in mine):
                 print(f"error: every point of the sweep failed; see {csv_path}", file=sys.stderr)
                 sys.exit(2)
 
 
 def markdown_table(swept: list[str], runs: list[dict]) -> str:
-    """The summary as a Markdown table (percent, mean ± std over the test runs)."""
-
-    def pct(row, key):
-        value, std = row.get(key), row.get(key + "_std")
-        if value is None:
-            return "-"
-        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
-    head = ["run", *swept, "trainable", "train s", "test R1", "test mAP", "zero-shot aspect/skin/gender/nails %"]
+    """The summary as a Markdown table (percent, mean ± std over the test runs); columns no run has are left out."""
+    names = ("trainable", "train s", "test R1", "test mAP", "zero-shot a/s/g/n", "image→text R@1", "text→image R@1")
+    columns = table_columns(runs, names)
+    head = ["run", *swept, *(name.replace("a/s/g/n", "aspect/skin/gender/nails %") for name in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in runs:
-        cells = [row["run"], *[str(row.get(k)) for k in swept]]
-        cells.append(f"{row['trainable_parameters']:,}" if row.get("trainable_parameters") else "-")
-        cells.append(f"{row['train_time_s']:.0f}" if row.get("train_time_s") else "-")
-        cells += [pct(row, "test/rank1"), pct(row, "test/mAP"), zero_shot(row)]
+        cells = [row["run"], *[str(row.get(k)) for k in swept], *_cells(row, columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -401,7 +459,12 @@ def main(argv=None) -> None:
         sys.exit(2)
     swept, runs = collect_runs(folder)
     if not runs:
-        print(f"error: no runs in {folder} (a run is a subfolder with config.yaml or failed.json)", file=sys.stderr)
+        inner = sweeps_in(folder)
+        if inner:  # runs/sweeps/<name>: one folder per sweep, each summarised on its own
+            print(f"error: {folder} holds sweeps ({len(inner)}), not runs: summarise one of them, e.g. {inner[-1]}",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"error: no runs in {folder} (a run is a subfolder with config.yaml or failed.json)", file=sys.stderr)
         sys.exit(2)
     csv_path, png = write_summary(folder)
     print(f"summary: {csv_path}" + (f" and {png}" if png else ""))

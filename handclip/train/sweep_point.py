@@ -16,6 +16,16 @@ from pathlib import Path
 from handclip.errors import HandClipError
 
 
+def sweep_label(sweep: Path, plain: dict) -> str:
+    """The sweep's name for loggers: its folder below runs/sweeps (`demo/2025-01-31_12-00-00`), or its folder's name
+    when it lies elsewhere (hydra.sweep.dir=DIR)."""
+    sweeps = Path(str(plain.get("paths", {}).get("runs", ""))) / "sweeps"
+    try:
+        return sweep.relative_to(sweeps).as_posix()
+    except ValueError:
+        return sweep.name
+
+
 def prepare_point(plain: dict, run_dir: Path, hydra_cfg) -> tuple[dict, dict] | float:
     """(the configuration to run, the configuration to record), or the point's result when it does not run:
     its validation Rank-1 when it finished earlier, NaN when it is refused (recorded in its failed.json)."""
@@ -23,7 +33,7 @@ def prepare_point(plain: dict, run_dir: Path, hydra_cfg) -> tuple[dict, dict] | 
     from handclip.train.sweep import changed_settings, record_failure
 
     sweep = Path(hydra_cfg.sweep.dir)
-    plain["sweep"] = {"dir": str(sweep), "name": sweep.name}
+    plain["sweep"] = {"dir": str(sweep), "name": sweep_label(sweep, plain)}
     if "group" in plain["logger"] and plain["logger"]["group"] is None:
         plain["logger"]["group"] = plain["sweep"]["name"]  # wandb groups a sweep's runs
     result = None if plain.get("overwrite") else finished_run(run_dir, "running the point again")
@@ -38,8 +48,8 @@ def prepare_point(plain: dict, run_dir: Path, hydra_cfg) -> tuple[dict, dict] | 
         message = (
             f"{run_dir.name} finished earlier with other settings ({key}: {before} -> {now}"
             + (f", and {len(changed) - 1} more" if len(changed) > 1 else "")
-            + "); its results are not reused. Run the point anew with overwrite=true, or give this "
-            "sweep its own folder with hydra.sweep.dir=runs/sweeps/NAME"
+            + "); its results are not reused. Run the point anew with overwrite=true, or leave sweep_name out "
+            "(a sweep without one gets a folder of its own)"
         )
         record_failure(run_dir, HandClipError(message), plain)
         print(f"error in {message}", file=sys.stderr)
