@@ -14,6 +14,7 @@ is ever read, or cached, outside it. Every CSV row is checked against its header
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,9 @@ from handclip.data.hands import ASPECTS, HANDINFO_COLUMNS, HD_FOLDERS
 from handclip.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# the manifest's own columns (handclip.data.split.MANIFEST_COLUMNS) and a caption: a file's column of that name is
+# not kept as an attribute
+MANIFEST_NAMES = ("image", "identity", "person", "aspect", "split", "caption")
 CAPTION_SPLITS = ("train", "val", "test")  # a caption CSV's `split` values; val: held-out images of training identities
 
 
@@ -232,7 +236,10 @@ def read_caption_csv(
             raise DataError(f"{where}: {columns.split} is {own!r} in the file of the {split} split; leave the column "
                             "out, or make it agree")  # fmt: skip
         identity = row.get(columns.identity, "")
-        records.append(_captioned(image, row[columns.caption], identity, split or own, where))
+        record = _captioned(image, row[columns.caption], identity, split or own, where)
+        mine = set(dataclasses.astuple(columns)[:4]) | set(MANIFEST_NAMES)
+        record.attributes.update({k: v for k, v in row.items() if k not in mine and v})  # e.g. a zero-shot column
+        records.append(record)
     if not records:
         raise DataError(f"{csv_path} has no rows under its header: nothing to train or test on")
     return records

@@ -15,7 +15,10 @@ A source is a dataclass holding its own settings (checked when it is made) and a
 - `inputs(folder)`: the files `read` takes its records from; their content keys the manifest;
 - `name`: the manifest's file stem, different for any two settings of the source;
 - `folder(draw)` and `make(draw)`: where the data of a draw lives, and making it when the source
-  generates its data (synthetic hands); other sources read `root` as it is.
+  generates its data (synthetic hands); other sources read `root` as it is;
+- `galleries`: what each evaluation's gallery is, in the data's own words (tables, cards, summaries);
+- `prompts()`: the zero-shot prompt tasks its images can be scored on: {task: (manifest column,
+  {class value: prompt})} (hands: aspect, gender, skin, ...; a caption CSV: those its user names).
 
 `handclip.data.prepare` does the rest, the same for every source: every image path must stay inside
 the folder, no image or identity may sit on both sides of train and test, and the manifest and image
@@ -46,7 +49,7 @@ from handclip.data.readers import (
     read_imagefolder,
 )
 from handclip.data.split import split_11k, split_captions, split_hd
-from handclip.errors import ConfigError
+from handclip.errors import ConfigError, DataError
 
 KEY = "data.source"
 
@@ -93,12 +96,75 @@ class DataSource:
     def make(self, draw: int) -> None:
         """Make the data of draw `draw` where it is made rather than read (nothing here)."""
 
+    @property
+    def galleries(self) -> dict[str, str]:
+        """{evaluation: what its gallery is}: `test` (queryR against galleryR), and any other the split makes."""
+        return {"test": "queries against each run's gallery", "val": "validation"}
+
+    def prompts(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """Zero-shot prompt tasks: {task: (manifest column, {class value: prompt})}; none by default."""
+        return {}
+
     def missing(self, draw: int) -> str | None:
         """Why the data cannot be had (one line naming the key), or None."""
         if Path(self.root).exists():
             return None
         return (f"{KEY}.root={self.root} does not exist. Put the dataset there (see data/README.md), point "
                 f"{KEY}.root at it, or try the demo on synthetic hands: python train.py experiment=demo")  # fmt: skip
+
+
+class TemplatePrompts(dict):
+    """{class value: prompt} for a template: the named classes, or (with none named) any value asked for."""
+
+    def __init__(self, template: str, classes=None):
+        self.template, self.named = template, classes is not None
+        super().__init__({str(c): template.replace("{}", str(c)) for c in classes or []})
+
+    def __contains__(self, value) -> bool:
+        return super().__contains__(value) or (not self.named and bool(str(value).strip()))
+
+    def __missing__(self, value):
+        if self.named:
+            raise KeyError(value)
+        return self.template.replace("{}", str(value))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_zero_shot(tasks: Any, key: str, reserved, error=ConfigError) -> None:
+    """Each task names a column of the file (not the image, caption, identity or split) and gives prompts or a
+    template with {} where the class goes."""
+    example = '{colour: {column: colour, template: "a photo of a {} flower"}}'
+    if not isinstance(tasks, dict) or not tasks:
+        raise error(f"{key} must map task names to a column and prompts, e.g. {example}")
+    for task, spec in tasks.items():
+        where = f"{key}.{task}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("column"), str) or not spec["column"]:
+            raise error(f"{where} must name a column of the caption file (column: ...) and give prompts or a template, "
+                        f"e.g. {example}")  # fmt: skip
+        if spec["column"] in reserved:
+            raise error(f"{where}.column={spec['column']!r} is the file's {spec['column']} column: a zero-shot task "
+                        "scores another column (a class per image, e.g. colour or species)")  # fmt: skip
+        unknown = sorted(set(spec) - {"column", "prompts", "template", "classes"})
+        if unknown:
+            raise error(f"{where}.{unknown[0]} is not a setting; a task has column, and prompts or template "
+                        "(and classes)")  # fmt: skip
+        if ("prompts" in spec) == ("template" in spec):
+            raise error(f"{where}: give prompts ({{value: prompt}}) or a template (with {{}} for the class), "
+                        "one of them")  # fmt: skip
+        if "prompts" in spec and (not isinstance(spec["prompts"], dict) or len(spec["prompts"]) < 2):
+            raise error(f"{where}.prompts must map two or more class values to their prompts")
+        if "template" in spec and (not isinstance(spec["template"], str) or "{}" not in spec["template"]):
+            raise error(f"{where}.template={spec.get('template')!r} must hold {{}} where the class goes")
+        classes = spec.get("classes")
+        if classes is not None and (not isinstance(classes, list) or len(classes) < 2):
+            raise error(f"{where}.classes must list two or more class values (or leave it out: every value a class)")
 
 
 def _digest(value: Any) -> str:
@@ -131,6 +197,15 @@ class Hands11k(DataSource):
 
     def inputs(self, folder: Path) -> list[Path]:
         return [folder / "HandInfo.csv"]
+
+    @property
+    def galleries(self) -> dict[str, str]:
+        return {"test": "same-aspect gallery", "test_all": "gallery merged over aspects", "val": "validation"}
+
+    def prompts(self) -> dict[str, tuple[str, dict[str, str]]]:
+        from handclip.eval.zeroshot import HAND_PROMPTS
+
+        return HAND_PROMPTS
 
     def read(self, folder: Path) -> list[ImageRecord]:
         return read_11k(folder, no_accessories=self.no_accessories)
@@ -181,6 +256,10 @@ class HD(DataSource):
     def name(self) -> str:
         return "hd"
 
+    @property
+    def galleries(self) -> dict[str, str]:
+        return {"test": "gallery with the distractor subjects 502-712", "val": "validation"}
+
     def read(self, folder: Path) -> list[ImageRecord]:
         return read_hd(folder)
 
@@ -203,6 +282,9 @@ class CaptionCSV(DataSource):
     identity_column: str = "identity"  # optional in the file: without it each image is its own identity
     split_column: str = "split"  # optional in the file: without it a seeded split by identity
     separator: str = ","
+    # zero-shot prompt tasks: {task: {column: C, prompts: {value: prompt}}} or {task: {column: C, template: "a photo
+    # of a {} flower"}} (every value of column C a class, or those in `classes`); or a JSON/YAML file of them in root
+    zero_shot: Any = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -228,6 +310,10 @@ class CaptionCSV(DataSource):
         if not isinstance(self.separator, str) or len(self.separator) != 1 or self.separator in "\"\r\n":
             raise ConfigError(f"{KEY}.separator={self.separator!r} must be one character such as ',', ';', '|' or "
                               "'\\t' (a tab)")  # fmt: skip
+        if hasattr(self.zero_shot, "items"):
+            self.zero_shot = _plain(self.zero_shot)
+        if self.zero_shot is not None and not isinstance(self.zero_shot, str):
+            _check_zero_shot(self.zero_shot, f"{KEY}.zero_shot", names)
 
     def files(self) -> dict[str, str]:
         """{split: file} for one file per split, {"": file} for one file."""
@@ -260,7 +346,39 @@ class CaptionCSV(DataSource):
         for split, name in self.files().items():
             inside_root(folder, str(name), f"{KEY}.csv")
             records += read_caption_csv(folder / name, folder, self.columns(), split)
+        self._tasks = self._zero_shot_tasks(folder)
+        for task, spec in self._tasks.items():
+            if not any(r.attributes.get(spec["column"]) for r in records):
+                raise DataError(f"{KEY}.zero_shot.{task}: column {spec['column']!r} is not in the caption file, or "
+                                "empty in every row")  # fmt: skip
         return records
+
+    def _zero_shot_tasks(self, folder: Path) -> dict:
+        if not isinstance(self.zero_shot, str):
+            return self.zero_shot or {}
+        path = Path(folder) / inside_root(folder, self.zero_shot, f"{KEY}.zero_shot")
+        try:
+            import yaml
+
+            tasks = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise DataError(f"{KEY}.zero_shot: {path} cannot be read as JSON or YAML: {error}") from None
+        _check_zero_shot(tasks, f"{path}", dataclasses.astuple(self.columns())[:4], DataError)
+        return tasks
+
+    def prompts(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """The user's tasks: explicit prompts, or a template over the classes (named, or every value the data has:
+        the prompt for a class value is the template with the value in place of {})."""
+        tasks = getattr(self, "_tasks", None)
+        if tasks is None:
+            tasks = self._zero_shot_tasks(Path(self.root))
+        out = {}
+        for task, spec in tasks.items():
+            if "prompts" in spec:
+                out[task] = (spec["column"], {str(k): str(v) for k, v in spec["prompts"].items()})
+            else:
+                out[task] = (spec["column"], TemplatePrompts(spec["template"], spec.get("classes")))
+        return out
 
 
 @dataclass

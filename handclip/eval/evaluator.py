@@ -76,7 +76,7 @@ class Evaluator:
 
     def __init__(
         self, rows: Sequence[dict], root: str | Path, image_cache: str | Path | None, settings: EvalSettings,
-        captioner: Callable | None = None, encode: Callable | None = None,
+        captioner: Callable | None = None, encode: Callable | None = None, prompts: Mapping | None = None,
     ):  # fmt: skip
         self.rows = list(rows)
         from handclip.eval.feature import ImageEncoder
@@ -86,6 +86,7 @@ class Evaluator:
         self.image_cache = image_cache  # the folder of resized copies (PrepareSettings.image_cache), or None
         self.settings = settings
         self.captioner = captioner
+        self.prompts = prompts  # the data source's zero-shot tasks (DataSource.prompts()); none: no prompt task
         # set by handclip.train.caches: (store, image -> position, prefix groups) and a frozen text tower's cache
         self.activations = None
         self.text_cache = None
@@ -128,7 +129,7 @@ class Evaluator:
                     result["_features"] = projected
                 kept: dict = {}
                 result["metrics"].update(text_metrics(projected[test], chosen, captions, backbone, self.text_cache,
-                                                      kept))  # fmt: skip
+                                                      kept, self.prompts))  # fmt: skip
                 result["_text"] = {"images": test, "captions": captions, "unique": kept["captions"],
                                    "text": kept["text"]}  # fmt: skip
         return result

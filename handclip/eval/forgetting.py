@@ -23,7 +23,6 @@ import torch
 
 from handclip.checks import number
 from handclip.errors import ConfigError
-from handclip.eval.zeroshot import ATTRIBUTE_PROMPTS
 
 MARGIN = 0.05  # a task the baseline did not beat chance by this much has nothing to retain
 
@@ -31,7 +30,9 @@ MARGIN = 0.05  # a task the baseline did not beat chance by this much has nothin
 def retention(baseline: Mapping[str, float], final: Mapping[str, float]) -> float | None:
     """The mean retained share of zero-shot skill above chance over the prompt tasks; None when no task qualifies."""
     shares = []
-    for task in ATTRIBUTE_PROMPTS:
+    chances = [k for k in final if k.startswith("zeroshot/") and k.endswith("_chance")]
+    tasks = sorted(k[len("zeroshot/") : -len("_chance")] for k in chances)
+    for task in tasks:  # whatever prompt tasks the data source has (an aspect's halves have no chance: not tasks)
         key, chance = f"zeroshot/{task}_accuracy", final.get(f"zeroshot/{task}_chance")
         if key not in final or key not in baseline or chance is None:
             continue

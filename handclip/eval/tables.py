@@ -5,12 +5,13 @@ from __future__ import annotations
 from handclip.eval.protocol import METRICS
 
 
-def protocol_table(results: dict[str, dict], prefix: str = "test"):
+def protocol_table(results: dict[str, dict], prefix: str = "test", galleries: dict[str, str] | None = None):
     """A rich table of each run and the mean ± std; with several results (e.g. baseline and
-    fine-tuned) every cell reads `first → second → ...`."""
+    fine-tuned) every cell reads `first → second → ...`. `galleries`: what each evaluation's gallery is, in the
+    data's words (DataSource.galleries)."""
     from rich.table import Table
 
-    title = {"test": "same-aspect gallery", "test_all": "gallery merged over aspects", "val": "validation"}
+    title = galleries or {}
     present = {label: r for label, r in results.items() if prefix in r["runs"]}
     labels = " → ".join(present)
     table = Table(title=f"{prefix}: {title.get(prefix, prefix)}, % ({labels})")

@@ -9,15 +9,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from handclip.data.hands import ASPECTS
 from handclip.eval.reid import match_ranks, similarity
 
-# metric name -> (manifest column, {class value: prompt})
-ATTRIBUTE_PROMPTS = {
+# the hand data's prompt tasks (handclip.data.sources.Hands11k.prompts): task -> (manifest column, {value: prompt})
+HAND_PROMPTS = {
     "aspect": ("aspect", {a: f"a photo of the {a} hand" for a in ASPECTS}),
     "gender": ("gender", {"male": "a photo of a man's hand", "female": "a photo of a woman's hand"}),
     "skin": ("skinColor", {s: f"a photo of a hand with {s} skin" for s in ("very fair", "fair", "medium", "dark")}),
@@ -60,9 +60,10 @@ def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] =
 
 def text_metrics(
     image_features: torch.Tensor, rows: Sequence[dict], captions: Sequence[str], backbone, text_cache=None,
-    kept: dict | None = None,
+    kept: dict | None = None, prompts: Mapping[str, tuple[str, Mapping[str, str]]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Zero-shot attribute accuracies and retrieval recalls for images with their rows and captions.
+    """Zero-shot attribute accuracies (the data source's prompt tasks, `prompts`: {task: (column, {value: prompt})})
+    and retrieval recalls for images with their rows and captions.
 
     With a `text_cache` (a frozen text tower), prompts and captions are encoded once per run. A `kept` dict receives
     the distinct captions (`captions`, sorted) and their embeddings (`text`), for the retrieval figure.
@@ -75,14 +76,14 @@ def text_metrics(
     else:
         encode = encode_texts
     metrics: dict[str, float] = {}
-    for name, (column, prompts) in ATTRIBUTE_PROMPTS.items():
+    for name, (column, classes_prompts) in (prompts or {}).items():
         labels = [r.get(column, "") for r in rows]
-        classes = sorted({label for label in labels if label in prompts})
+        classes = sorted({label for label in labels if label in classes_prompts})
         if len(classes) < 2:
             continue  # one class only (or none): nothing to tell apart
         keep = torch.tensor([label in classes for label in labels])
         truth = torch.tensor([classes.index(label) for label in labels if label in classes])
-        predicted = classify(image_features[keep], encode(backbone, [prompts[c] for c in classes]))
+        predicted = classify(image_features[keep], encode(backbone, [classes_prompts[c] for c in classes]))
         metrics[f"zeroshot/{name}_accuracy"] = float((predicted == truth).float().mean())
         metrics[f"zeroshot/{name}_majority"] = float(truth.bincount().max() / len(truth))
         metrics[f"zeroshot/{name}_chance"] = 1.0 / len(classes)

@@ -185,12 +185,13 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
         found, extra = final_evaluation(spec, run, weights, best.best_model_path, last, results, run.initial, run_dir)
         metrics = {**run.metrics, **found, "wall_time_s": time.time() - started,
                    "train_time_s": run.module.train_seconds(), "peak_memory_mb": _peak_memory_mb()}  # fmt: skip
-        _print_tables(console, results)
+        galleries = run.datamodule.source.galleries
+        _print_tables(console, results, galleries)
         _log_figures(logger, results, run, run_dir)
         write_json_atomic(run_dir / "metrics.json", {
             "metrics": metrics, "runs": {label: r["runs"] for label, r in results.items()},
             "cmc": {label: r["cmc"] for label, r in results.items()}, "freeze": run.report.as_dict(),
-            "eval_feature": spec.eval.feature, "manifest": str(run.datamodule.manifest),
+            "eval_feature": spec.eval.feature, "manifest": str(run.datamodule.manifest), "galleries": galleries,
             "best_checkpoint": best.best_model_path,
             **extra,  # weights: the EMA's or the raw ones behind test/* (raw/* holds the raw ones'); wise_ft: the mix
         })  # fmt: skip
@@ -231,7 +232,7 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     metrics: dict[str, Any] = {"trainable_parameters": report.trainable, "total_parameters": report.total,
                                "data/bad_images": len(bad)}  # fmt: skip
     evaluate = Evaluator(rows, datamodule.root, datamodule.prepare_settings.image_cache, spec.eval,
-                         datamodule.captioner, encode)  # fmt: skip
+                         datamodule.captioner, encode, datamodule.source.prompts())  # fmt: skip
     selection = Selection(spec.eval.select, spec.eval.smooth)
     module = FineTuner(backbone, objective, spec.optimization, datamodule.val_rows, heads, spec.signature, spec.freeze,
                        encode, compute=spec.compute, selection=selection)  # fmt: skip
@@ -375,13 +376,13 @@ def _print_baseline(console, shown: Mapping) -> None:
                   + (test if "test/rank1" in shown else ""))  # fmt: skip
 
 
-def _print_tables(console, results: dict) -> None:
+def _print_tables(console, results: dict, galleries: Mapping[str, str]) -> None:
     from handclip.eval.tables import protocol_table, text_table
 
     final = results["fine-tuned"]["metrics"]
     for prefix in ("test", "test_all"):
         if f"{prefix}/rank1" in final:
-            console.print(protocol_table(results, prefix))
+            console.print(protocol_table(results, prefix, galleries))
     console.print(text_table(results))
 
 
