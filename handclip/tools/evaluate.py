@@ -14,7 +14,7 @@ MODEL is what was trained or downloaded, recognised by what it holds:
                  (openai/clip-vit-base-patch32), or, with no MODEL, a backbone config: backbone=vit_b16
 
 The data and the evaluation settings are train.py's config groups, given as it takes them: `data=captions
-data.source.root=DIR`, `eval.flip_tta=true`, `eval.runs`... (`experiment=NAME` takes an experiment's data
+data.source.root=DIR`, `eval.flip_tta=true`, `data.runs=10` (`experiment=NAME` takes an experiment's data
 and evaluation settings). A run, a checkpoint and a sweep start from the run's own settings (its config.yaml:
 the same data, split and protocol, so the numbers compare with its metrics.json), an export or a hub model from
 conf/'s defaults (data=hands11k, eval=default); `GROUP=NAME` replaces a section with conf/GROUP/NAME.yaml and
@@ -96,7 +96,8 @@ def find_source(model: str | None, backbone: Mapping | None) -> Source:
         from handclip.build import build
 
         spec = build(backbone, "backbone")
-        ident = str(getattr(spec, "source", None) or getattr(spec, "name", None) or backbone.get("name"))
+        source = getattr(spec, "source", None)  # a hub id or a folder; a model built from a config: its name
+        ident = str(backbone.get("name") if source in (None, "tiny") else source)
         return Source("hub", ident, _slug(str(backbone.get("name") or ident)), spec=spec,
                       facts={"id": ident, "backbone": dict(backbone)})  # fmt: skip
     if backbone is not None:
@@ -352,7 +353,7 @@ def evaluate(
         feature = "projected"
         print("note: eval.feature=bnneck needs the run's objective, which is not loaded here: the projected "
               "embedding is scored (eval.feature=projected)", file=sys.stderr, flush=True)  # fmt: skip
-    rows = data.prepare(image_size)
+    rows = data.prepare(image_size, training=False)  # no training batches: no batch size to fill
     cache = (chosen.get("paths") or {}).get("cache")
     if source.config is not None:
         cache = (source.config.get("paths") or {}).get("cache") or cache
@@ -425,7 +426,7 @@ def _write(out: Path, payload: dict, results: dict, backbone, data, evaluator) -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+        prog="python -m handclip.evaluate", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("model", nargs="?", metavar="MODEL",
@@ -443,7 +444,7 @@ def main(argv=None) -> None:
                         help="a sweep's soup adds points only if validation Rank-1 holds")  # fmt: skip
     parser.add_argument("--trust", action="append", default=[], metavar="MODULE",
                         help="a module of your own whose components the run's config.yaml may build (repeatable)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before, between or after the overrides
     model, overrides = args.model, list(args.overrides)
     if model is not None and "=" in model:  # only overrides: a backbone config is the model
         model, overrides = None, [model, *overrides]
