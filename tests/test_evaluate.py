@@ -185,3 +185,21 @@ def test_the_command_line_refuses_in_one_line_and_documents_itself(tmp_path):
     assert shown.returncode == 0
     for words in ("--out DIR", "KEY=VALUE", "run ", "checkpoint ", "export ", "soup ", "hub ", "metrics.json"):
         assert words in shown.stdout, words
+
+
+def test_a_sweep_is_averaged_into_a_soup_scored_as_its_export_scores(tmp_path, synthetic_hands):
+    from handclip.tools.soup import soup
+
+    sweep = tmp_path / "runs" / "sweeps" / "s"
+    for seed in (1, 2):
+        fake_run(sweep / f"seed={seed}", seed=seed)
+    soup(sweep, tmp_path / "souped")
+    data = ["data=hands11k", f"data.source.root={synthetic_hands}", "data.runs=2", "eval=default",
+            "eval.text=false", f"paths.root={tmp_path}"]  # fmt: skip
+    made = check_labelled(tmp_path / "of-sweep", ok(evaluate(sweep, *data, "--out", tmp_path / "of-sweep")),
+                          "soup", str(sweep))  # fmt: skip
+    assert made["evaluated"]["soup"] == [str(sweep / "seed=1"), str(sweep / "seed=2")]
+    exported = check_labelled(tmp_path / "of-export", ok(evaluate(tmp_path / "souped", *data, "--out",
+                              tmp_path / "of-export")), "soup", str(tmp_path / "souped"))  # fmt: skip
+    assert exported["evaluated"]["export"]["soup"] == made["evaluated"]["soup"]
+    assert scores(exported["metrics"]) == pytest.approx(scores(made["metrics"]), abs=1e-5)
