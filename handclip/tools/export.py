@@ -201,14 +201,15 @@ def check_destination(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
     check_writable(out_dir, "export into")
 
 
-def _put_in_place(tmp: Path, out_dir: Path) -> None:
-    """Move the finished export in: a new folder, a previous export replaced whole, or files into a folder."""
-
+def put_in_place(tmp: Path, out_dir: Path, ours: bool | None = None) -> None:
+    """Move the finished folder `tmp` in: a new folder, a previous one of ours replaced whole (`ours`; default: a
+    previous export, a folder with the export's marker), or its files into a folder of the user's."""
+    ours = (out_dir / MARKER).is_file() if ours is None else ours
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
     if not out_dir.exists():
         os.replace(tmp, out_dir)
-    elif (out_dir / MARKER).is_file():  # a previous export: ours, replaced whole
+    elif ours:  # a previous export (or evaluation): ours, replaced whole
         retired = out_dir.with_name(f"{tmp.name}-old")
         os.replace(out_dir, retired)
         os.replace(tmp, out_dir)
@@ -277,7 +278,7 @@ def write_export(backbone, out_dir: Path, marker: dict, card: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder
         raise
-    _put_in_place(tmp, out_dir)
+    put_in_place(tmp, out_dir)
     return out_dir
 
 

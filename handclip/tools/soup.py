@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,33 @@ def soup(
 
     `trust`: modules besides HandCLIP's whose components the points' configs may build (`handclip.build`).
     """
-    from handclip.build import check_targets
-    from handclip.model.averaging import average_states
-    from handclip.tools.card import model_card, run_files
-    from handclip.tools.export import check_destination, check_finite, load_run, write_export
+    from handclip.tools.export import check_destination, write_export
 
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     check_destination(out_dir, sweep_dir, overwrite)
+    made = make_soup(sweep_dir, greedy, weights, trust)
+    return write_export(made.backbone, out_dir, made.marker, made.card)
+
+
+@dataclass
+class Soup:
+    """A sweep's soup, made in memory: the averaged backbone, what export records of it and its model card."""
+
+    backbone: Any
+    marker: dict  # handclip_export.json's source, soup (the points averaged), greedy, weights
+    card: str
+    config: dict  # the first point's config.yaml: its backbone, data and evaluation settings
+
+
+def make_soup(sweep_dir: str | Path, greedy: bool = False, weights: str | None = None,
+              trust: Sequence[str] = ()) -> Soup:  # fmt: skip
+    """Average the sweep's finished points into one backbone (see `soup`); nothing is written."""
+    from handclip.build import check_targets
+    from handclip.model.averaging import average_states
+    from handclip.tools.card import model_card, run_files
+    from handclip.tools.export import check_finite, load_run
+
+    sweep_dir = Path(sweep_dir)
     points = sweep_points(sweep_dir)
     files = {p: run_files(p) for p in points}
     check_ingredients([(p, files[p][0]) for p in points], trust)
@@ -197,4 +218,4 @@ def soup(
     card = model_card(config, None, policy, spec=first.spec, backbone=backbone, merged=merged, weights=used,
                       ingredients=ingredients, notes=notes, source=str(sweep_dir))  # fmt: skip
     print(f"soup of {len(ingredients)}: {', '.join(i['name'] for i in ingredients)}", flush=True)
-    return write_export(backbone, out_dir, marker, card)
+    return Soup(backbone, marker, card, dict(files[points[0]][0]))

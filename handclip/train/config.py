@@ -382,6 +382,18 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     )  # fmt: skip
 
 
+def build_evaluation(cfg: Mapping) -> tuple[Any, EvalSettings]:
+    """The data module and the evaluation settings of a resolved configuration (its `data` and `eval` sections),
+    built and checked, the dataset folder found (or one a source generates): what scoring a model needs
+    (`python -m handclip.evaluate`). Nothing is read but the configuration."""
+    for section in ("data", "eval"):
+        if not isinstance(cfg.get(section), Mapping):
+            raise ConfigError(f"config section '{section}' is missing (see conf/{section}/)")
+    data = _build("data", cfg["data"])
+    data.check_root()
+    return data, _build("eval", cfg["eval"])
+
+
 def check_config(cfg: Mapping) -> RunSpec:
     """Check a resolved run configuration before any weights or images load; return its components."""
     return build_components(cfg)

@@ -191,9 +191,9 @@ class HandDataModule(L.LightningDataModule):
             raise ConfigError(problem)
 
     # before weights ---------------------------------------------------------------------------
-    def prepare(self, image_size: int) -> list[dict]:
+    def prepare(self, image_size: int, training: bool = True) -> list[dict]:
         """Data of this draw (generated if the source makes it), the manifest and the image cache; the rows.
-        Checks the sampler can be filled."""
+        Checks the sampler can be filled (`training`; an evaluation draws no training batches)."""
         self.source.make(self.draw)
         self.prepare_settings = dataclasses.replace(self.prepare_settings,
                                                     cache_size=self.loading.cache_size_for(image_size))  # fmt: skip
@@ -204,6 +204,8 @@ class HandDataModule(L.LightningDataModule):
         self.train_rows = [r for r in self.rows if r["split"] == "train"]
         self.val_rows = [r for r in self.rows if r["split"] in ("train", "val")]
         self.captioner.check_rows(self.rows)  # every row, before training: a bad one fails now, not mid-epoch
+        if not training:
+            return self.rows
         if self.sampler == "identity_balanced":
             self.balanced_sampler()  # fails now, with the key, if it cannot be filled
         if len(self.train_rows) < self.batch_size:
