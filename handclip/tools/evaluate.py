@@ -365,7 +365,7 @@ def evaluate(
     from handclip.eval.feature import ImageEncoder
 
     evaluator = Evaluator(rows, data.root, data.prepare_settings.image_cache, eval_settings, data.captioner,
-                          ImageEncoder(feature))  # fmt: skip
+                          ImageEncoder(feature), data.source.prompts())  # fmt: skip
     label = source.label + (f" ({source.facts['label_note']})" if "label_note" in source.facts else "")
     _console(console).print(f"evaluating {label} on {data.name} ({len(rows)} manifest rows)")
     result = evaluator(backbone)
@@ -374,8 +374,9 @@ def evaluate(
                  "label": label, "protocol": protocol(data, chosen["data"], eval_settings, feature)}  # fmt: skip
     metrics = {**result["metrics"], "wall_time_s": time.time() - started}
     payload = {"evaluated": evaluated, "metrics": metrics, "runs": {label: result["runs"]},
-               "cmc": {label: result["cmc"]}, "eval_feature": feature, "manifest": str(data.manifest)}  # fmt: skip
-    _print_tables(_console(console), results)
+               "cmc": {label: result["cmc"]}, "eval_feature": feature, "manifest": str(data.manifest),
+               "galleries": data.source.galleries}  # fmt: skip
+    _print_tables(_console(console), results, data.source.galleries)
     _write(out, payload, results, backbone, data, evaluator)
     summary = ", ".join(f"{name} {100 * metrics[key]:.1f}%" for name, key in (
         ("test Rank-1", "test/rank1"), ("test mAP", "test/mAP"), ("val Rank-1", "val/rank1")) if key in metrics)
@@ -391,13 +392,13 @@ def _console(console):
     return console
 
 
-def _print_tables(console, results: dict) -> None:
+def _print_tables(console, results: dict, galleries: dict[str, str]) -> None:
     from handclip.eval.tables import protocol_table, text_table
 
     final = next(iter(results.values()))["metrics"]
     shown = [prefix for prefix in ("test", "test_all") if f"{prefix}/rank1" in final] or ["val"]
     for prefix in shown:
-        console.print(protocol_table(results, prefix))
+        console.print(protocol_table(results, prefix, galleries))
     if any(k.startswith(("zeroshot/", "retrieval/")) for k in final):
         console.print(text_table(results))
 
