@@ -76,6 +76,22 @@ def test_command_line(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_the_command_line_also_writes_a_caption_dataset_that_trains_as_ones_own(tmp_path, capsys):
+    from handclip.data.prepare import PrepareSettings, prepare
+    from handclip.data.prepare import read_manifest as read
+    from handclip.data.sources import CaptionCSV
+
+    main(["--out", str(tmp_path / "x"), "--identities", "6", "--image-size", "64x48", "--captions"])
+    assert "captions.csv" in capsys.readouterr().out
+    source = CaptionCSV(root=str(tmp_path / "x"), zero_shot={"skin": {"column": "skin", "template": "a {} hand"}})
+    records = source.read(tmp_path / "x")
+    assert {r.identity.split("_", 1)[1] for r in records} == {"dorsal_right", "dorsal_left", "palmar_right",
+                                                              "palmar_left"}  # one identity per person and aspect
+    assert all(r.attributes["caption"].startswith("a photo of the ") and r.attributes["skin"] for r in records)
+    rows = read(prepare(PrepareSettings(source, runs=2, cache_root=tmp_path / "cache"), quiet=True))
+    assert {r["split"] for r in rows} >= {"train", "val", "query0", "gallery0"}
+
+
 def test_a_generated_folder_is_made_anew_when_its_settings_change(tmp_path, capsys):
     from handclip.data.synthetic import ensure_synthetic
 

@@ -368,11 +368,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--identities", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=_size, default=(1600, 1200), help="WIDTHxHEIGHT (11k: 1600x1200)")
+    parser.add_argument("--captions", action="store_true",
+                        help="also write captions.csv (image, caption, identity, skin): the images as a caption "
+                             "dataset of your own would bring them, for data=captions")  # fmt: skip
     args = parser.parse_args(argv)
     if args.identities < 2:
         parser.error("--identities must be at least 2")
     path = generate_hands(args.out, args.identities, args.seed, args.image_size)
     print(f"wrote {path} and {path.parent / 'Hands'}")
+    if args.captions:
+        print(f"wrote {write_caption_csv(path)}")
+
+
+def write_caption_csv(handinfo: str | Path) -> Path:
+    """`captions.csv` beside an 11k-format `HandInfo.csv`: one row per image without accessories, captioned from
+    its attributes; an identity is one person's hand seen from one aspect (as in re-identification)."""
+    import csv
+
+    handinfo = Path(handinfo)
+    with open(handinfo, newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["accessories"] == "0"]
+    out = handinfo.parent / "captions.csv"
+    with atomic_write(out) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["image", "caption", "identity", "skin"])
+        for r in rows:
+            caption = f"a photo of the {r['aspectOfHand']} hand of a {r['age']} year old {r['gender']}"
+            identity = f"{int(r['id']):07d}_{r['aspectOfHand'].replace(' ', '_')}"
+            writer.writerow([f"Hands/{r['imageName']}", caption, identity, r["skinColor"]])
+    return out
 
 
 if __name__ == "__main__":
