@@ -40,6 +40,8 @@ def check_run_dir(run_dir: str | Path) -> None:
     for parent in run_dir.parents:
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"{parent} is a file, not a directory: set paths.runs to a directory")
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):  # its files, the logger's included
+        raise RunDirError(f"{run_dir} is not writable by this user: point paths.runs at a folder you can write")
 
 
 def resolve_resume(
