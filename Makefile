@@ -32,8 +32,10 @@ test: install  ## run the whole test suite (what CI runs)
 test-quick: install  ## run the tests without the slow end-to-end runs
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto -m "not slow" $(PYTEST_ARGS)
 
-bench: install  ## benchmarks: image cache vs decoding; plain loop, open_clip, HandCLIP, HandCLIP cached per policy
-	$(BIN)/python -m handclip.benchmark --json bench.json
+# ARGS go to the benchmark (make bench ARGS="--policies last_2 --steps 3"); ARGS=--help answers without installing
+BENCH_HELP := $(filter -h --help,$(ARGS))
+bench: $(if $(BENCH_HELP),,install)  ## benchmarks: image cache vs decoding; plain loop, open_clip, HandCLIP, HandCLIP cached per policy
+	$(if $(BENCH_HELP),$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)),$(BIN)/python) -m handclip.benchmark --json bench.json $(ARGS)
 
 # the NO_/DISABLE_ variables silence the banners Material for MkDocs and mkdocs-gen-files print about
 # MkDocs' future (see docs/development.md); real warnings still fail the build

@@ -180,16 +180,12 @@ def waiting_lock(path: str | Path) -> Iterator[None]:
     For things built once on first use: a second process waits here, then finds the thing built.
     The lock goes with the process, so a killed builder never leaves it held.
     """
-    import fcntl
+    from filelock import FileLock
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(str(path)):  # the lock file stays, as the caches' own locks do
+        yield
 
 
 def _alive(pid: int) -> bool:

@@ -32,6 +32,15 @@ CASES = [
     (["+freze=last_n"], "freze is not a setting (did you mean freeze?)"),
     (["+trainer.max_epoch=3"], "trainer.max_epoch is not a setting of Trainer (did you mean trainer.max_epochs?)"),
     (["+optim.betas=[0.9,0.9]"], "optim.betas is not a setting"),
+    # a key without +: HandCLIP's "did you mean" first (was: Hydra's advice to add it with +, exit 1)
+    (["optim.lrr=1e-3"], "optim.lrr is not a setting (did you mean optim.lr?); optim has lr, weight_decay"),
+    (["trainer.max_epoch=3"], "trainer.max_epoch is not a setting (did you mean trainer.max_epochs?)"),
+    (["max_epoch=3"], "max_epoch is not a setting (did you mean trainer.max_epochs?)"),
+    (["sweep.dir=x"], "sweep.dir is not a setting (did you mean hydra.sweep.dir?)"),
+    (["hydra.sweep.dirr=x"], "hydra.sweep.dirr is not a setting (did you mean hydra.sweep.dir?); hydra.sweep has dir"),
+    (["data.source.identites=3"], "data.source.identites is not a setting (did you mean data.source.identities?)"),
+    (["~optim.lrr"], "optim.lrr is not a setting (did you mean optim.lr?)"),
+    (["trainer.limit_train_batches=2"], "but lightning.Trainer takes it: add it with +trainer.limit_train_batches=2"),
     (["run_name=../../etc"], "run_name='../../etc' must be a relative name inside paths.runs"),
     (["run_name=/abs/path"], "run_name='/abs/path' must be a relative name"),
     (["freeze=pattern", "freeze.include=[nothing_here]"], "freeze.include: 'nothing_here' matches no parameter"),
@@ -179,3 +188,63 @@ def test_a_file_where_the_data_or_cache_folder_goes_is_refused_before_anything_i
     result = run(tmp_path, f"paths.{key}={afile}")
     check_refused(result, f"paths.{key}={afile} is a file: point it at a folder")  # was NotADirectoryError
     assert not (tmp_path / "runs").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound, then closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"WANDB_MODE": "online"}, "logger=wandb is online (WANDB_MODE=online) but no W&B API key was found"),
+        ({"WANDB_MODE": "bogus"}, "WANDB_MODE='bogus' (in the environment) is not a mode of wandb"),
+        ({"WANDB_MODE": "Offline"}, "WANDB_MODE='Offline' (in the environment) is not a mode of wandb"),
+        (  # a key, and a server that refuses at once (nothing leaves this machine)
+            {"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:{port}"},
+            "logger=wandb is online (WANDB_MODE=online) but http://127.0.0.1:",
+        ),
+    ],
+    ids=["online without a key", "bad mode", "mode in capitals", "server unreachable"],
+)
+def test_a_wandb_logger_that_cannot_start_is_refused_before_the_data_and_the_baseline(tmp_path, environment, message):
+    # was: the data prepared, the backbone loaded and the baseline scored, then wandb's traceback (exit 1), or a
+    # message naming logger.mode for a value that came from WANDB_MODE
+    command, env = train_command(tmp_path, "logger=wandb", "run_name=w")
+    env = {k: v for k, v in env.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env.update({k: v.format(port=_free_port()) for k, v in environment.items()}, HOME=str(tmp_path / "home"))
+    result = run_in_process(command, tmp_path, env)
+    check_refused(result, message)
+    assert not (tmp_path / "data").exists()  # no synthetic data drawn
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_logger_wandb_without_the_wandb_package_is_refused_with_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as if it were not installed
+    result = run(tmp_path, "logger=wandb", "logger.mode=offline", "run_name=w")
+    check_refused(result, "logger=wandb needs the wandb package, which is not installed: pip install wandb")
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_a_mistyped_key_in_a_sweep_is_named_before_any_point_runs(tmp_path):
+    from tests.test_train import train
+
+    result = train(tmp_path, "seed=0,1", "optim.lrr=1e-3,1e-4", multirun=True, check=False)
+    check_refused(result, "optim.lrr is not a setting (did you mean optim.lr?)")
+    assert "To append" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_keys_added_with_plus_and_hydras_word_on_an_unknown_choice_stay_as_they_were(tmp_path):
+    choice = run(tmp_path, "logger=wandbb")  # Hydra lists the choices itself
+    assert choice.returncode == 1 and "Available options in 'logger'" in choice.stderr, choice.stderr[-2000:]
+    assert "error:" not in choice.stderr
+    added = run(tmp_path, "+trainer.limit_train_batches=1", "trainer.max_epochs=1", "eval.baseline=false",
+                "data.runs=1", "run_name=plus")  # fmt: skip
+    assert added.returncode == 0, added.stderr[-2000:]

@@ -5,10 +5,12 @@
 
 Each setting runs in its own process (so peak memory is its own): a random-weight model of the
 named architecture, a fixed random batch of images and 16-token captions, the contrastive step
-of training (`handclip.train.accumulate.contrastive_step`) and AdamW, a warm-up step, then
-`--steps` timed steps. On a GPU: bf16 autocast, fused AdamW, peak allocated memory and model
+of training (`handclip.train.accumulate.contrastive_step`) and AdamW, a warm-up step, then at
+least `--steps` timed steps (torch.utils.benchmark's Timer: `handclip.tools.timing.time_batches`),
+rated by their mean. On a GPU: bf16 autocast, fused AdamW, peak allocated memory and model
 FLOPs utilisation (FLOPs from the backbone, `Backbone.forward_flops`, peak from the GPU's name or `--peak-tflops`).
 On a CPU: fp32, and the peak resident memory of the process above what it held before the first step.
+Ctrl-C or SIGTERM stops it at once (exit status 130 or 143); the rows printed so far are what was measured.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+from handclip.tools.timing import Stopped, stopping_on_signals, time_batches
 
 MODELS = ("tiny", "vit_b32", "vit_b16")
 POLICIES = {"full": None, "text_frozen": None, "last_2": 2, "last_4": 4, "projection": 0}
@@ -73,6 +76,7 @@ def measure(model: str, policy: str, batch: int, steps: int, setting: dict, peak
 
     from handclip.losses import ContrastiveLoss, Objective
     from handclip.model import apply_freeze
+    from handclip.model.forward import Forward
     from handclip.tools.mfu import backbone_step_flops, mfu, peak_flops
     from handclip.train.accumulate import contrastive_step
     from handclip.train.compute import Compute
@@ -103,7 +107,7 @@ def measure(model: str, policy: str, batch: int, steps: int, setting: dict, peak
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            _, _, backward = contrastive_step(backbone, objective, data, compute.accumulate, device)
+            _, _, backward = contrastive_step(Forward(backbone), objective, data, compute.accumulate, device)
         backward.backward()
         optimizer.step()
 
@@ -112,12 +116,7 @@ def measure(model: str, policy: str, batch: int, steps: int, setting: dict, peak
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    rate = batch * steps / (time.perf_counter() - start)
+    rate = batch / time_batches(step, steps).mean
     flops = backbone_step_flops(backbone, text_tokens=16)
     peak = peak_flops(torch.cuda.get_device_name(), peak_tflops) if cuda else None
     # accumulation re-runs the forward of what trains: that work is not counted as model FLOPs
@@ -159,6 +158,16 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: one setting
     args = parser.parse_args(argv)
+    try:
+        with stopping_on_signals():
+            _run(args)
+    except Stopped as stop:
+        print(f"{stop.signal_name}: step_bench stopped" + (f"; nothing written to {args.json}" if args.json else ""),
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(stop.exit_status) from None
+
+
+def _run(args) -> None:
     if args.one is not None:
         row = measure(args.model, args.policy, args.batch, args.steps, _setting(args.one), args.peak_tflops)
         print(json.dumps(row))

@@ -1,11 +1,14 @@
 """Benchmarks, run on purpose (never in tests): numbers measured side by side in one run.
 
     python -m handclip.benchmark [--steps 5] [--batch 32] [--json FILE] [--policies full,last_2] [--skip-data]
+                                 [--model vit_b32|tiny]
 
 1. Data: decoding a full-size 11k image (1600x1200 JPEG) and resizing it, against reading the
-   resized cache that `prepare` writes: images per second each, and the ratio.
-2. Training: one epoch (a warm-up batch, then `--steps` timed batches, rated by the median batch)
-   of the real ViT-B/32 architecture (random weights, `CLIPConfig()` defaults) on the same pre-made
+   resized cache that `prepare` writes: images per second each (the median of torch.utils.benchmark's
+   blocked_autorange), and the ratio.
+2. Training: warm-up batches, then at least `--steps` timed batches (torch.utils.benchmark's Timer,
+   `handclip.tools.timing.time_batches`), rated by the median batch, of the real ViT-B/32
+   architecture (random weights, `CLIPConfig()` defaults) on the same pre-made
    images and captions, by four implementations side by side: a plain PyTorch loop over HF `CLIPModel` (its own loss),
    open_clip's `ViT-B-32` with `ClipLoss` (context 77, its own), HandCLIP's `FineTuner` under
    Lightning, and the same with the caches (`handclip_cached`: the frozen image prefix stored in
@@ -15,23 +18,33 @@
    projection; text tower frozen); projection (the vision projection; text tower frozen); every
    policy also trains logit_scale. samples/s, the ratio to the plain loop, and peak memory (CUDA
    allocator peak, or the process's resident set on a CPU, which only grows). fp32 on a CPU,
-   bf16 autocast on a GPU.
+   bf16 autocast on a GPU. `--model tiny`: a small random CLIP, for trying the command out.
+
+Ctrl-C or SIGTERM stops it within the batch that runs (exit status 130 or 143), showing the rows measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
+
+from handclip.tools.timing import Stopped, stopping_on_signals, time_batches, timer_paced_loop
 
 
 def _rate(function, items) -> float:
-    start = time.perf_counter()
-    for item in items:
-        function(item)
-    return len(items) / (time.perf_counter() - start)
+    """Items per second of `function`, going round `items`: the median block of torch.utils.benchmark's
+    blocked_autorange (on all the process's threads), so a block the machine slowed down does not count."""
+    import torch
+    from torch.utils.benchmark import Timer
+
+    cycle = itertools.cycle(items)
+    timer = Timer(stmt="function(next(cycle))", globals={"function": function, "cycle": cycle},
+                  num_threads=torch.get_num_threads())  # fmt: skip
+    return 1 / timer.blocked_autorange(min_run_time=2.0).median
 
 
 def bench_data(count: int = 24) -> list[tuple[str, str, str]]:
@@ -55,6 +68,15 @@ def bench_data(count: int = 24) -> list[tuple[str, str, str]]:
 
 POLICIES = ("full", "text_frozen", "last_4", "last_2", "projection")
 IMPLEMENTATIONS = ("plain", "open_clip", "handclip", "handclip_cached")
+MODELS = ("vit_b32", "tiny")
+# a small CLIP (as conf/backbone/tiny.yaml): the command in seconds, not minutes; its numbers mean little
+TINY = {
+    "projection_dim": 64,
+    "vision_config": {"image_size": 96, "patch_size": 16, "hidden_size": 64, "intermediate_size": 256,
+                      "num_hidden_layers": 4, "num_attention_heads": 4},
+    "text_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "max_position_embeddings": 77},
+}  # fmt: skip
 
 
 def _policy(name: str, depth: int = 12):
@@ -126,7 +148,7 @@ class _Peak:
 class _Bench:
     """One model, one data set, one batch size; a steady-state epoch per implementation and policy."""
 
-    def __init__(self, steps: int, batch: int, seed: int = 0):
+    def __init__(self, steps: int, batch: int, seed: int = 0, model: str = "vit_b32"):
         import torch
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -135,13 +157,14 @@ class _Bench:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.steps, self.batch = steps, batch
         torch.manual_seed(seed)
-        config = CLIPConfig()
+        config = CLIPConfig(**TINY) if model == "tiny" else CLIPConfig()
         size = config.vision_config.image_size
         processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        self.backbone = HFBackbone(CLIPModel(config), None, processor, "random ViT-B/32 (CLIPConfig defaults)")
+        name = "random tiny CLIP" if model == "tiny" else "random ViT-B/32 (CLIPConfig defaults)"
+        self.backbone = HFBackbone(CLIPModel(config), None, processor, name)
         self.backbone.to(self.device)
         self.depth = config.vision_config.num_hidden_layers
-        # one epoch: a warm-up batch, then `steps` timed batches; captions from 8 templates' worth of sequences
+        # the batches a row goes round: as many as it times at least, and a warm-up; captions from 8 templates' worth
         count = batch * (steps + 1)
         generator = torch.Generator().manual_seed(seed)
         self.pixels = torch.randn(count, 3, size, size, generator=generator)
@@ -161,19 +184,9 @@ class _Bench:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def _timed(self, step) -> float:
-        """samples/s of the median timed batch of one epoch (the first batch warms up)."""
-        import torch
-
-        marks = []
-        for number, chosen in enumerate(self.batches()):
-            if number >= 1:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                marks.append(time.perf_counter())
-            step(chosen)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return median_rate([*marks, time.perf_counter()], self.batch)
+        """samples/s of the median timed batch, `step` going round the batches."""
+        batches = itertools.cycle(list(self.batches()))
+        return self.batch / time_batches(lambda: step(next(batches)), self.steps).median
 
     def plain(self, policy: str) -> float:
         import torch
@@ -257,28 +270,33 @@ class _Bench:
             module.forward_path.prefix = groups
         items = _Items(self, store)
         loader = DataLoader(items, batch_size=self.batch, shuffle=False, collate_fn=items.collate)
-        timer = _epoch_timer()
+        timer = timer_paced_loop(self.steps)  # one epoch, as long as the Timer asks for batches
         trainer = L.Trainer(
             max_epochs=1, accelerator=self.device.type, devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             precision="bf16-mixed" if self.device.type == "cuda" else "32-true", callbacks=[timer],
         )  # fmt: skip
-        trainer.fit(module, train_dataloaders=loader)
-        folder.cleanup()
-        return median_rate(timer.marks, self.batch)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            folder.cleanup()
+        return self.batch / timer.result().median
 
 
 class _Items:
-    """The benchmark's samples as HandCLIP batches: pixels, or stored hidden states."""
+    """The benchmark's samples as HandCLIP batches: pixels, or stored hidden states; gone round again and again
+    (one long epoch: the Timer decides when it has measured enough)."""
+
+    ROUNDS = 10**6
 
     def __init__(self, bench: _Bench, store):
         self.bench, self.store = bench, store
 
     def __len__(self) -> int:
-        return len(self.bench.pixels)
+        return len(self.bench.pixels) * self.ROUNDS
 
     def __getitem__(self, index: int) -> int:
-        return index
+        return index % len(self.bench.pixels)
 
     def collate(self, indices: list[int]) -> dict:
         import torch
@@ -294,46 +312,12 @@ class _Items:
         return batch
 
 
-def median_rate(marks: list[float], batch: int) -> float:
-    """samples/s of the median step, from the times each timed step started and the last one ended: robust
-    to a step that a shared machine slowed down, where the epoch's mean is not."""
-    import statistics
-
-    return batch / statistics.median(b - a for a, b in zip(marks, marks[1:], strict=False))
-
-
-def _epoch_timer():
-    import lightning as L
-
-    class EpochTimer(L.Callback):
-        """The start of every batch from the second (loading included), and the end of the epoch's last."""
-
-        def __init__(self):
-            self.marks: list[float] = []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_index):
-            if batch_index >= 1:
-                self._sync(module)
-                self.marks.append(time.perf_counter())
-
-        def on_train_epoch_end(self, trainer, module):
-            self._sync(module)
-            self.marks.append(time.perf_counter())
-
-        @staticmethod
-        def _sync(module):
-            import torch
-
-            if module.device.type == "cuda":
-                torch.cuda.synchronize()
-
-    return EpochTimer()
-
-
 def bench_training(
-    steps: int = 5, batch: int = 32, policies=POLICIES, implementations=IMPLEMENTATIONS, say=print
-) -> list[dict]:
-    """Rows {implementation, policy, samples_per_s, ratio_to_plain, peak_memory_mb}, measured in this process."""
+    steps: int = 5, batch: int = 32, policies=POLICIES, implementations=IMPLEMENTATIONS, say=print,
+    rows: list | None = None, model: str = "vit_b32",
+) -> list[dict]:  # fmt: skip
+    """Rows {implementation, policy, samples_per_s, ratio_to_plain, peak_memory_mb}, measured in this process and
+    added to `rows` as they are (a policy's ratios once its second plain epoch is in: None until then)."""
     import gc
     import logging
     import warnings
@@ -345,8 +329,8 @@ def bench_training(
         logging.getLogger(name).setLevel(logging.WARNING)
     noise = r".*(LeafSpec|does not have many workers|litlogger|no `val_dataloader`).*"
     warnings.filterwarnings("ignore", message=noise)
-    bench = _Bench(steps, batch)
-    rows = []
+    bench = _Bench(steps, batch, model=model)
+    rows = [] if rows is None else rows
     for policy in policies:
         measured = []
         # the plain loop runs first and again last: on a CPU the rows after a change of policy drift faster
@@ -355,6 +339,7 @@ def bench_training(
         # others in time (the faster of the two would favour plain by half the drift)
         order = [*implementations, "plain"] if "plain" in implementations else list(implementations)
         for implementation in order:
+            say(f"{policy:12s} {implementation:16s} measuring ...")
             gc.collect()
             with _Peak(bench.device) as peak:
                 if implementation == "plain":
@@ -365,28 +350,45 @@ def bench_training(
                     rate = bench.handclip(policy, cached=implementation == "handclip_cached")
             say(f"{policy:12s} {implementation:16s} {rate:8.2f} samples/s")
             measured.append((implementation, rate, peak.peak))
+            rows.append(_row(implementation, policy, rate, None, peak.peak))
         epochs = [m for m in measured if m[0] == "plain"]
         if epochs:
             plain = ("plain", sum(m[1] for m in epochs) / len(epochs), max(m[2] for m in epochs))
             say(f"{policy:12s} plain epochs {', '.join(f'{m[1]:.2f}' for m in epochs)}: {plain[1]:.2f} samples/s")
             measured = [plain, *[m for m in measured if m[0] != "plain"]]
+        del rows[len(rows) - len(order) :]  # the policy's rows again, with the plain loop's two epochs as one
         for implementation, rate, peak in measured:
-            rows.append({
-                "implementation": implementation, "policy": policy, "samples_per_s": round(rate, 3),
-                "ratio_to_plain": round(rate / plain[1], 3) if epochs else None, "peak_memory_mb": round(peak, 1),
-            })  # fmt: skip
+            rows.append(_row(implementation, policy, rate, rate / plain[1] if epochs else None, peak))
     del bench
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
 
 
-def main(argv=None) -> None:
-    from rich.console import Console
+def _row(implementation: str, policy: str, rate: float, ratio: float | None, peak: float) -> dict:
+    return {
+        "implementation": implementation, "policy": policy, "samples_per_s": round(rate, 3),
+        "ratio_to_plain": None if ratio is None else round(ratio, 3), "peak_memory_mb": round(peak, 1),
+    }  # fmt: skip
+
+
+def _training_table(rows: list[dict], title: str):
     from rich.table import Table
 
+    table = Table(title=title)
+    for column in ("policy", "implementation", "samples/s", "vs plain", "peak memory MB"):
+        table.add_column(column, justify="left" if column in ("policy", "implementation") else "right")
+    for row in rows:
+        table.add_row(row["policy"], row["implementation"], f"{row['samples_per_s']:.2f}",
+                      "-" if row["ratio_to_plain"] is None else f"{row['ratio_to_plain']:.2f}x",
+                      f"{row['peak_memory_mb']:.0f}")  # fmt: skip
+    return table
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed batches per row (after one warm-up batch)")
+    parser.add_argument("--steps", type=int, default=5, help="timed batches per row, at least (after warm-up)")
+    parser.add_argument("--model", choices=MODELS, default="vit_b32", help="tiny: a small CLIP, to try it out")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
@@ -402,6 +404,8 @@ def main(argv=None) -> None:
         unknown = [v for v in value if v not in allowed]
         if unknown:
             parser.error(f"{key}: {unknown[0]!r} is not one of {', '.join(allowed)}")
+    if args.model == "tiny" and "open_clip" in implementations:
+        parser.error("--model tiny has no open_clip counterpart: leave open_clip out of --implementations")
     if "plain" not in implementations:
         parser.error("--implementations must include plain: every ratio is to it")
     for key, value in (("--steps", args.steps), ("--batch", args.batch)):
@@ -417,7 +421,19 @@ def main(argv=None) -> None:
             parser.error(f"--json {args.json}: the folder {target.parent} does not exist")
         if not os.access(target.resolve().parent, os.W_OK):
             parser.error(f"--json {args.json}: the folder {target.parent} is not writable")
+    try:
+        with stopping_on_signals():
+            _run(args, policies, implementations)
+    except Stopped as stop:
+        print(f"{stop.signal_name}: benchmark stopped" + (f"; nothing written to {args.json}" if args.json else ""),
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(stop.exit_status) from None
+
+
+def _run(args, policies: list[str], implementations: list[str]) -> None:
     import torch
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console()
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
@@ -431,15 +447,17 @@ def main(argv=None) -> None:
         console.print(table)
     if args.skip_model:
         return
-    rows = bench_training(args.steps, args.batch, policies, implementations, say=console.log)
-    table = Table(title=f"training ViT-B/32 (random weights), batch {args.batch}, steady state ({where},{load})")
-    for column in ("policy", "implementation", "samples/s", "vs plain", "peak memory MB"):
-        table.add_column(column, justify="left" if column in ("policy", "implementation") else "right")
-    for row in rows:
-        table.add_row(row["policy"], row["implementation"], f"{row['samples_per_s']:.2f}",
-                      "-" if row["ratio_to_plain"] is None else f"{row['ratio_to_plain']:.2f}x",
-                      f"{row['peak_memory_mb']:.0f}")  # fmt: skip
-    console.print(table)
+    model = "tiny CLIP" if args.model == "tiny" else "ViT-B/32"
+    title = f"training {model} (random weights), batch {args.batch}, steady state ({where},{load})"
+    rows: list[dict] = []
+    try:
+        bench_training(args.steps, args.batch, policies, implementations, say=console.log, rows=rows,
+                       model=args.model)  # fmt: skip
+    except Stopped:
+        if rows:  # what was measured before the signal (a policy's ratios only once its plain epochs are in)
+            console.print(_training_table(rows, f"{title}: stopped, the rows measured"))
+        raise
+    console.print(_training_table(rows, title))
     if args.json:
         from handclip.io import write_json_atomic
 

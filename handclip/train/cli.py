@@ -129,3 +129,98 @@ def dry_run_command(cfg: DictConfig, hydra_cfg, plain: dict, run_dir: Path) -> f
         refuse(str(error), run_dir)
     remove_new_empty_dirs(run_dir, since=STARTED)  # a dry run writes nothing
     return float("nan")
+
+
+# parts of Hydra's own configuration no command line sets: left out of the keys a typo is compared with
+_HYDRA_INTERNALS = ("hydra.runtime.", "hydra.overrides.", "hydra.help.", "hydra.hydra_help.", "hydra.job_logging.",
+                    "hydra.hydra_logging.", "hydra.callbacks.")  # fmt: skip
+
+
+def check_override_keys(argv: list[str], config_dir: str | Path, config_name: str) -> None:
+    """Before Hydra runs: a key the command line sets (or deletes) that the composed configuration does not have is
+    refused in one `error:` line with the nearest key there is, exit 2 (Hydra would only advise adding it with +).
+
+    Additions (+key, ++key), an unknown option of a config group, and anything Hydra alone can judge are left to
+    Hydra; so is every command line this check cannot read."""
+    try:
+        problem = _unknown_override_key(argv, Path(config_dir), config_name)
+    except Exception:  # noqa: BLE001 - never in the way: Hydra then reports what it finds
+        return
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unknown_override_key(argv: list[str], config_dir: Path, config_name: str) -> str | None:
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_path \
+            or args.config_name or args.experimental_rerun:  # fmt: skip
+        return None
+    lines = []  # a sweep's first point stands for it (a typo fails every point the same way)
+    for override in OverridesParser.create().parse_overrides(args.overrides):
+        line = override.input_line
+        if override.is_sweep_override():
+            prefix = line[: len(line) - len(line.lstrip("+~"))]
+            line = f"{prefix}{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+        lines.append((override.key_or_group, line))
+    unknown = None
+    while True:
+        try:
+            failed, cfg = _compose(config_dir, config_name, [line for _, line in lines])
+        except Exception:  # noqa: BLE001 - Hydra's own message; with a typo found, the keys come from conf/ alone
+            if unknown is None:
+                raise
+            failed, cfg = _compose(config_dir, config_name, [])
+        if failed is None or not any(key == failed for key, _ in lines):
+            break
+        unknown = unknown or (failed, next(line for key, line in lines if key == failed))
+        lines = [(key, line) for key, line in lines if key != failed]
+    if unknown is None or cfg is None:
+        return None
+    return _did_you_mean(*unknown, cfg)
+
+
+def _compose(config_dir: Path, config_name: str, overrides: list[str]):
+    """(the key an override names that the configuration lacks, None) or (None, the composed configuration)."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+        try:
+            return None, compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        except ConfigCompositionException as error:
+            found = re.match(r"Could not override '([^']+)'|Could not delete from config\. '([^']+)' does not exist",
+                             str(error))  # fmt: skip
+            if found:
+                return found.group(1) or found.group(2), None
+            raise
+
+
+def _did_you_mean(key: str, line: str, cfg: DictConfig) -> str:
+    from handclip.train.config import _flat_keys, _nearest, _settings_of
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    known = [k for k in _flat_keys(plain) if not k.startswith(_HYDRA_INTERNALS) and "._" not in f".{k}"]
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else None
+    if isinstance(node, DictConfig) and isinstance(node.get("_target_"), str):
+        from handclip.build import locate
+
+        try:
+            target = locate(node["_target_"])
+        except Exception:  # noqa: BLE001 - a target that does not import is reported when the run builds it
+            target = None
+        if target is not None and name in _settings_of(target):
+            return (f"{key} is not in the configuration, but {node['_target_']} takes it: add it with "
+                    f"+{line.lstrip('+~')}")  # fmt: skip
+    message = f"{key} is not a setting{_nearest(key, known)}"
+    if isinstance(node, DictConfig):
+        siblings = [str(k) for k in node if not str(k).startswith("_")]
+        shown = ", ".join(siblings[:12]) + (", ..." if len(siblings) > 12 else "")
+        message += f"; {parent} has {shown}" if siblings else f"; {parent} has no settings"
+    return message

@@ -23,6 +23,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 
+from handclip.checks import one_of
+from handclip.errors import ConfigError
 from handclip.io import atomic_write, write_text_atomic
 
 
@@ -113,15 +115,83 @@ def stable_wandb_id(run_dir: str | Path) -> str:
     return run_id
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+# WANDB_MODE as wandb reads it, in HandCLIP's modes (wandb fails on any other value, even with logger.mode set)
+_WANDB_ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline",
+                    "run": "online", "shared": "online"}  # fmt: skip
+
+
+def wandb_mode(mode: str | None) -> str:
+    """`logger.mode`, or where it is null the environment's WANDB_MODE, else online; a value wandb would fail on
+    later (after the data and the baseline) is refused now, naming the setting it came from."""
+    env = os.environ.get("WANDB_MODE")
+    if env and env not in _WANDB_ENV_MODES:
+        raise ConfigError(
+            f"WANDB_MODE={env!r} (in the environment) is not a mode of wandb: set it to one of "
+            f"{', '.join(WANDB_MODES)} (e.g. export WANDB_MODE=offline), or unset it and give logger.mode"
+        )
+    if mode is not None:
+        return one_of("logger.mode", mode, WANDB_MODES)
+    return _WANDB_ENV_MODES[env] if env else "online"
+
+
+def _wandb_host() -> tuple[str, str, int]:
+    from urllib.parse import urlsplit
+
+    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    return url, parts.hostname or "api.wandb.ai", parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def _has_wandb_credentials(host: str) -> bool:
+    """An API key where wandb looks for one: WANDB_API_KEY (or an identity token file), or the .netrc entry that
+    `wandb login` writes."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def check_wandb_can_start(mode: str, said: str = "logger.mode=online") -> None:
+    """Refuse, in one line naming the fix, a wandb logger that would fail once the run has started: wandb not
+    installed; online without an API key or without a route to the server. Nothing is sent anywhere."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logger=wandb needs the wandb package, which is not installed: pip install wandb, "
+                          "or choose logger=csv or logger=tensorboard")  # fmt: skip
+    if mode != "online":
+        return
+    later = "or run offline (WANDB_MODE=offline, then wandb sync), or choose logger=csv"
+    url, host, port = _wandb_host()
+    if not _has_wandb_credentials(host):
+        raise ConfigError(f"logger=wandb is online ({said}) but no W&B API key was found for {url}: "
+                          f"run wandb login or set WANDB_API_KEY, {later}")  # fmt: skip
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as error:
+        raise ConfigError(f"logger=wandb is online ({said}) but {url} cannot be reached ({error.strerror or error}): "
+                          f"check the network, {later}") from None  # fmt: skip
+
+
 def wandb_logger(
     save_dir: str, project: str, entity: str | None = None, tags: Sequence[str] = (), mode: str | None = None,
     group: str | None = None,
 ):  # fmt: skip
     """A `WandbLogger` named after the run directory, resuming its run id; `group` is the sweep. `mode` null: the
-    environment's WANDB_MODE, else online."""
-    from handclip.checks import one_of
-
-    mode = one_of("logger.mode", mode or os.environ.get("WANDB_MODE") or "online", ("online", "offline", "disabled"))
+    environment's WANDB_MODE, else online. Refused (ConfigError) when it could not start: see
+    `check_wandb_can_start`."""
+    env = os.environ.get("WANDB_MODE")
+    said = f"logger.mode={mode}" if mode is not None else f"WANDB_MODE={env}" if env else "by default"
+    mode = wandb_mode(mode)
+    check_wandb_can_start(mode, said)
     return _wandb_class()(
         project=project, entity=entity, tags=list(tags or []), save_dir=str(save_dir), offline=mode == "offline",
         mode=mode, name=Path(save_dir).name, id=stable_wandb_id(save_dir), resume="allow", group=group,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import warnings
@@ -40,6 +39,8 @@ def check_run_dir(run_dir: str | Path) -> None:
     for parent in run_dir.parents:
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"{parent} is a file, not a directory: set paths.runs to a directory")
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):  # its files, the logger's included
+        raise RunDirError(f"{run_dir} is not writable by this user: point paths.runs at a folder you can write")
 
 
 def resolve_resume(
@@ -177,32 +178,33 @@ def remove_new_empty_dirs(path: str | Path, since: float) -> None:
 
 
 class RunLock:
-    """An exclusive lock on a run directory; a second process is refused, not interleaved."""
+    """An exclusive lock on a run directory; a second process is refused, not interleaved. The lock file
+    (`.lock`, holding the owner's pid) stays in the directory; the lock goes with the process that holds it."""
 
     def __init__(self, run_dir: str | Path):
+        from filelock import FileLock
+
         self.path = Path(run_dir) / LOCK
-        self.handle = None
+        self.lock = FileLock(str(self.path))
 
     def __enter__(self) -> RunLock:
+        from filelock import Timeout
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
+        owner = self.path.read_text().strip() if self.path.is_file() else ""  # read before trying: it stays
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            owner = self.handle.read().strip() or "unknown"
-            self.handle.close()
+            self.lock.acquire(timeout=0)
+        except Timeout:
             raise RunDirError(
-                f"run directory {self.path.parent} is in use by another process (pid {owner}); "
+                f"run directory {self.path.parent} is in use by another process (pid {owner or 'unknown'}); "
                 "wait for it to finish or choose another run_name"
             ) from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
+        try:
+            self.path.write_text(str(os.getpid()))  # through another handle: the lock is the FileLock's
+        except BaseException:
+            self.lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+        self.lock.release()
