@@ -80,3 +80,16 @@ def test_a_schedule_that_training_never_reaches_is_named(tmp_path):
     assert any("freeze schedule never unfroze anything: it first trains more at epoch 2" in w for w in warned), warned
     assert not any("WiSE-FT" in w for w in warned)
     assert "schedule never unfroze anything" in " ".join(result.stdout.split())
+
+
+def test_caption_data_brings_a_recipe_that_trains_and_the_command_line_still_wins(tmp_path):
+    from tests.test_config import compose_plain
+
+    captions = compose_plain(tmp_path, "data=captions")
+    assert (captions["optim"]["lr"], captions["trainer"]["max_epochs"]) == (1.0e-4, 10)
+    mine = compose_plain(tmp_path, "data=captions", "optim.lr=3e-5", "trainer.max_epochs=4")
+    assert (mine["optim"]["lr"], mine["trainer"]["max_epochs"]) == (3e-5, 4)
+    hands = compose_plain(tmp_path, "data=hands11k")
+    assert (hands["optim"]["lr"], hands["trainer"]["max_epochs"]) == (1.0e-5, 5)  # the hand recipe stays
+    demo = compose_plain(tmp_path, "experiment=demo")
+    assert (demo["optim"]["lr"], demo["trainer"]["max_epochs"]) == (1.0e-3, 80)
