@@ -1,10 +1,12 @@
 """Weight averaging: the EMA a run keeps, model soups from a sweep, and the model card of every export."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from handclip.errors import HandClipError
@@ -131,7 +133,18 @@ def test_export_carries_a_model_card_naming_policy_objective_and_test_numbers(em
     out = export(ema_run, tmp_path / "model")
     card = (out / "README.md").read_text()
     metrics = json.loads((ema_run / "metrics.json").read_text())["metrics"]
-    assert card.startswith("---\nlibrary_name: transformers\n")
+    loaded = ModelCard.load(out / "README.md")  # the hub's own reader
+    assert loaded.data.library_name == "transformers" and "hand-re-identification" in loaded.data.tags
+    assert loaded.data.datasets == ["synthetic_hands"] and "base_model" not in loaded.data.to_dict()  # built here
+    reported = {r.metric_type: r for r in loaded.data.eval_results}
+    assert reported["test/rank1"].metric_value == round(metrics["test/rank1"], 4)
+    assert "same-aspect gallery" in reported["test/rank1"].metric_config
+    assert "gallery merged over aspects" in reported["test_all/mAP"].metric_config
+    assert not any(key.startswith("retrieval/") for key in reported)  # hands lead with re-identification
+    assert "fine-tuned with HandCLIP for hand-based person re-identification on `synthetic_hands`" in card
+    sizes = json.loads(Path(json.loads((ema_run / "metrics.json").read_text())["manifest"]).with_suffix(".json")
+                       .read_text())["sizes"]  # fmt: skip
+    assert f"- training: {sizes['train']['identities']} identities, {sizes['train']['images']} images" in card
     assert "freeze policy: last_n (vision_blocks=1, text_blocks=1)" in card
     assert "`clip`: ContrastiveLoss (weight=1.0" in card
     assert "same-aspect gallery" in card and "gallery merged over aspects" in card

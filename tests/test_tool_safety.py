@@ -282,6 +282,74 @@ def test_the_card_describes_the_initial_weights_as_they_were(tmp_path):
     assert "base_model: org/model" in cards["hub"] and "org/model (Hugging Face hub)" in cards["hub"]
 
 
+def _caption_payload(tmp_path, train=(30, 120), metrics=None, warnings=()):
+    """metrics.json of a finished caption run, with its manifest's sizes beside it."""
+    manifest = tmp_path / "splits" / "csv_captions_draw0_runs2.csv"
+    manifest.parent.mkdir(parents=True)
+    sizes = {"train": {"identities": train[0], "images": train[1]}, "val": {"identities": train[0], "images": 30},
+             "query0": {"identities": 10, "images": 40}, "gallery0": {"identities": 10, "images": 10}}  # fmt: skip
+    manifest.with_suffix(".json").write_text(json.dumps({"sizes": sizes}))
+    scores = {"retrieval/text_to_image_R@1": 0.3, "baseline/retrieval/text_to_image_R@1": 0.1,
+              "retrieval/image_to_text_R@5": 0.8, "test/rank1": 0.9, "test/rank1_std": 0.02, "test/mAP": 0.85,
+              "selection/epoch": 3, **(metrics or {})}  # fmt: skip
+    runs = [{"run": i, "rank1": 0.9, "rank5": 1.0, "rank10": 1.0, "mAP": 0.85} for i in range(2)]
+    return {"metrics": scores, "runs": {"fine-tuned": {"test": runs}}, "manifest": str(manifest),
+            "eval_feature": "projected", "weights": "raw", "warnings": list(warnings)}  # fmt: skip
+
+
+def test_a_caption_runs_card_names_its_data_and_leads_with_retrieval(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from handclip.build import build
+    from handclip.tools.card import model_card
+
+    hub = {**HF_TINY, "source": "org/model", "config": None}
+    config = {"run_name": "petals", "backbone": hub, "projection": {"_target_": "handclip.model.projection.Keep"},
+              "freeze": {}, "eval": {"select": "val/mAP"}, "trainer": {"max_epochs": 8},
+              "data": {"name": "captions", "runs": 2, "captions": ["{caption}"], "source": {
+                  "_target_": "handclip.data.sources.CaptionCSV", "root": "/data/my_flowers"}}}  # fmt: skip
+    backbone = build(HF_TINY, "backbone").skeleton()
+    warned = "the selected checkpoint is from epoch 0: the reported model is the untrained one"
+    text = model_card(config, _caption_payload(tmp_path, warnings=[warned]), "freeze policy: text_frozen",
+                      spec=build(hub, "backbone"), backbone=backbone, weights="raw")  # fmt: skip
+    (tmp_path / "README.md").write_text(text)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "org/model" and card.data.datasets == ["my_flowers"]
+    assert "image-text-retrieval" in card.data.tags and "hand-re-identification" not in card.data.tags
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert list(results)[0] == "retrieval/text_to_image_R@1"
+    assert results["retrieval/text_to_image_R@1"].metric_value == 0.3
+    assert "retrieval" in results["retrieval/image_to_text_R@5"].metric_config
+    assert "one gallery image per identity" in results["test/rank1"].metric_config  # not an aspect of a hand
+    assert card.data.model_name == "petals" and card.data.eval_results[0].dataset_config == "CaptionCSV"
+    body = card.text
+    assert "hand" not in body.split("## How to load")[0].lower().replace("handclip", "")
+    assert "for image-text retrieval and re-identification of the identities it names on `my_flowers`" in body
+    assert "a caption CSV" in body and "training: 30 identities, 120 images" in body
+    assert "test: 10 identities never trained on, 40 query and 10 gallery images" in body
+    assert "text-to-image R@1 **30.0%** (untrained 10.0%)" in body and "Rank-1 **90.0%** ± 2.0" in body
+    assert "org/model (Hugging Face hub)" in body and "checkpoint: epoch 3, chosen by val/mAP" in body
+    assert f"- {warned}" in body
+
+
+def test_a_caption_card_without_identities_reports_retrieval_alone(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from handclip.build import build
+    from handclip.tools.card import model_card
+
+    config = {"backbone": HF_TINY, "projection": {}, "freeze": {},
+              "data": {"source": {"_target_": "handclip.data.sources.ImageFolder", "root": "/d/pets"}}}  # fmt: skip
+    backbone = build(HF_TINY, "backbone").skeleton()
+    text = model_card(config, _caption_payload(tmp_path, train=(40, 40)), None, spec=build(HF_TINY, "backbone"),
+                      backbone=backbone, weights="raw")  # fmt: skip
+    (tmp_path / "README.md").write_text(text)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {r.metric_type for r in card.data.eval_results} == {"retrieval/text_to_image_R@1",
+                                                                 "retrieval/image_to_text_R@5"}  # fmt: skip
+    assert "each image is its own" in card.text and "random initial weights (seed 0)" in card.text
+
+
 @pytest.mark.parametrize("text, message", [("", "holds nothing, not the mapping"), ("- a\n", "holds a list"),
                                            ("backbone: [\n", "is damaged or unreadable"),
                                            ("name: x\n", "has no backbone section")])  # fmt: skip

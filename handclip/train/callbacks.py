@@ -86,6 +86,7 @@ class FollowFreezeSchedule(L.Callback):
     def __init__(self, schedule, heads, table_path: str | Path):
         self.schedule, self.heads, self.table_path = schedule, list(heads), Path(table_path)
         self.current: list | None = None
+        self.unfroze_at: int | None = None  # the first epoch this process trained with more than the start
 
     def _follow(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from handclip.model.freeze import apply_freeze
@@ -97,6 +98,8 @@ class FollowFreezeSchedule(L.Callback):
         self.current = state
         if not changed or (first and trainer.current_epoch == 0):
             return  # nothing new trains, or the run printed the starting table already
+        if self.unfroze_at is None:
+            self.unfroze_at = trainer.current_epoch
         text = f"epoch {trainer.current_epoch}: " + report.to_text()
         print("\n" + text, flush=True)
         with open(self.table_path, "a", encoding="utf-8") as handle:  # appended: the file's history

@@ -15,7 +15,11 @@ After training, in this order:
    (`wise_ft.png`);
 4. *retention*: `zeroshot/retention`, the reported model's zero-shot skill over the untrained one's;
    `reported/val_gain` (with `_low`, `_high`: its 95% interval), the reported model's paired
-   validation gain over the untrained one.
+   validation gain over the untrained one;
+5. *closing warnings* (`closing_warnings`): a run that trained but reports (close to) the untrained model
+   says so at its end and in metrics.json's `warnings`: the selected checkpoint is epoch 0, no validation
+   beat the untrained model, an unfreeze schedule never unfroze anything (or the selected checkpoint is from
+   before it did), WiSE-FT reports the untrained weights.
 
 The weights a run starts from (what WiSE-FT mixes with) are kept in `initial_weights.safetensors`
 in the run directory, for the parameters that train, so that a resumed run mixes the same ones.
@@ -24,6 +28,7 @@ in the run directory, for the parameters that train, so that a resumed run mixes
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +176,57 @@ def final_evaluation(spec, run, weights, best_path: str, last_path: str, results
     if kept is not None:
         metrics["zeroshot/retention"] = kept
     return metrics, extra
+
+
+@dataclass
+class TrainingFacts:
+    """What training did, for the closing warnings: the selecting metric's value after each validation (one list
+    per kind of weights validated: raw, and the EMA's where the run keeps one), and when an unfreeze schedule
+    first changes what trains (`first_unfreeze`, None without a schedule) and when it did (`unfroze_at`, None if
+    training never got there)."""
+
+    select: str
+    histories: list[list[float]]
+    first_unfreeze: int | None = None
+    unfroze_at: int | None = None
+
+
+def first_unfreeze(freeze, epochs: int) -> int | None:
+    """The first epoch at which a freeze schedule trains more than at epoch 0 (None: it never changes)."""
+    start = freeze.policy_at(0)
+    return next((epoch for epoch in range(1, epochs) if freeze.policy_at(epoch) is not start), None)
+
+
+def closing_warnings(metrics: Mapping[str, Any], baseline: Mapping[str, float] | None,
+                     facts: TrainingFacts) -> list[str]:  # fmt: skip
+    """Plain sentences for a run whose reported model is (close to) the untrained one; [] for one that trained and
+    gained."""
+    found = []
+    epoch = metrics.get("selection/epoch")
+    if epoch == 0:
+        found.append(f"the selected checkpoint is from epoch 0, the first: later epochs never scored higher on "
+                     f"{facts.select}, so the reported model had one epoch of training and is close to the untrained "
+                     "model; try a higher optim.lr or more trainer.max_epochs")  # fmt: skip
+    scores = [value for history in facts.histories for value in history]
+    if baseline is not None and facts.select in baseline and scores and max(scores) <= baseline[facts.select]:
+        found.append(f"the model never beat the untrained model on validation: its best {facts.select} after any "
+                     f"epoch was {100 * max(scores):.1f}%, the untrained model's {100 * baseline[facts.select]:.1f}%"
+                     + (" (validation is saturated: it cannot tell a better model)" if baseline[facts.select] >= 1
+                        else ""))  # fmt: skip
+    if facts.first_unfreeze is not None:
+        if facts.unfroze_at is None:
+            found.append(f"the freeze schedule never unfroze anything: it first trains more at epoch "
+                         f"{facts.first_unfreeze}, which training never reached; only the groups trainable from the "
+                         "start trained")  # fmt: skip
+        elif isinstance(epoch, int) and epoch < facts.first_unfreeze:
+            found.append(f"the selected checkpoint (epoch {epoch}) is from before the freeze schedule first unfroze "
+                         f"more (epoch {facts.first_unfreeze}): the reported model has only its starting groups "
+                         "trained")  # fmt: skip
+    if metrics.get("wise_ft/alpha") == 0:
+        found.append("WiSE-FT reports the untrained model (mix 0): no mix of the fine-tuned weights beat it on "
+                     "validation beyond the noise of its queries; the fine-tuned weights' own scores are under "
+                     "finetuned/ in metrics.json")  # fmt: skip
+    return found
 
 
 def _why_no_wise_ft(run, initial) -> str | None:

@@ -174,17 +174,19 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
         _exit_if_stopped(stop)
         raise
     _exit_if_stopped(stop)  # a signal during the last validation: training is complete, but stop as asked
+    trained = _training_facts(spec, run, weights, trainer)  # before the final evaluation loads other weights
     if trainer.is_global_zero:  # one writer
         _write_artifacts(run.objective, run.backbone, run_dir, run.datamodule.identity_keys)
 
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
-        from handclip.train.final import choice_line, final_evaluation
+        from handclip.train.final import choice_line, closing_warnings, final_evaluation
 
         last = str(run_dir / "checkpoints" / "last.ckpt")
         found, extra = final_evaluation(spec, run, weights, best.best_model_path, last, results, run.initial, run_dir)
         metrics = {**run.metrics, **found, "wall_time_s": time.time() - started,
                    "train_time_s": run.module.train_seconds(), "peak_memory_mb": _peak_memory_mb()}  # fmt: skip
+        warned = closing_warnings(metrics, (results.get("baseline") or {}).get("metrics"), trained)
         galleries = run.datamodule.source.galleries
         _print_tables(console, results, galleries)
         _log_figures(logger, results, run, run_dir)
@@ -193,6 +195,7 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
             "cmc": {label: r["cmc"] for label, r in results.items()}, "freeze": run.report.as_dict(),
             "eval_feature": spec.eval.feature, "manifest": str(run.datamodule.manifest), "galleries": galleries,
             "best_checkpoint": best.best_model_path,
+            "warnings": warned,  # plain sentences: the reported model is (close to) the untrained one, and why
             **extra,  # weights: the EMA's or the raw ones behind test/* (raw/* holds the raw ones'); wise_ft: the mix
         })  # fmt: skip
         logger.log_final(metrics, trainer.global_step)
@@ -200,7 +203,22 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
         if line:
             console.print(line)
         console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
+        for warning in warned:  # last, where a reader of the run's end sees them
+            console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
         return metrics
+
+
+def _training_facts(spec: RunSpec, run: Assembled, weights, trainer):
+    """What training did, read from the module, the EMA and the unfreeze schedule's callback (closing warnings)."""
+    from handclip.train.callbacks import FollowFreezeSchedule
+    from handclip.train.final import TrainingFacts, first_unfreeze
+
+    histories = [list(run.module.selection.history)]
+    if weights.ema is not None:
+        histories.append(list(weights.ema.selection.history))
+    follow = next((c for c in trainer.callbacks if isinstance(c, FollowFreezeSchedule)), None)
+    return TrainingFacts(spec.eval.select, histories, first_unfreeze(spec.freeze, spec.epochs),
+                         follow.unfroze_at if follow is not None else None)  # fmt: skip
 
 
 def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | None, record: Callable[[], None],
