@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.fake_runs import HF_TINY, command, fake_run, one_error_line
@@ -203,3 +204,25 @@ def test_a_sweep_is_averaged_into_a_soup_scored_as_its_export_scores(tmp_path, s
                               tmp_path / "of-export")), "soup", str(tmp_path / "souped"))  # fmt: skip
     assert exported["evaluated"]["export"]["soup"] == made["evaluated"]["soup"]
     assert scores(exported["metrics"]) == pytest.approx(scores(made["metrics"]), abs=1e-5)
+
+
+def test_a_run_that_reported_a_wise_ft_mix_is_exported_and_evaluated_as_that_mix(tmp_path):
+    """A run's numbers and card describe the model it reported: with WiSE-FT (on by default), its selected weights
+    mixed with its initial ones. Exporting or evaluating the run gives that model, not the unmixed checkpoint."""
+    from handclip.build import build
+    from handclip.model.exports import load_export
+    from handclip.tools.export import export
+    run = tmp_path / "run"
+    trained = fake_run(run)
+    payload = json.loads((run / "metrics.json").read_text())
+    payload.update(wise_ft={"alpha": 0.25}, best_checkpoint=str(run / "checkpoints" / "best.ckpt"))
+    (run / "metrics.json").write_text(json.dumps(payload))
+    original = build(HF_TINY, "backbone").load(tmp_path / "cache").state_dict()
+    mixed = load_export(export(run, tmp_path / "mixed"), tmp_path / "cache").state_dict()
+    unmixed = load_export(export(run, tmp_path / "unmixed", alpha=1.0), tmp_path / "cache").state_dict()
+    for name, value in trained.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(mixed[name], 0.25 * value + 0.75 * original[name], atol=1e-6), name
+            assert torch.allclose(unmixed[name], value), name
+    named = export(tmp_path / "run" / "checkpoints" / "best.ckpt", tmp_path / "file")  # a checkpoint the user names
+    assert torch.allclose(load_export(named, tmp_path / "cache").state_dict()[name], trained.state_dict()[name])

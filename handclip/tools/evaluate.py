@@ -290,12 +290,18 @@ def backbone_spec(source: Source, trust: Sequence[str]):
 def load_model(source: Source, spec, cache: str | None, weights: str | None, greedy: bool, trust: Sequence[str]):
     """The model's backbone with its weights (what the evaluation scores)."""
     if source.kind in ("run", "checkpoint"):
-        from handclip.tools.export import load_run
+        from handclip.tools.export import apply_reported_mix, load_run
 
         run = load_run(source.facts["path"], weights, trust)
         source.facts.update({"checkpoint": str(run.checkpoint), "weights": run.weights})
-        if run.weights == "ema":
-            source.facts["label_note"] = "EMA"
+        notes = ["EMA"] if run.weights == "ema" else []
+        run.policy.merge(run.backbone)  # adapters folded in, as an export holds them
+        alpha = apply_reported_mix(run, source.facts["path"], None, weights, "evaluating", trust)
+        if alpha is not None:
+            source.facts["wise_ft"] = alpha
+            notes.append(f"WiSE-FT {alpha:g}")
+        if notes:
+            source.facts["label_note"] = ", ".join(notes)
         return run.backbone
     if source.kind == "soup" and source.spec is None:  # a sweep: averaged here, as export --soup would
         from handclip.tools.soup import make_soup

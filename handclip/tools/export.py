@@ -64,6 +64,49 @@ def find_checkpoint(source: str | Path) -> tuple[Path, Path]:
 WEIGHTS = ("ema", "raw")
 
 
+def reported_mix(source: str | Path) -> float | None:
+    """The WiSE-FT ratio of the model a finished run reported (its metrics.json), when `source` is the run's folder:
+    what the run's numbers and card describe is that mix of its selected checkpoint with its initial weights.
+    None for a checkpoint file named by the user, a run that reported unmixed weights, or an unfinished run."""
+    source = Path(source)
+    if not source.is_dir():
+        return None
+    checkpoint, run_dir = find_checkpoint(source)
+    try:
+        payload = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    alpha = (payload.get("wise_ft") or {}).get("alpha") if isinstance(payload.get("wise_ft"), dict) else None
+    best = payload.get("best_checkpoint")
+    if alpha is None or float(alpha) == 1.0 or not best or Path(best).name != checkpoint.name:
+        return None
+    return float(alpha)
+
+
+def apply_reported_mix(
+    run, source: str | Path, alpha: float | None, weights: str | None, what: str, trust: Sequence[str] = ()
+) -> float | None:
+    """`alpha` as given, or the run's reported WiSE-FT ratio (`reported_mix`) when neither it nor `weights` was
+    given; the mix is applied to `run.backbone` and said in one line. Returns the ratio applied (None: unmixed)."""
+    if alpha is None and weights is None:
+        alpha = reported_mix(source)
+        if alpha is not None:
+            print(f"{what} the model the run reported: its selected weights mixed with its initial ones at WiSE-FT "
+                  f"ratio {alpha:g} (--wise-ft 1 for the unmixed weights)", flush=True)  # fmt: skip
+    if alpha is None:
+        return None
+    from handclip.build import build
+    from handclip.model.projection import Keep
+
+    if not isinstance(build(run.config["projection"], "projection", trust), Keep):
+        raise HandClipError(
+            "WiSE-FT needs an original for every weight, and this run replaced its projection heads "
+            f"(projection: {run.config['projection'].get('_target_')}), which have none: export without --wise-ft"
+        )
+    wise_ft(run.backbone, run.spec.load((run.config.get("paths") or {}).get("cache")), alpha)
+    return alpha
+
+
 # the sections of a run's config that make its model: built, and so checked, before anything is loaded
 MODEL_SECTIONS = ("backbone", "projection", "freeze")
 
@@ -232,7 +275,6 @@ def export(
     `out_dir` that is not a previous export is refused unless `overwrite`; a run directory, or a
     folder holding the run, is always refused. `trust`: see `load_run_model`.
     """
-    from handclip.build import build
     from handclip.tools.card import model_card, run_files
 
     out_dir = Path(out_dir)
@@ -241,16 +283,7 @@ def export(
     run = load_run(source, weights, trust)
     backbone, config = run.backbone, run.config
     merged = run.policy.merge(backbone)  # adapters folded into the weights: the export loads without peft
-    if alpha is not None:
-        from handclip.model.projection import Keep
-
-        if not isinstance(build(config["projection"], "projection", trust), Keep):
-            raise HandClipError(
-                "WiSE-FT needs an original for every weight, and this run replaced its projection heads "
-                f"(projection: {config['projection'].get('_target_')}), which have none: export without --wise-ft"
-            )
-        original = run.spec.load((config.get("paths") or {}).get("cache"))
-        wise_ft(backbone, original, alpha)
+    alpha = apply_reported_mix(run, source, alpha, weights, "exporting", trust)
     marker = {"source": str(run_dir), "checkpoint": str(checkpoint), "wise_ft": alpha, "weights": run.weights}
     _, payload, policy = run_files(run_dir)
     card = model_card(config, payload, policy, spec=run.spec, backbone=backbone, merged=merged, weights=run.weights,
