@@ -89,7 +89,7 @@ def test_a_lora_run_resumes_and_exports_a_model_that_loads_without_peft_or_handc
     train(tmp_path, *run, "trainer.max_epochs=1")
     result = train(tmp_path, *run, "trainer.max_epochs=2", "ckpt_path=last")
     assert "resuming" in result.stdout
-    out = export(tmp_path / "runs" / "l", tmp_path / "model")
+    out = export(tmp_path / "runs" / "l", tmp_path / "model", alpha=1.0)  # the unmixed weights, as load_run_model
     backbone, _ = load_run_model(tmp_path / "runs" / "l")
     pixels = torch.randn(2, 3, backbone.image_size, backbone.image_size)
     with torch.no_grad():

@@ -234,7 +234,12 @@ def model_card(
 
     name = str(config.get("run_name") or config.get("name") or "run")
     facts = data_facts(config, payload)
-    tested = payload is not None and not ingredients and wise_ft is None
+    # the run's numbers are those of the model it reported: its WiSE-FT mix when it chose one (handclip.train.final)
+    mix = (payload or {}).get("wise_ft") if isinstance((payload or {}).get("wise_ft"), Mapping) else {}
+    reported = mix.get("alpha") if mix.get("alpha") is not None and float(mix["alpha"]) != 1.0 else None
+    same = (wise_ft is None and reported is None) or (wise_ft is not None and reported is not None
+                                                      and float(wise_ft) == float(reported))  # fmt: skip
+    tested = payload is not None and not ingredients and same
     metrics = (payload or {}).get("metrics") or {}
     data = card_data(config, payload, spec=spec, backbone=backbone, facts=facts, name=name, tested=tested)
     numbers = headline(facts, config, payload)
@@ -284,7 +289,8 @@ def model_card(
     else:
         lines.append("- each ingredient's own choice: its EMA where it kept one, else its raw weights")
     if wise_ft is not None:
-        lines.append(f"- WiSE-FT: (1 - {wise_ft}) x original + {wise_ft} x fine-tuned")
+        lines.append(f"- WiSE-FT: (1 - {wise_ft}) x original + {wise_ft} x fine-tuned"
+                     + (" (the ratio the run chose on validation: the model it reported)" if same else ""))
     if ingredients:
         lines += ["- a model soup: the average of these runs' weights", ""]
         lines += ["| ingredient | val Rank-1 % | test Rank-1 % |", "|---|---|---|"]
@@ -299,8 +305,11 @@ def model_card(
         lines += ["The soup itself was not run through the test protocol; the table gives its ingredients'.", ""]
     elif payload is None:
         lines += ["The run has no metrics.json (it did not finish its test): no results.", ""]
-    elif wise_ft is not None:
-        lines += [f"These are the fine-tuned model's numbers; the WiSE-FT mix (alpha {wise_ft}) was not tested.", ""]
+    elif not same:
+        held = f"the WiSE-FT mix at ratio {wise_ft:g}" if wise_ft is not None else "the unmixed fine-tuned weights"
+        told = f"the run's WiSE-FT mix at ratio {float(reported):g}" if reported is not None else "the unmixed weights"
+        lines += [f"These are the numbers of the model the run reported ({told}); this export holds {held}, which "
+                  "was not tested.", ""]  # fmt: skip
     if payload is not None and not ingredients:
         tested_weights = payload.get("weights", "raw")
         if tested_weights != weights:
