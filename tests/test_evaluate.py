@@ -21,7 +21,7 @@ SCORES = ("val/", "test/", "test_all/", "retrieval/", "zeroshot/")
 
 def evaluate(*args) -> subprocess.CompletedProcess:
     """`python -m handclip.evaluate args`, in this process; its exit status and output as a subprocess gives them."""
-    from handclip.tools.evaluate import main
+    from handclip.train.evaluate import main
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

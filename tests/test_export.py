@@ -25,7 +25,7 @@ def test_exported_directory_loads_in_plain_transformers_with_the_same_embeddings
 
     from handclip.model.hf import HFBackbone
 
-    out = export(finished_run / "runs" / "r", tmp_path / "model")
+    out = export(finished_run / "runs" / "r", tmp_path / "model", alpha=1.0)  # unmixed, as load_run_model gives
     assert {p.name for p in out.iterdir()} >= {
         "config.json",
         "model.safetensors",
@@ -83,7 +83,7 @@ def test_wise_ft_is_refused_for_replaced_projections(tmp_path):
 
 
 def test_feature_cli_embeds_a_folder(finished_run, tmp_path):
-    out = export(finished_run / "runs" / "r", tmp_path / "model")
+    out = export(finished_run / "runs" / "r", tmp_path / "model", alpha=1.0)  # unmixed, as load_run_model gives
     (images,) = (finished_run / "data" / "synthetic_hands").glob("*_draw0/Hands")
     result = subprocess.run(
         [sys.executable, "-m", "handclip.features", str(out), str(images), "--out", str(tmp_path / "f.npz")],
@@ -100,7 +100,7 @@ def test_feature_cli_embeds_a_folder(finished_run, tmp_path):
 def test_feature_cli_skips_what_is_not_an_image_and_refuses_bad_paths_at_once(finished_run, tmp_path):
     import shutil
 
-    out = export(finished_run / "runs" / "r", tmp_path / "model")
+    out = export(finished_run / "runs" / "r", tmp_path / "model", alpha=1.0)  # unmixed, as load_run_model gives
     images = tmp_path / "images"
     images.mkdir()
     for source in sorted((finished_run / "data" / "synthetic_hands").glob("*_draw0/Hands/*.jpg"))[:3]:

@@ -6,7 +6,7 @@
 Each setting runs in its own process (so peak memory is its own): a random-weight model of the
 named architecture, a fixed random batch of images and 16-token captions, the contrastive step
 of training (`handclip.train.accumulate.contrastive_step`) and AdamW, a warm-up step, then at
-least `--steps` timed steps (torch.utils.benchmark's Timer: `handclip.tools.timing.time_batches`),
+least `--steps` timed steps (torch.utils.benchmark's Timer: `handclip.train.timing.time_batches`),
 rated by their mean. On a GPU: bf16 autocast, fused AdamW, peak allocated memory and model
 FLOPs utilisation (FLOPs from the backbone, `Backbone.forward_flops`, peak from the GPU's name or `--peak-tflops`).
 On a CPU: fp32, and the peak resident memory of the process above what it held before the first step.
@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from handclip.tools.timing import Stopped, stopping_on_signals, time_batches
+from handclip.train.timing import Stopped, stopping_on_signals, time_batches
 
 MODELS = ("tiny", "vit_b32", "vit_b16")
 POLICIES = {"full": None, "text_frozen": None, "last_2": 2, "last_4": 4, "projection": 0}

@@ -7,7 +7,7 @@
    resized cache that `prepare` writes: images per second each (the median of torch.utils.benchmark's
    blocked_autorange), and the ratio.
 2. Training: warm-up batches, then at least `--steps` timed batches (torch.utils.benchmark's Timer,
-   `handclip.tools.timing.time_batches`), rated by the median batch, of the real ViT-B/32
+   `handclip.train.timing.time_batches`), rated by the median batch, of the real ViT-B/32
    architecture (random weights, `CLIPConfig()` defaults) on the same pre-made
    images and captions, by four implementations side by side: a plain PyTorch loop over HF `CLIPModel` (its own loss),
    open_clip's `ViT-B-32` with `ClipLoss` (context 77, its own), HandCLIP's `FineTuner` under
@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from handclip.tools.timing import Stopped, stopping_on_signals, time_batches, timer_paced_loop
+from handclip.train.timing import Stopped, stopping_on_signals, time_batches, timer_paced_loop
 
 
 def _rate(function, items) -> float:
