@@ -61,7 +61,8 @@ def test_a_run_its_export_and_its_checkpoint_score_what_the_run_reported(tmp_pat
     from tests.test_train import train
 
     # no WiSE-FT: the run reports best.ckpt's own weights; features from pixels, as evaluate computes them
-    train(tmp_path, "eval.wise_ft=null", "eval.baseline=false", "data.activation_cache=false", "run_name=r")
+    train(tmp_path, "eval.wise_ft=null", "eval.baseline=false", "data.activation_cache=false", "eval.ranked=5",
+          "run_name=r")  # fmt: skip
     run = tmp_path / "runs" / "r"
     reported = json.loads((run / "metrics.json").read_text())
     expected = scores(reported["metrics"])
