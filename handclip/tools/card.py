@@ -83,6 +83,13 @@ class DataFacts:
         return lines
 
 
+def reported_ratio(payload: Mapping | None) -> float | None:
+    """The WiSE-FT ratio of the model a run reported (its metrics.json), None when it reported unmixed weights."""
+    mix = (payload or {}).get("wise_ft")
+    alpha = mix.get("alpha") if isinstance(mix, Mapping) else None
+    return None if alpha is None or float(alpha) == 1.0 else float(alpha)
+
+
 def data_facts(config: Mapping, payload: Mapping | None) -> DataFacts:
     data = config.get("data") or {}
     source = data.get("source") or {}
@@ -235,8 +242,7 @@ def model_card(
     name = str(config.get("run_name") or config.get("name") or "run")
     facts = data_facts(config, payload)
     # the run's numbers are those of the model it reported: its WiSE-FT mix when it chose one (handclip.train.final)
-    mix = (payload or {}).get("wise_ft") if isinstance((payload or {}).get("wise_ft"), Mapping) else {}
-    reported = mix.get("alpha") if mix.get("alpha") is not None and float(mix["alpha"]) != 1.0 else None
+    reported = reported_ratio(payload)
     same = (wise_ft is None and reported is None) or (wise_ft is not None and reported is not None
                                                       and float(wise_ft) == float(reported))  # fmt: skip
     tested = payload is not None and not ingredients and same

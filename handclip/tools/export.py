@@ -76,11 +76,10 @@ def reported_mix(source: str | Path) -> float | None:
         payload = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    alpha = (payload.get("wise_ft") or {}).get("alpha") if isinstance(payload.get("wise_ft"), dict) else None
+    from handclip.tools.card import reported_ratio
+
     best = payload.get("best_checkpoint")
-    if alpha is None or float(alpha) == 1.0 or not best or Path(best).name != checkpoint.name:
-        return None
-    return float(alpha)
+    return reported_ratio(payload) if best and Path(best).name == checkpoint.name else None
 
 
 def apply_reported_mix(
