@@ -154,8 +154,12 @@ def test_identity_losses_on_captions_without_identities_are_refused_with_the_fix
     base = [q for q in QUICK if not q.startswith("data.source")]
     pk = ["data.sampler=identity_balanced", "data.identities_per_batch=2", "data.images_per_identity=2"]
     result = run(tmp_path, "data=captions", "data.batch_size=4", "loss=strong", *pk, "run_name=c", base=base)
-    # the split needs identities with two images already (for validation), and says how to add them
-    check_refused(result, "A caption CSV without an identity column makes each image its own identity: add an identity")
+    # named before the sampler (which could not fill K=2 either) and before any weights load
+    check_refused(result, "loss.terms.identity learns or compares identities, but this data has no identities")
+    assert "loss=clip or loss=siglip, or give the data an identity column" in result.stderr
+    result = run(tmp_path, "data=captions", "data.batch_size=4", "eval.feature=pre_projection", "run_name=c",
+                 base=base)  # fmt: skip
+    check_refused(result, "eval.feature=pre_projection: this data has no identities")
 
 
 def test_init_from_weights_of_another_model_are_refused_in_one_line_before_the_run_is_written(tmp_path):

@@ -74,15 +74,17 @@ def write_handinfo(root, rows) -> None:
 
 
 def caption_folder(root, captions=None, identities=None, split=None) -> Path:
-    """`root/captions.csv` over 24 small images in `root/img` (8 identities of 3)."""
+    """`root/captions.csv` over 24 small images in `root/img` (8 identities of 3; `identities=False`: no identity
+    column)."""
     (root / "img").mkdir(parents=True)
-    lines = ["image,caption,identity" + (",split" if split else "")]
+    named = identities is not False
+    lines = ["image,caption" + (",identity" if named else "") + (",split" if split else "")]
     for number in range(24):
         name = f"img/{number}.jpg"
         Image.new("RGB", (48, 48), (number * 9 % 255, 120, 80)).save(root / name)
         caption = (captions or {}).get(number, f"a hand number {number}")
-        identity = (identities or {}).get(number, f"p{number // 3}")
-        lines.append(f"{name},{caption},{identity}" + (f",{split(number)}" if split else ""))
+        identity = f",{(identities or {}).get(number, f'p{number // 3}')}" if named else ""
+        lines.append(f"{name},{caption}{identity}" + (f",{split(number)}" if split else ""))
     (root / "captions.csv").write_text("\n".join(lines) + "\n")
     return root
 

@@ -123,15 +123,67 @@ def test_a_caption_csv_with_several_captions_per_image_never_puts_one_image_on_b
     assert sum(1 for r in rows if r["split"] == "val") % 4 == 0
 
 
-def test_a_caption_csv_without_identities_is_refused_with_the_reason(tmp_path):
+def test_a_caption_csv_without_identities_is_split_by_image_for_caption_retrieval(tmp_path):
+    from handclip.data.readers import read_caption_csv
+    from handclip.data.split import check_protocol, check_test_set, split_captions
+    from handclip.eval.protocol import images_needed, is_retrieval, protocol_pairs
+
+    lines = ["image,caption"] + [f"img{i}.jpg,caption {k} of image {i}" for i in range(20) for k in range(5)]
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    records = read_caption_csv(tmp_path / "captions.csv")
+    rows = split_captions(records, draw=0)
+    check_protocol(rows, "here")
+    check_test_set(rows, "here")
+    side = {}
+    for row in rows:
+        side.setdefault(row["image"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in side.values())  # an image's 5 captions stay on its side
+    count = {split: sum(1 for s in side.values() if s == {split}) for split in ("train", "val", "test")}
+    assert count == {"train": 14, "val": 2, "test": 4}  # a fifth tests, a tenth (at least 2) validates
+    assert is_retrieval(rows) and is_retrieval([r for r in rows if r["split"] in ("train", "val")])
+    assert protocol_pairs(rows) == [("val", None, "val", "val"), ("test", None, "test", "test")]
+    assert len(images_needed(rows)) == 6  # each validation and test image once
+    other = split_captions(records, draw=1)
+    assert {r["image"] for r in other if r["split"] == "test"} != {r["image"] for r in rows if r["split"] == "test"}
+
+
+def test_a_caption_csv_without_identities_keeps_its_own_split_and_draws_validation_from_training(tmp_path):
     from handclip.data.readers import read_caption_csv
     from handclip.data.split import split_captions
     from handclip.errors import DataError
 
-    lines = ["image,caption"] + [f"img{i}.jpg,caption {k} of image {i}" for i in range(20) for k in range(5)]
+    lines = ["image,caption,split"] + [f"img{i}.jpg,a caption of {i},{'test' if i < 5 else 'train'}" for i in range(30)]
     (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match="without an identity column makes each image its own identity"):
+    rows = split_captions(read_caption_csv(tmp_path / "captions.csv"))
+    test = {r["image"] for r in rows if r["split"] == "test"}
+    assert test == {f"img{i}.jpg" for i in range(5)}
+    assert len({r["image"] for r in rows if r["split"] == "val"}) == 3  # a tenth of 30, from the training rows
+    lines[2] = lines[2].replace(",test", ",val") + "\nimg1.jpg,another caption of 1,test"  # one image, two sides
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="img1.jpg is marked test and val on different rows"):
         split_captions(read_caption_csv(tmp_path / "captions.csv"))
+
+
+def test_caption_retrieval_scores_each_caption_against_the_images_and_counts_every_image_that_has_it():
+    import torch
+
+    from handclip.eval.protocol import score_protocol
+
+    # val: images a, b, c; a has two captions, "x" is shared by b and c
+    rows = [{"image": "t.jpg", "identity": "t.jpg", "split": "train", "caption": "t"}]
+    rows += [{"image": i, "identity": i, "split": "val", "caption": c}
+             for i, c in (("a", "red"), ("a", "round"), ("b", "x"), ("c", "x"))]  # fmt: skip
+    image_rows = [{"image": i, "identity": i, "split": "val"} for i in "abc"]
+    images = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    # "red" finds a; "round" finds b first (wrong), then a; "x" finds c (right: c has it)
+    text = {"red": [1.0, 0, 0], "round": [0.1, 1.0, 0], "x": [0, 0.2, 1.0]}
+    result = score_protocol(images, image_rows, rows, include_test=False,
+                            texts=lambda captions: torch.tensor([text[c] for c in captions]))  # fmt: skip
+    assert result["metrics"]["val/rank1"] == pytest.approx(3 / 4)
+    # AP: red 1, round 1/2, x (b and c right, both first) 1, 1
+    assert result["metrics"]["val/mAP"] == pytest.approx((1 + 0.5 + 1 + 1) / 4)
+    with pytest.raises(ValueError, match="give score_protocol its texts"):
+        score_protocol(images, image_rows, rows, include_test=False)
 
 
 @pytest.mark.parametrize(

@@ -244,8 +244,14 @@ def prepare(settings: PrepareSettings, quiet: bool = False) -> Path:
     except OSError as error:
         raise DataError(f"cannot write {error.filename or folder}: {error.strerror or error}") from None
     if not quiet and current != text:
-        shown = {k: v for k, v in sorted(sizes.items()) if k in ("train", "val", "query0", "gallery0", "gallery_all0")}
-        print(f"prepared {path}: " + ", ".join(f"{k} {v[0]} ids/{v[1]} images" for k, v in shown.items()))
+        if "test" in sizes:  # the retrieval protocol: a split by image
+            shown = {k: sizes[k] for k in ("train", "val", "test") if k in sizes}
+            print(f"prepared {path}: " + ", ".join(f"{k} {v[1]} images" for k, v in shown.items())
+                  + "; no identity has two images, so validation and test score caption → image retrieval (R@k)")
+        else:
+            shown = {k: v for k, v in sorted(sizes.items())
+                     if k in ("train", "val", "query0", "gallery0", "gallery_all0")}  # fmt: skip
+            print(f"prepared {path}: " + ", ".join(f"{k} {v[0]} ids/{v[1]} images" for k, v in shown.items()))
     return path
 
 

@@ -167,6 +167,8 @@ def split_captions(records: list[ImageRecord], draw: int = 0, runs: int = 10, te
     split by identity seeded by `draw`; training identities give validation images (the ones marked
     val, else one drawn per identity), test ones query/gallery runs."""
     groups = _by_identity(records)
+    if is_retrieval_only(groups):
+        return _split_images(groups, draw, test_share)
     chosen = _requested_sides(records, groups) or _drawn_sides(groups, draw, test_share)
     train = {k: v for k, v in groups.items() if chosen[k] == "train"}
     test = {k: v for k, v in groups.items() if chosen[k] == "test"}
@@ -180,6 +182,60 @@ def split_captions(records: list[ImageRecord], draw: int = 0, runs: int = 10, te
         rows = _train_val(train, np.random.default_rng([draw, 0]))
     rows += _query_gallery(test, [draw, 0], runs)
     return rows
+
+
+# the image-text retrieval protocol's validation share of the images, when a split is drawn
+VAL_SHARE = 0.1
+
+
+def is_retrieval_only(groups: dict[str, list[ImageRecord]]) -> bool:
+    """Whether no identity has two distinct images (a caption file without identities): re-identification has
+    no query to score, and the image-text retrieval protocol applies."""
+    return all(len(_by_image(records)) < 2 for records in groups.values())
+
+
+def _split_images(groups: dict[str, list[ImageRecord]], draw: int, test_share: float) -> list[dict]:
+    """The image-text retrieval protocol's split: each image (with all its captions) trains, validates or tests,
+    as the records' `split` asks or drawn by `draw` (a `test_share` of the images test, a VAL_SHARE validate).
+    Validation and test score caption -> image retrieval among their own images."""
+    asked = {identity: {r.attributes.get("split", "") for r in records} for identity, records in groups.items()}
+    if any(any(sides) for sides in asked.values()):
+        missing = next((records[0] for identity, records in groups.items() if "" in asked[identity]), None)
+        if missing is not None:
+            given = next(records[0] for identity, records in groups.items() if asked[identity] - {""})
+            raise DataError(
+                f"{missing.where or missing.image}: split is empty, but other rows give one (e.g. "
+                f"{given.where or given.image}): give every row a split, or none for a seeded split"
+            )
+        torn = next((records for identity, records in groups.items() if len(asked[identity]) > 1), None)
+        if torn is not None:
+            raise DataError(f"{torn[0].image} is marked {' and '.join(sorted(asked[torn[0].identity]))} on different "
+                            f"rows ({torn[0].where}, ...): an image's captions go to one split")  # fmt: skip
+        sides = {identity: next(iter(split)) for identity, split in asked.items()}
+        if "val" not in sides.values():  # validation drawn from the training images
+            train = [k for k, side in sides.items() if side == "train"]
+            rng = np.random.default_rng([draw, 98])
+            rng.shuffle(train)
+            sides.update(dict.fromkeys(train[: _share(VAL_SHARE, len(sides))], "val"))
+    else:
+        order = list(groups)
+        rng = np.random.default_rng([draw, 99])
+        rng.shuffle(order)
+        test, val = _share(test_share, len(order)), _share(VAL_SHARE, len(order))
+        sides = {k: "test" if i < test else "val" if i < test + val else "train" for i, k in enumerate(order)}
+    count = {side: sum(1 for s in sides.values() if s == side) for side in CAPTION_SIDES}
+    if count["train"] == 0 or count["test"] == 0:
+        raise DataError(f"the dataset has {count['train']} training and {count['test']} test images: both must be "
+                        "non-empty")  # fmt: skip
+    return [_row(r, sides[identity]) for identity, records in groups.items() for r in records]
+
+
+CAPTION_SIDES = ("train", "val", "test")
+
+
+def _share(share: float, total: int) -> int:
+    """How many of `total` images a share is: at least 2 (one image alone ranks first whatever the model)."""
+    return max(2, int(round(share * total)))
 
 
 def _drawn_sides(groups: dict[str, list[ImageRecord]], draw: int, test_share: float) -> dict[str, str]:
@@ -246,6 +302,9 @@ def check_test_set(rows: list[dict], where: str) -> None:
     gallery identities (Rank-1 and mAP read 100%), or no query at all; warn when there are few identities."""
     gallery = {r["identity"] for r in rows if r["split"] == "gallery0"}
     queries = sum(r["split"] == "query0" for r in rows)
+    if any(r["split"] == "test" for r in rows):
+        _check_retrieval_sets(rows, where)
+        return
     if not gallery and not queries:
         return  # a source without query/gallery runs
     if len(gallery) < 2:
@@ -266,6 +325,22 @@ def check_test_set(rows: list[dict], where: str) -> None:
             f"Rank-1 is {100 / len(gallery):.0f}% and one query moves it by {100 / queries:.0f} points",
             stacklevel=3,
         )
+
+
+def _check_retrieval_sets(rows: list[dict], where: str) -> None:
+    """The retrieval protocol's validation and test: each needs two images or more (one ranks first whatever the
+    model); below FEW_TEST_IDENTITIES test images the score is coarse, said with its chance level."""
+    for split, what in (("test", "test"), ("val", "validation")):
+        images = {r["image"] for r in rows if r["split"] == split}
+        if len(images) < 2:
+            raise DataError(
+                f"{where}: the {what} split has {len(images)} image, so every caption finds its image first whatever "
+                f"the model and R@1 reads 100%: give the {what} split two images or more (more data, or a split "
+                "column)"
+            )
+        if split == "test" and len(images) < FEW_TEST_IDENTITIES:
+            warnings.warn(f"{where}: the test split has only {len(images)} images: chance R@1 is "
+                          f"{100 / len(images):.0f}%", stacklevel=4)  # fmt: skip
 
 
 def check_protocol(rows: list[dict], where: str) -> None:

@@ -110,7 +110,7 @@ class Evaluator:
                                     total=-(-len(image_rows) // self.settings.batch_size))  # fmt: skip
 
         features = extract(self.encode, progress=True)
-        result = score_protocol(features, image_rows, rows, include_test)
+        result = score_protocol(features, image_rows, rows, include_test, texts=forward.captions)
         joint = self.encode.feature == "projected"  # comparable with text embeddings
         # for the figures; not saved
         result["_image_rows"], result["_scored"] = image_rows, features

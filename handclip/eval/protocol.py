@@ -8,18 +8,28 @@ Features are extracted once per distinct image and reused by every run. Splits s
 - `test_all`: queryR against gallery_allR (11k's gallery merged over the four aspects).
 
 Each gives rank1/rank5/rank10/mAP per run, and over runs the mean and std.
+
+A manifest without identities (no identity has two images: `handclip.data.split.is_retrieval_only`) follows
+the image-text retrieval protocol instead: its `val` and `test` splits each score caption -> image retrieval
+among their own images (every caption a query; right: each image that has that caption), so Rank-k reads R@k;
+the same names, so selection, WiSE-FT and summaries read them unchanged.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from handclip.eval.reid import evaluate
 
 METRICS = ("rank1", "rank5", "rank10", "mAP")
+# what the retrieval protocol's evaluations are, as tables and cards name them (DataSource.galleries' keys)
+RETRIEVAL_GALLERIES = {
+    "test": "caption → image retrieval among the test images (Rank-k is R@k; each image that has the caption is right)",
+    "val": "validation: caption → image retrieval among the validation images",
+}
 # what every validation gives: what may select a checkpoint (eval.select) or a WiSE-FT mix (eval.wise_ft.metric)
 VALIDATION_METRICS = tuple(f"val/{name}" for name in METRICS)
 CMC_RANKS = tuple(range(1, 21))
@@ -91,10 +101,23 @@ def run_count(rows: Sequence[dict]) -> int:
     return runs
 
 
+def is_retrieval(rows: Sequence[dict]) -> bool:
+    """Whether the manifest follows the image-text retrieval protocol: its validation images are of identities that
+    never train (a re-identification manifest's validation images are held out from training identities)."""
+    training = {r["identity"] for r in rows if r["split"] == "train"}
+    return any(r["split"] == "test" for r in rows) or any(
+        r["split"] == "val" and r["identity"] not in training for r in rows
+    )
+
+
 def protocol_pairs(rows: Sequence[dict], include_test: bool = True) -> list[tuple[str, int | None, str, str]]:
-    """(metric prefix, run, query split, gallery split) for every evaluation in the manifest."""
+    """(metric prefix, run, query split, gallery split) for every evaluation in the manifest. Under the retrieval
+    protocol a split is its own query (captions) and gallery (images)."""
     splits = {r["split"] for r in rows}
     pairs: list[tuple[str, int | None, str, str]] = []
+    if is_retrieval(rows):
+        return [(split, None, split, split) for split in ("val", "test")[: 2 if include_test else 1]
+                if split in splits]  # fmt: skip
     if "val" in splits and "train" in splits:
         pairs.append(("val", None, "val", "train"))
     if include_test:
@@ -117,9 +140,11 @@ def images_needed(rows: Sequence[dict], include_test: bool = True) -> list[dict]
 
 
 def score_protocol(
-    features: torch.Tensor, image_rows: Sequence[dict], rows: Sequence[dict], include_test: bool = True
+    features: torch.Tensor, image_rows: Sequence[dict], rows: Sequence[dict], include_test: bool = True,
+    texts: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> dict:
-    """Score every evaluation of the manifest from precomputed features.
+    """Score every evaluation of the manifest from precomputed features; under the retrieval protocol the queries
+    are the rows' captions, embedded by `texts` (captions -> text embeddings in the space of `features`).
 
     Returns {"metrics": {"val/rank1": ..., "test/rank1": mean, "test/rank1_std": ..., ...},
     "runs": {"test": [per-run dicts], ...}, "cmc": {"test": [Rank-1..20 averaged over runs], ...},
@@ -132,20 +157,47 @@ def score_protocol(
     for row in rows:
         by_split.setdefault(row["split"], []).append(row)
 
+    retrieval = is_retrieval(rows)
+    if retrieval and texts is None:
+        raise ValueError("the retrieval protocol scores captions against images: give score_protocol its texts")
+
+    def ids_of(chosen: Sequence[dict]) -> torch.Tensor:
+        return torch.tensor([identity_ids.setdefault(r["identity"], len(identity_ids)) for r in chosen])
+
     def gather(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = by_split.get(split, [])
+        if retrieval:  # each image once in the gallery
+            first: dict[str, dict] = {}
+            chosen = [first.setdefault(r["image"], r) for r in chosen if r["image"] not in first]
         index = torch.tensor([position[r["image"]] for r in chosen], dtype=torch.long)
-        ids = torch.tensor([identity_ids.setdefault(r["identity"], len(identity_ids)) for r in chosen])
-        return features[index], ids
+        return features[index], ids_of(chosen)
+
+    def captions(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The split's captions embedded, their ids, and which of the split's images has each (a caption several
+        images share is right for each of them)."""
+        chosen = by_split.get(split, [])
+        text = [r.get("caption", "") for r in chosen]
+        caption_at = {caption: i for i, caption in enumerate(dict.fromkeys(text))}
+        image_at = {image: j for j, image in enumerate(dict.fromkeys(r["image"] for r in chosen))}
+        has = torch.zeros(len(caption_at), len(image_at), dtype=torch.bool)
+        for row in chosen:
+            has[caption_at[row.get("caption", "")], image_at[row["image"]]] = True
+        matches = has[torch.tensor([caption_at[caption] for caption in text], dtype=torch.long)]
+        return texts(text).float(), ids_of(chosen), matches
 
     per_prefix: dict[str, list[dict]] = {}
     per_query: dict[str, dict[str, list[float]]] = {}
     cmc: dict[str, list[list[float]]] = {}
     for prefix, run, query_split, gallery_split in protocol_pairs(rows, include_test):
-        query, query_ids = gather(query_split)
+        matches = None
+        if retrieval:
+            query, query_ids, matches = captions(query_split)
+        else:
+            query, query_ids = gather(query_split)
         gallery, gallery_ids = gather(gallery_split)
         # one evaluation gives Rank-1..20: the CMC curve, and the per-run metrics it contains
-        scores = evaluate(query, query_ids, gallery, gallery_ids, ranks=CMC_RANKS, per_query=prefix == "val")
+        scores = evaluate(query, query_ids, gallery, gallery_ids, ranks=CMC_RANKS, per_query=prefix == "val",
+                          matches=matches)  # fmt: skip
         if "per_query" in scores:
             each = scores.pop("per_query")
             per_query[prefix] = {name: each[name] for name in METRICS}

@@ -54,6 +54,7 @@ def evaluate(
     gallery_ids: torch.Tensor,
     ranks: tuple[int, ...] = (1, 5, 10),
     per_query: bool = False,
+    matches: torch.Tensor | None = None,
 ) -> dict:
     """Rank-k and mAP of queries against a gallery, as fractions in [0, 1].
 
@@ -61,6 +62,8 @@ def evaluate(
     `queries_without_match` (left out because their identity is not in the gallery). With
     `per_query`, also `per_query`: {"rank1": [0/1 per evaluated query], ..., "mAP": [AP per query]},
     the numbers those means are taken over (for paired comparisons of two models on the same queries).
+    `matches` [queries, gallery], when given, says which gallery items are right for each query instead of equal
+    ids (caption queries: every image that has the caption).
     """
     query_ids = torch.as_tensor(query_ids).reshape(-1)
     gallery_ids = torch.as_tensor(gallery_ids).reshape(-1)
@@ -78,7 +81,11 @@ def evaluate(
                 f"{bad} of {len(features)} {name} features are not finite (NaN or infinite): the model that made them "
                 "has damaged weights, and no score of them would mean anything"
             )
-    matches = query_ids[:, None] == gallery_ids[None, :]
+    if matches is None:
+        matches = query_ids[:, None] == gallery_ids[None, :]
+    elif tuple(matches.shape) != (len(query_features), len(gallery_features)):
+        raise ValueError(f"matches is {tuple(matches.shape)}, not [queries, gallery] = "
+                         f"[{len(query_features)}, {len(gallery_features)}]")  # fmt: skip
     has_match = matches.any(dim=1)
     if not has_match.any():
         raise ValueError("no query identity appears in the gallery: nothing can be evaluated")

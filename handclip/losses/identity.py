@@ -51,6 +51,7 @@ class IdentityLoss(LossTerm):
     """
 
     needs_identity_batches = True
+    needs_identities = True
 
     def __init__(
         self, num_identities: int, embed_dim: int, pre_projection_dim: int | None = None, weight: float = 1.0,

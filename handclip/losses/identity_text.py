@@ -126,6 +126,7 @@ class IdentityTextLoss(LossTerm):
     """i2t (and/or t2i) loss against one learnable text embedding per training identity."""
 
     embeddings = ("texts",)
+    needs_identities = True
 
     def __init__(
         self, num_identities: int, embed_dim: int, weight: float = 1.0, direction: str = "i2t",

@@ -69,6 +69,9 @@ class LossTerm(nn.Module):
     needs_text = False  # whether the training step must encode the captions for this term
     needs_pre_projection = False  # whether it reads the pre-projection image feature
     needs_identity_batches = False  # whether it needs P x K batches (K >= 2 images of each identity)
+    # whether it learns or compares identities (a class, a text or a prompt per identity; positives of one
+    # identity): data without identities (the image-text retrieval protocol) refuses it
+    needs_identities = False
     needs_backbone = False  # whether it runs a tower itself (learned prompts): `inputs.backbone` is set
     # whether it reads or writes what the text tower encoded (identity texts): it is then given `text_tower`,
     # the digest of the text tower's weights, to record beside what it writes or to check what it reads against

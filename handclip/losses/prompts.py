@@ -30,6 +30,7 @@ class IdentityPrompts(LossTerm):
     """Learnable words per identity in `template` ("{}" marks them), trained contrastively against images."""
 
     needs_backbone = True  # runs the text tower itself
+    needs_identities = True
     needs_text_tower = True  # writes identity texts that a later stage checks against the text tower's digest
     embeddings = ("words",)
 

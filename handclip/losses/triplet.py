@@ -44,6 +44,7 @@ class TripletLoss(LossTerm):
     CLIP-ReID); needs P x K batches (K >= 2)."""
 
     needs_identity_batches = True
+    needs_identities = True
 
     def __init__(self, weight: float = 1.0, margin: float | None = 0.3, normalize: bool = True,
                  feature: str = "projected"):  # fmt: skip

@@ -74,6 +74,24 @@ class Forward:
             return self.text_cache(self.backbone, ids, mask)
         return self.backbone.encode_text(ids, mask)
 
+    @torch.no_grad()
+    def captions(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Projected embeddings of `texts`, tokenized by the backbone and encoded in eval mode, on the CPU: what an
+        evaluation scores captions by (a frozen tower's cache answers what it has seen)."""
+        device = next(self.backbone.parameters()).device
+        was_training = self.backbone.training
+        self.backbone.eval()
+        out = []
+        try:
+            for start in range(0, len(texts), batch_size):
+                tokens = self.backbone.tokenize(list(texts[start : start + batch_size]))
+                batch = {key: value.to(device) for key, value in tokens.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out.append(self.text(batch).float().cpu())
+        finally:
+            self.backbone.train(was_training)
+        return torch.cat(out) if out else torch.empty(0)
+
     def features(self, batch: Mapping, text: bool = True, pre_projection: bool = False) -> dict:
         """{"image", "pre_projection", "text"}: what a loss reads (None where not asked for)."""
         pre, image = self.image(batch, pre_projection)

@@ -69,11 +69,21 @@ class DataFacts:
         train = self.sizes.get("train") or {}
         return self.hands or bool(train) and train.get("images", 0) > train.get("identities", 0)
 
+    @property
+    def by_image(self) -> bool:
+        """Whether the split is by image (the image-text retrieval protocol: the data names no identities)."""
+        return "test" in self.sizes
+
     def counts(self) -> list[str]:
         """Lines: training (with validation) and test identities and images."""
         train, val = self.sizes.get("train"), self.sizes.get("val")
         query, gallery = self.sizes.get("query0"), self.sizes.get("gallery0")
         lines = []
+        if self.by_image:
+            for split, what in (("train", "training"), ("val", "validation"), ("test", "test")):
+                if self.sizes.get(split):
+                    lines.append(f"- {what}: {self.sizes[split]['images']} images")
+            return lines
         if train:
             held = f", plus {val['images']} validation images of the same identities" if val else ""
             lines.append(f"- training: {train['identities']} identities, {train['images']} images{held}")
@@ -111,11 +121,12 @@ def _test_table(payload: Mapping, label: str = "fine-tuned", hands: bool = True)
     runs = (payload.get("runs") or {}).get(label) or {}
     metrics = payload.get("metrics") or {}
     lines = []
-    for prefix, gallery in GALLERIES.items():
+    galleries = payload.get("galleries") or (GALLERIES if hands else {"test": "one gallery image per identity"})
+    for prefix in ("test", "test_all"):
         if not runs.get(prefix):
             continue
         header = " | ".join(m.replace("rank", "Rank-") for m in METRICS)
-        gallery = gallery if hands else "one gallery image per identity"
+        gallery = galleries.get(prefix, prefix)
         lines += [f"**{prefix}** ({gallery}), %:", "", f"| run | {header} |", "|---" * (len(METRICS) + 1) + "|"]
         for run in runs[prefix]:
             name = "-" if run.get("run") is None else str(run["run"])
@@ -138,10 +149,12 @@ def _reid_protocol(prefix: str, config: Mapping, payload: Mapping, hands: bool) 
     evaluation = config.get("eval") or {}
     runs = len(((payload.get("runs") or {}).get("fine-tuned") or {}).get(prefix) or []) or "the"
     flip = ", flip test-time augmentation" if evaluation.get("flip_tta") else ""
+    gallery = (payload.get("galleries") or {}).get(prefix) or (GALLERIES[prefix] if hands else
+                                                                "one gallery image per identity")  # fmt: skip
     return (f"re-identification: each query image ranks the gallery by cosine similarity of its "
             f"{payload.get('eval_feature') or evaluation.get('feature') or 'projected'} image feature; "
             f"mean over {runs} query/gallery runs of the test identities, "
-            f"{GALLERIES[prefix] if hands else 'one gallery image per identity'}{flip}")  # fmt: skip
+            f"{gallery}{flip}")  # fmt: skip
 
 
 RETRIEVAL_PROTOCOL = ("image-text retrieval on the test images (never trained on) and their distinct captions: "
@@ -276,7 +289,10 @@ def model_card(
     data_section = config.get("data") or {}
     lines += ["## Data and split", "", f"- data: {facts.what}, folder `{facts.folder}`"
               + (f" (data source {facts.kind})" if facts.kind else ""), *facts.counts()]  # fmt: skip
-    if facts.hands:
+    if facts.by_image:
+        lines.append("- split: by image (the data names no identities): each image, with all its captions, trains, "
+                     "validates or tests; validation and test score caption → image retrieval among their own images")
+    elif facts.hands:
         lines.append(f"- split: the published protocol: training identities with one validation image each, and "
                      f"{data_section.get('runs', 10)} query/gallery runs over the test identities")  # fmt: skip
     else:

@@ -355,6 +355,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
             "with learnable parts (loss=clipreid_prompts learns identity prompts with freeze=locked)"
         )
     _check_identity_batches(finished, cfg["data"])
+    data.expected = (finished.terms_needing("needs_identities"), settings.feature)  # checked once the data is read
     _check_identity_text_sources(finished, cfg, facts, projection)
     ImageEncoder(settings.feature, finished)  # eval.feature=bnneck needs a BN-neck in the objective
     ema = cfg.get("ema") or {}

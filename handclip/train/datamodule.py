@@ -173,6 +173,8 @@ class HandDataModule(L.LightningDataModule):
         self.activation_dtype = self.caches.activation_dtype
         self.rows: list[dict] = []
         self.manifest: Path | None = None
+        # (loss terms that need identities, the evaluation feature): refused on data without identities
+        self.expected: tuple[Sequence[str], str] | None = None
 
     @property
     def root(self) -> Path:
@@ -204,6 +206,8 @@ class HandDataModule(L.LightningDataModule):
         self.train_rows = [r for r in self.rows if r["split"] == "train"]
         self.val_rows = [r for r in self.rows if r["split"] in ("train", "val")]
         self.captioner.check_rows(self.rows)  # every row, before training: a bad one fails now, not mid-epoch
+        if self.expected is not None:
+            self.check_retrieval(*self.expected)
         if not training:
             return self.rows
         if self.sampler == "identity_balanced":
@@ -214,6 +218,36 @@ class HandDataModule(L.LightningDataModule):
                 "lower it so at least one full batch exists"
             )
         return self.rows
+
+    @property
+    def retrieval(self) -> bool:
+        """Whether the data has no identities and follows the image-text retrieval protocol
+        (`handclip.eval.protocol`)."""
+        from handclip.eval.protocol import is_retrieval
+
+        return is_retrieval(self.rows)
+
+    @property
+    def galleries(self) -> dict[str, str]:
+        """What each evaluation's gallery is, in the data's words (the source's, or the retrieval protocol's)."""
+        from handclip.eval.protocol import RETRIEVAL_GALLERIES
+
+        return dict(RETRIEVAL_GALLERIES) if self.retrieval else self.source.galleries
+
+    def check_retrieval(self, terms: Sequence[str], feature: str) -> None:
+        """Refuse, naming the key, what needs identities on data without them: a loss term that learns or compares
+        identities (`terms`: their names), or an evaluation feature outside the joint space captions are scored
+        in. A run's are set by its configuration (`expect`) and checked as soon as the data is read."""
+        if not self.retrieval:
+            return
+        why = ("this data has no identities (no identity has two images: each image is its own), so it follows the "
+               "image-text retrieval protocol")  # fmt: skip
+        if terms:
+            raise ConfigError(f"loss.terms.{terms[0]} learns or compares identities, but {why}: use loss=clip or "
+                              "loss=siglip, or give the data an identity column")  # fmt: skip
+        if feature != "projected":
+            raise ConfigError(f"eval.feature={feature}: {why}, which scores captions against images in the joint "
+                              "embedding space: use eval.feature=projected")  # fmt: skip
 
     @property
     def num_identities(self) -> int:

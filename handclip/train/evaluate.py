@@ -360,6 +360,7 @@ def evaluate(
         print("note: eval.feature=bnneck needs the run's objective, which is not loaded here: the projected "
               "embedding is scored (eval.feature=projected)", file=sys.stderr, flush=True)  # fmt: skip
     rows = data.prepare(image_size, training=False)  # no training batches: no batch size to fill
+    data.check_retrieval((), feature)
     cache = (chosen.get("paths") or {}).get("cache")
     if source.config is not None:
         cache = (source.config.get("paths") or {}).get("cache") or cache
@@ -381,8 +382,8 @@ def evaluate(
     metrics = {**result["metrics"], "wall_time_s": time.time() - started}
     payload = {"evaluated": evaluated, "metrics": metrics, "runs": {label: result["runs"]},
                "cmc": {label: result["cmc"]}, "eval_feature": feature, "manifest": str(data.manifest),
-               "galleries": data.source.galleries}  # fmt: skip
-    _print_tables(_console(console), results, data.source.galleries)
+               "galleries": data.galleries}  # fmt: skip
+    _print_tables(_console(console), results, data.galleries)
     _write(out, payload, results, backbone, data, evaluator)
     summary = ", ".join(f"{name} {100 * metrics[key]:.1f}%" for name, key in (
         ("test Rank-1", "test/rank1"), ("test mAP", "test/mAP"), ("val Rank-1", "val/rank1")) if key in metrics)

@@ -194,7 +194,8 @@ class FineTuner(L.LightningModule):
             index = self.all_gather(index).flatten(0, 1)
         ordered = torch.zeros(len(self.val_images), features.shape[1], device=features.device)
         ordered[index] = features
-        return score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False)["metrics"]
+        return score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False,
+                              texts=self.forward_path.captions)["metrics"]  # fmt: skip
 
     def optimised_parameters(self, steps_per_epoch: int = 0, epochs: int = 0) -> list[ParameterInfo]:
         """Every parameter of the backbone and the objective, trainable now or later."""

@@ -187,7 +187,7 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
         metrics = {**run.metrics, **found, "wall_time_s": time.time() - started,
                    "train_time_s": run.module.train_seconds(), "peak_memory_mb": _peak_memory_mb()}  # fmt: skip
         warned = closing_warnings(metrics, (results.get("baseline") or {}).get("metrics"), trained)
-        galleries = run.datamodule.source.galleries
+        galleries = run.datamodule.galleries
         _print_tables(console, results, galleries)
         _log_figures(logger, results, run, run_dir)
         write_json_atomic(run_dir / "metrics.json", {
