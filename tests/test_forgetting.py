@@ -123,3 +123,27 @@ def test_the_choice_line_says_when_the_gain_is_within_noise_and_when_the_untrain
 def test_a_confidence_outside_0_to_1_is_refused_by_name(confidence):
     with pytest.raises(ConfigError, match="eval.wise_ft.confidence"):
         WiseFT(confidence=confidence)
+
+
+def test_flyp_trains_each_image_towards_its_class_prompts_of_the_tasks_the_data_names(tmp_path):
+    import csv
+
+    from handclip.data.dataset import PromptLabels
+    from handclip.train.config import check_config
+    from tests.test_config import compose_plain
+    from tests.test_train import QUICK, train
+
+    train(tmp_path, "loss=flyp", "run_name=flyp", "eval.wise_ft=null", "eval.text=false")
+    (log,) = (tmp_path / "runs" / "flyp" / "logs").rglob("metrics.csv")
+    values = [float(r["train/loss_class_prompts"]) for r in csv.DictReader(log.open()) if r["train/loss_class_prompts"]]
+    assert values and all(0 < v < 20 for v in values)  # logged, finite
+    # what it trained on: every task the hand prompts name that the training images have a class of
+    spec = check_config(compose_plain(tmp_path, *QUICK, "loss=flyp", f"paths.root={tmp_path}"))
+    spec.data.prepare(32)
+    tasks = spec.data.prompt_tasks()
+    assert tasks["aspect"][1] == ["dorsal right", "dorsal left", "palmar right", "palmar left"]  # all four named
+    assert tasks["skin"][1] == ["very fair", "fair", "medium", "dark"] and "a photo of a man's hand" in tasks["gender"][2]
+    labels = PromptLabels(tasks)
+    row = spec.data.train_rows[0]
+    assert labels(row)[list(tasks).index("aspect")] == 0  # every training image is dorsal right (the aspect split)
+    assert labels({"aspect": "sideways"}).tolist() == [-1] * len(tasks)  # no class of any task: left out

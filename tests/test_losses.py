@@ -120,3 +120,51 @@ def test_bad_objectives_are_named():
         ContrastiveLoss(weight=-1)
     with pytest.raises(ConfigError, match="loss.terms.x: dict is not a handclip.losses.LossTerm"):
         Objective({"x": dict})
+
+
+class _PromptBackbone:
+    """Stands in for a backbone: each prompt's text embedding is a fixed row, keyed by the prompt."""
+
+    def __init__(self, embeddings: dict[str, list[float]]):
+        self.names = list(embeddings)
+        self.table = torch.tensor([embeddings[n] for n in self.names])
+        self.calls = 0
+
+    def tokenize(self, texts):
+        ids = torch.tensor([[self.names.index(t)] for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def encode_text(self, input_ids, attention_mask):
+        self.calls += 1
+        return self.table[input_ids[:, 0]]
+
+
+def test_class_prompt_loss_is_each_tasks_cross_entropy_over_its_prompts_and_skips_rows_without_a_class():
+    from handclip.losses import ClassPromptLoss, LossInputs
+
+    tasks = {"skin": ["fair skin", "dark skin"], "nails": ["bare nails", "painted nails", "red nails"]}
+    text = {"fair skin": [1.0, 0, 0], "dark skin": [0, 1.0, 0], "bare nails": [0, 0, 1.0],
+            "painted nails": [1.0, 1.0, 0], "red nails": [0, 1.0, 1.0]}  # fmt: skip
+    backbone = _PromptBackbone(text)
+    image = torch.tensor([[2.0, 0.1, 0.3], [0.2, 1.0, 0.5], [0.3, 0.3, 3.0]])
+    labels = torch.tensor([[0, 1], [1, -1], [-1, 0]])  # image 1 has no nail class, image 2 no skin class
+    scale = torch.tensor(math.log(10.0))
+    term = ClassPromptLoss(weight=1.0, prompt_tasks=tasks)
+    loss = term(LossInputs(image, None, scale, labels=labels, backbone=backbone))
+    normal = F.normalize(image, dim=-1)
+    prompts = F.normalize(backbone.table, dim=-1)
+    skin = F.cross_entropy(10 * normal[:2] @ prompts[:2].T, labels[:2, 0])
+    nails = F.cross_entropy(10 * normal[[0, 2]] @ prompts[2:].T, labels[[0, 2], 1])
+    assert loss.item() == pytest.approx(((skin + nails) / 2).item(), rel=1e-5)
+    # the right prompts scored higher: lower loss
+    worse = term(LossInputs(image, None, scale, labels=torch.tensor([[1, 0], [0, -1], [-1, 1]]), backbone=backbone))
+    assert worse.item() > loss.item()
+
+
+def test_class_prompt_loss_with_no_task_to_keep_is_refused_by_name():
+    from handclip.errors import ConfigError
+    from handclip.losses import ClassPromptLoss
+
+    ClassPromptLoss(prompt_tasks=None)  # the configuration check, before the data is read
+    with pytest.raises(ConfigError, match="ClassPromptLoss: the data names no zero-shot prompt task with two classes"):
+        ClassPromptLoss(prompt_tasks={})

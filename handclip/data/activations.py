@@ -166,9 +166,7 @@ class CachedTrainingViews(Dataset):
             if self.store.views > 1:
                 view = random.Random(seed ^ 0x5EED).randrange(self.store.views)
         item["hidden"] = self.store.hidden(view, index)
-        if self.images.captioner is not None:
-            item["caption"] = self.images.captioner(row, rng)
-        return item
+        return self.images.described(item, row, rng)
 
 
 class CachedImages(Dataset):

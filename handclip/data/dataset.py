@@ -40,6 +40,7 @@ class ManifestImages(Dataset):
         captioner: Callable | None = None,
         seed: int = 0,
         memory_bytes: int = 0,
+        labels: Callable[[dict], torch.Tensor] | None = None,
     ):
         self.rows = list(rows)
         # with a deterministic transform (no epoch given), each image's tensor is kept after its first read when all
@@ -50,6 +51,7 @@ class ManifestImages(Dataset):
         self.image_root = Path(cache) if cache else self.root  # resized copies (PrepareSettings.image_cache)
         self.transform = transform
         self.captioner = captioner
+        self.labels = labels  # a row's classes of the data's prompt tasks (PromptLabels), for a term that keeps them
         # identities as 0..n-1 in sorted order (balanced_sampler_for numbers them the same way)
         self.identity_index = {k: i for i, k in enumerate(sorted({r["identity"] for r in self.rows}))}
         self.seed = seed
@@ -89,8 +91,14 @@ class ManifestImages(Dataset):
 
     def _item(self, pixels: torch.Tensor, row: dict, index: int, rng: random.Random | None) -> dict:
         item = {"pixel_values": pixels, "identity": self.identity_index[row["identity"]], "index": index}
+        return self.described(item, row, rng)
+
+    def described(self, item: dict, row: dict, rng: random.Random | None) -> dict:
+        """`item` with what the row says in words: its caption, and its prompt tasks' classes."""
         if self.captioner is not None:
             item["caption"] = self.captioner(row, rng)
+        if self.labels is not None:
+            item["labels"] = self.labels(row)
         return item
 
     def _keep(self, index: int, pixels: torch.Tensor) -> None:
@@ -99,6 +107,16 @@ class ManifestImages(Dataset):
                 return  # all of them would not fit: none is kept
             self._kept = {}
         self._kept[index] = pixels
+
+
+class PromptLabels:
+    """A row's class index in each prompt task ({task: (column, class values, prompts)}), -1 where it has none."""
+
+    def __init__(self, tasks: dict):
+        self.columns = [(column, {value: i for i, value in enumerate(values)}) for column, values, _ in tasks.values()]
+
+    def __call__(self, row: dict) -> torch.Tensor:
+        return torch.tensor([classes.get(str(row.get(column, "")), -1) for column, classes in self.columns])
 
 
 class CaptionCollator:
@@ -114,6 +132,8 @@ class CaptionCollator:
             "identities": torch.tensor([i["identity"] for i in items]),
             "index": torch.tensor([i["index"] for i in items]),
         }
+        if "labels" in items[0]:
+            batch["labels"] = torch.stack([i["labels"] for i in items])
         if "caption" in items[0]:
             tokens = self.tokenize([i["caption"] for i in items])
             batch["input_ids"] = tokens["input_ids"]

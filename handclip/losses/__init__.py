@@ -8,6 +8,7 @@ from handclip.losses.contrastive import (  # noqa: I001 - objective first: the t
     contrastive_targets,
 )
 from handclip.losses.objective import FEATURES, LossInputs, LossTerm, Objective
+from handclip.losses.class_prompts import ClassPromptLoss
 from handclip.losses.identity import BNNeck, IdentityLoss, smoothed_cross_entropy
 from handclip.losses.identity_text import IdentityTextLoss, identity_text_to_image, image_to_identity_text
 from handclip.losses.prompts import IdentityPrompts
@@ -15,7 +16,7 @@ from handclip.losses.siglip import SigLIPLoss, siglip_loss, siglip_targets
 from handclip.losses.triplet import TripletLoss, batch_hard_triplet, hardest_pairs
 
 __all__ = [
-    "FEATURES", "LOGIT_SCALE_MAX", "BNNeck", "ContrastiveLoss", "IdentityLoss", "IdentityPrompts", "IdentityTextLoss",
+    "FEATURES", "LOGIT_SCALE_MAX", "BNNeck", "ClassPromptLoss", "ContrastiveLoss", "IdentityLoss", "IdentityPrompts", "IdentityTextLoss",
     "LossInputs",
     "LossTerm", "Objective", "SigLIPLoss", "TripletLoss", "batch_hard_triplet", "clamp_logit_scale",
     "contrastive_loss", "contrastive_targets", "hardest_pairs", "identity_text_to_image", "image_to_identity_text",

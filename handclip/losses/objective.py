@@ -11,8 +11,9 @@ identities): their config says `_partial_: true`, and the objective finishes the
 run-time facts their constructor asks for by name (`num_identities`, `embed_dim` (the projected
 width), `pre_projection_dim` (the image tower's width before the projection), `text_width`
 (the text tower's token width), `identity_keys` (the training identities in the order heads
-number them) and `text_tower` (a digest of the text tower's weights, where a term reads texts
-another run encoded)).
+number them), `text_tower` (a digest of the text tower's weights, where a term reads texts
+another run encoded) and `prompt_tasks` (the data's zero-shot prompt tasks, {task: [prompt per class]},
+in the order the batch's `labels` number the classes)).
 
 A term may also leave files behind: `artifacts(backbone) -> {name: tensor}` is written by a
 finished run as `<name>.safetensors` in its run directory (the learned identity texts that a
@@ -54,6 +55,8 @@ class LossInputs:
     identities: torch.Tensor | None = None
     image_pre_projection: torch.Tensor | None = None
     backbone: Any = None  # given to terms that run a tower themselves (`needs_backbone`)
+    # each image's class of each zero-shot prompt task the data names [batch, tasks], -1 where it has none
+    labels: torch.Tensor | None = None
 
     def feature(self, name: str) -> torch.Tensor:
         """The image feature `projected` or `pre_projection`."""
@@ -73,6 +76,7 @@ class LossTerm(nn.Module):
     # identity): data without identities (the image-text retrieval protocol) refuses it
     needs_identities = False
     needs_backbone = False  # whether it runs a tower itself (learned prompts): `inputs.backbone` is set
+    needs_labels = False  # whether it reads the images' classes of the data's prompt tasks (`inputs.labels`)
     # whether it reads or writes what the text tower encoded (identity texts): it is then given `text_tower`,
     # the digest of the text tower's weights, to record beside what it writes or to check what it reads against
     needs_text_tower = False
@@ -120,12 +124,14 @@ class Objective(nn.Module):
         self, terms: Mapping[str, Any], num_identities: int | None = None, embed_dim: int | None = None,
         pre_projection_dim: int | None = None, text_width: int | None = None,
         identity_keys: Sequence[str] | None = None, text_tower: str | None = None,
+        prompt_tasks: Mapping[str, Sequence[str]] | None = None,
     ):  # fmt: skip
         super().__init__()
         if not isinstance(terms, Mapping) or not terms:
             raise ConfigError("loss.terms is empty: give at least one loss term (see conf/loss/)")
         facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim,
-                 "text_width": text_width, "identity_keys": identity_keys, "text_tower": text_tower}  # fmt: skip
+                 "text_width": text_width, "identity_keys": identity_keys, "text_tower": text_tower,
+                 "prompt_tasks": prompt_tasks}  # fmt: skip
         self.terms = nn.ModuleDict({name: _finish(name, term, facts) for name, term in terms.items()})
         if not any(term.weight > 0 for term in self.terms.values()):
             raise ConfigError(
@@ -144,6 +150,10 @@ class Objective(nn.Module):
     @property
     def needs_backbone(self) -> bool:
         return any(term.needs_backbone for term in self.terms.values())
+
+    @property
+    def needs_labels(self) -> bool:
+        return any(term.needs_labels for term in self.terms.values())
 
     @property
     def needs_text_tower(self) -> bool:

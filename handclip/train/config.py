@@ -241,16 +241,17 @@ def _try_logger(logger: Callable) -> None:
 
 def objective_facts(
     facts: BackboneFacts | None, num_identities: int, identity_keys: list[str] | None = None,
-    text_tower: str | None = None,
+    text_tower: str | None = None, prompt_tasks: dict | None = None,
 ) -> dict:  # fmt: skip
     """What the objective's partial terms are finished with: identities from the data (0 in a check before
     the data is read; `identity_keys` in the order heads number them), widths from the model (stand-ins of
     64 where the backbone's config was not read), and `text_tower`, the digest of the text tower's weights,
-    where a term reads what another run's text tower encoded."""
+    where a term reads what another run's text tower encoded, and `prompt_tasks`, the data's zero-shot prompt tasks
+    ({task: [prompt per class]}; None before the data is read)."""
     return {
         "num_identities": num_identities, "embed_dim": facts.projection_dim if facts else 64,
         "pre_projection_dim": facts.vision.width if facts else 64, "text_width": facts.text.width if facts else 64,
-        "identity_keys": identity_keys, "text_tower": text_tower,
+        "identity_keys": identity_keys, "text_tower": text_tower, "prompt_tasks": prompt_tasks,
     }  # fmt: skip
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from handclip.checks import flag, integer, one_of
 from handclip.data.activations import DTYPES
 from handclip.data.captions import Captioner
-from handclip.data.dataset import CaptionCollator, ManifestImages, leave_signals_to_the_main_process
+from handclip.data.dataset import CaptionCollator, ManifestImages, PromptLabels, leave_signals_to_the_main_process
 from handclip.data.images import BAD_IMAGE_POLICIES
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
 from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler, balanced_sampler_for
@@ -260,8 +260,22 @@ class HandDataModule(L.LightningDataModule):
         return [str(k) for k in sorted({r["identity"] for r in self.train_rows})]
 
     # with the backbone ------------------------------------------------------------------------
-    def attach(self, backbone, eval_batch_size: int) -> None:
-        """Build the datasets with the backbone's preprocessing values and tokenizer."""
+    def prompt_tasks(self) -> dict[str, tuple[str, list[str], list[str]]]:
+        """{task: (manifest column, class values, their prompts)} of the source's zero-shot tasks that some training
+        image has a class of: every class the task names (a template without named classes: those the training
+        images hold), two or more. What a loss term that keeps them trains on."""
+        tasks = {}
+        for task, (column, prompts) in self.source.prompts().items():
+            seen = sorted({v for v in (str(r.get(column, "")) for r in self.train_rows) if v and v in prompts})
+            named = [str(value) for value in prompts]  # a template without named classes names none
+            classes = named if len(named) >= 2 else seen
+            if seen and len(classes) >= 2:
+                tasks[task] = (column, classes, [prompts[c] for c in classes])
+        return tasks
+
+    def attach(self, backbone, eval_batch_size: int, labels: bool = False) -> None:
+        """Build the datasets with the backbone's preprocessing values and tokenizer; with `labels`, each training
+        item carries its classes of the prompt tasks (`prompt_tasks`)."""
         size, resize = backbone.image_size, backbone.resize_size
         mean, std = backbone.image_mean, backbone.image_std
         cache = self.prepare_settings.image_cache
@@ -269,7 +283,7 @@ class HandDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.train_set = ManifestImages(
             self.train_rows, self.root, train_transform(size, resize, mean, std, self.augment), cache,
-            self.captioner, seed=self.seed,
+            self.captioner, seed=self.seed, labels=PromptLabels(self.prompt_tasks()) if labels else None,
         )  # fmt: skip
         self.val_set = ManifestImages(
             images_needed(self.val_rows, include_test=False), self.root, eval_transform(size, resize, mean, std), cache,

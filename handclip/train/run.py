@@ -242,10 +242,11 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     spec.compute.apply(backbone)
     digest = tower_digest(backbone, "text") if spec.text_tower_digest else None
     objective = spec.objective(**objective_facts(
-        backbone.facts, datamodule.num_identities, datamodule.identity_keys, digest
+        backbone.facts, datamodule.num_identities, datamodule.identity_keys, digest,
+        {task: prompts for task, (_, _, prompts) in datamodule.prompt_tasks().items()},
     ))  # fmt: skip
     encode = ImageEncoder(spec.eval.feature, objective)
-    datamodule.attach(backbone, spec.eval.batch_size)
+    datamodule.attach(backbone, spec.eval.batch_size, labels=objective.needs_labels)
     bad = json.loads(datamodule.manifest.with_suffix(".json").read_text()).get("bad_images", [])
     metrics: dict[str, Any] = {"trainable_parameters": report.trainable, "total_parameters": report.total,
                                "data/bad_images": len(bad)}  # fmt: skip
