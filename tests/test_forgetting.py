@@ -142,7 +142,8 @@ def test_flyp_trains_each_image_towards_its_class_prompts_of_the_tasks_the_data_
     spec.data.prepare(32)
     tasks = spec.data.prompt_tasks()
     assert tasks["aspect"][1] == ["dorsal right", "dorsal left", "palmar right", "palmar left"]  # all four named
-    assert tasks["skin"][1] == ["very fair", "fair", "medium", "dark"] and "a photo of a man's hand" in tasks["gender"][2]
+    assert tasks["skin"][1] == ["very fair", "fair", "medium", "dark"]
+    assert "a photo of a man's hand" in tasks["gender"][2]
     labels = PromptLabels(tasks)
     row = spec.data.train_rows[0]
     assert labels(row)[list(tasks).index("aspect")] == 0  # every training image is dorsal right (the aspect split)

@@ -16,7 +16,8 @@ from handclip.losses.siglip import SigLIPLoss, siglip_loss, siglip_targets
 from handclip.losses.triplet import TripletLoss, batch_hard_triplet, hardest_pairs
 
 __all__ = [
-    "FEATURES", "LOGIT_SCALE_MAX", "BNNeck", "ClassPromptLoss", "ContrastiveLoss", "IdentityLoss", "IdentityPrompts", "IdentityTextLoss",
+    "FEATURES", "LOGIT_SCALE_MAX", "BNNeck", "ClassPromptLoss", "ContrastiveLoss", "IdentityLoss", "IdentityPrompts",
+    "IdentityTextLoss",
     "LossInputs",
     "LossTerm", "Objective", "SigLIPLoss", "TripletLoss", "batch_hard_triplet", "clamp_logit_scale",
     "contrastive_loss", "contrastive_targets", "hardest_pairs", "identity_text_to_image", "image_to_identity_text",

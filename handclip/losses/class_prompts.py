@@ -33,9 +33,9 @@ class ClassPromptLoss(LossTerm):
         self.tasks = {str(task): [str(p) for p in prompts] for task, prompts in (prompt_tasks or {}).items()}
         if prompt_tasks is not None and not self.tasks:
             raise ConfigError(
-                f"loss: {type(self).__name__}: the data names no zero-shot prompt task with two classes or more among the "
-                "training images, so there is nothing to keep: leave the term out, or name tasks (captions: "
-                "data.source.zero_shot)"
+                f"loss: {type(self).__name__}: the data names no zero-shot prompt task with two classes or more "
+                "among the training images, so there is nothing to keep: leave the term out, or name tasks "
+                "(captions: data.source.zero_shot)"
             )
         self._tokens: dict | None = None
 
