@@ -141,10 +141,10 @@ def test_flyp_trains_each_image_towards_its_class_prompts_of_the_tasks_the_data_
     spec = check_config(compose_plain(tmp_path, *QUICK, "loss=flyp", f"paths.root={tmp_path}"))
     spec.data.prepare(32)
     tasks = spec.data.prompt_tasks()
-    assert tasks["aspect"][1] == ["dorsal right", "dorsal left", "palmar right", "palmar left"]  # all four named
-    assert tasks["skin"][1] == ["very fair", "fair", "medium", "dark"]
-    assert "a photo of a man's hand" in tasks["gender"][2]
+    # the aspect is left out: every training image is dorsal right, and one class would teach "always dorsal right"
+    assert "aspect" not in tasks and "accessories" not in tasks  # (the split keeps images without accessories)
+    assert tasks["gender"][1] == ["female", "male"] and "a photo of a man's hand" in tasks["gender"][2]
     labels = PromptLabels(tasks)
     row = spec.data.train_rows[0]
-    assert labels(row)[list(tasks).index("aspect")] == 0  # every training image is dorsal right (the aspect split)
-    assert labels({"aspect": "sideways"}).tolist() == [-1] * len(tasks)  # no class of any task: left out
+    assert labels(row)[list(tasks).index("gender")] == ["female", "male"].index(row["gender"])
+    assert labels({"gender": "other"}).tolist() == [-1] * len(tasks)  # no class of any task: left out

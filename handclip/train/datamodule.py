@@ -261,16 +261,15 @@ class HandDataModule(L.LightningDataModule):
 
     # with the backbone ------------------------------------------------------------------------
     def prompt_tasks(self) -> dict[str, tuple[str, list[str], list[str]]]:
-        """{task: (manifest column, class values, their prompts)} of the source's zero-shot tasks that some training
-        image has a class of: every class the task names (a template without named classes: those the training
-        images hold), two or more. What a loss term that keeps them trains on."""
+        """{task: (manifest column, class values, their prompts)} of the source's zero-shot tasks whose classes the
+        training images hold two or more of (those classes, sorted): what a loss term that keeps them trains on. A
+        task the training images hold one class of is left out: trained on, it would teach the model to answer that
+        class whatever it sees (on the demo's dorsal-right split, the aspect fell to chance)."""
         tasks = {}
         for task, (column, prompts) in self.source.prompts().items():
             seen = sorted({v for v in (str(r.get(column, "")) for r in self.train_rows) if v and v in prompts})
-            named = [str(value) for value in prompts]  # a template without named classes names none
-            classes = named if len(named) >= 2 else seen
-            if seen and len(classes) >= 2:
-                tasks[task] = (column, classes, [prompts[c] for c in classes])
+            if len(seen) >= 2:
+                tasks[task] = (column, seen, [prompts[c] for c in seen])
         return tasks
 
     def attach(self, backbone, eval_batch_size: int, labels: bool = False) -> None:
