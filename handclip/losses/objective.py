@@ -13,7 +13,8 @@ width), `pre_projection_dim` (the image tower's width before the projection), `t
 (the text tower's token width), `identity_keys` (the training identities in the order heads
 number them), `text_tower` (a digest of the text tower's weights, where a term reads texts
 another run encoded) and `prompt_tasks` (the data's zero-shot prompt tasks, {task: [prompt per class]},
-in the order the batch's `labels` number the classes)).
+in the order the batch's `labels` number the classes) and `zero_shot_tasks` (every task's prompts, all the
+classes it names)).
 
 A term may also leave files behind: `artifacts(backbone) -> {name: tensor}` is written by a
 finished run as `<name>.safetensors` in its run directory (the learned identity texts that a
@@ -57,6 +58,7 @@ class LossInputs:
     backbone: Any = None  # given to terms that run a tower themselves (`needs_backbone`)
     # each image's class of each zero-shot prompt task the data names [batch, tasks], -1 where it has none
     labels: torch.Tensor | None = None
+    index: torch.Tensor | None = None  # each image's position in the training split
 
     def feature(self, name: str) -> torch.Tensor:
         """The image feature `projected` or `pre_projection`."""
@@ -77,6 +79,9 @@ class LossTerm(nn.Module):
     needs_identities = False
     needs_backbone = False  # whether it runs a tower itself (learned prompts): `inputs.backbone` is set
     needs_labels = False  # whether it reads the images' classes of the data's prompt tasks (`inputs.labels`)
+    # whether the run calls its `teach(backbone, features)` with the starting model's embeddings of the training
+    # images (evaluation view) before training; it then reads `inputs.index`
+    needs_teacher = False
     # whether it reads or writes what the text tower encoded (identity texts): it is then given `text_tower`,
     # the digest of the text tower's weights, to record beside what it writes or to check what it reads against
     needs_text_tower = False
@@ -125,13 +130,14 @@ class Objective(nn.Module):
         pre_projection_dim: int | None = None, text_width: int | None = None,
         identity_keys: Sequence[str] | None = None, text_tower: str | None = None,
         prompt_tasks: Mapping[str, Sequence[str]] | None = None,
+        zero_shot_tasks: Mapping[str, Sequence[str]] | None = None,
     ):  # fmt: skip
         super().__init__()
         if not isinstance(terms, Mapping) or not terms:
             raise ConfigError("loss.terms is empty: give at least one loss term (see conf/loss/)")
         facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim,
                  "text_width": text_width, "identity_keys": identity_keys, "text_tower": text_tower,
-                 "prompt_tasks": prompt_tasks}  # fmt: skip
+                 "prompt_tasks": prompt_tasks, "zero_shot_tasks": zero_shot_tasks}  # fmt: skip
         self.terms = nn.ModuleDict({name: _finish(name, term, facts) for name, term in terms.items()})
         if not any(term.weight > 0 for term in self.terms.values()):
             raise ConfigError(

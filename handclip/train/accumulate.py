@@ -129,7 +129,7 @@ def contrastive_step(forward: Forward, objective, batch: Mapping, accumulate: in
     def loss_of(features: Mapping) -> tuple[torch.Tensor, dict]:
         inputs = LossInputs(
             features["image"], features.get("text"), backbone.logit_scale, batch["identities"],
-            image_pre_projection=features.get("pre_projection"), labels=batch.get("labels"),
+            image_pre_projection=features.get("pre_projection"), labels=batch.get("labels"), index=batch.get("index"),
         )  # fmt: skip
         return objective(inputs)
 

@@ -241,7 +241,7 @@ def _try_logger(logger: Callable) -> None:
 
 def objective_facts(
     facts: BackboneFacts | None, num_identities: int, identity_keys: list[str] | None = None,
-    text_tower: str | None = None, prompt_tasks: dict | None = None,
+    text_tower: str | None = None, prompt_tasks: dict | None = None, zero_shot_tasks: dict | None = None,
 ) -> dict:  # fmt: skip
     """What the objective's partial terms are finished with: identities from the data (0 in a check before
     the data is read; `identity_keys` in the order heads number them), widths from the model (stand-ins of
@@ -252,6 +252,7 @@ def objective_facts(
         "num_identities": num_identities, "embed_dim": facts.projection_dim if facts else 64,
         "pre_projection_dim": facts.vision.width if facts else 64, "text_width": facts.text.width if facts else 64,
         "identity_keys": identity_keys, "text_tower": text_tower, "prompt_tasks": prompt_tasks,
+        "zero_shot_tasks": zero_shot_tasks,
     }  # fmt: skip
 
 

@@ -260,16 +260,19 @@ class HandDataModule(L.LightningDataModule):
         return [str(k) for k in sorted({r["identity"] for r in self.train_rows})]
 
     # with the backbone ------------------------------------------------------------------------
-    def prompt_tasks(self) -> dict[str, tuple[str, list[str], list[str]]]:
+    def prompt_tasks(self, named: bool = False) -> dict[str, tuple[str, list[str], list[str]]]:
         """{task: (manifest column, class values, their prompts)} of the source's zero-shot tasks whose classes the
         training images hold two or more of (those classes, sorted): what a loss term that keeps them trains on. A
         task the training images hold one class of is left out: trained on, it would teach the model to answer that
-        class whatever it sees (on the demo's dorsal-right split, the aspect fell to chance)."""
+        class whatever it sees (on the demo's dorsal-right split, the aspect fell to chance). With `named`, every
+        task with two classes or more named (a template without named classes: those the training images hold),
+        whatever the training images show: what a distillation from the starting model keeps."""
         tasks = {}
         for task, (column, prompts) in self.source.prompts().items():
             seen = sorted({v for v in (str(r.get(column, "")) for r in self.train_rows) if v and v in prompts})
-            if len(seen) >= 2:
-                tasks[task] = (column, seen, [prompts[c] for c in seen])
+            classes = ([str(v) for v in prompts] or seen) if named else seen
+            if len(classes) >= 2:
+                tasks[task] = (column, classes, [prompts[c] for c in classes])
         return tasks
 
     def attach(self, backbone, eval_batch_size: int, labels: bool = False) -> None:
@@ -288,6 +291,15 @@ class HandDataModule(L.LightningDataModule):
             images_needed(self.val_rows, include_test=False), self.root, eval_transform(size, resize, mean, std), cache,
             memory_bytes=VALIDATION_MEMORY_BYTES,
         )  # fmt: skip
+
+    def training_features(self, backbone, batch_size: int) -> torch.Tensor:
+        """The backbone's projected embeddings of the training images as evaluation sees them (no augmentation),
+        in the order of the training items' `index`."""
+        from handclip.eval.protocol import extract_image_features
+
+        view = ManifestImages(self.train_rows, self.root, eval_transform(backbone.image_size, backbone.resize_size,
+                              backbone.image_mean, backbone.image_std), self.prepare_settings.image_cache)  # fmt: skip
+        return extract_image_features(backbone, view, batch_size)
 
     def _workers(self) -> dict:
         workers = self.num_workers

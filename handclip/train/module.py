@@ -109,7 +109,7 @@ class FineTuner(L.LightningModule):
             logit_scale=self.backbone.logit_scale, identities=self._gather(batch["identities"], grads=False),
             image_pre_projection=self._gather(features["pre_projection"]),
             backbone=self.backbone if self.objective.needs_backbone else None,
-            labels=self._gather(batch.get("labels"), grads=False),
+            labels=self._gather(batch.get("labels"), grads=False), index=self._gather(batch.get("index"), grads=False),
         )  # fmt: skip
         loss, parts = self.objective(inputs)
         self._check_and_log(loss, parts, len(batch["identities"]))

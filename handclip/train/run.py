@@ -244,6 +244,7 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     objective = spec.objective(**objective_facts(
         backbone.facts, datamodule.num_identities, datamodule.identity_keys, digest,
         {task: prompts for task, (_, _, prompts) in datamodule.prompt_tasks().items()},
+        {task: prompts for task, (_, _, prompts) in datamodule.prompt_tasks(named=True).items()},
     ))  # fmt: skip
     encode = ImageEncoder(spec.eval.feature, objective)
     datamodule.attach(backbone, spec.eval.batch_size, labels=objective.needs_labels)
@@ -257,6 +258,11 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
                        encode, compute=spec.compute, selection=selection)  # fmt: skip
     if initial is not None:
         load_initial_weights(module, spec.init_from, initial)
+    teachers = [term for term in objective.terms.values() if term.needs_teacher]
+    if teachers:  # what the starting model makes of the training images, before any step
+        features = datamodule.training_features(backbone, spec.eval.batch_size)
+        for term in teachers:
+            term.teach(backbone, features)
     record()  # nothing was refused: the run directory is written from here on
     write_text_atomic(run_dir / "freeze.txt", report.to_text() + "\n")
     if resume is not None and datamodule.activation_cache:  # a resume has no init_from: the starting weights are
