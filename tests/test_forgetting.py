@@ -148,3 +148,19 @@ def test_flyp_trains_each_image_towards_its_class_prompts_of_the_tasks_the_data_
     row = spec.data.train_rows[0]
     assert labels(row)[list(tasks).index("gender")] == ["female", "male"].index(row["gender"])
     assert labels({"gender": "other"}).tolist() == [-1] * len(tasks)  # no class of any task: left out
+
+
+def test_lwf_is_taught_by_the_starting_model_and_keeps_its_targets_in_the_checkpoint(tmp_path):
+    import csv
+
+    from tests.test_train import train
+
+    train(tmp_path, "loss=lwf", "run_name=lwf", "eval.wise_ft=null", "eval.text=false")
+    run = tmp_path / "runs" / "lwf"
+    (log,) = (run / "logs").rglob("metrics.csv")
+    values = [float(r["train/loss_keep_prompts"]) for r in csv.DictReader(log.open()) if r["train/loss_keep_prompts"]]
+    assert values and all(0 <= v < 20 for v in values)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    targets = state["objective.terms.keep_prompts.targets"]
+    assert targets.ndim == 2 and targets.shape[1] == 4 + 2 + 4 + 2 + 2  # aspect, gender, skin, nails, accessories
+    assert torch.allclose(targets[:, :4].exp().sum(dim=1), torch.ones(len(targets)))  # a distribution per image

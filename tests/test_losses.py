@@ -168,3 +168,29 @@ def test_class_prompt_loss_with_no_task_to_keep_is_refused_by_name():
     ClassPromptLoss(prompt_tasks=None)  # the configuration check, before the data is read
     with pytest.raises(ConfigError, match="ClassPromptLoss: the data names no zero-shot prompt task with two classes"):
         ClassPromptLoss(prompt_tasks={})
+
+
+def test_prompt_distillation_is_zero_where_the_model_still_sees_the_prompts_as_it_started_and_grows_as_it_drifts():
+    from handclip.losses import LossInputs, PromptDistillation
+
+    tasks = {"aspect": ["back", "palm"], "skin": ["fair skin", "dark skin", "medium skin"]}
+    text = {"back": [1.0, 0, 0], "palm": [0, 1.0, 0], "fair skin": [0, 0, 1.0], "dark skin": [1.0, 1.0, 0],
+            "medium skin": [0, 1.0, 1.0]}  # fmt: skip
+    backbone = _PromptBackbone(text)
+    backbone.logit_scale = torch.tensor(math.log(10.0))
+    start = torch.tensor([[2.0, 0.1, 0.3], [0.2, 1.0, 0.5], [0.3, 0.3, 3.0], [1.0, 1.0, 1.0]])
+    term = PromptDistillation(weight=1.0, zero_shot_tasks=tasks)
+    term.teach(backbone, start)
+    assert term.targets.shape == (4, 5) and torch.allclose(term.targets[:, :2].exp().sum(1), torch.ones(4))
+    index = torch.tensor([2, 0])
+
+    def loss(image):
+        return term(LossInputs(image, None, backbone.logit_scale, index=index, backbone=backbone)).item()
+
+    assert loss(start[index]) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < loss(start[index] + torch.tensor([0.3, 0.0, 0.0])) < loss(start[[1, 3]])
+    # the targets travel with the checkpoint: a resumed run, taught again, loads them
+    again = PromptDistillation(weight=1.0, zero_shot_tasks=tasks)
+    again.teach(backbone, torch.zeros(4, 3) + 1)
+    again.load_state_dict(term.state_dict())
+    assert torch.equal(again.targets, term.targets)
