@@ -125,7 +125,7 @@ def test_a_confidence_outside_0_to_1_is_refused_by_name(confidence):
         WiseFT(confidence=confidence)
 
 
-def test_flyp_trains_each_image_towards_its_class_prompts_of_the_tasks_the_data_names(tmp_path):
+def test_flyp_and_lwf_train_on_the_prompt_tasks_the_data_names_and_lwf_keeps_its_targets_in_the_checkpoint(tmp_path):
     import csv
 
     from handclip.data.dataset import PromptLabels
@@ -133,14 +133,23 @@ def test_flyp_trains_each_image_towards_its_class_prompts_of_the_tasks_the_data_
     from tests.test_config import compose_plain
     from tests.test_train import QUICK, train
 
-    train(tmp_path, "loss=flyp", "run_name=flyp", "eval.wise_ft=null", "eval.text=false")
-    (log,) = (tmp_path / "runs" / "flyp" / "logs").rglob("metrics.csv")
-    values = [float(r["train/loss_class_prompts"]) for r in csv.DictReader(log.open()) if r["train/loss_class_prompts"]]
-    assert values and all(0 < v < 20 for v in values)  # logged, finite
-    # what it trained on: every task the hand prompts name that the training images have a class of
+    # one run with both terms: FLYP's class prompts (loss=flyp) and LwF's distillation (loss=lwf's term)
+    keep = "+loss.terms.keep_prompts={_target_: handclip.losses.PromptDistillation, _partial_: true, weight: 1.0}"
+    train(tmp_path, "loss=flyp", keep, "run_name=keep", "eval.wise_ft=null", "eval.text=false")
+    run = tmp_path / "runs" / "keep"
+    (log,) = (run / "logs").rglob("metrics.csv")
+    for term in ("class_prompts", "keep_prompts"):
+        values = [float(r[f"train/loss_{term}"]) for r in csv.DictReader(log.open()) if r[f"train/loss_{term}"]]
+        assert values and all(0 <= v < 20 for v in values), term  # logged, finite
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    targets = state["objective.terms.keep_prompts.targets"]
+    assert targets.shape[1] == 4 + 2 + 4 + 2 + 2  # LwF keeps every class named: aspect, gender, skin, nails, rings
+    assert torch.allclose(targets[:, :4].exp().sum(dim=1), torch.ones(len(targets)))  # a distribution per image
+    # what FLYP trained on: the tasks the training images hold two classes of or more
     spec = check_config(compose_plain(tmp_path, *QUICK, "loss=flyp", f"paths.root={tmp_path}"))
     spec.data.prepare(32)
     tasks = spec.data.prompt_tasks()
+    assert len(targets) == len(spec.data.train_rows)  # one distribution per training image
     # the aspect is left out: every training image is dorsal right, and one class would teach "always dorsal right"
     assert "aspect" not in tasks and "accessories" not in tasks  # (the split keeps images without accessories)
     assert tasks["gender"][1] == ["female", "male"] and "a photo of a man's hand" in tasks["gender"][2]
@@ -148,19 +157,3 @@ def test_flyp_trains_each_image_towards_its_class_prompts_of_the_tasks_the_data_
     row = spec.data.train_rows[0]
     assert labels(row)[list(tasks).index("gender")] == ["female", "male"].index(row["gender"])
     assert labels({"gender": "other"}).tolist() == [-1] * len(tasks)  # no class of any task: left out
-
-
-def test_lwf_is_taught_by_the_starting_model_and_keeps_its_targets_in_the_checkpoint(tmp_path):
-    import csv
-
-    from tests.test_train import train
-
-    train(tmp_path, "loss=lwf", "run_name=lwf", "eval.wise_ft=null", "eval.text=false")
-    run = tmp_path / "runs" / "lwf"
-    (log,) = (run / "logs").rglob("metrics.csv")
-    values = [float(r["train/loss_keep_prompts"]) for r in csv.DictReader(log.open()) if r["train/loss_keep_prompts"]]
-    assert values and all(0 <= v < 20 for v in values)
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    targets = state["objective.terms.keep_prompts.targets"]
-    assert targets.ndim == 2 and targets.shape[1] == 4 + 2 + 4 + 2 + 2  # aspect, gender, skin, nails, accessories
-    assert torch.allclose(targets[:, :4].exp().sum(dim=1), torch.ones(len(targets)))  # a distribution per image

@@ -49,8 +49,12 @@ def metric_columns(runs: list[dict]) -> list[str]:
 
 
 def test_wording(runs: list[dict]) -> str:
-    """What the test columns measure, as the runs' metrics name it: `test` is the same-aspect gallery only where a
-    gallery merged over aspects (`test_all`) exists beside it; other data has one gallery per test run."""
+    """What the test columns measure, as the runs say it (metrics.json's `galleries`, the data source's words); for
+    runs from before they said it, read off their metrics: `test` is the same-aspect gallery only where a gallery
+    merged over aspects (`test_all`) exists beside it; other data has one gallery per test run."""
+    said = {(row.get("galleries") or {}).get("test") for row in runs} - {None}
+    if len(said) == 1:
+        return f"test: {said.pop()}"
     held = {key for row in runs for key in row.get("metrics") or {}}
     if any(key.startswith("test_all/") for key in held):
         return "test: same-aspect gallery"
@@ -96,7 +100,7 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
             metrics = {**payload["metrics"], **gains(payload["metrics"])}
             shown = {k: v for k, v in metrics.items() if k in COLUMNS or k.startswith(RETRIEVAL)}
             row.update(shown, status="finished")
-            row.update(metrics=metrics, data=payload.get("manifest"))
+            row.update(metrics=metrics, data=payload.get("manifest"), galleries=payload.get("galleries"))
         else:
             row["status"] = "unfinished"
         runs.append(row)
