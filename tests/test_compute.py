@@ -167,7 +167,7 @@ def test_the_dry_run_estimates_less_memory_with_micro_batches_and_checkpointing(
 
     def estimate(*overrides: str) -> tuple[int, str]:
         console = Console(record=True, width=200)
-        plan = dry_run(compose_plain(tmp_path, "experiment=demo", "freeze=full", *overrides), console)
+        plan = dry_run(compose_plain(tmp_path, "experiment=demo", "loss=clip", "freeze=full", *overrides), console)
         return plan["memory_bytes"], console.export_text()
 
     whole, _ = estimate()
@@ -187,5 +187,9 @@ def test_a_run_config_refuses_lightnings_accumulation_with_a_contrastive_loss(tm
     cfg = compose_plain(tmp_path, "experiment=demo", "compute.accumulate=2", "trainer.devices=2")
     with pytest.raises(ConfigError, match="runs on one device only"):
         build_components(cfg, need_data=False)
-    parts = build_components(compose_plain(tmp_path, "experiment=demo", "compute.accumulate=2"), need_data=False)
+    cfg = compose_plain(tmp_path, "experiment=demo", "compute.accumulate=2")  # the demo's loss=lwf runs the text
+    with pytest.raises(ConfigError, match="loss.terms.keep_prompts runs the text tower inside the loss"):  # tower
+        build_components(cfg, need_data=False)
+    cfg = compose_plain(tmp_path, "experiment=demo", "loss=clip", "compute.accumulate=2")
+    parts = build_components(cfg, need_data=False)
     assert parts.compute.accumulate == 2

@@ -145,6 +145,9 @@ def test_flyp_and_lwf_train_on_the_prompt_tasks_the_data_names_and_lwf_keeps_its
     targets = state["objective.terms.keep_prompts.targets"]
     assert targets.shape[1] == 4 + 2 + 4 + 2 + 2  # LwF keeps every class named: aspect, gender, skin, nails, rings
     assert torch.allclose(targets[:, :4].exp().sum(dim=1), torch.ones(len(targets)))  # a distribution per image
+    # a new run from these weights on other people makes its own targets (they are the run's record, not weights)
+    train(tmp_path, "loss=lwf", f"init_from={run / 'checkpoints' / 'last.ckpt'}", "data.source.identities=12",
+          "trainer.max_epochs=1", "run_name=again", "eval.wise_ft=null", "eval.text=false", "eval.baseline=false")
     # what FLYP trained on: the tasks the training images hold two classes of or more
     spec = check_config(compose_plain(tmp_path, *QUICK, "loss=flyp", f"paths.root={tmp_path}"))
     spec.data.prepare(32)

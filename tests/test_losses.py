@@ -161,13 +161,15 @@ def test_class_prompt_loss_is_each_tasks_cross_entropy_over_its_prompts_and_skip
     assert worse.item() > loss.item()
 
 
-def test_class_prompt_loss_with_no_task_to_keep_is_refused_by_name():
-    from handclip.errors import ConfigError
-    from handclip.losses import ClassPromptLoss
+def test_a_prompt_keeping_term_on_data_without_prompt_tasks_says_so_and_adds_nothing():
+    from handclip.losses import ClassPromptLoss, LossInputs, PromptDistillation
 
-    ClassPromptLoss(prompt_tasks=None)  # the configuration check, before the data is read
-    with pytest.raises(ConfigError, match="ClassPromptLoss: the data names no zero-shot prompt task with two classes"):
-        ClassPromptLoss(prompt_tasks={})
+    ClassPromptLoss(prompt_tasks=None)  # the configuration check, before the data is read: no word
+    image = torch.randn(3, 4, requires_grad=True)
+    for term in (ClassPromptLoss, PromptDistillation):
+        with pytest.warns(UserWarning, match=f"{term.__name__} has nothing to keep: the data names no zero-shot"):
+            made = term(**{"prompt_tasks" if term is ClassPromptLoss else "zero_shot_tasks": {}})
+        assert made(LossInputs(image, None, torch.tensor(1.0))).item() == 0.0
 
 
 def test_prompt_distillation_is_zero_where_the_model_still_sees_the_prompts_as_it_started_and_grows_as_it_drifts():

@@ -11,13 +11,21 @@ the skills it names, and says nothing of others.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from handclip.errors import ConfigError
 from handclip.losses.objective import LossInputs, LossTerm
+
+
+def nothing_to_keep(term: LossTerm) -> None:
+    """Say that a term keeping the data's prompt skills has none to keep here (e.g. the demo's recipe on data that
+    names no prompt tasks): it adds nothing to the loss, and the run goes on."""
+    warnings.warn(f"loss: {type(term).__name__} has nothing to keep: the data names no zero-shot prompt task with two "
+                  "classes or more (among the training images), so the term adds 0 to the loss; name tasks "
+                  "(captions: data.source.zero_shot) or leave the term out", stacklevel=3)  # fmt: skip
 
 
 class ClassPromptLoss(LossTerm):
@@ -32,14 +40,12 @@ class ClassPromptLoss(LossTerm):
         # None in the configuration check, before the data is read
         self.tasks = {str(task): [str(p) for p in prompts] for task, prompts in (prompt_tasks or {}).items()}
         if prompt_tasks is not None and not self.tasks:
-            raise ConfigError(
-                f"loss: {type(self).__name__}: the data names no zero-shot prompt task with two classes or more "
-                "among the training images, so there is nothing to keep: leave the term out, or name tasks "
-                "(captions: data.source.zero_shot)"
-            )
+            nothing_to_keep(self)
         self._tokens: dict | None = None
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
+        if not self.tasks:
+            return inputs.image.sum() * 0.0
         if inputs.labels is None or inputs.backbone is None:
             raise ValueError("ClassPromptLoss needs the batch's class labels and the backbone")
         backbone = inputs.backbone

@@ -86,6 +86,8 @@ class LossTerm(nn.Module):
     # the digest of the text tower's weights, to record beside what it writes or to check what it reads against
     needs_text_tower = False
     embeddings: tuple[str, ...] = ()  # its parameters that are embeddings (learned words, texts): never decayed
+    # its buffers that record its own run, not weights (LwF's targets): saved for a resume, never taken by init_from
+    run_records: tuple[str, ...] = ()
 
     def __init__(self, weight: float = 1.0):
         super().__init__()

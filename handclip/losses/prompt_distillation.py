@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from handclip.errors import ConfigError
+from handclip.losses.class_prompts import nothing_to_keep
 from handclip.losses.objective import LossInputs, LossTerm
 
 
@@ -25,14 +25,13 @@ class PromptDistillation(LossTerm):
 
     needs_backbone = True  # runs the text tower on the prompts itself
     needs_teacher = True  # the run calls `teach(backbone, features)` with the starting model before training
+    run_records = ("targets",)  # of this run's training images: a resume keeps them, init_from makes its own
 
     def __init__(self, weight: float = 1.0, zero_shot_tasks: Mapping[str, Sequence[str]] | None = None):
         super().__init__(weight)
         self.tasks = {str(task): [str(p) for p in prompts] for task, prompts in (zero_shot_tasks or {}).items()}
         if zero_shot_tasks is not None and not self.tasks:
-            raise ConfigError(f"loss: {type(self).__name__}: the data names no zero-shot prompt task with two classes "
-                              "or more, so there is nothing to keep: leave the term out, or name tasks (captions: "
-                              "data.source.zero_shot)")  # fmt: skip
+            nothing_to_keep(self)
         # the starting model's log-probabilities of each training image over every task's prompts, concatenated
         # [training images, prompts]; saved in checkpoints, so a resumed run keeps the same targets
         self.register_buffer("targets", torch.empty(0))
@@ -56,11 +55,15 @@ class PromptDistillation(LossTerm):
     def teach(self, backbone, image_features: torch.Tensor) -> None:
         """Record the starting model's distributions: `image_features` are its projected embeddings of the training
         images (evaluation view), in the order of the batches' `index`."""
+        if not self.tasks:
+            return
         device = image_features.device
         text = self._prompt_embeddings(backbone, device)
         self.targets = self._log_probs(image_features, text, backbone.logit_scale.exp().float()).detach()
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
+        if not self.tasks:
+            return inputs.image.sum() * 0.0
         if inputs.backbone is None or inputs.index is None:
             raise ValueError("PromptDistillation needs the backbone and the batch's image positions")
         if not self.targets.numel():

@@ -373,8 +373,8 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     prompts = finished.terms_needing("needs_backbone")
     if prompts and compute.accumulate > 1:
         raise ConfigError(
-            f"loss.terms.{prompts[0]} encodes its learned prompts inside the loss, which compute.accumulate "
-            f"cannot split into micro-batches: use compute.accumulate=1 (it trains no tower, so memory is small)"
+            f"loss.terms.{prompts[0]} runs the text tower inside the loss, which compute.accumulate cannot split "
+            "into micro-batches: use compute.accumulate=1, or leave the term out (experiment=demo: loss=clip)"
         )
     return RunSpec(
         backbone, facts, freeze, projection, objective, optimization, data, settings, logger, callbacks, trainer,

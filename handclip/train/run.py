@@ -55,8 +55,13 @@ def initial_weights(path: str) -> dict:
 
 
 def load_initial_weights(module, path: str, state: Mapping) -> None:
-    """init_from: the weights of a checkpoint, nothing else (fresh optimiser and schedule)."""
+    """init_from: the weights of a checkpoint, nothing else (fresh optimiser and schedule, and a loss term's record
+    of its own run, such as LwF's targets, which the new run makes from the weights it begins with)."""
     own = module.state_dict()
+    records = {f"objective.terms.{name}.{buffer}" for name, term in module.objective.terms.items()
+               for buffer in term.run_records}  # fmt: skip
+    own = {k: v for k, v in own.items() if k not in records}
+    state = {k: v for k, v in state.items() if k not in records}
     misfits = [f"{len(names)} {what}, e.g. {names[0]}" for what, names in (
         ("missing", [k for k in own if k not in state]),
         ("not in this model", [k for k in state if k not in own]),
@@ -67,7 +72,7 @@ def load_initial_weights(module, path: str, state: Mapping) -> None:
             f"init_from={path}: its weights do not fit this model ({'; '.join(misfits)}); "
             "use the same backbone, projection and loss as the run that wrote it"
         )
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=False)  # every weight is there (checked above); the records stay
 
 
 @dataclass
