@@ -40,7 +40,8 @@ def _own_policy(base, overrides):
     """`base` without its freeze policy or loss when `overrides` choose one (a test's freeze=pattern replaces
     last_n, its loss=strong replaces clip)."""
     chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    dropped = (QUICK_POLICY if "freeze" in chosen else []) + ([QUICK_LOSS] if "loss" in chosen else [])
+    # an experiment brings its own loss (a staged one its loss per stage)
+    dropped = (QUICK_POLICY if "freeze" in chosen else []) + ([QUICK_LOSS] if chosen & {"loss", "experiment"} else [])
     return [b for b in base if b not in dropped]
 
 
