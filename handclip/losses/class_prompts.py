@@ -20,6 +20,19 @@ import torch.nn.functional as F
 from handclip.losses.objective import LossInputs, LossTerm
 
 
+class PromptEncoder:
+    """The prompts of a term's tasks, tokenized once and encoded by the text tower as it is now (normalised)."""
+
+    def __init__(self, prompts: Sequence[str]):
+        self.prompts, self._tokens = list(prompts), None
+
+    def __call__(self, backbone, device) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = dict(backbone.tokenize(self.prompts))
+        text = backbone.encode_text(self._tokens["input_ids"].to(device), self._tokens["attention_mask"].to(device))
+        return F.normalize(text.float(), dim=-1)
+
+
 def nothing_to_keep(term: LossTerm) -> None:
     """Say that a term keeping the data's prompt skills has none to keep here (e.g. the demo's recipe on data that
     names no prompt tasks): it adds nothing to the loss, and the run goes on."""
@@ -41,20 +54,15 @@ class ClassPromptLoss(LossTerm):
         self.tasks = {str(task): [str(p) for p in prompts] for task, prompts in (prompt_tasks or {}).items()}
         if prompt_tasks is not None and not self.tasks:
             nothing_to_keep(self)
-        self._tokens: dict | None = None
+        self._encode = PromptEncoder([prompt for task in self.tasks.values() for prompt in task])
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         if not self.tasks:
             return inputs.image.sum() * 0.0
         if inputs.labels is None or inputs.backbone is None:
             raise ValueError("ClassPromptLoss needs the batch's class labels and the backbone")
-        backbone = inputs.backbone
-        prompts = [prompt for task in self.tasks.values() for prompt in task]
-        if self._tokens is None:
-            self._tokens = dict(backbone.tokenize(prompts))
         device = inputs.image.device
-        text = backbone.encode_text(self._tokens["input_ids"].to(device), self._tokens["attention_mask"].to(device))
-        text = F.normalize(text.float(), dim=-1)
+        text = self._encode(inputs.backbone, device)
         image = F.normalize(inputs.image.float(), dim=-1)
         scale = inputs.logit_scale.exp()
         losses, start = [], 0

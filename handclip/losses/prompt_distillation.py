@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from handclip.losses.class_prompts import nothing_to_keep
+from handclip.losses.class_prompts import PromptEncoder, nothing_to_keep
 from handclip.losses.objective import LossInputs, LossTerm
 
 
@@ -35,13 +35,7 @@ class PromptDistillation(LossTerm):
         # the starting model's log-probabilities of each training image over every task's prompts, concatenated
         # [training images, prompts]; saved in checkpoints, so a resumed run keeps the same targets
         self.register_buffer("targets", torch.empty(0))
-        self._tokens: dict | None = None
-
-    def _prompt_embeddings(self, backbone, device) -> torch.Tensor:
-        if self._tokens is None:
-            self._tokens = dict(backbone.tokenize([p for task in self.tasks.values() for p in task]))
-        text = backbone.encode_text(self._tokens["input_ids"].to(device), self._tokens["attention_mask"].to(device))
-        return F.normalize(text.float(), dim=-1)
+        self._prompt_embeddings = PromptEncoder([p for task in self.tasks.values() for p in task])
 
     def _log_probs(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         logits = scale * F.normalize(image.float(), dim=-1) @ text.T
