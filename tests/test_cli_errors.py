@@ -54,6 +54,8 @@ CASES = [
     (["experiment=demo_clipreid", "+stages.prompts.ckpt_path=last"], "stages.prompts.ckpt_path cannot be set by one"),
     # the second hostile pass: settings read before the components are built, names no folder can have, metrics
     # that validation never gives, a logger's own settings
+    (["eval.protocol=paper"], "eval.protocol='paper': choose one of handclip, published"),
+    (["eval.protocol=published", "eval.flip_tta=false"], "eval.flip_tta=false contradicts eval.protocol=published"),
     (["overwrite=no"], "overwrite='no' must be true or false"),  # was read as true: checkpoints removed
     (["dry_run=no"], "dry_run='no' must be true or false"),  # was read as true
     (["ckpt_path=true"], "ckpt_path=True must be last or a checkpoint file"),

@@ -16,7 +16,8 @@ from handclip.train.sweep import collect_runs, write_summary
 SEEDS, DRAWS = (0, 1, 2), (0, 1, 2)
 
 
-def write_run(folder, blocks, seed, draw, rank1, baseline, manifest="data/splits/demo_draw{draw}.csv", failed=False):
+def write_run(folder, blocks, seed, draw, rank1, baseline, manifest="data/splits/demo_draw{draw}.csv", failed=False,
+              protocol=None):  # fmt: skip
     folder.mkdir(parents=True)
     config = {"seed": seed, "freeze": {"vision_blocks": blocks}, "data": {"draw": draw}, "trainer": {"max_epochs": 2}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -26,6 +27,10 @@ def write_run(folder, blocks, seed, draw, rank1, baseline, manifest="data/splits
     metrics = {"test/rank1": rank1, "baseline/test/rank1": baseline, "test/mAP": rank1 + 0.1,
                "baseline/test/mAP": baseline + 0.1, "val/rank1": rank1}  # fmt: skip
     payload = {"metrics": metrics, "manifest": manifest.format(draw=draw)}
+    if protocol:  # as the published protocol states itself: the merged gallery (0.2 below) is its headline
+        metrics.update({"test_all/rank1": rank1 - 0.2, "baseline/test_all/rank1": baseline - 0.25,
+                        "test_all/mAP": rank1 - 0.1, "baseline/test_all/mAP": baseline - 0.15})  # fmt: skip
+        payload["protocol"] = {"name": protocol, "headline": "test_all" if protocol == "published" else "test"}
     (folder / "metrics.json").write_text(json.dumps(payload))
 
 
@@ -107,6 +112,30 @@ def test_a_single_run_per_group_a_failed_run_and_other_data_are_said_never_nan(t
     assert other["difference"] == "" and "not their data" in other["note"]
     for path in ("summary.csv", "comparisons.csv"):
         assert "nan" not in (tmp_path / path).read_text().lower()
+
+
+def test_the_published_protocol_heads_with_the_merged_gallery_and_protocols_are_never_compared(tmp_path, capsys):
+    for blocks, value in ((0, 0.5), (4, 0.6)):
+        for seed in (0, 1):
+            write_run(tmp_path / f"b{blocks}s{seed}", blocks, seed, 0, value + 0.01 * seed, 0.4, protocol="published")
+    write_summary(tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "test_all: gallery merged over aspects, published protocol" in out
+    assert re.search(r"vision_blocks=0 trails vision_blocks=4 by -10\.0 merged-gallery Rank-1", out), out
+    summary = {row["group"]: row for row in read(tmp_path / "summary.csv")}
+    assert float(summary["vision_blocks=4"]["gain/test_all/rank1_mean"]) == pytest.approx(0.6 + 0.005 - 0.2 - 0.15)
+
+    # one group scored by HandCLIP's protocol, the other by the published one: the same names, other numbers
+    for seed in (0, 1):
+        (tmp_path / f"b0s{seed}" / "metrics.json").unlink()
+        (tmp_path / f"b0s{seed}" / "config.yaml").unlink()
+        (tmp_path / f"b0s{seed}").rmdir()
+        write_run(tmp_path / f"b0s{seed}", 0, seed, 0, 0.5 + 0.01 * seed, 0.4, protocol="handclip")
+    write_summary(tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "follow different evaluation protocols (handclip vs published: eval.protocol)" in out
+    rows = read(tmp_path / "comparisons.csv")
+    assert all(r["difference"] == "" and "different evaluation protocols" in r["note"] for r in rows)
 
 
 def test_groups_are_the_swept_settings_other_than_seed_and_draw(tmp_path):

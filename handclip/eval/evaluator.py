@@ -22,7 +22,7 @@ class EvalSettings:
 
     baseline: bool  # evaluate the untrained model through the same protocol first
     test: bool  # run the test protocol at the end with the best validation checkpoint
-    flip_tta: bool  # feature of image + mirrored image, for query and gallery alike
+    flip_tta: bool | None  # feature of image + mirrored image, for query and gallery alike; None: the protocol's
     text: bool  # zero-shot attribute prompts and retrieval on the test images
     batch_size: int  # images per forward pass in every evaluation, validation included
     feature: str = "projected"  # the image feature scored (handclip.eval.feature); the default is in conf/eval
@@ -36,12 +36,23 @@ class EvalSettings:
     # pictures of what the model retrieves (ranked.png, and ranked_text.png with captions): each of a few test queries
     # with its top this-many gallery images, right and wrong marked; 0: none
     ranked: int = 5
+    # which protocol the numbers follow (handclip.eval.protocol.PROTOCOLS): what the headline gallery is, and whether
+    # the mirrored image's feature is added
+    protocol: str = "handclip"
 
     def __post_init__(self):
         from handclip.eval.feature import EVAL_FEATURES
         from handclip.eval.forgetting import WiseFT
+        from handclip.eval.protocol import FLIPPED, PROTOCOLS
 
         one_of("eval.feature", self.feature, EVAL_FEATURES)
+        one_of("eval.protocol", self.protocol, tuple(PROTOCOLS))
+        if self.flip_tta is None:
+            object.__setattr__(self, "flip_tta", FLIPPED[self.protocol])
+        elif self.protocol == "published" and self.flip_tta is False:
+            raise ConfigError("eval.flip_tta=false contradicts eval.protocol=published, which adds the mirrored "
+                              "image's feature as the published evaluations do: leave eval.flip_tta unset (null) or "
+                              "choose eval.protocol=handclip")  # fmt: skip
         if self.wise_ft is not None and not isinstance(self.wise_ft, WiseFT):
             if not isinstance(self.wise_ft, Mapping):
                 raise ConfigError(f"eval.wise_ft={self.wise_ft!r} must be null or settings such as {{alphas: [0.0, "
@@ -110,7 +121,8 @@ class Evaluator:
                                     total=-(-len(image_rows) // self.settings.batch_size))  # fmt: skip
 
         features = extract(self.encode, progress=True)
-        result = score_protocol(features, image_rows, rows, include_test, texts=forward.captions)
+        result = score_protocol(features, image_rows, rows, include_test, texts=forward.captions,
+                                protocol=self.settings.protocol)  # fmt: skip
         joint = self.encode.feature == "projected"  # comparable with text embeddings
         # for the figures; not saved
         result["_image_rows"], result["_scored"] = image_rows, features

@@ -13,6 +13,15 @@ A manifest without identities (no identity has two images: `handclip.data.split.
 the image-text retrieval protocol instead: its `val` and `test` splits each score caption -> image retrieval
 among their own images (every caption a query; right: each image that has that caption), so Rank-k reads R@k;
 the same names, so selection, WiSE-FT and summaries read them unchanged.
+
+Which of these a run reports first, and how its features are taken, is its stated protocol (`eval.protocol`,
+`statement`): `handclip` heads with the same-aspect gallery; `published` follows MBA-Net's and CLIP-HandID's own
+evaluation code: on 11k the gallery merged over the four aspects (aspect/person identities, so a person's other
+hands are distractors) is the headline, each image's feature is the sum of its own and its mirror image's
+before the cosine (L2) normalisation, and the test runs' AP is the authors' trapezoid form
+(`handclip.eval.reid.trapezoid_average_precision`: half the standard AP for a single match not ranked first).
+Both prepare pixels as the run trains on them: the backbone's resize, centre crop, mean and std (the authors'
+code squashes each image to a square and uses ImageNet's mean and std, in its training and evaluation alike).
 """
 
 from __future__ import annotations
@@ -32,7 +41,32 @@ RETRIEVAL_GALLERIES = {
 }
 # what every validation gives: what may select a checkpoint (eval.select) or a WiSE-FT mix (eval.wise_ft.metric)
 VALIDATION_METRICS = tuple(f"val/{name}" for name in METRICS)
+# the protocols a number can follow (`eval.protocol`), in the words tables and cards use
+PROTOCOLS = {
+    "handclip": "HandCLIP's protocol",
+    "published": "the published protocol (MBA-Net, CLIP-HandID: merged gallery on 11k, mirrored feature added)",
+}
+FLIPPED = {"handclip": False, "published": True}  # each protocol's eval.flip_tta when the setting is left null
+# how each protocol computes the test runs' AP (handclip.eval.reid); validation, which selects, always the standard
+AP = {"handclip": "standard", "published": "trapezoid"}
 CMC_RANKS = tuple(range(1, 21))
+
+
+def headline(protocol: str, galleries: Mapping[str, str]) -> str:
+    """The evaluation a protocol reports first (`test` or `test_all`), of those the data has (`galleries`: the
+    data source's evaluations, DataSource.galleries)."""
+    return "test_all" if protocol == "published" and "test_all" in galleries else "test"
+
+
+def statement(protocol: str, galleries: Mapping[str, str], feature: str, flip: bool) -> dict:
+    """What a run's numbers follow, as metrics.json, tables, sweep summaries and model cards say it."""
+    head = headline(protocol, galleries)
+    gallery = galleries.get(head, head)
+    ap = AP.get(protocol, "standard")
+    words = f"{PROTOCOLS.get(protocol, protocol)}; headline: {head} ({gallery})"
+    words += f"{', mirrored feature added' if flip else ''}; feature: {feature}; test AP: {ap}"
+    return {"name": protocol, "headline": head, "gallery": gallery, "flip_tta": bool(flip), "feature": feature,
+            "average_precision": ap, "words": words}  # fmt: skip
 
 
 def pixel_batches(dataset, batch_size: int = 64, num_workers: int = 0, flip: bool = False) -> Iterator[dict]:
@@ -141,10 +175,11 @@ def images_needed(rows: Sequence[dict], include_test: bool = True) -> list[dict]
 
 def score_protocol(
     features: torch.Tensor, image_rows: Sequence[dict], rows: Sequence[dict], include_test: bool = True,
-    texts: Callable[[list[str]], torch.Tensor] | None = None,
-) -> dict:
+    texts: Callable[[list[str]], torch.Tensor] | None = None, protocol: str = "handclip",
+) -> dict:  # fmt: skip
     """Score every evaluation of the manifest from precomputed features; under the retrieval protocol the queries
     are the rows' captions, embedded by `texts` (captions -> text embeddings in the space of `features`).
+    `protocol` (`eval.protocol`) says how the test runs' AP is computed (`AP`).
 
     Returns {"metrics": {"val/rank1": ..., "test/rank1": mean, "test/rank1_std": ..., ...},
     "runs": {"test": [per-run dicts], ...}, "cmc": {"test": [Rank-1..20 averaged over runs], ...},
@@ -197,7 +232,7 @@ def score_protocol(
         gallery, gallery_ids = gather(gallery_split)
         # one evaluation gives Rank-1..20: the CMC curve, and the per-run metrics it contains
         scores = evaluate(query, query_ids, gallery, gallery_ids, ranks=CMC_RANKS, per_query=prefix == "val",
-                          matches=matches)  # fmt: skip
+                          matches=matches, ap="standard" if prefix == "val" else AP[protocol])  # fmt: skip
         if "per_query" in scores:
             each = scores.pop("per_query")
             per_query[prefix] = {name: each[name] for name in METRICS}

@@ -11,6 +11,12 @@ they sit in the matrix product, which would otherwise break ties by gallery posi
 
 A query whose identity has no image in the gallery has no defined rank or AP: it is left out
 of every metric and counted in `queries_without_match`.
+
+AP is by default the mean, over a query's true matches, of the precision at each (`average_precision`).
+`ap="trapezoid"` gives what the published hand re-identification code computes instead (MBA-Net's and
+CLIP-HandID's `compute_mAP`, after the Market-1501 baselines): each match adds 1/matches times the mean of the
+precision just before it and at it, the precision before the first place counting as 1. For a query with one
+true match at place r (1-based) that is 1 at r = 1 and 1/(2r) after, half the standard 1/r.
 """
 
 from __future__ import annotations
@@ -47,6 +53,24 @@ def average_precision(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tens
     return (precision * matches).sum(dim=1) / matches.sum(dim=1)
 
 
+def trapezoid_average_precision(scores: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """AP per query as the published hand re-identification code computes it (see the module docstring); ties
+    counted against the query, as everywhere here."""
+    gallery_size = scores.shape[1]
+    others = scores.masked_fill(matches, float("-inf")).sort(dim=1).values  # non-matches, ascending
+    found = scores.masked_fill(~matches, float("-inf")).sort(dim=1, descending=True).values  # matches first
+    order = torch.arange(gallery_size, device=scores.device).expand_as(found)  # i: the i-th match (0-based)
+    valid = order < matches.sum(dim=1, keepdim=True)
+    above = gallery_size - torch.searchsorted(others, (found - TIE_TOLERANCE).contiguous(), side="left")
+    place = (above + order).float()  # the i-th match's 0-based place: non-matches scored at or above it, and i
+    precision = (order + 1) / (place + 1)
+    before = torch.where(place > 0, order / place.clamp(min=1), torch.ones_like(place))
+    return (((before + precision) / 2) * valid).sum(dim=1) / valid.sum(dim=1)
+
+
+AVERAGE_PRECISION = {"standard": average_precision, "trapezoid": trapezoid_average_precision}
+
+
 def evaluate(
     query_features: torch.Tensor,
     query_ids: torch.Tensor,
@@ -55,6 +79,7 @@ def evaluate(
     ranks: tuple[int, ...] = (1, 5, 10),
     per_query: bool = False,
     matches: torch.Tensor | None = None,
+    ap: str = "standard",
 ) -> dict:
     """Rank-k and mAP of queries against a gallery, as fractions in [0, 1].
 
@@ -63,8 +88,11 @@ def evaluate(
     `per_query`, also `per_query`: {"rank1": [0/1 per evaluated query], ..., "mAP": [AP per query]},
     the numbers those means are taken over (for paired comparisons of two models on the same queries).
     `matches` [queries, gallery], when given, says which gallery items are right for each query instead of equal
-    ids (caption queries: every image that has the caption).
+    ids (caption queries: every image that has the caption). `ap`: how AP is computed, `standard` or `trapezoid`
+    (the published code's; see the module docstring).
     """
+    if ap not in AVERAGE_PRECISION:
+        raise ValueError(f"ap={ap!r}: choose one of {', '.join(AVERAGE_PRECISION)}")
     query_ids = torch.as_tensor(query_ids).reshape(-1)
     gallery_ids = torch.as_tensor(gallery_ids).reshape(-1)
     if len(query_features) != len(query_ids) or len(gallery_features) != len(gallery_ids):
@@ -93,7 +121,7 @@ def evaluate(
     matches = matches[has_match]
     first = match_ranks(scores, matches)
     hits = {f"rank{k}": (first <= k).float() for k in ranks}
-    precision = average_precision(scores, matches)
+    precision = AVERAGE_PRECISION[ap](scores, matches)
     result: dict = {name: float(values.mean()) for name, values in hits.items()}
     result["mAP"] = float(precision.mean())
     if per_query:

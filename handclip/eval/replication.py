@@ -13,7 +13,8 @@ gives the paired difference with its 95% interval and a two-sided p-value (a pai
 
 What cannot be compared is said, never shown as NaN: a group with a single run has no interval
 (`n` = 1 and an empty interval); runs that failed are named and left out of their pairs; two runs of
-one pair trained on different data (another split file) are not compared.
+one pair trained on different data (another split file), or scored under different evaluation protocols
+(`eval.protocol`), are not compared.
 """
 
 from __future__ import annotations
@@ -210,6 +211,12 @@ def _following(runs: Sequence[Mapping], swept: Sequence[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def _protocol(run: Mapping) -> str:
+    """The protocol a run states it follows (metrics.json's `protocol`); runs from before they stated one followed
+    HandCLIP's."""
+    return (run.get("protocol") or {}).get("name", "handclip")
+
+
 def _pair_key(run: Mapping) -> tuple:
     return tuple(str(run.get(key)) for key in REPLICATION_KEYS)
 
@@ -232,6 +239,12 @@ def compare(a: str, runs_a: Sequence[Mapping], b: str, runs_b: Sequence[Mapping]
         return Comparison(a, b, metric, None, None, 0,
                           f"{x.get('run')} and {y.get('run')} share draw and seed but not their data "
                           f"({x.get('data')} vs {y.get('data')}): a paired difference needs the same data")  # fmt: skip
+    other_protocol = [(x, y) for x, y in pairs if _protocol(x) != _protocol(y)]
+    if other_protocol:
+        x, y = other_protocol[0]
+        return Comparison(a, b, metric, None, None, 0,
+                          f"{x.get('run')} and {y.get('run')} follow different evaluation protocols ({_protocol(x)} vs "
+                          f"{_protocol(y)}: eval.protocol): their numbers are not of the same thing")  # fmt: skip
     differences = [x["metrics"][metric] - y["metrics"][metric] for x, y in pairs]
     spread = interval(differences)
     p_value = None

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from handclip.eval.protocol import METRICS
+from handclip.eval.protocol import METRICS, PROTOCOLS
 
 
-def protocol_table(results: dict[str, dict], prefix: str = "test", galleries: dict[str, str] | None = None):
+def print_tables(console, results: dict[str, dict], galleries: dict[str, str], stated: dict | None = None) -> None:
+    """The protocol's tables, the headline evaluation first (`stated`: handclip.eval.protocol.statement), then the
+    language side when the last result has it; validation's table when no test evaluation ran."""
+    final = list(results.values())[-1]["metrics"]
+    head = (stated or {}).get("headline", "test")
+    shown = [prefix for prefix in dict.fromkeys((head, "test", "test_all")) if f"{prefix}/rank1" in final] or ["val"]
+    for prefix in shown:
+        console.print(protocol_table(results, prefix, galleries, stated if prefix == head else None))
+    if any(k.startswith(("zeroshot/", "retrieval/")) for k in final):
+        console.print(text_table(results))
+
+
+def protocol_table(results: dict[str, dict], prefix: str = "test", galleries: dict[str, str] | None = None,
+                   stated: dict | None = None):  # fmt: skip
     """A rich table of each run and the mean ± std; with several results (e.g. baseline and
     fine-tuned) every cell reads `first → second → ...`. `galleries`: what each evaluation's gallery is, in the
-    data's words (DataSource.galleries)."""
+    data's words (DataSource.galleries); `stated`: the protocol, named in the title of its headline table."""
     from rich.table import Table
 
     title = galleries or {}
     present = {label: r for label, r in results.items() if prefix in r["runs"]}
     labels = " → ".join(present)
-    table = Table(title=f"{prefix}: {title.get(prefix, prefix)}, % ({labels})")
+    named = f"headline of {PROTOCOLS.get(stated['name'], stated['name'])}, " if stated else ""
+    table = Table(title=f"{prefix}: {title.get(prefix, prefix)}, {named}% ({labels})")
     table.add_column("run", justify="right")
     for name in METRICS:
         table.add_column(name.replace("rank", "Rank-"), justify="right")

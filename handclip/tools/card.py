@@ -122,7 +122,8 @@ def _test_table(payload: Mapping, label: str = "fine-tuned", hands: bool = True)
     metrics = payload.get("metrics") or {}
     lines = []
     galleries = payload.get("galleries") or (GALLERIES if hands else {"test": "one gallery image per identity"})
-    for prefix in ("test", "test_all"):
+    first = (payload.get("protocol") or {}).get("headline", "test")  # the stated protocol's headline first
+    for prefix in dict.fromkeys((first, "test", "test_all")):
         if not runs.get(prefix):
             continue
         header = " | ".join(m.replace("rank", "Rank-") for m in METRICS)
@@ -146,12 +147,16 @@ def _name(key: str) -> str:
 
 
 def _reid_protocol(prefix: str, config: Mapping, payload: Mapping, hands: bool) -> str:
+    from handclip.eval.protocol import PROTOCOLS
+
     evaluation = config.get("eval") or {}
+    stated = payload.get("protocol") or {}
     runs = len(((payload.get("runs") or {}).get("fine-tuned") or {}).get(prefix) or []) or "the"
-    flip = ", flip test-time augmentation" if evaluation.get("flip_tta") else ""
+    flip = ", flip test-time augmentation" if stated.get("flip_tta", evaluation.get("flip_tta")) else ""
+    named = f"{PROTOCOLS[stated['name']]}, " if stated.get("name") in PROTOCOLS else ""
     gallery = (payload.get("galleries") or {}).get(prefix) or (GALLERIES[prefix] if hands else
                                                                 "one gallery image per identity")  # fmt: skip
-    return (f"re-identification: each query image ranks the gallery by cosine similarity of its "
+    return (f"{named}re-identification: each query image ranks the gallery by cosine similarity of its "
             f"{payload.get('eval_feature') or evaluation.get('feature') or 'projected'} image feature; "
             f"mean over {runs} query/gallery runs of the test identities, "
             f"{gallery}{flip}")  # fmt: skip
@@ -165,9 +170,11 @@ def headline(facts: DataFacts, config: Mapping, payload: Mapping | None) -> list
     """(metric key, name, value, protocol) of the numbers a card leads with: retrieval R@k for caption data,
     then (where the data names identities) re-identification Rank-1 and mAP, which lead for hand data."""
     metrics = (payload or {}).get("metrics") or {}
+    first = ((payload or {}).get("protocol") or {}).get("headline", "test")  # the stated protocol's headline leads
     reid = [(f"{prefix}/{m}", _name(m), float(metrics[f"{prefix}/{m}"]),
              _reid_protocol(prefix, config, payload, facts.hands))
-            for prefix in GALLERIES for m in ("rank1", "mAP") if f"{prefix}/{m}" in metrics]  # fmt: skip
+            for prefix in dict.fromkeys((first, *GALLERIES)) for m in ("rank1", "mAP")
+            if f"{prefix}/{m}" in metrics]  # fmt: skip
     retrieval = [(key, _name(key), float(metrics[key]), RETRIEVAL_PROTOCOL) for key in RETRIEVAL if key in metrics]
     if facts.hands:
         return reid

@@ -317,7 +317,8 @@ def protocol(data, section: Mapping, settings, feature: str) -> dict:
     settings that change scores."""
     return {"data": data.name, "settings": dict(section), "draw": data.draw,
             "runs": data.prepare_settings.runs, "manifest": str(data.manifest), "feature": feature,
-            "flip_tta": settings.flip_tta, "test": settings.test, "text": settings.text}  # fmt: skip
+            "flip_tta": settings.flip_tta, "test": settings.test, "text": settings.text,
+            "name": settings.protocol}  # fmt: skip
 
 
 def evaluate(
@@ -370,6 +371,8 @@ def evaluate(
         backbone.cuda()
     from handclip.eval.evaluator import Evaluator
     from handclip.eval.feature import ImageEncoder
+    from handclip.eval.protocol import statement
+    from handclip.eval.tables import print_tables
 
     evaluator = Evaluator(rows, data.root, data.prepare_settings.image_cache, eval_settings, data.captioner,
                           ImageEncoder(feature), data.source.prompts())  # fmt: skip
@@ -380,13 +383,17 @@ def evaluate(
     evaluated = {"kind": source.kind, **{k: v for k, v in source.facts.items() if k != "label_note"},
                  "label": label, "protocol": protocol(data, chosen["data"], eval_settings, feature)}  # fmt: skip
     metrics = {**result["metrics"], "wall_time_s": time.time() - started}
+    stated = statement(eval_settings.protocol, data.galleries, feature, eval_settings.flip_tta)
     payload = {"evaluated": evaluated, "metrics": metrics, "runs": {label: result["runs"]},
                "cmc": {label: result["cmc"]}, "eval_feature": feature, "manifest": str(data.manifest),
-               "galleries": data.galleries}  # fmt: skip
-    _print_tables(_console(console), results, data.galleries)
+               "galleries": data.galleries, "protocol": stated}  # fmt: skip
+    print_tables(_console(console), results, data.galleries, stated)
     _write(out, payload, results, backbone, data, evaluator)
+    head = stated["headline"]
+    named = "merged-gallery" if head == "test_all" else "test"
     summary = ", ".join(f"{name} {100 * metrics[key]:.1f}%" for name, key in (
-        ("test Rank-1", "test/rank1"), ("test mAP", "test/mAP"), ("val Rank-1", "val/rank1")) if key in metrics)
+        (f"{named} Rank-1", f"{head}/rank1"), (f"{named} mAP", f"{head}/mAP"), ("val Rank-1", "val/rank1"))
+        if key in metrics)  # fmt: skip
     _console(console).print(f"[bold]{label}[/bold]: {summary}; results in {out}")
     return out
 
@@ -397,17 +404,6 @@ def _console(console):
 
         console = Console()
     return console
-
-
-def _print_tables(console, results: dict, galleries: dict[str, str]) -> None:
-    from handclip.eval.tables import protocol_table, text_table
-
-    final = next(iter(results.values()))["metrics"]
-    shown = [prefix for prefix in ("test", "test_all") if f"{prefix}/rank1" in final] or ["val"]
-    for prefix in shown:
-        console.print(protocol_table(results, prefix, galleries))
-    if any(k.startswith(("zeroshot/", "retrieval/")) for k in final):
-        console.print(text_table(results))
 
 
 def _write(out: Path, payload: dict, results: dict, backbone, data, evaluator) -> None:

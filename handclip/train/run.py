@@ -164,7 +164,9 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
     if spec.eval.baseline:
         results["baseline"] = _baseline(run.evaluate, run.backbone, run_dir, resume)
         run.metrics.update({f"baseline/{k}": v for k, v in results["baseline"]["metrics"].items()})
-        _print_baseline(console, results["baseline"]["metrics"])
+        from handclip.eval.protocol import headline
+
+        _print_baseline(console, results["baseline"]["metrics"], headline(spec.eval.protocol, run.datamodule.galleries))
     # raw weights, or their EMA: selected, tested, exported
     weights = TrainedWeights(spec.ema_decay, spec.freeze, (spec.eval.select, spec.eval.smooth))
     lightning_logger = spec.logger(save_dir=str(run_dir))
@@ -185,6 +187,8 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
 
     # the final evaluation: training is done and saved, so a signal now ends the run with a message
     with _stop_on_signal():
+        from handclip.eval.protocol import statement
+        from handclip.eval.tables import print_tables
         from handclip.train.final import choice_line, closing_warnings, final_evaluation
 
         last = str(run_dir / "checkpoints" / "last.ckpt")
@@ -193,13 +197,14 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
                    "train_time_s": run.module.train_seconds(), "peak_memory_mb": _peak_memory_mb()}  # fmt: skip
         warned = closing_warnings(metrics, (results.get("baseline") or {}).get("metrics"), trained)
         galleries = run.datamodule.galleries
-        _print_tables(console, results, galleries)
+        stated = statement(spec.eval.protocol, galleries, spec.eval.feature, spec.eval.flip_tta)
+        print_tables(console, results, galleries, stated)
         _log_figures(logger, results, run, run_dir)
         write_json_atomic(run_dir / "metrics.json", {
             "metrics": metrics, "runs": {label: r["runs"] for label, r in results.items()},
             "cmc": {label: r["cmc"] for label, r in results.items()}, "freeze": run.report.as_dict(),
             "eval_feature": spec.eval.feature, "manifest": str(run.datamodule.manifest), "galleries": galleries,
-            "best_checkpoint": best.best_model_path,
+            "protocol": stated, "best_checkpoint": best.best_model_path,
             "warnings": warned,  # plain sentences: the reported model is (close to) the untrained one, and why
             **extra,  # weights: the EMA's or the raw ones behind test/* (raw/* holds the raw ones'); wise_ft: the mix
         })  # fmt: skip
@@ -207,7 +212,8 @@ def _train(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict | 
         line = choice_line(metrics, spec.eval.select, spec.eval.smooth)
         if line:
             console.print(line)
-        console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics)}; results in {run_dir}")
+        console.print(f"[bold]done[/bold] in {metrics['wall_time_s']:.0f}s: {_summary(metrics, stated['headline'])}; "
+                      f"results in {run_dir}")
         for warning in warned:  # last, where a reader of the run's end sees them
             console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
         return metrics
@@ -400,28 +406,21 @@ def _baseline(evaluate, backbone, run_dir: Path, resume: Resume | None) -> dict:
     return baseline
 
 
-def _print_baseline(console, shown: Mapping) -> None:
-    test = f", test Rank-1 {100 * shown['test/rank1']:.1f}% mAP {100 * shown['test/mAP']:.1f}%"
+def _print_baseline(console, shown: Mapping, head: str = "test") -> None:
+    name = "merged-gallery" if head == "test_all" else "test"
+    test = f", {name} Rank-1 {100 * shown[f'{head}/rank1']:.1f}% mAP {100 * shown[f'{head}/mAP']:.1f}%"
     console.print(f"baseline (untrained): val Rank-1 {100 * shown['val/rank1']:.1f}%"
-                  + (test if "test/rank1" in shown else ""))  # fmt: skip
+                  + (test if f"{head}/rank1" in shown else ""))  # fmt: skip
 
 
-def _print_tables(console, results: dict, galleries: Mapping[str, str]) -> None:
-    from handclip.eval.tables import protocol_table, text_table
-
-    final = results["fine-tuned"]["metrics"]
-    for prefix in ("test", "test_all"):
-        if f"{prefix}/rank1" in final:
-            console.print(protocol_table(results, prefix, galleries))
-    console.print(text_table(results))
-
-
-def _summary(metrics: Mapping) -> str:
+def _summary(metrics: Mapping, head: str = "test") -> str:
+    """The headline evaluation's Rank-1 and mAP (and the baseline's), for the run's last line."""
+    name = "merged-gallery" if head == "test_all" else "test"
     return ", ".join(
-        f"{name} {100 * metrics[key]:.1f}% (baseline {100 * metrics['baseline/' + key]:.1f}%)"
+        f"{label} {100 * metrics[key]:.1f}% (baseline {100 * metrics['baseline/' + key]:.1f}%)"
         if "baseline/" + key in metrics
-        else f"{name} {100 * metrics[key]:.1f}%"
-        for name, key in (("test Rank-1", "test/rank1"), ("test mAP", "test/mAP"))
+        else f"{label} {100 * metrics[key]:.1f}%"
+        for label, key in ((f"{name} Rank-1", f"{head}/rank1"), (f"{name} mAP", f"{head}/mAP"))
         if key in metrics
     )
 

@@ -48,17 +48,29 @@ def metric_columns(runs: list[dict]) -> list[str]:
     return [key for key in COLUMNS if key == "status" or key in held] + recalls
 
 
-def test_wording(runs: list[dict]) -> str:
-    """What the test columns measure, as the runs say it (metrics.json's `galleries`, the data source's words); for
-    runs from before they said it, read off their metrics: `test` is the same-aspect gallery only where a gallery
-    merged over aspects (`test_all`) exists beside it; other data has one gallery per test run."""
-    said = {(row.get("galleries") or {}).get("test") for row in runs} - {None}
+def sweep_headline(runs: list[dict]) -> str:
+    """The evaluation the runs' stated protocol heads with (metrics.json's `protocol`, `test_all` for the published
+    protocol on 11k); `test` for runs from before they stated one, and where the runs do not agree."""
+    heads = {(row.get("protocol") or {}).get("headline", "test") for row in runs if row.get("status") == "finished"}
+    return heads.pop() if len(heads) == 1 else "test"
+
+
+def test_wording(runs: list[dict], head: str = "test") -> str:
+    """What the test columns (the `head` evaluation's) measure, as the runs say it (metrics.json's `galleries`, the
+    data source's words, and the protocol they follow); for runs from before they said it, read off their metrics:
+    `test` is the same-aspect gallery only where a gallery merged over aspects (`test_all`) exists beside it; other
+    data has one gallery per test run."""
+    said = {(row.get("galleries") or {}).get(head) for row in runs} - {None}
+    named = {(row.get("protocol") or {}).get("name") for row in runs if row.get("status") == "finished"} - {None}
+    protocol = f", {named.pop()} protocol" if len(named) == 1 else ""
     if len(said) == 1:
-        return f"test: {said.pop()}"
+        return f"{head}: {said.pop()}{protocol}"
     held = {key for row in runs for key in row.get("metrics") or {}}
+    if head == "test_all":
+        return f"test_all: gallery merged over aspects{protocol}"
     if any(key.startswith("test_all/") for key in held):
-        return "test: same-aspect gallery"
-    return "test: queries against each run's gallery"
+        return f"test: same-aspect gallery{protocol}"
+    return f"test: queries against each run's gallery{protocol}"
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -100,7 +112,8 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[str], list[dict]]:
             metrics = {**payload["metrics"], **gains(payload["metrics"])}
             shown = {k: v for k, v in metrics.items() if k in COLUMNS or k.startswith(RETRIEVAL)}
             row.update(shown, status="finished")
-            row.update(metrics=metrics, data=payload.get("manifest"), galleries=payload.get("galleries"))
+            row.update(metrics=metrics, data=payload.get("manifest"), galleries=payload.get("galleries"),
+                       protocol=payload.get("protocol"))  # fmt: skip
         else:
             row["status"] = "unfinished"
         runs.append(row)
@@ -190,8 +203,9 @@ def write_replication(sweep_dir: Path, swept: list[str], runs: list[dict]) -> tu
                 "ci95_high": "" if d is None else _blank(d.high), "p_value": _blank(c.p_value), "pairs": c.pairs,
                 "note": c.problem,
             })  # fmt: skip
-    _print_replication(result, test_wording(runs))
-    png = _plot_replication(sweep_dir / "summary.png", result)
+    head = sweep_headline(runs)
+    _print_replication(result, test_wording(runs, head), head)
+    png = _plot_replication(sweep_dir / "summary.png", result, head)
     return summary, png
 
 
@@ -199,7 +213,7 @@ def _blank(value: float | None) -> float | str:
     return "" if value is None else value
 
 
-def _print_replication(result, wording: str) -> None:
+def _print_replication(result, wording: str, head: str = "test") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -218,20 +232,21 @@ def _print_replication(result, wording: str) -> None:
         return shown + (f" ± {scale * spread.ci95:.1f}" if scale == 100.0 else f" ± {spread.ci95:.2f}")
 
     for label, members in result.groups.items():
-        table.add_row(label, str(len(members)), cell(label, "test/rank1"), cell(label, "gain/test/rank1"),
-                      cell(label, "test/mAP"), cell(label, "gain/test/mAP"), cell(label, "val/rank1"),
+        table.add_row(label, str(len(members)), cell(label, f"{head}/rank1"), cell(label, f"gain/{head}/rank1"),
+                      cell(label, f"{head}/mAP"), cell(label, f"gain/{head}/mAP"), cell(label, "val/rank1"),
                       cell(label, "zeroshot/retention", 1.0))  # fmt: skip
     console.print(table)
     for note in result.notes:  # plain lines, never wrapped: a user greps them
         print(f"note: {note}")
     for comparison in result.comparisons:
-        if comparison.metric in ("test/rank1", "test/mAP", "zeroshot/retention"):
+        if comparison.metric in (f"{head}/rank1", f"{head}/mAP", "zeroshot/retention"):
             print(comparison.verdict())
 
 
-def _plot_replication(path: Path, result) -> Path | None:
-    """Each group's test Rank-1 (beside its baseline) and its gain: mean and 95% interval over draws and seeds."""
-    groups = [label for label in result.groups if "test/rank1" in result.summaries[label]]
+def _plot_replication(path: Path, result, head: str = "test") -> Path | None:
+    """Each group's headline Rank-1 (beside its baseline) and its gain: mean and 95% interval over draws and
+    seeds."""
+    groups = [label for label in result.groups if f"{head}/rank1" in result.summaries[label]]
     if not groups:
         return None
     from handclip.eval.plots import pyplot
@@ -240,16 +255,17 @@ def _plot_replication(path: Path, result) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     xs = list(range(len(groups)))
     names = [f"{label}\n(n={len(result.groups[label])})" for label in groups]
-    for ax, metric, title in ((axes[0], "test/rank1", "test Rank-1 (%)"),
-                              (axes[1], "gain/test/rank1", "gain over the run's baseline (points)")):  # fmt: skip
+    named = "merged-gallery" if head == "test_all" else "test"
+    for ax, metric, title in ((axes[0], f"{head}/rank1", f"{named} Rank-1 (%)"),
+                              (axes[1], f"gain/{head}/rank1", "gain over the run's baseline (points)")):  # fmt: skip
         spreads = [result.summaries[label].get(metric) for label in groups]
         means = [100 * s.mean if s else float("nan") for s in spreads]
         errors = [100 * (s.ci95 or 0.0) if s else 0.0 for s in spreads]
         ax.errorbar(xs, means, yerr=errors, fmt="o", capsize=4, color="C0", label="mean and 95% CI")
-        if metric == "gain/test/rank1":
+        if metric.startswith("gain/"):
             ax.axhline(0.0, color="grey", linestyle=":", label="no gain")
         else:
-            gained = [result.summaries[label].get("gain/test/rank1") for label in groups]
+            gained = [result.summaries[label].get(f"gain/{head}/rank1") for label in groups]
             baseline = [m - 100 * g.mean if g else float("nan") for m, g in zip(means, gained, strict=True)]
             ax.plot(xs, baseline, linestyle="", marker="_", markersize=20, color="C1", label="baseline (mean)")
         ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
@@ -278,6 +294,8 @@ TABLE = {
     "val R1": (lambda r: r.get("val/rank1") is not None, lambda r: _pct(r, "val/rank1")),
     "test R1": (lambda r: r.get("test/rank1") is not None, lambda r: _pct(r, "test/rank1")),
     "test mAP": (lambda r: r.get("test/mAP") is not None, lambda r: _pct(r, "test/mAP")),
+    "merged R1": (lambda r: r.get("test_all/rank1") is not None, lambda r: _pct(r, "test_all/rank1")),
+    "merged mAP": (lambda r: r.get("test_all/mAP") is not None, lambda r: _pct(r, "test_all/mAP")),
     "zero-shot a/s/g/n": (lambda r: zero_shot(r) != "-", lambda r: zero_shot(r)),
     "image→text R@1": (lambda r: r.get("retrieval/image_to_text_R@1") is not None,
                        lambda r: _pct(r, "retrieval/image_to_text_R@1")),
@@ -287,8 +305,13 @@ TABLE = {
 }  # fmt: skip
 
 
-def table_columns(runs: list[dict], names=tuple(TABLE)) -> list[str]:
-    """Those of the table's columns `names` that some run holds: a column no run has is left out."""
+def table_columns(runs: list[dict], names: tuple[str, ...] | None = None) -> list[str]:
+    """Those of the table's columns `names` that some run holds: a column no run has is left out. By default the
+    headline evaluation's: the merged gallery's columns stand in for the same-aspect ones where the runs' protocol
+    heads with it."""
+    if names is None:
+        merged = sweep_headline(runs) == "test_all"
+        names = tuple(n for n in TABLE if n not in (("test R1", "test mAP") if merged else ("merged R1", "merged mAP")))
     return [name for name in names if any(TABLE[name][0](row) for row in runs)]
 
 
@@ -301,8 +324,9 @@ def _print_table(swept: list[str], runs: list[dict]) -> None:
     from rich.table import Table
 
     columns = table_columns(runs)
-    tested = "test R1" in columns or "test mAP" in columns
-    table = Table(title="sweep summary" + (f" ({test_wording(runs)}, mean ± std over runs)" if tested else ""))
+    tested = bool({"test R1", "test mAP", "merged R1", "merged mAP"} & set(columns))
+    wording = test_wording(runs, sweep_headline(runs))
+    table = Table(title="sweep summary" + (f" ({wording}, mean ± std over runs)" if tested else ""))
     for name in [*swept, "status", *columns]:
         table.add_column(name, justify="right")
     for row in runs:
@@ -319,7 +343,8 @@ def zero_shot(row: Mapping) -> str:
 
 
 def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
-    finished = [r for r in runs if r["status"] == "finished" and r.get("test/rank1") is not None]
+    head = sweep_headline(runs)
+    finished = [r for r in runs if r["status"] == "finished" and r["metrics"].get(f"{head}/rank1") is not None]
     if not finished:
         return None
     from handclip.eval.plots import pyplot, save_figure
@@ -330,13 +355,15 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
     finished.sort(key=lambda r: r.get(key) if numeric else str(r.get(key)))
     xs = [r[key] for r in finished] if numeric else list(range(len(finished)))
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (metric, marker), colour in zip((("test/rank1", "o"), ("test/mAP", "s")), ("C0", "C1"), strict=True):
-        ys = [100 * r[metric] for r in finished]
-        errors = [100 * (r.get(metric + "_std") or 0.0) for r in finished]
-        ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, color=colour, label=metric.replace("test/", "test "))
-        before = [r.get("baseline/" + metric) for r in finished]
+    named = "merged" if head == "test_all" else "test"
+    for (metric, marker), colour in zip(((f"{head}/rank1", "o"), (f"{head}/mAP", "s")), ("C0", "C1"), strict=True):
+        ys = [100 * r["metrics"][metric] for r in finished]
+        errors = [100 * (r["metrics"].get(metric + "_std") or 0.0) for r in finished]
+        ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, color=colour,
+                    label=metric.replace(f"{head}/", f"{named} "))  # fmt: skip
+        before = [r["metrics"].get("baseline/" + metric) for r in finished]
         if all(b is not None for b in before):  # the same model before training, for scale
-            label = metric.replace("test/", "untrained ")
+            label = metric.replace(f"{head}/", "untrained ")
             ax.plot(xs, [100 * b for b in before], linestyle=":", color=colour, label=label)
     if numeric:
         ax.set_xticks(sorted(set(xs)))
@@ -350,7 +377,7 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
         cost.plot(xs, times, linestyle="--", marker="x", color="grey", label="training time")
         cost.set_ylabel("training time (s)", color="grey")
         cost.set_ylim(bottom=0)
-    plt.close(save_figure(fig, ax, path, "test Rank-1 and mAP against " + (key or "run")))
+    plt.close(save_figure(fig, ax, path, f"{named} Rank-1 and mAP against " + (key or "run")))
     return path
 
 
