@@ -39,11 +39,15 @@ class EvalSettings:
     # which protocol the numbers follow (handclip.eval.protocol.PROTOCOLS): what the headline gallery is, and whether
     # the mirrored image's feature is added
     protocol: str = "handclip"
+    # k-reciprocal re-ranking of the test runs, scored beside them (handclip.eval.reranking.Reranking), or None
+    rerank: Any = None
+    verify: bool = False  # verification figures on the headline test runs' pairs (handclip.eval.verification)
 
     def __post_init__(self):
         from handclip.eval.feature import EVAL_FEATURES
         from handclip.eval.forgetting import WiseFT
         from handclip.eval.protocol import FLIPPED, PROTOCOLS
+        from handclip.eval.reranking import Reranking
 
         one_of("eval.feature", self.feature, EVAL_FEATURES)
         one_of("eval.protocol", self.protocol, tuple(PROTOCOLS))
@@ -62,7 +66,18 @@ class EvalSettings:
                 raise ConfigError(f"eval.wise_ft.{unknown[0]} is not a setting; settings are alphas, keep, metric, "
                                   "confidence")  # fmt: skip
             object.__setattr__(self, "wise_ft", WiseFT(**self.wise_ft))
-        for key in ("baseline", "test", "flip_tta", "text", "curve"):
+        if self.rerank is not None and not isinstance(self.rerank, Reranking):
+            settings = self.rerank
+            if settings is True:
+                settings = {}
+            if not isinstance(settings, Mapping):
+                raise ConfigError(f"eval.rerank={settings!r} must be null or settings such as {{k1: 20, k2: 6, "
+                                  "lambda_value: 0.3}")  # fmt: skip
+            unknown = sorted(set(settings) - {"k1", "k2", "lambda_value"})
+            if unknown:
+                raise ConfigError(f"eval.rerank.{unknown[0]} is not a setting; settings are k1, k2, lambda_value")
+            object.__setattr__(self, "rerank", Reranking(**settings))
+        for key in ("baseline", "test", "flip_tta", "text", "curve", "verify"):
             flag(f"eval.{key}", getattr(self, key))
         integer("eval.batch_size", self.batch_size, 1)
         integer("eval.smooth", self.smooth, 1, 1000)
@@ -122,7 +137,8 @@ class Evaluator:
 
         features = extract(self.encode, progress=True)
         result = score_protocol(features, image_rows, rows, include_test, texts=forward.captions,
-                                protocol=self.settings.protocol)  # fmt: skip
+                                protocol=self.settings.protocol, rerank=self.settings.rerank,
+                                verify=self.settings.verify)  # fmt: skip
         joint = self.encode.feature == "projected"  # comparable with text embeddings
         # for the figures; not saved
         result["_image_rows"], result["_scored"] = image_rows, features

@@ -48,6 +48,21 @@ def save_figure(fig, ax, path: str | Path, title: str):
     return fig
 
 
+def plot_roc(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path):
+    """Verification ROC of each result (true accept against false accept rate, log scale), as roc.png."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, curve in curves.items():
+        ax.plot(curve["fpr"], curve["tpr"], label=label)
+    for far in (1e-3, 1e-2):
+        ax.axvline(far, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-5, 1)
+    ax.set_xlabel("false accept rate (impostor pairs accepted)")
+    ax.set_ylabel("true accept rate (genuine pairs accepted)")
+    return save_figure(fig, ax, path, "verification ROC, headline test runs' pairs (pooled)")
+
+
 def pca_2d(features: torch.Tensor) -> torch.Tensor:
     """First two principal components of L2-normalised features."""
     x = F.normalize(features.float(), dim=-1)
@@ -98,6 +113,8 @@ def run_figures(results: dict, backbone, captioner, run_dir: str | Path, evaluat
     run_dir = Path(run_dir)
     final = list(results.values())[-1]
     figures = {}
+    if all("roc" in r for r in results.values()):
+        figures["roc"] = plot_roc({label: r["roc"] for label, r in results.items()}, run_dir / "roc.png")
     if all("test" in r.get("cmc", {}) for r in results.values()):
         figures["cmc"] = plot_cmc({label: r["cmc"]["test"] for label, r in results.items()}, run_dir / "cmc.png")
     features, image_rows = final.get("_features"), final.get("_image_rows")

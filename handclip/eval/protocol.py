@@ -175,11 +175,15 @@ def images_needed(rows: Sequence[dict], include_test: bool = True) -> list[dict]
 
 def score_protocol(
     features: torch.Tensor, image_rows: Sequence[dict], rows: Sequence[dict], include_test: bool = True,
-    texts: Callable[[list[str]], torch.Tensor] | None = None, protocol: str = "handclip",
+    texts: Callable[[list[str]], torch.Tensor] | None = None, protocol: str = "handclip", rerank=None,
+    verify: bool = False,
 ) -> dict:  # fmt: skip
     """Score every evaluation of the manifest from precomputed features; under the retrieval protocol the queries
     are the rows' captions, embedded by `texts` (captions -> text embeddings in the space of `features`).
-    `protocol` (`eval.protocol`) says how the test runs' AP is computed (`AP`).
+    `protocol` (`eval.protocol`) says how the test runs' AP is computed (`AP`). With `rerank` (a
+    `handclip.eval.reranking.Reranking`) every test evaluation is also scored re-ranked (`test_reranked/...`,
+    `test_all_reranked/...`); with `verify`, the headline test runs' pairs give verification figures
+    (`verify/...`, handclip.eval.verification) and `"roc"` holds the curve's points.
 
     Returns {"metrics": {"val/rank1": ..., "test/rank1": mean, "test/rank1_std": ..., ...},
     "runs": {"test": [per-run dicts], ...}, "cmc": {"test": [Rank-1..20 averaged over runs], ...},
@@ -223,7 +227,10 @@ def score_protocol(
     per_prefix: dict[str, list[dict]] = {}
     per_query: dict[str, dict[str, list[float]]] = {}
     cmc: dict[str, list[list[float]]] = {}
-    for prefix, run, query_split, gallery_split in protocol_pairs(rows, include_test):
+    pairs = protocol_pairs(rows, include_test)
+    head = "test_all" if protocol == "published" and any(p[0] == "test_all" for p in pairs) else "test"
+    trials: dict[str, list] = {"val": [], head: []}  # verification: each evaluation's (scores, genuine)
+    for prefix, run, query_split, gallery_split in pairs:
         matches = None
         if retrieval:
             query, query_ids, matches = captions(query_split)
@@ -236,10 +243,20 @@ def score_protocol(
         if "per_query" in scores:
             each = scores.pop("per_query")
             per_query[prefix] = {name: each[name] for name in METRICS}
-        cmc.setdefault(prefix, []).append([scores[f"rank{k}"] for k in CMC_RANKS])
-        result = {k: v for k, v in scores.items() if not k.startswith("rank") or k in METRICS}
-        result["run"] = run
-        per_prefix.setdefault(prefix, []).append(result)
+        scored = [(prefix, scores)]
+        if rerank is not None and prefix != "val" and not retrieval:
+            reranked = evaluate(query, query_ids, gallery, gallery_ids, ranks=CMC_RANKS, ap=AP[protocol],
+                                rank_by=-rerank.distances(query, gallery))  # fmt: skip
+            scored.append((f"{prefix}_reranked", reranked))
+        if verify and not retrieval and prefix in trials:
+            from handclip.eval.verification import pair_scores
+
+            trials[prefix].append(pair_scores(query, query_ids, gallery, gallery_ids))
+        for name, each in scored:
+            cmc.setdefault(name, []).append([each[f"rank{k}"] for k in CMC_RANKS])
+            result = {k: v for k, v in each.items() if not k.startswith("rank") or k in METRICS}
+            result["run"] = run
+            per_prefix.setdefault(name, []).append(result)
     metrics: dict[str, float] = {}
     for prefix, results in per_prefix.items():
         for name in METRICS:
@@ -249,4 +266,10 @@ def score_protocol(
                 metrics[f"{prefix}/{name}_std"] = statistics.stdev(values)
         metrics[f"{prefix}/queries_without_match"] = sum(r["queries_without_match"] for r in results)
     curves = {p: [statistics.fmean(c[k] for c in cs) for k in range(len(CMC_RANKS))] for p, cs in cmc.items()}
-    return {"metrics": metrics, "runs": per_prefix, "cmc": curves, "per_query": per_query}
+    out = {"metrics": metrics, "runs": per_prefix, "cmc": curves, "per_query": per_query}
+    if trials["val"] and trials[head]:
+        from handclip.eval.verification import verification_metrics
+
+        found, out["roc"] = verification_metrics(trials[head], trials["val"][0])
+        metrics.update(found)
+    return out

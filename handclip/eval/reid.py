@@ -80,6 +80,7 @@ def evaluate(
     per_query: bool = False,
     matches: torch.Tensor | None = None,
     ap: str = "standard",
+    rank_by: torch.Tensor | None = None,
 ) -> dict:
     """Rank-k and mAP of queries against a gallery, as fractions in [0, 1].
 
@@ -89,7 +90,8 @@ def evaluate(
     the numbers those means are taken over (for paired comparisons of two models on the same queries).
     `matches` [queries, gallery], when given, says which gallery items are right for each query instead of equal
     ids (caption queries: every image that has the caption). `ap`: how AP is computed, `standard` or `trapezoid`
-    (the published code's; see the module docstring).
+    (the published code's; see the module docstring). `rank_by` [queries, gallery], when given, ranks instead of the
+    cosine similarity (higher: closer; re-ranked distances negated, handclip.eval.reranking).
     """
     if ap not in AVERAGE_PRECISION:
         raise ValueError(f"ap={ap!r}: choose one of {', '.join(AVERAGE_PRECISION)}")
@@ -117,7 +119,11 @@ def evaluate(
     has_match = matches.any(dim=1)
     if not has_match.any():
         raise ValueError("no query identity appears in the gallery: nothing can be evaluated")
-    scores = similarity(query_features, gallery_features)[has_match]
+    if rank_by is None:
+        rank_by = similarity(query_features, gallery_features)
+    elif tuple(rank_by.shape) != tuple(matches.shape):
+        raise ValueError(f"rank_by is {tuple(rank_by.shape)}, not [queries, gallery] = {tuple(matches.shape)}")
+    scores = rank_by[has_match]
     matches = matches[has_match]
     first = match_ranks(scores, matches)
     hits = {f"rank{k}": (first <= k).float() for k in ranks}

@@ -10,11 +10,31 @@ def print_tables(console, results: dict[str, dict], galleries: dict[str, str], s
     language side when the last result has it; validation's table when no test evaluation ran."""
     final = list(results.values())[-1]["metrics"]
     head = (stated or {}).get("headline", "test")
-    shown = [prefix for prefix in dict.fromkeys((head, "test", "test_all")) if f"{prefix}/rank1" in final] or ["val"]
+    order = dict.fromkeys((head, "test", "test_all", f"{head}_reranked", "test_reranked", "test_all_reranked"))
+    shown = [prefix for prefix in order if f"{prefix}/rank1" in final] or ["val"]
     for prefix in shown:
         console.print(protocol_table(results, prefix, galleries, stated if prefix == head else None))
+    if any(k.startswith("verify/") for k in final):
+        console.print(verification_table(results))
     if any(k.startswith(("zeroshot/", "retrieval/")) for k in final):
         console.print(text_table(results))
+
+
+def verification_table(results: dict[str, dict]):
+    """Verification figures (handclip.eval.verification), one cell per result: `first → second → ...`."""
+    from rich.table import Table
+
+    labels = list(results)
+    table = Table(title=f"verification: the headline test runs' pairs ({' → '.join(labels)})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    names = [k for k in results[labels[-1]]["metrics"] if k.startswith("verify/")]
+    for name in names:
+        percent = not name.startswith("verify/calibration") and "brier" not in name
+        cells = [r["metrics"][name] for r in results.values() if name in r["metrics"]]
+        table.add_row(name + (" (%)" if percent else ""),
+                      " → ".join(f"{100 * v:.2f}" if percent else f"{v:.4f}" for v in cells))  # fmt: skip
+    return table
 
 
 def protocol_table(results: dict[str, dict], prefix: str = "test", galleries: dict[str, str] | None = None,
@@ -24,7 +44,10 @@ def protocol_table(results: dict[str, dict], prefix: str = "test", galleries: di
     data's words (DataSource.galleries); `stated`: the protocol, named in the title of its headline table."""
     from rich.table import Table
 
-    title = galleries or {}
+    title = dict(galleries or {})
+    base = prefix.removesuffix("_reranked")
+    if base != prefix:
+        title[prefix] = f"{title.get(base, base)}, k-reciprocal re-ranked"
     present = {label: r for label, r in results.items() if prefix in r["runs"]}
     labels = " → ".join(present)
     named = f"headline of {PROTOCOLS.get(stated['name'], stated['name'])}, " if stated else ""
