@@ -52,6 +52,14 @@ def fake_run(
     return model.eval()
 
 
+def model_folder(folder: Path, backbone: Mapping = HF_TINY) -> Path:
+    """A CLIP model saved as anyone saves one (model, tokenizer and image processor by `save_pretrained`)."""
+    model = build(backbone, "backbone").load(os.environ["HANDCLIP_CACHE"])
+    for part in (model.model, model.tokenizer, model.image_processor):
+        part.save_pretrained(folder)
+    return folder
+
+
 def command(*args, module: str = "handclip.export", env: Mapping | None = None) -> subprocess.CompletedProcess:
     """`python -m module args` from the repository, offline; its output as text."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}

@@ -97,13 +97,10 @@ def test_a_run_its_export_and_its_checkpoint_score_what_the_run_reported(tmp_pat
 
 
 def test_a_model_folder_of_anyones_is_a_hub_model_scored_on_caption_data(tmp_path):
-    from handclip.build import build
+    from tests.fake_runs import model_folder
     from tests.test_prepare import caption_folder
 
-    model = build(HF_TINY, "backbone").load(os.environ["HANDCLIP_CACHE"])
-    folder = tmp_path / "tiny-clip"
-    for part in (model.model, model.tokenizer, model.image_processor):  # as anyone saves a CLIP model
-        part.save_pretrained(folder)
+    folder = model_folder(tmp_path / "tiny-clip")
     data = caption_folder(tmp_path / "flowers", split=lambda n: "test" if n >= 12 else "train")
     out = tmp_path / "scored"
     result = ok(evaluate(folder, "data=captions", f"data.source.root={data}", "data.runs=2", "--out", out,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
@@ -59,17 +58,14 @@ def test_published_protocol_numbers_are_what_the_authors_evaluation_computes(tmp
     from PIL import Image, ImageOps
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from handclip.build import build
+    from tests.fake_runs import model_folder
 
     # weights drawn wider than CLIP's initialisation: a tiny random ViT maps every hand to nearly one direction
     # (cosines 0.998 ± 0.001), where rankings turn on float noise; at 5x, 0.988 ± 0.015
     config = HF_TINY["config"]
     tiny = {**HF_TINY, "config": {**config, "initializer_factor": 5.0,
                                   "vision_config": {**config["vision_config"], "initializer_factor": 5.0}}}
-    model = build(tiny, "backbone").load(os.environ["HANDCLIP_CACHE"])
-    folder = tmp_path / "tiny-clip"
-    for part in (model.model, model.tokenizer, model.image_processor):  # a CLIP model as anyone saves one
-        part.save_pretrained(folder)
+    folder = model_folder(tmp_path / "tiny-clip", tiny)
     out = tmp_path / "published"
     result = ok(evaluate_command(
         folder, "data=hands11k", f"data.source.root={synthetic_hands}", "data.runs=3", "data.cache_size=0",

@@ -4,7 +4,6 @@ through `python -m handclip.evaluate` (what a user reads: the tables, metrics.js
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -112,15 +111,11 @@ def test_verification_figures_on_a_hand_made_case():
 
 @pytest.mark.slow
 def test_evaluate_with_reranking_and_verification_reports_them_and_draws_the_roc(tmp_path, synthetic_hands):
-    from handclip.build import build
-    from tests.fake_runs import HF_TINY
+    from tests.fake_runs import model_folder
     from tests.test_evaluate import evaluate as evaluate_command
     from tests.test_evaluate import ok
 
-    model = build(HF_TINY, "backbone").load(os.environ["HANDCLIP_CACHE"])
-    folder = tmp_path / "tiny-clip"
-    for part in (model.model, model.tokenizer, model.image_processor):
-        part.save_pretrained(folder)
+    folder = model_folder(tmp_path / "tiny-clip")
     out = tmp_path / "scored"
     result = ok(evaluate_command(
         folder, "data=hands11k", f"data.source.root={synthetic_hands}", "data.runs=2", "eval.text=false",
