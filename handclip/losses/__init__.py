@@ -8,6 +8,7 @@ from handclip.losses.contrastive import (  # noqa: I001 - objective first: the t
     contrastive_targets,
 )
 from handclip.losses.objective import FEATURES, LossInputs, LossTerm, Objective
+from handclip.losses.anchor import WeightAnchor
 from handclip.losses.class_prompts import ClassPromptLoss
 from handclip.losses.identity import BNNeck, IdentityLoss, smoothed_cross_entropy
 from handclip.losses.identity_text import IdentityTextLoss, identity_text_to_image, image_to_identity_text
@@ -22,5 +23,5 @@ __all__ = [
     "LossInputs", "PromptDistillation",
     "LossTerm", "Objective", "SigLIPLoss", "TripletLoss", "batch_hard_triplet", "clamp_logit_scale",
     "contrastive_loss", "contrastive_targets", "hardest_pairs", "identity_text_to_image", "image_to_identity_text",
-    "siglip_loss", "siglip_targets", "smoothed_cross_entropy",
+    "siglip_loss", "siglip_targets", "smoothed_cross_entropy", "WeightAnchor",
 ]  # fmt: skip

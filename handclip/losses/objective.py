@@ -82,6 +82,9 @@ class LossTerm(nn.Module):
     # whether the run calls its `teach(backbone, features)` with the starting model's embeddings of the training
     # images (evaluation view) before training; it then reads `inputs.index`
     needs_teacher = False
+    # whether the run calls its `anchor_to(backbone, start)` with the starting weights of what trains (by parameter
+    # name) before training, the same a resume reads back
+    needs_anchor = False
     # whether it reads or writes what the text tower encoded (identity texts): it is then given `text_tower`,
     # the digest of the text tower's weights, to record beside what it writes or to check what it reads against
     needs_text_tower = False

@@ -281,12 +281,20 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
     caches = attach_caches(datamodule, evaluate, module, backbone, spec.freeze, spec.epochs, console)
     metrics["cache/prefix_groups"] = caches["prefix_groups"]
     initial = None
-    if spec.eval.wise_ft is not None:  # the weights WiSE-FT mixes with: as the run starts (init_from included)
-        from handclip.model.caching import trained_names
-        from handclip.train.final import keep_initial_weights
+    anchored = [term for term in objective.terms.values() if term.needs_anchor]
+    if spec.eval.wise_ft is not None or anchored:  # the weights WiSE-FT mixes with and an anchor pulls towards: as
+        from handclip.model.caching import trained_names  # the run starts (init_from included)
+        from handclip.train.final import INITIAL, keep_initial_weights
 
         names = trained_names(backbone, spec.freeze, spec.epochs)
         initial = keep_initial_weights(backbone, names, run_dir, resumed=resume is not None)
+        for term in anchored:
+            if initial is None:
+                raise HandClipError(f"{run_dir} holds no starting weights ({INITIAL}): it began before they were "
+                                    "kept, so the anchor has nothing to pull towards; start the run again")  # fmt: skip
+            term.anchor_to(backbone, initial)
+    if spec.eval.wise_ft is None:
+        initial = None  # kept for the anchor only: WiSE-FT is off
     return Assembled(datamodule, backbone, heads, report, objective, module, evaluate, metrics, initial)
 
 
