@@ -269,6 +269,8 @@ def assemble(spec: RunSpec, run_dir: Path, resume: Resume | None, initial: dict 
                        encode, compute=spec.compute, selection=selection)  # fmt: skip
     if initial is not None:
         load_initial_weights(module, spec.init_from, initial)
+    if objective.needs_text and not datamodule.retrieval:  # can the text side tell the identities apart at all?
+        _check_captions(backbone, datamodule, spec, metrics, console)
     teachers = [term for term in objective.terms.values() if term.needs_teacher]
     if teachers:  # what the starting model makes of the training images, before any step
         features = datamodule.training_features(backbone, spec.eval.batch_size)
@@ -412,6 +414,24 @@ def _baseline(evaluate, backbone, run_dir: Path, resume: Resume | None) -> dict:
     baseline = evaluate(backbone)
     write_json_atomic(path, saveable(baseline))
     return baseline
+
+
+def _check_captions(backbone, datamodule, spec: RunSpec, metrics: dict, console) -> None:
+    """The training identities' captions, embedded before any step: how well they stand apart (a metric), and a
+    warning with the fix when they do not and the text tower cannot learn to (handclip.eval.separability)."""
+    from handclip.eval.separability import advice, caption_identifiability
+    from handclip.model.caching import text_frozen
+
+    found = caption_identifiability(backbone, datamodule.train_rows, datamodule.captioner)
+    if not found:
+        return
+    metrics["text/caption_identifiability"] = found["identifiability"]
+    metrics["text/caption_identifiability_chance"] = found["chance"]
+    said = advice(found, text_trains=not text_frozen(backbone, spec.freeze, spec.epochs))
+    if said is not None:
+        kind, words = said
+        colour = "yellow" if kind == "warning" else "cyan"
+        console.print(f"[bold {colour}]{kind}:[/bold {colour}] {words}", highlight=False)
 
 
 def _print_baseline(console, shown: Mapping, head: str = "test") -> None:
