@@ -249,7 +249,7 @@ def _headline_lines(numbers, metrics: Mapping) -> list[str]:
 def model_card(
     config: Mapping, payload: Mapping | None, policy: str | None, *, spec, backbone, weights: str,
     merged: str | None = None, wise_ft: float | None = None, ingredients: Sequence[Mapping] = (),
-    notes: Sequence[str] = (), source: str = "",
+    notes: Sequence[str] = (), source: str = "", combined: str = "a model soup: the average of these runs' weights",
 ) -> str:  # fmt: skip
     """README.md text (a `huggingface_hub.ModelCard`): front matter, then what the model is, base model, training,
     objective, data, weights, results and loading.
@@ -321,7 +321,7 @@ def model_card(
         lines.append(f"- WiSE-FT: (1 - {wise_ft}) x original + {wise_ft} x fine-tuned"
                      + (" (the ratio the run chose on validation: the model it reported)" if same else ""))
     if ingredients:
-        lines += ["- a model soup: the average of these runs' weights", ""]
+        lines += [f"- {combined}", ""]
         lines += ["| ingredient | val Rank-1 % | test Rank-1 % |", "|---|---|---|"]
         for item in ingredients:
             cells = [f"{100 * item[k]:.1f}" if isinstance(item.get(k), float) else "-" for k in ("val", "test")]
@@ -331,7 +331,8 @@ def model_card(
     lines.append("")
     lines += ["## Results", ""]
     if ingredients:
-        lines += ["The soup itself was not run through the test protocol; the table gives its ingredients'.", ""]
+        lines += ["The merged model itself was not run through the test protocol; the table gives its ingredients'.",
+                  ""]  # fmt: skip
     elif payload is None:
         lines += ["The run has no metrics.json (it did not finish its test): no results.", ""]
     elif not same:

@@ -2,6 +2,7 @@
 
     python -m handclip.export RUN_DIR_OR_CKPT OUT_DIR [--wise-ft ALPHA] [--weights ema|raw] [--trust MODULE]
     python -m handclip.export --soup runs/sweeps/NAME OUT_DIR [--greedy] [--trust MODULE]
+    python -m handclip.export --stock RUN_A RUN_B OUT_DIR [--weights ema|raw] [--trust MODULE]
 
 writes safetensors weights, config, tokenizer and image processor; the result loads with
 `CLIPModel.from_pretrained(OUT_DIR)` and `pipeline("zero-shot-image-classification", model=OUT_DIR)`.
@@ -10,7 +11,8 @@ writes safetensors weights, config, tokenizer and image processor; the result lo
 A run trained with an EMA (`ema.decay`) exports its EMA by default (`--weights raw` for the raw
 weights): the EMA's validation score chose the best checkpoint and its weights were the ones
 tested, so the export is the model the run's numbers describe. `--soup` averages a sweep's runs
-(`handclip.tools.soup`). Every export carries a model card, README.md (`handclip.tools.card`).
+(`handclip.tools.soup`); `--stock` merges two runs by Model Stock (`handclip.tools.stock`). Every export
+carries a model card, README.md (`handclip.tools.card`).
 
 The run's `config.yaml` is rebuilt with `handclip.build`, which builds only HandCLIP's components and
 the libraries it builds from: a run folder from elsewhere cannot run its own code here (`--trust
@@ -317,13 +319,17 @@ def write_export(backbone, out_dir: Path, marker: dict, card: str) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run directory (runs/NAME), a checkpoint file, or with --soup a sweep")
-    parser.add_argument("out_dir", help="where to write the model directory")
+    parser.add_argument("out_dir", help="where to write the model directory (with --stock: the second run)")
+    parser.add_argument("stock_out", nargs="?", default=None, metavar="OUT_DIR",
+                        help="with --stock: where to write the model directory")  # fmt: skip
     parser.add_argument("--wise-ft", type=float, default=None, metavar="ALPHA", help="interpolate with the original")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not an export")
     parser.add_argument("--weights", choices=WEIGHTS, default=None,
                         help="the run's EMA or raw weights (default: the EMA when the run kept one)")  # fmt: skip
     parser.add_argument("--soup", action="store_true", help="average the finished points of the sweep SOURCE")
     parser.add_argument("--greedy", action="store_true", help="with --soup: add points only if val Rank-1 holds")
+    parser.add_argument("--stock", action="store_true",
+                        help="Model Stock: merge RUN_A and RUN_B towards the pretrained weights (A B OUT)")  # fmt: skip
     parser.add_argument("--trust", action="append", default=[], metavar="MODULE",
                         help="a module of your own whose components the run's config.yaml may build (repeatable)")
     args = parser.parse_args(argv)
@@ -332,7 +338,17 @@ def main(argv=None) -> None:
             raise HandClipError("--greedy needs --soup: it chooses which sweep points go in a soup")
         if args.soup and args.wise_ft is not None:
             raise HandClipError("--wise-ft with --soup: export the soup, or WiSE-FT one run, not both at once")
-        if args.soup:
+        if args.stock and (args.soup or args.wise_ft is not None):
+            raise HandClipError("--stock merges two runs by Model Stock; it takes neither --soup nor --wise-ft")
+        if args.stock != (args.stock_out is not None):
+            raise HandClipError("--stock takes two runs and a destination: python -m handclip.export --stock RUN_A "
+                                "RUN_B OUT_DIR" if args.stock else f"one destination, not two ({args.out_dir}, "
+                                f"{args.stock_out}): a third path is for --stock RUN_A RUN_B OUT_DIR")  # fmt: skip
+        if args.stock:
+            from handclip.tools.stock import model_stock
+
+            out = model_stock(args.source, args.out_dir, args.stock_out, args.overwrite, args.weights, args.trust)
+        elif args.soup:
             from handclip.tools.soup import soup
 
             out = soup(args.source, args.out_dir, args.greedy, args.overwrite, args.weights, args.trust)
