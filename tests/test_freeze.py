@@ -155,6 +155,19 @@ def test_bias_only_trains_every_bias_and_the_projections(tiny_model):
     assert set(trainable_parameter_names(tiny_model)) == biases
 
 
+def test_clipfit_trains_the_text_feed_forward_biases_and_the_image_norms(tiny_model):
+    from handclip.model import CLIPFit
+
+    apply_freeze(tiny_model, CLIPFit(train_projections=False, train_logit_scale=False))
+    names = set(trainable_parameter_names(tiny_model))
+    clip = tiny_model.model
+    text = {f"text_model.encoder.layers.{i}.mlp.{fc}.bias" for i in range(len(clip.text_model.encoder.layers))
+            for fc in ("fc1", "fc2")}  # fmt: skip
+    vision = {n for n, _ in clip.vision_model.named_parameters() if "norm" in n or "layrnorm" in n}
+    assert names == text | {f"vision_model.{n}" for n in vision}
+    assert len(text) == 2 * 2 and len(vision) == 2 * (2 * 3 + 2)  # 2 text blocks x fc1, fc2; 3 blocks' 2 + pre, post
+
+
 def test_norms_only_trains_exactly_the_layer_norms(tiny_model):
     from handclip.model import NormsOnly
 

@@ -8,6 +8,7 @@ report = apply_freeze(backbone, LastN(vision_blocks=2, text_blocks=0))
 from handclip.model.backbone import Backbone, BackboneFacts, BackboneSpec, LayerGroup, TowerFacts, default_cache_dir
 from handclip.model.freeze import (
     BiasOnly,
+    CLIPFit,
     FreezePolicy,
     FreezeReport,
     Frozen,
@@ -25,7 +26,8 @@ from handclip.model.hf import HFBackbone, HuggingFaceCLIP
 from handclip.model.projection import Keep, Replace
 
 __all__ = [
-    "Backbone", "BackboneFacts", "BackboneSpec", "BiasOnly", "FreezePolicy", "FreezeReport", "Frozen", "Full",
+    "Backbone", "BackboneFacts", "BackboneSpec", "BiasOnly", "CLIPFit", "FreezePolicy", "FreezeReport", "Frozen",
+    "Full",
     "HFBackbone", "HuggingFaceCLIP", "Keep", "LastN", "LayerGroup", "Locked", "NormsOnly", "Pattern", "Replace",
     "TextFrozen", "TowerFacts",
     "apply_freeze", "default_cache_dir", "freeze_report", "load_backbone", "trainable_parameter_names",

@@ -53,6 +53,7 @@ class LayerGroup:
     parameters: dict[str, nn.Parameter] = field(default_factory=dict)
     block: int | None = None  # the block number for kind == "block"
     norms: set[str] = field(default_factory=set)  # names of its parameters that belong to normalisation layers
+    feed_forward: set[str] = field(default_factory=set)  # names of its parameters in its block's feed-forward network
     label: str = ""  # the implementation's own name for the group (`attention_pool`, `layer4`); "" names it by kind
 
     @property
@@ -254,15 +255,19 @@ def check_tower(tower: str) -> str:
     return tower
 
 
-def with_norms(groups: list[LayerGroup], model: nn.Module, kinds: tuple[type, ...]) -> list[LayerGroup]:
+def with_norms(groups: list[LayerGroup], model: nn.Module, kinds: tuple[type, ...],
+               feed_forward: Sequence[nn.Module | None] = ()) -> list[LayerGroup]:  # fmt: skip
     """`groups`, each with its `norms`: those of its parameters that belong to a layer of `model` of one of `kinds`
-    (parameter names relative to `model`, as in the groups)."""
+    (parameter names relative to `model`, as in the groups), and its `feed_forward`: those inside one of the
+    blocks' feed-forward networks `feed_forward` (None for a block without one)."""
     norms = {
         f"{name}.{p}" if name else p for name, module in model.named_modules() if isinstance(module, kinds)
         for p, _ in module.named_parameters(recurse=False)
     }  # fmt: skip
+    inside = {id(p) for module in feed_forward if module is not None for p in module.parameters()}
     for group in groups:
         group.norms = norms & set(group.parameters)
+        group.feed_forward = {name for name, p in group.parameters.items() if id(p) in inside}
     return groups
 
 

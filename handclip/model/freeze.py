@@ -165,6 +165,19 @@ class NormsOnly(BiasOnly):
         return name in group.norms or (self.train_projections and group.kind == "projection")
 
 
+class CLIPFit(BiasOnly):
+    """CLIPFit (Li et al., EMNLP 2024): in the text tower the biases of each block's feed-forward network train, in
+    the image tower every normalisation layer; all weight matrices stay (and the projections, unless
+    `train_projections`)."""
+
+    def trains(self, group: LayerGroup, name: str) -> bool:
+        if self.train_projections and group.kind == "projection":
+            return True
+        if group.tower == "vision":
+            return name in group.norms
+        return name in group.feed_forward and name.endswith(".bias")
+
+
 class TextFrozen(FreezePolicy):
     def trains(self, group: LayerGroup, name: str) -> bool:
         return group.tower == "vision"

@@ -151,7 +151,7 @@ class HFBackbone(Backbone):
             tower, embeddings, blocks, named(getattr(transformer, final_norm), f"{prefix}.{final_norm}"),
             named(getattr(model, projection), projection),
         )  # fmt: skip
-        return with_norms(groups, model, (nn.LayerNorm,))
+        return with_norms(groups, model, (nn.LayerNorm,), [layer.mlp for layer in transformer.encoder.layers])
 
     def forward_flops(self, tower: str, tokens: int | None = None) -> list[float | None]:
         if check_tower(tower) == "vision":

@@ -124,7 +124,8 @@ class OpenCLIPBackbone(Backbone):
     def layer_groups(self, tower: str) -> list[LayerGroup]:
         parts = self._parts(tower)
         groups = tower_groups(tower, parts.embeddings, parts.blocks, parts.final_norm, parts.projection, parts.labels)
-        return with_norms(groups, self.model, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+        feed_forward = [getattr(block, "mlp", None) for block in self.blocks(tower)]  # a ResNet stage has none
+        return with_norms(groups, self.model, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm), feed_forward)
 
     def forward_flops(self, tower: str, tokens: int | None = None) -> list[float | None]:
         if check_tower(tower) == "vision":
