@@ -436,9 +436,10 @@ def _check_captions(backbone, datamodule, spec: RunSpec, metrics: dict, console)
 
 def _print_baseline(console, shown: Mapping, head: str = "test") -> None:
     name = "merged-gallery" if head == "test_all" else "test"
-    test = f", {name} Rank-1 {100 * shown[f'{head}/rank1']:.1f}% mAP {100 * shown[f'{head}/mAP']:.1f}%"
-    console.print(f"baseline (untrained): val Rank-1 {100 * shown['val/rank1']:.1f}%"
-                  + (test if f"{head}/rank1" in shown else ""))  # fmt: skip
+    test = ""
+    if f"{head}/rank1" in shown:  # eval.test=false scores validation only
+        test = f", {name} Rank-1 {100 * shown[f'{head}/rank1']:.1f}% mAP {100 * shown[f'{head}/mAP']:.1f}%"
+    console.print(f"baseline (untrained): val Rank-1 {100 * shown['val/rank1']:.1f}%{test}")
 
 
 def _summary(metrics: Mapping, head: str = "test") -> str:
