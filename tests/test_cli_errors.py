@@ -162,6 +162,9 @@ def test_identity_losses_on_captions_without_identities_are_refused_with_the_fix
     result = run(tmp_path, "data=captions", "data.batch_size=4", "eval.feature=pre_projection", "run_name=c",
                  base=base)  # fmt: skip
     check_refused(result, "eval.feature=pre_projection: this data has no identities")
+    result = run(tmp_path, "data=captions", "data.batch_size=4", "eval.verify=true", "run_name=c", base=base)
+    check_refused(result, "eval.verify=true: this data has no identities")
+    assert "no identity to re-rank by or to verify" in result.stderr
 
 
 def test_init_from_weights_of_another_model_are_refused_in_one_line_before_the_run_is_written(tmp_path):

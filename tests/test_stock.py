@@ -22,7 +22,7 @@ def _checkpoint(run):
 
 
 @pytest.mark.slow
-def test_each_layer_group_is_pulled_towards_the_start_by_the_runs_agreement(tmp_path):
+def test_each_layer_group_is_pulled_towards_the_start_by_the_runs_agreement(tmp_path, capsys):
     from transformers import CLIPModel
 
     from handclip.build import build
@@ -37,9 +37,10 @@ def test_each_layer_group_is_pulled_towards_the_start_by_the_runs_agreement(tmp_
 
     fake_run(tmp_path / "b", seed=2, change=like_a)
     start = build(HF_TINY, "backbone").load(tmp_path / "cache")
-    result = command("--stock", tmp_path / "a", tmp_path / "b", tmp_path / "stocked")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Model Stock of a and b: t per layer group" in result.stdout
+    from handclip.tools.stock import model_stock
+
+    model_stock(tmp_path / "a", tmp_path / "b", tmp_path / "stocked")
+    assert "Model Stock of a and b: t per layer group" in capsys.readouterr().out
     marker = json.loads((tmp_path / "stocked" / "handclip_export.json").read_text())
     rows = {row["group"]: row for row in marker["stock"]}
     merged = CLIPModel.from_pretrained(tmp_path / "stocked").state_dict()

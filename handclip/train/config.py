@@ -357,7 +357,8 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
             "with learnable parts (loss=clipreid_prompts learns identity prompts with freeze=locked)"
         )
     _check_identity_batches(finished, cfg["data"])
-    data.expected = (finished.terms_needing("needs_identities"), settings.feature)  # checked once the data is read
+    data.expected = (finished.terms_needing("needs_identities"), settings.feature,
+                     identity_options(settings))  # checked once the data is read
     _check_identity_text_sources(finished, cfg, facts, projection)
     ImageEncoder(settings.feature, finished)  # eval.feature=bnneck needs a BN-neck in the objective
     ema = cfg.get("ema") or {}
@@ -383,6 +384,12 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
         ckpt_path=cfg.get("ckpt_path"), init_from=cfg.get("init_from"), overwrite=bool(cfg.get("overwrite")),
         text_tower_digest=finished.needs_text_tower,
     )  # fmt: skip
+
+
+def identity_options(settings: EvalSettings) -> list[str]:
+    """The evaluation options set that need identities (re-ranking, verification), as the command line names them."""
+    return [key for key, on in (("eval.rerank", settings.rerank is not None), ("eval.verify=true", settings.verify))
+            if on]  # fmt: skip
 
 
 def build_evaluation(cfg: Mapping) -> tuple[Any, EvalSettings]:

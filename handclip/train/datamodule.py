@@ -174,7 +174,7 @@ class HandDataModule(L.LightningDataModule):
         self.rows: list[dict] = []
         self.manifest: Path | None = None
         # (loss terms that need identities, the evaluation feature): refused on data without identities
-        self.expected: tuple[Sequence[str], str] | None = None
+        self.expected: tuple[Sequence[str], str, Sequence[str]] | None = None
 
     @property
     def root(self) -> Path:
@@ -234,7 +234,7 @@ class HandDataModule(L.LightningDataModule):
 
         return dict(RETRIEVAL_GALLERIES) if self.retrieval else self.source.galleries
 
-    def check_retrieval(self, terms: Sequence[str], feature: str) -> None:
+    def check_retrieval(self, terms: Sequence[str], feature: str, identity_only: Sequence[str] = ()) -> None:
         """Refuse, naming the key, what needs identities on data without them: a loss term that learns or compares
         identities (`terms`: their names), or an evaluation feature outside the joint space captions are scored
         in. A run's are set by its configuration (`expect`) and checked as soon as the data is read."""
@@ -248,6 +248,9 @@ class HandDataModule(L.LightningDataModule):
         if feature != "projected":
             raise ConfigError(f"eval.feature={feature}: {why}, which scores captions against images in the joint "
                               "embedding space: use eval.feature=projected")  # fmt: skip
+        if identity_only:  # evaluation options that compare images of one identity
+            raise ConfigError(f"{identity_only[0]}: {why}, which has no identity to re-rank by or to verify: leave "
+                              f"it unset, or give the data an identity column")  # fmt: skip
 
     @property
     def num_identities(self) -> int:

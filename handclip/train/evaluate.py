@@ -361,7 +361,9 @@ def evaluate(
         print("note: eval.feature=bnneck needs the run's objective, which is not loaded here: the projected "
               "embedding is scored (eval.feature=projected)", file=sys.stderr, flush=True)  # fmt: skip
     rows = data.prepare(image_size, training=False)  # no training batches: no batch size to fill
-    data.check_retrieval((), feature)
+    from handclip.train.config import identity_options
+
+    data.check_retrieval((), feature, identity_options(eval_settings))
     cache = (chosen.get("paths") or {}).get("cache")
     if source.config is not None:
         cache = (source.config.get("paths") or {}).get("cache") or cache
