@@ -14,6 +14,7 @@ from handclip.losses.identity import BNNeck, IdentityLoss, smoothed_cross_entrop
 from handclip.losses.identity_text import IdentityTextLoss, identity_text_to_image, image_to_identity_text
 from handclip.losses.prompt_distillation import PromptDistillation
 from handclip.losses.prompts import IdentityPrompts
+from handclip.losses.pseudo_tokens import PseudoTokenLoss
 from handclip.losses.siglip import SigLIPLoss, siglip_loss, siglip_targets
 from handclip.losses.triplet import TripletLoss, batch_hard_triplet, hardest_pairs
 
@@ -23,5 +24,5 @@ __all__ = [
     "LossInputs", "PromptDistillation",
     "LossTerm", "Objective", "SigLIPLoss", "TripletLoss", "batch_hard_triplet", "clamp_logit_scale",
     "contrastive_loss", "contrastive_targets", "hardest_pairs", "identity_text_to_image", "image_to_identity_text",
-    "siglip_loss", "siglip_targets", "smoothed_cross_entropy", "WeightAnchor",
+    "siglip_loss", "siglip_targets", "smoothed_cross_entropy", "WeightAnchor", "PseudoTokenLoss",
 ]  # fmt: skip

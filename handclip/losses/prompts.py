@@ -26,6 +26,47 @@ from handclip.losses.objective import LossInputs, LossTerm
 PLACEHOLDER = "x"  # one BPE token; its embedding is where each identity's learned words start
 
 
+class WordSlots:
+    """A caption template with `count` slots ("{}" marks where) whose token embeddings are given, not looked up:
+    learned words per identity (CLIP-ReID), or a pseudo-token made from each image (CLIP-HandID)."""
+
+    def __init__(self, template: str, count: int, error):
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise error("template", template, 'a caption with one "{}" where the learned words go')
+        self.template, self.count, self._error = template, count, error
+        self._tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def caption(self) -> str:
+        return self.template.format(" ".join([PLACEHOLDER] * self.count))
+
+    def tokens(self, backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids [1, L], attention_mask [1, L], positions of the slots [count])."""
+        if self._tokens is None:
+            tokens = backbone.tokenize([self.caption])
+            placeholder = int(backbone.tokenize([PLACEHOLDER])["input_ids"][0, 1])
+            positions = (tokens["input_ids"][0] == placeholder).nonzero().flatten()
+            if len(positions) != self.count:
+                raise self._error(
+                    "template", self.template,
+                    f'a caption in which "{PLACEHOLDER}" appears only where the learned words go '
+                    f"(found {len(positions)} of {self.count} placeholder tokens after tokenising)",
+                )  # fmt: skip
+            self._tokens = (tokens["input_ids"], tokens["attention_mask"], positions)
+        return self._tokens
+
+    def encode(self, backbone, words: torch.Tensor) -> torch.Tensor:
+        """Projected text embeddings [n, embed_dim] of the template with `words` [n, count, width] in its slots
+        (gradients flow to the words)."""
+        ids, mask, positions = (t.to(words.device) for t in self.tokens(backbone))
+        n = len(words)
+        ids, mask = ids.expand(n, -1), mask.expand(n, -1)
+        hidden = backbone.text_prefix(ids[:1], mask[:1], 1)  # token + position embeddings of the template
+        offsets = torch.zeros(n, *hidden.shape[1:], device=hidden.device, dtype=hidden.dtype)
+        offsets[:, positions] = words.to(hidden.dtype)
+        return backbone.text_suffix(hidden.expand(n, -1, -1) + offsets, ids, mask, 1)
+
+
 class IdentityPrompts(LossTerm):
     """Learnable words per identity in `template` ("{}" marks them), trained contrastively against images."""
 
@@ -39,43 +80,20 @@ class IdentityPrompts(LossTerm):
         context_tokens: int = 4, init_std: float = 0.02,
     ):  # fmt: skip
         super().__init__(weight)
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise self.error("template", template, 'a caption with one "{}" where the learned words go')
         integer(self.key("context_tokens"), context_tokens, 1, 16)
         number(self.key("init_std"), init_std, 0)
+        self.slots = WordSlots(template, context_tokens, self.error)
         self.template, self.context_tokens = template, context_tokens
         # drawn from the run's seeded generator, like every other head
         self.words = nn.Parameter(torch.randn(int(num_identities), context_tokens, int(text_width)) * init_std)
-        self._tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def caption(self) -> str:
-        return self.template.format(" ".join([PLACEHOLDER] * self.context_tokens))
-
-    def _template_tokens(self, backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids [1, L], attention_mask [1, L], positions of the learned words [context_tokens])."""
-        if self._tokens is None:
-            tokens = backbone.tokenize([self.caption])
-            placeholder = int(backbone.tokenize([PLACEHOLDER])["input_ids"][0, 1])
-            positions = (tokens["input_ids"][0] == placeholder).nonzero().flatten()
-            if len(positions) != self.context_tokens:
-                raise self.error(
-                    "template", self.template,
-                    f'a caption in which "{PLACEHOLDER}" appears only where the learned words go '
-                    f"(found {len(positions)} of {self.context_tokens} placeholder tokens after tokenising)",
-                )  # fmt: skip
-            self._tokens = (tokens["input_ids"], tokens["attention_mask"], positions)
-        return self._tokens
+        return self.slots.caption
 
     def identity_texts(self, backbone, identities: torch.Tensor) -> torch.Tensor:
         """Projected text embeddings of the prompts of `identities` [n, embed_dim] (with gradients to the words)."""
-        ids, mask, positions = (t.to(self.words.device) for t in self._template_tokens(backbone))
-        n = len(identities)
-        ids, mask = ids.expand(n, -1), mask.expand(n, -1)
-        hidden = backbone.text_prefix(ids[:1], mask[:1], 1)  # token + position embeddings of the template
-        offsets = torch.zeros(n, *hidden.shape[1:], device=hidden.device, dtype=hidden.dtype)
-        offsets[:, positions] = self.words[identities].to(hidden.dtype)
-        return backbone.text_suffix(hidden.expand(n, -1, -1) + offsets, ids, mask, 1)
+        return self.slots.encode(backbone, self.words[identities])
 
     @torch.no_grad()
     def all_identity_texts(self, backbone, batch: int = 256) -> torch.Tensor:
