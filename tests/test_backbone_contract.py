@@ -171,6 +171,20 @@ def test_a_repeated_block_holds_exactly_its_groups_parameters(case, make):
     assert len(backbone.blocks("text")) == backbone.facts.depth("text")
 
 
+def test_each_transformer_blocks_feed_forward_network_is_named_in_its_group(case, make):
+    # what freeze=clipfit reads: the parameters of each block's feed-forward network, and nothing outside a block
+    backbone = make()
+    for tower in TOWERS:
+        for group in backbone.layer_groups(tower):
+            assert group.feed_forward <= set(group.parameters), group.name
+            transformer = tower == "text" or case.vision_roles
+            if group.kind == "block" and transformer:
+                biases = [n for n in group.feed_forward if n.endswith(".bias")]
+                assert len(biases) == 2 and len(group.feed_forward) == 4, (group.name, sorted(group.feed_forward))
+            elif group.kind != "block":
+                assert not group.feed_forward, group.name
+
+
 # --- the forward: full, and cut at every group ----------------------------------------------------------
 
 

@@ -276,7 +276,9 @@ def _check_identity_text_sources(objective, cfg: Mapping, facts: BackboneFacts |
 def _try_objective(objective: Callable, facts: BackboneFacts | None):
     """Finish the objective once with stand-in run-time facts, so its terms' settings fail now; return it."""
     try:
-        return objective(**objective_facts(facts, 0))
+        # two stand-in identities: heads sized 0 would make PyTorch warn of zero-element weights; this happens before
+        # the run is seeded, so the random numbers it draws change nothing
+        return objective(**objective_facts(facts, 2))
     except ConfigError:
         raise
     except Exception as error:  # noqa: BLE001 - one line naming the section
