@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each short run (default 2)")
     parser.add_argument("--depths", type=_numbers, default=None, help="image blocks to try, e.g. 0,2,4 (default all)")
     parser.add_argument("--text-blocks", type=int, default=None, help="text blocks that train (default all)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before, between or after the settings
     try:
         advise(args.overrides, args.epochs, args.depths, args.text_blocks)
     except HandClipError as error:
