@@ -45,6 +45,7 @@ def test_what_advise_cannot_do_is_refused_before_anything_is_written(tmp_path):
     for args, message in (
         (["--depths", "0,9"], "--depths: 9 is not a number of the image tower's blocks (0 to 2)"),
         (["--epochs", "0"], "--epochs 0: a short run needs at least 1 epoch"),
+        (["--depths", ","], "--depths names no depth"),
         (["data.batch_size=1"], "data.batch_size=1 is too small"),
     ):
         result = advise(tmp_path, *args)

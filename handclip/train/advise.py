@@ -58,7 +58,9 @@ def plan(overrides: list[str], epochs: int, depths: list[int] | None, text_block
 
     facts = build(cfg["backbone"], "backbone").facts()
     blocks, text = facts.depth("vision"), facts.depth("text")
-    chosen = depths if depths is not None else list(range(blocks + 1))
+    chosen = sorted(set(depths)) if depths is not None else list(range(blocks + 1))
+    if not chosen:
+        raise ConfigError(f"--depths names no depth: give numbers of image blocks from 0 to {blocks}, e.g. 0,2,4")
     wrong = [d for d in chosen if not 0 <= d <= blocks]
     if wrong:
         raise ConfigError(f"--depths: {wrong[0]} is not a number of the image tower's blocks (0 to {blocks})")
@@ -73,6 +75,19 @@ def plan(overrides: list[str], epochs: int, depths: list[int] | None, text_block
             "eval.curve=false", "eval.ranked=0", "eval.smooth=1", "logger=csv",
         ]))  # fmt: skip
     return cfg, candidates
+
+
+def _new_folder(wanted: Path) -> Path:
+    """`wanted`, made; `wanted-2`, `-3`, ... when another advice started in the same second (two at once)."""
+    wanted.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = wanted if n == 1 else wanted.with_name(f"{wanted.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise HandClipError(f"{wanted}: a thousand advice folders of this second exist")
 
 
 def _train(candidate: Candidate, folder: Path, name: str) -> None:
@@ -104,8 +119,8 @@ def advise(overrides: list[str], epochs: int = 2, depths: list[int] | None = Non
                            capture_output=True, text=True)  # fmt: skip
     if check.returncode != 0:  # the experiment itself cannot run: nothing is written
         raise HandClipError(_last_error(check.stderr))
-    folder = Path(cfg["paths"]["runs"]) / "advise" / f"{cfg.get('name', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder.mkdir(parents=True, exist_ok=False)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = _new_folder(Path(cfg["paths"]["runs"]) / "advise" / f"{cfg.get('name', 'run')}-{stamp}")
     started = time.time()
     for candidate in candidates:
         console.print(f"advise: {epochs} epoch(s) with the top {candidate.depth} image blocks training ...")
