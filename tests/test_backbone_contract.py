@@ -181,8 +181,9 @@ def test_each_transformer_blocks_feed_forward_network_is_named_in_its_group(case
             if group.kind == "block" and transformer:
                 biases = [n for n in group.feed_forward if n.endswith(".bias")]
                 assert len(biases) == 2 and len(group.feed_forward) == 4, (group.name, sorted(group.feed_forward))
+                assert len(group.feed_forward_output) == 2 and group.feed_forward_output <= group.feed_forward
             elif group.kind != "block":
-                assert not group.feed_forward, group.name
+                assert not group.feed_forward and not group.feed_forward_output, group.name
 
 
 # --- the forward: full, and cut at every group ----------------------------------------------------------

@@ -116,6 +116,11 @@ def test_resume_with_another_objective_is_refused(tmp_path):
     result = train(tmp_path, "trainer.max_epochs=2", "run_name=r", "ckpt_path=last", "loss=siglip", check=False)
     assert result.returncode == 2
     assert "cannot resume" in result.stderr and "loss differs" in result.stderr
+    # another protocol: the checkpoints were chosen, and the baseline scored, by the first one's validation
+    result = train(tmp_path, "trainer.max_epochs=2", "run_name=r", "ckpt_path=last", "eval.protocol=published",
+                   check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "cannot resume" in result.stderr and "evaluation differs" in result.stderr and "published" in result.stderr
 
 
 def test_existing_checkpoints_are_not_overwritten_silently(tmp_path):

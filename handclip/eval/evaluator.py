@@ -117,10 +117,12 @@ class Evaluator:
         self.activations = None
         self.text_cache = None
 
-    def __call__(self, backbone, include_test: bool | None = None, language: bool = True, merged: bool = True) -> dict:
+    def __call__(self, backbone, include_test: bool | None = None, language: bool = True, merged: bool = True,
+                 extras: bool = True) -> dict:  # fmt: skip
         """{"metrics", "runs", "cmc"} (see `score_protocol`), plus for the figures `_image_rows`, `_scored` (their
         scored features), `_features` (their features in the space of the captions) and `_text` (the test images'
-        positions in `_image_rows`, their `captions`, the distinct `unique` ones and their embeddings `text`)."""
+        positions in `_image_rows`, their `captions`, the distinct `unique` ones and their embeddings `text`).
+        `extras=False` leaves out re-ranking and verification (the per-epoch test curve, a study tool)."""
         from handclip.eval.feature import ImageEncoder
         from handclip.eval.protocol import extract_features, images_needed, score_protocol
         from handclip.model.forward import Forward
@@ -137,8 +139,8 @@ class Evaluator:
 
         features = extract(self.encode, progress=True)
         result = score_protocol(features, image_rows, rows, include_test, texts=forward.captions,
-                                protocol=self.settings.protocol, rerank=self.settings.rerank,
-                                verify=self.settings.verify)  # fmt: skip
+                                protocol=self.settings.protocol, rerank=self.settings.rerank if extras else None,
+                                verify=self.settings.verify and extras)  # fmt: skip
         joint = self.encode.feature == "projected"  # comparable with text embeddings
         # for the figures; not saved
         result["_image_rows"], result["_scored"] = image_rows, features

@@ -44,7 +44,8 @@ VALIDATION_METRICS = tuple(f"val/{name}" for name in METRICS)
 # the protocols a number can follow (`eval.protocol`), in the words tables and cards use
 PROTOCOLS = {
     "handclip": "HandCLIP's protocol",
-    "published": "the published protocol (MBA-Net, CLIP-HandID: merged gallery on 11k, mirrored feature added)",
+    "published": "the published protocol (MBA-Net's and CLIP-HandID's evaluation code: mirrored feature added, "
+                 "their trapezoid AP, half the standard AP for a single match not ranked first)",
 }
 FLIPPED = {"handclip": False, "published": True}  # each protocol's eval.flip_tta when the setting is left null
 # how each protocol computes the test runs' AP (handclip.eval.reid); validation, which selects, always the standard

@@ -65,7 +65,7 @@ def verification_metrics(test: Sequence[tuple[np.ndarray, np.ndarray]],
     val_scores, val_genuine = validation
     _check(genuine, "test")
     _check(val_genuine, "validation")
-    fpr, tpr, _ = roc_curve(genuine, scores)
+    fpr, tpr, _ = roc_curve(genuine, scores, drop_intermediate=False)  # every threshold: TAR@FAR reads them all
     metrics = {"verify/test/auc": float(roc_auc_score(genuine, scores))}
     fnr = 1 - tpr
     crossing = int(np.argmax(fnr <= fpr))  # the first ROC point where the miss rate falls to the false accept rate

@@ -54,6 +54,7 @@ class LayerGroup:
     block: int | None = None  # the block number for kind == "block"
     norms: set[str] = field(default_factory=set)  # names of its parameters that belong to normalisation layers
     feed_forward: set[str] = field(default_factory=set)  # names of its parameters in its block's feed-forward network
+    feed_forward_output: set[str] = field(default_factory=set)  # ... in that network's last linear layer (its output)
     label: str = ""  # the implementation's own name for the group (`attention_pool`, `layer4`); "" names it by kind
 
     @property
@@ -264,10 +265,14 @@ def with_norms(groups: list[LayerGroup], model: nn.Module, kinds: tuple[type, ..
         f"{name}.{p}" if name else p for name, module in model.named_modules() if isinstance(module, kinds)
         for p, _ in module.named_parameters(recurse=False)
     }  # fmt: skip
-    inside = {id(p) for module in feed_forward if module is not None for p in module.parameters()}
+    present = [module for module in feed_forward if module is not None]
+    inside = {id(p) for module in present for p in module.parameters()}
+    linears = [[m for m in module.modules() if isinstance(m, nn.Linear)] for module in present]
+    output = {id(p) for found in linears if found for p in found[-1].parameters()}
     for group in groups:
         group.norms = norms & set(group.parameters)
         group.feed_forward = {name for name, p in group.parameters.items() if id(p) in inside}
+        group.feed_forward_output = {name for name, p in group.parameters.items() if id(p) in output}
     return groups
 
 

@@ -166,16 +166,16 @@ class NormsOnly(BiasOnly):
 
 
 class CLIPFit(BiasOnly):
-    """CLIPFit (Li et al., EMNLP 2024): in the text tower the biases of each block's feed-forward network train, in
-    the image tower every normalisation layer; all weight matrices stay (and the projections, unless
-    `train_projections`)."""
+    """CLIPFit (Li et al., EMNLP 2024): in the text tower the bias of each block's feed-forward output layer trains
+    (open_clip's `c_proj.bias`, transformers' `fc2.bias`, as the authors' code unlocks), in the image tower every
+    normalisation layer; all weight matrices stay (and the projections, unless `train_projections`)."""
 
     def trains(self, group: LayerGroup, name: str) -> bool:
         if self.train_projections and group.kind == "projection":
             return True
         if group.tower == "vision":
             return name in group.norms
-        return name in group.feed_forward and name.endswith(".bias")
+        return name in group.feed_forward_output and name.endswith(".bias")
 
 
 class TextFrozen(FreezePolicy):

@@ -10,7 +10,8 @@ projection), with w0 the starting weights and d_a = w_a - w0, d_b = w_b - w0 ove
     cos = <d_a, d_b> / (|d_a| |d_b|),   t = 2 cos / (1 + cos),   w = t (w_a + w_b) / 2 + (1 - t) w0
 
 so a group whose two runs agree (cos near 1) takes their average, and one where they disagree stays nearer the
-start. t is kept in [0, 1] (two runs moving apart, cos < 0, keep w0); a group neither run changed keeps w0.
+start. t is kept in [0, 1] (two runs moving apart, cos < 0, keep w0); a group the runs left frozen keeps w0
+(the two runs must share their freeze policy, so they train the same groups).
 Parameters in no layer group (the temperature) take the plain average. w0 is the runs' backbone as its config
 loads it (the pretrained weights): runs that started from another run's checkpoint (`init_from`) or replaced their
 projection have no such start and are refused, as are runs of other backbones, adapters or data (as for soups).
@@ -32,7 +33,7 @@ def stock_ratio(tuned_a: torch.Tensor, tuned_b: torch.Tensor, start: torch.Tenso
     a, b = (tuned_a - start).double(), (tuned_b - start).double()
     norms = float(a.norm() * b.norm())
     if norms == 0.0:
-        return 1.0, 0.0  # a run left the group where it started: nothing to average towards
+        return float("nan"), 0.0  # the runs left the group where it started (frozen): it keeps the start
     cos = float((a @ b) / norms)
     return cos, min(1.0, max(0.0, 2 * cos / (1 + cos))) if cos > -1 else 0.0
 
@@ -73,6 +74,9 @@ def model_stock(run_a: str | Path, run_b: str | Path, out_dir: str | Path, overw
         check_destination(out_dir, run_dir, overwrite)
     files = [run_files(run_dir) for run_dir in dirs]
     check_ingredients([(run_dir, f[0]) for run_dir, f in zip(dirs, files, strict=True)], trust)
+    if files[0][0].get("freeze") != files[1][0].get("freeze"):
+        raise HandClipError(f"{dirs[0].name} and {dirs[1].name} differ in their freeze policy: Model Stock merges "
+                            "two runs of one recipe, which train the same layer groups")  # fmt: skip
     for run_dir, (config, _, _) in zip(dirs, files, strict=True):
         if config.get("init_from"):
             raise HandClipError(f"{run_dir.name} started from {config['init_from']} (init_from), not from the "

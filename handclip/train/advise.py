@@ -1,19 +1,20 @@
 """How deep to unfreeze, before paying for the sweep: `python -m handclip.advise experiment=NAME [KEY=VALUE ...]`.
 
 Each candidate depth (`freeze=last_n freeze.vision_blocks=D`, every D from 0 to the image tower's blocks; the text
-tower as `--text-blocks` says, by default all of its blocks) is trained briefly, `--epochs` epochs (default 2) of
+tower as `--text-blocks` says, by default as many of its blocks as the experiment's own policy trains: 0 for a
+frozen text tower) is trained briefly, `--epochs` epochs (default 2) of
 the experiment's own recipe, from the stored activations of its frozen prefix (`data.activation_cache`, as every
 run): the frozen part is run once per image, so a depth costs what its trained part costs. Each short run is
 scored on validation only (never a test run), and the depths are ranked by their validation mAP gain over the
 untrained model. Beside each: its trainable parameters and what the full run would take (its measured seconds
-per epoch x the experiment's `trainer.max_epochs`).
+per epoch x the experiment's `trainer.max_epochs`). The command it advises names `freeze.text_blocks` too.
 
     python -m handclip.advise experiment=demo
     python -m handclip.advise experiment=dorsal_hand --epochs 1 --depths 0,4,8,12
 
 The short runs are kept in `${paths.runs}/advise/<name>-<time>/` (a run folder each) with `advice.csv`, the table.
-A configuration that cannot run is refused in one `error:` line before anything is written. What the advice is
-worth, measured against the real sweep over several data draws, is in docs/freezing.md.
+A configuration that cannot run is refused in one `error:` line before anything is written. What the advice was
+worth on the demo, against the real sweep, is in docs/freezing.md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ METRIC = "val/mAP"
 @dataclass
 class Candidate:
     depth: int
+    text_blocks: int
     overrides: list[str]
     gain: float | None = None
     score: float | None = None
@@ -56,7 +58,8 @@ def plan(overrides: list[str], epochs: int, depths: list[int] | None, text_block
     cfg = OmegaConf.to_container(compose(overrides), resolve=True)
     from handclip.build import build
 
-    facts = build(cfg["backbone"], "backbone").facts()
+    spec = build(cfg["backbone"], "backbone")
+    facts = spec.facts()
     blocks, text = facts.depth("vision"), facts.depth("text")
     chosen = sorted(set(depths)) if depths is not None else list(range(blocks + 1))
     if not chosen:
@@ -64,17 +67,40 @@ def plan(overrides: list[str], epochs: int, depths: list[int] | None, text_block
     wrong = [d for d in chosen if not 0 <= d <= blocks]
     if wrong:
         raise ConfigError(f"--depths: {wrong[0]} is not a number of the image tower's blocks (0 to {blocks})")
-    text_blocks = text if text_blocks is None else text_blocks
+    text_blocks = _text_blocks_trained(spec, cfg) if text_blocks is None else text_blocks
     if not 0 <= text_blocks <= text:
         raise ConfigError(f"--text-blocks {text_blocks}: the text tower has {text} blocks")
     candidates = []
     for depth in chosen:
-        candidates.append(Candidate(depth, [
+        candidates.append(Candidate(depth, text_blocks, [
             *overrides, "freeze=last_n", f"freeze.vision_blocks={depth}", f"freeze.text_blocks={text_blocks}",
             f"trainer.max_epochs={epochs}", "eval.test=false", "eval.wise_ft=null", "eval.baseline=true",
             "eval.curve=false", "eval.ranked=0", "eval.smooth=1", "logger=csv",
         ]))  # fmt: skip
     return cfg, candidates
+
+
+def _text_blocks_trained(spec, cfg: dict) -> int:
+    """How many of the text tower's blocks the experiment's own freeze policy ever trains (0 for text_frozen), found
+    on the model's skeleton (its config only, no weights): the text tower stays as the recipe has it."""
+    from handclip.model.freeze import apply_freeze
+    from handclip.tools.export import build_freeze
+
+    skeleton = spec.skeleton()
+    policy = build_freeze(cfg["freeze"])
+    apply_freeze(skeleton, policy.policy_at(0) if hasattr(policy, "policy_at") else policy)
+    epochs = int(cfg["trainer"]["max_epochs"])
+    first = getattr(policy, "first_epoch", None)
+    trained = 0
+    for group in skeleton.layer_groups("text"):
+        if group.kind != "block":
+            continue
+        if first is not None:
+            trains = any(first(group, name, epochs) is not None for name in group.parameters)
+        else:
+            trains = any(p.requires_grad for p in group.parameters.values())
+        trained += trains
+    return trained
 
 
 def _new_folder(wanted: Path) -> Path:
@@ -138,7 +164,8 @@ def advise(overrides: list[str], epochs: int = 2, depths: list[int] | None = Non
                       f"{c.trainable:,}" if c.trainable is not None else "-",
                       f"{100 * c.gain:+.1f}" if c.gain is not None else f"failed: {c.error}",
                       f"{cost:.0f} s" if cost is not None else "-")  # fmt: skip
-        rows.append({"rank": rank if c.gain is not None else "", "vision_blocks": c.depth, "trainable": c.trainable,
+        rows.append({"rank": rank if c.gain is not None else "", "vision_blocks": c.depth,
+                     "text_blocks": c.text_blocks, "trainable": c.trainable,
                      "val_mAP_gain": c.gain, "val_mAP": c.score, "full_run_seconds": cost,
                      "error": c.error})  # fmt: skip
     console.print(table)
@@ -148,8 +175,9 @@ def advise(overrides: list[str], epochs: int = 2, depths: list[int] | None = Non
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    best = ranked[0]
     console.print(f"advice in {folder / 'advice.csv'}: try `python train.py {' '.join(overrides)} freeze=last_n "
-                  f"freeze.vision_blocks={ranked[0].depth}` first")  # fmt: skip
+                  f"freeze.vision_blocks={best.depth} freeze.text_blocks={best.text_blocks}` first")  # fmt: skip
     if all(c.gain is None for c in candidates):
         raise HandClipError(f"every short run failed; see {folder}")
     return folder

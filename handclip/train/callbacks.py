@@ -180,7 +180,8 @@ class TestCurve(L.Callback):
         rows = read_record(self.path, list) if self.path.is_file() else []
         rows = [row for row in rows if row["epoch"] < trainer.current_epoch]  # a resumed run redoes later epochs
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val", "ema/val"))}
-        scores = self.evaluate(pl_module.backbone, include_test=True, language=False, merged=False)["metrics"]
+        scores = self.evaluate(pl_module.backbone, include_test=True, language=False, merged=False,
+                               extras=False)["metrics"]  # fmt: skip
         tested = {k: v for k, v in scores.items() if k.startswith(("test/", "test_all/")) and not k.endswith("_std")}
         rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **logged, **tested})
         write_json_atomic(self.path, rows)

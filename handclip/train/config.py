@@ -412,5 +412,13 @@ def check_config(cfg: Mapping) -> RunSpec:
 
 
 def run_signature(cfg: Mapping) -> dict:
-    """The settings a resumed run must share with the checkpoint it resumes."""
-    return {key: cfg[key] for key in SIGNATURE_KEYS}
+    """The settings a resumed run must share with the checkpoint it resumes: its model and objective, and how it
+    is scored (`evaluation`: the protocol and the flip, which validation's checkpoint choice and the baseline
+    were measured by)."""
+    from handclip.eval.protocol import FLIPPED
+
+    evaluation = cfg.get("eval") or {}
+    protocol = evaluation.get("protocol", "handclip")
+    flip = evaluation.get("flip_tta")
+    flip = FLIPPED.get(protocol, False) if flip is None else bool(flip)
+    return {**{key: cfg[key] for key in SIGNATURE_KEYS}, "evaluation": {"protocol": protocol, "flip_tta": flip}}

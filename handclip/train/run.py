@@ -30,10 +30,14 @@ def precision_for(setting: str) -> str:
 
 
 def check_resume(path: str, checkpoint: Mapping, signature: Mapping) -> None:
-    """Refuse to resume a checkpoint written under another backbone, freeze policy, projection or objective."""
+    """Refuse to resume a checkpoint written under another backbone, freeze policy, projection, objective or
+    evaluation protocol (its checkpoint choice and baseline were scored by that protocol)."""
     saved = (checkpoint.get("handclip") or {}).get("signature")
     if saved is None:
         return
+    saved = dict(saved)
+    if "evaluation" not in saved:  # written before runs stated a protocol: HandCLIP's was the only one
+        saved["evaluation"] = {"protocol": "handclip", "flip_tta": (signature.get("evaluation") or {}).get("flip_tta")}
     changed = [key for key in signature if saved.get(key) != signature[key]]
     if changed:
         key = changed[0]
