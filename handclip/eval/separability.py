@@ -10,7 +10,9 @@ caption, how much probability the loss's softmax gives that identity at the larg
     identifiability = mean over identities i of softmax_j(100 x cos(t_i, t_j))[i]
 
 1 means every caption stands apart; 1 / identities (the chance level) means they are indistinguishable. Identities
-whose captions are identical count against it too.
+whose captions are identical count against it too. The softmax runs over every training identity, a batch over
+fewer, so the check is stricter than one batch's loss; what it measures is whether the targets can be told apart
+at all.
 """
 
 from __future__ import annotations
@@ -60,5 +62,5 @@ def advice(found: Mapping, text_trains: bool) -> tuple[str, str] | None:
         return "note", f"{said}; the text tower trains, so it has to learn them apart"
     return "warning", (f"{said}, and the text tower is frozen, so a contrastive loss on these captions keeps "
                        "confused targets. Fix: unfreeze the text tower's last blocks (freeze=last_n "
-                       "freeze.text_blocks=2), captions that say what differs between people (data.captions), or an "
-                       "identity loss (loss=strong)")  # fmt: skip
+                       "freeze.text_blocks=2 freeze.vision_blocks=N, N the image blocks your recipe trains), captions "
+                       "that say what differs between people (data.captions), or an identity loss (loss=strong)")  # fmt: skip

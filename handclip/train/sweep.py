@@ -31,9 +31,9 @@ from handclip.io import atomic_write, write_json_atomic
 IGNORED = ("paths.", "hydra.", "run_name", "sweep_name", "ckpt_path", "overwrite", "sweep.")
 COLUMNS = (
     "status", "trainable_parameters", "val/rank1", "test/rank1", "test/rank1_std", "test/mAP", "test/mAP_std",
-    "test_all/rank1", "test_all/mAP", "train_time_s", "wall_time_s", "peak_memory_mb",
-    "baseline/test/rank1", "baseline/test/mAP", "zeroshot/aspect_accuracy", "zeroshot/skin_accuracy",
-    "zeroshot/gender_accuracy", "zeroshot/nail_polish_accuracy",
+    "test_all/rank1", "test_all/rank1_std", "test_all/mAP", "test_all/mAP_std", "train_time_s", "wall_time_s",
+    "peak_memory_mb", "baseline/test/rank1", "baseline/test/mAP", "baseline/test_all/rank1", "baseline/test_all/mAP",
+    "zeroshot/aspect_accuracy", "zeroshot/skin_accuracy", "zeroshot/gender_accuracy", "zeroshot/nail_polish_accuracy",
 )  # fmt: skip
 ZERO_SHOT = ("aspect", "skin", "gender", "nail_polish")
 RETRIEVAL = "retrieval/"  # image-text recall (`retrieval/image_to_text_R@1`, ...), measured on caption data
