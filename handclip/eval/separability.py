@@ -62,5 +62,6 @@ def advice(found: Mapping, text_trains: bool) -> tuple[str, str] | None:
         return "note", f"{said}; the text tower trains, so it has to learn them apart"
     return "warning", (f"{said}, and the text tower is frozen, so a contrastive loss on these captions keeps "
                        "confused targets. Fix: unfreeze the text tower's last blocks (freeze=last_n "
-                       "freeze.text_blocks=2 freeze.vision_blocks=N, N the image blocks your recipe trains), captions "
-                       "that say what differs between people (data.captions), or an identity loss (loss=strong)")  # fmt: skip
+                       "freeze.text_blocks=2 freeze.vision_blocks=N, N the image blocks your recipe trains), "
+                       "captions that say what differs between people (data.captions), or an identity loss "
+                       "(loss=strong)")  # fmt: skip
