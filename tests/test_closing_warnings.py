@@ -93,3 +93,17 @@ def test_caption_data_brings_a_recipe_that_trains_and_the_command_line_still_win
     assert (hands["optim"]["lr"], hands["trainer"]["max_epochs"]) == (1.0e-5, 5)  # the hand recipe stays
     demo = compose_plain(tmp_path, "experiment=demo")
     assert (demo["optim"]["lr"], demo["trainer"]["max_epochs"]) == (1.0e-3, 80)
+
+
+@pytest.mark.slow
+def test_a_bn_neck_run_that_reports_the_untrained_model_reports_its_scores_exactly(tmp_path):
+    # weights that do not move (lr 1e-12): no mix gains, so WiSE-FT reports the untrained model; its mix at 0 holds
+    # the starting backbone but the BN-neck whose running statistics training moved, which would score neither
+    # model: the baseline's numbers stand
+    pk = ["data.sampler=identity_balanced", "data.identities_per_batch=4", "data.images_per_identity=2"]
+    train(tmp_path, "loss=strong", "eval.feature=bnneck", *pk, "optim.lr=1e-12", "run_name=n")
+    metrics = _payload(tmp_path, "n")["metrics"]
+    assert metrics["wise_ft/alpha"] == 0.0
+    for key in ("test/rank1", "test/mAP", "test_all/rank1", "val/mAP"):
+        assert metrics[key] == metrics[f"baseline/{key}"], key
+    assert "finetuned/test/rank1" in metrics  # the unmixed weights' scores stay on record

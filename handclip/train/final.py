@@ -162,6 +162,12 @@ def final_evaluation(spec, run, weights, best_path: str, last_path: str, results
                 results["fine-tuned, unmixed"] = final
                 metrics.update({f"finetuned/{k}": v for k, v in final["metrics"].items()})
                 final = chosen
+            if alpha == 0.0 and results.get("baseline") is not None:
+                # the untrained model is reported: its scores as measured before training, the objective's heads
+                # untrained too (the mix at 0 holds the starting backbone but the trained heads: a BN-neck feature
+                # would score neither model)
+                before = results["baseline"]
+                final = {**final, **{k: before[k] for k in ("metrics", "runs", "cmc", "per_query") if k in before}}
     results["fine-tuned"] = final
     metrics.update(final["metrics"])
     # the reported model's paired validation gain over the untrained one, with its 95% interval (none without a
