@@ -67,7 +67,8 @@ CASES = [
     (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus': choose one of online, offline, disabled"),
     (
         ["experiment=demo_clipreid", "stages.prompts.loss=nothing", "dry_run=true"],
-        "stages.prompts: In 'train': Could not find 'loss/nothing'; available options in 'loss': anchored, clip, clipreid",
+        "stages.prompts: In 'train': Could not find 'loss/nothing'; available options in 'loss': anchored, clip, "
+        "clipreid",
     ),
 ]
 

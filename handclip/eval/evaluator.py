@@ -8,7 +8,7 @@ and adds the language side (zero-shot attribute prompts, retrieval) on images ne
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,37 +46,23 @@ class EvalSettings:
     def __post_init__(self):
         from handclip.eval.feature import EVAL_FEATURES
         from handclip.eval.forgetting import WiseFT
-        from handclip.eval.protocol import FLIPPED, PROTOCOLS
+        from handclip.eval.protocol import PROTOCOLS, flip_of
         from handclip.eval.reranking import Reranking
 
         one_of("eval.feature", self.feature, EVAL_FEATURES)
         one_of("eval.protocol", self.protocol, tuple(PROTOCOLS))
-        if self.flip_tta is None:
-            object.__setattr__(self, "flip_tta", FLIPPED[self.protocol])
-        elif self.protocol == "published" and self.flip_tta is False:
+        if self.protocol == "published" and self.flip_tta is False:
             raise ConfigError("eval.flip_tta=false contradicts eval.protocol=published, which adds the mirrored "
                               "image's feature as the published evaluations do: leave eval.flip_tta unset (null) or "
                               "choose eval.protocol=handclip")  # fmt: skip
-        if self.wise_ft is not None and not isinstance(self.wise_ft, WiseFT):
-            if not isinstance(self.wise_ft, Mapping):
-                raise ConfigError(f"eval.wise_ft={self.wise_ft!r} must be null or settings such as {{alphas: [0.0, "
-                                  "0.25, 0.5, 0.75, 1.0], keep: 0.8, metric: val/mAP, confidence: 0.95}")  # fmt: skip
-            unknown = sorted(set(self.wise_ft) - {"alphas", "keep", "metric", "confidence"})
-            if unknown:
-                raise ConfigError(f"eval.wise_ft.{unknown[0]} is not a setting; settings are alphas, keep, metric, "
-                                  "confidence")  # fmt: skip
-            object.__setattr__(self, "wise_ft", WiseFT(**self.wise_ft))
-        if self.rerank is not None and not isinstance(self.rerank, Reranking):
-            settings = self.rerank
-            if settings is True:
-                settings = {}
-            if not isinstance(settings, Mapping):
-                raise ConfigError(f"eval.rerank={settings!r} must be null or settings such as {{k1: 20, k2: 6, "
-                                  "lambda_value: 0.3}")  # fmt: skip
-            unknown = sorted(set(settings) - {"k1", "k2", "lambda_value"})
-            if unknown:
-                raise ConfigError(f"eval.rerank.{unknown[0]} is not a setting; settings are k1, k2, lambda_value")
-            object.__setattr__(self, "rerank", Reranking(**settings))
+        if self.flip_tta is None:
+            object.__setattr__(self, "flip_tta", flip_of(self.protocol, None))
+        if self.wise_ft is not None:
+            object.__setattr__(self, "wise_ft", _settings("eval.wise_ft", self.wise_ft, WiseFT,
+                               "{alphas: [0.0, 0.25, 0.5, 0.75, 1.0], keep: 0.8, metric: val/mAP, confidence: 0.95}"))
+        if self.rerank is not None:  # eval.rerank=true: the published defaults
+            object.__setattr__(self, "rerank", _settings("eval.rerank", {} if self.rerank is True else self.rerank,
+                                                         Reranking, "{k1: 20, k2: 6, lambda_value: 0.3}"))
         for key in ("baseline", "test", "flip_tta", "text", "curve", "verify"):
             flag(f"eval.{key}", getattr(self, key))
         integer("eval.batch_size", self.batch_size, 1)
@@ -85,6 +71,20 @@ class EvalSettings:
         check_validation_metric("eval.select", self.select, "a checkpoint is never chosen on test")
         if self.wise_ft is not None:  # a metric validation never gives would choose the unmixed model without a word
             check_validation_metric("eval.wise_ft.metric", self.wise_ft.metric, "a mix is never chosen on test")
+
+
+def _settings(key: str, value: Any, kind: type, example: str) -> Any:
+    """`value`, a mapping of the dataclass `kind`'s settings, as a `kind` (or one already), else a ConfigError
+    naming `key` and the settings it has."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}={value!r} must be null or settings such as {example}")
+    names = [f.name for f in fields(kind)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]} is not a setting; settings are {', '.join(names)}")
+    return kind(**value)
 
 
 def check_validation_metric(key: str, value: Any, why: str) -> str:

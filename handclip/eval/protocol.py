@@ -27,7 +27,7 @@ code squashes each image to a square and uses ImageNet's mean and std, in its tr
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -53,10 +53,20 @@ AP = {"handclip": "standard", "published": "trapezoid"}
 CMC_RANKS = tuple(range(1, 21))
 
 
-def headline(protocol: str, galleries: Mapping[str, str]) -> str:
+def headline(protocol: str, galleries: Collection[str]) -> str:
     """The evaluation a protocol reports first (`test` or `test_all`), of those the data has (`galleries`: the
-    data source's evaluations, DataSource.galleries)."""
+    data source's evaluations, DataSource.galleries, or their names)."""
     return "test_all" if protocol == "published" and "test_all" in galleries else "test"
+
+
+def headline_name(head: str) -> str:
+    """How one-line summaries name a headline evaluation's numbers: `test` or `merged-gallery` (Rank-1, mAP)."""
+    return "merged-gallery" if head == "test_all" else "test"
+
+
+def flip_of(protocol: str, flip: bool | None) -> bool:
+    """`eval.flip_tta` as a run uses it: the setting, or the protocol's own when it is left null."""
+    return FLIPPED.get(protocol, False) if flip is None else bool(flip)
 
 
 def statement(protocol: str, galleries: Mapping[str, str], feature: str, flip: bool) -> dict:
@@ -229,7 +239,7 @@ def score_protocol(
     per_query: dict[str, dict[str, list[float]]] = {}
     cmc: dict[str, list[list[float]]] = {}
     pairs = protocol_pairs(rows, include_test)
-    head = "test_all" if protocol == "published" and any(p[0] == "test_all" for p in pairs) else "test"
+    head = headline(protocol, {prefix for prefix, *_ in pairs})
     trials: dict[str, list] = {"val": [], head: []}  # verification: each evaluation's (scores, genuine)
     for prefix, run, query_split, gallery_split in pairs:
         matches = None

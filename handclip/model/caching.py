@@ -20,7 +20,8 @@ from handclip.model.backbone import Backbone
 from handclip.model.forward import frozen_prefix  # noqa: F401 - the one count, used here and re-exported
 
 
-def _never_trains(group, freeze, epochs: int) -> bool:
+def never_trains(group, freeze, epochs: int) -> bool:
+    """Whether none of `group`'s parameters trains now (`requires_grad`) or, under `freeze`, in any of `epochs`."""
     if any(p.requires_grad for p in group.parameters.values()):
         return False
     return freeze is None or all(freeze.first_epoch(group, name, epochs) is None for name in group.parameters)
@@ -40,7 +41,7 @@ def trained_names(backbone: Backbone, freeze=None, epochs: int = 1) -> list[str]
 
 def text_frozen(backbone: Backbone, freeze=None, epochs: int = 1) -> bool:
     """The whole text tower (projection included) stays frozen for all `epochs`."""
-    return all(_never_trains(g, freeze, epochs) for g in backbone.layer_groups("text"))
+    return all(never_trains(g, freeze, epochs) for g in backbone.layer_groups("text"))
 
 
 def prefix_digest(backbone: Backbone, groups: int) -> str:

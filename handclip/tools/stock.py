@@ -39,11 +39,12 @@ def stock_ratio(tuned_a: torch.Tensor, tuned_b: torch.Tensor, start: torch.Tenso
 
 
 def stock_states(backbone, state_a: dict, state_b: dict, start: dict) -> tuple[dict, list[dict]]:
-    """(merged state dict, one row per layer group: name, cos, t) of two runs' weights and their start."""
+    """(merged state dict, one row per layer group: name, cos, t) of two runs' weights and their start; what is in
+    no layer group takes the plain average (`handclip.model.averaging.average_states`, as soups)."""
+    from handclip.model.averaging import average_states
+
     names = {id(p): name for name, p in backbone.named_parameters()}
-    merged = {name: ((state_a[name].float() + state_b[name].float()) / 2).to(value.dtype)
-              if value.is_floating_point() else value.clone() for name, value in state_a.items()}  # fmt: skip
-    rows = []
+    merged, rows = {}, []
     for group in backbone.all_groups():
         members = [names[id(p)] for p in group.parameters.values() if id(p) in names]
         if not members:
@@ -54,6 +55,8 @@ def stock_states(backbone, state_a: dict, state_b: dict, start: dict) -> tuple[d
             mixed = t * (state_a[name].float() + state_b[name].float()) / 2 + (1 - t) * start[name].float()
             merged[name] = mixed.to(state_a[name].dtype)
         rows.append({"group": group.name, "cos": None if math.isnan(cos) else round(cos, 4), "t": round(t, 4)})
+    rest = [name for name in state_a if name not in merged]  # in no layer group (the temperature), and buffers
+    merged.update(average_states([{name: state[name] for name in rest} for state in (state_a, state_b)]))
     return merged, rows
 
 

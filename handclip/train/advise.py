@@ -83,24 +83,16 @@ def plan(overrides: list[str], epochs: int, depths: list[int] | None, text_block
 def _text_blocks_trained(spec, cfg: dict) -> int:
     """How many of the text tower's blocks the experiment's own freeze policy ever trains (0 for text_frozen), found
     on the model's skeleton (its config only, no weights): the text tower stays as the recipe has it."""
+    from handclip.model.caching import never_trains
     from handclip.model.freeze import apply_freeze
     from handclip.tools.export import build_freeze
 
     skeleton = spec.skeleton()
     policy = build_freeze(cfg["freeze"])
-    apply_freeze(skeleton, policy.policy_at(0) if hasattr(policy, "policy_at") else policy)
+    apply_freeze(skeleton, policy)
     epochs = int(cfg["trainer"]["max_epochs"])
-    first = getattr(policy, "first_epoch", None)
-    trained = 0
-    for group in skeleton.layer_groups("text"):
-        if group.kind != "block":
-            continue
-        if first is not None:
-            trains = any(first(group, name, epochs) is not None for name in group.parameters)
-        else:
-            trains = any(p.requires_grad for p in group.parameters.values())
-        trained += trains
-    return trained
+    return sum(not never_trains(group, policy, epochs) for group in skeleton.layer_groups("text")
+               if group.kind == "block")  # fmt: skip
 
 
 def _new_folder(wanted: Path) -> Path:

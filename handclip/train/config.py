@@ -417,10 +417,9 @@ def run_signature(cfg: Mapping) -> dict:
     """The settings a resumed run must share with the checkpoint it resumes: its model and objective, and how it
     is scored (`evaluation`: the protocol and the flip, which validation's checkpoint choice and the baseline
     were measured by)."""
-    from handclip.eval.protocol import FLIPPED
+    from handclip.eval.protocol import flip_of
 
     evaluation = cfg.get("eval") or {}
     protocol = evaluation.get("protocol", "handclip")
-    flip = evaluation.get("flip_tta")
-    flip = FLIPPED.get(protocol, False) if flip is None else bool(flip)
+    flip = flip_of(protocol, evaluation.get("flip_tta"))
     return {**{key: cfg[key] for key in SIGNATURE_KEYS}, "evaluation": {"protocol": protocol, "flip_tta": flip}}

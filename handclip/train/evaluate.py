@@ -373,7 +373,7 @@ def evaluate(
         backbone.cuda()
     from handclip.eval.evaluator import Evaluator
     from handclip.eval.feature import ImageEncoder
-    from handclip.eval.protocol import statement
+    from handclip.eval.protocol import headline_name, statement
     from handclip.eval.tables import print_tables
 
     evaluator = Evaluator(rows, data.root, data.prepare_settings.image_cache, eval_settings, data.captioner,
@@ -392,7 +392,7 @@ def evaluate(
     print_tables(_console(console), results, data.galleries, stated)
     _write(out, payload, results, backbone, data, evaluator)
     head = stated["headline"]
-    named = "merged-gallery" if head == "test_all" else "test"
+    named = headline_name(head)
     summary = ", ".join(f"{name} {100 * metrics[key]:.1f}%" for name, key in (
         (f"{named} Rank-1", f"{head}/rank1"), (f"{named} mAP", f"{head}/mAP"), ("val Rank-1", "val/rank1"))
         if key in metrics)  # fmt: skip

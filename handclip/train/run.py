@@ -439,7 +439,9 @@ def _check_captions(backbone, datamodule, spec: RunSpec, metrics: dict, console)
 
 
 def _print_baseline(console, shown: Mapping, head: str = "test") -> None:
-    name = "merged-gallery" if head == "test_all" else "test"
+    from handclip.eval.protocol import headline_name
+
+    name = headline_name(head)
     test = ""
     if f"{head}/rank1" in shown:  # eval.test=false scores validation only
         test = f", {name} Rank-1 {100 * shown[f'{head}/rank1']:.1f}% mAP {100 * shown[f'{head}/mAP']:.1f}%"
@@ -448,7 +450,9 @@ def _print_baseline(console, shown: Mapping, head: str = "test") -> None:
 
 def _summary(metrics: Mapping, head: str = "test") -> str:
     """The headline evaluation's Rank-1 and mAP (and the baseline's), for the run's last line."""
-    name = "merged-gallery" if head == "test_all" else "test"
+    from handclip.eval.protocol import headline_name
+
+    name = headline_name(head)
     return ", ".join(
         f"{label} {100 * metrics[key]:.1f}% (baseline {100 * metrics['baseline/' + key]:.1f}%)"
         if "baseline/" + key in metrics

@@ -250,12 +250,13 @@ def _plot_replication(path: Path, result, head: str = "test") -> Path | None:
     if not groups:
         return None
     from handclip.eval.plots import pyplot
+    from handclip.eval.protocol import headline_name
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     xs = list(range(len(groups)))
     names = [f"{label}\n(n={len(result.groups[label])})" for label in groups]
-    named = "merged-gallery" if head == "test_all" else "test"
+    named = headline_name(head)
     for ax, metric, title in ((axes[0], f"{head}/rank1", f"{named} Rank-1 (%)"),
                               (axes[1], f"gain/{head}/rank1", "gain over the run's baseline (points)")):  # fmt: skip
         spreads = [result.summaries[label].get(metric) for label in groups]
@@ -348,6 +349,7 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
     if not finished:
         return None
     from handclip.eval.plots import pyplot, save_figure
+    from handclip.eval.protocol import headline_name
 
     plt = pyplot()
     key = swept[0] if swept else None
@@ -355,7 +357,7 @@ def _plot(path: Path, swept: list[str], runs: list[dict]) -> Path | None:
     finished.sort(key=lambda r: r.get(key) if numeric else str(r.get(key)))
     xs = [r[key] for r in finished] if numeric else list(range(len(finished)))
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    named = "merged" if head == "test_all" else "test"
+    named = headline_name(head)
     for (metric, marker), colour in zip(((f"{head}/rank1", "o"), (f"{head}/mAP", "s")), ("C0", "C1"), strict=True):
         ys = [100 * r["metrics"][metric] for r in finished]
         errors = [100 * (r["metrics"].get(metric + "_std") or 0.0) for r in finished]
