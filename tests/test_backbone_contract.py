@@ -1,5 +1,5 @@
-"""The backbone interface's contract, held by every implementation: Hugging Face CLIP, open_clip ViT, open_clip
-ResNet, each a tiny model built from a config (no download). What one backbone alone does is tested beside it
+"""The backbone interface's contract, held by every implementation: Hugging Face CLIP and SigLIP, open_clip ViT,
+open_clip ResNet, each a tiny model built from a config (no download). What one backbone alone does is tested beside it
 (tests/test_backbone.py, tests/test_openclip.py)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from handclip.errors import ConfigError
 from handclip.model import LastN, Replace, apply_freeze, freeze_report
 from handclip.model.backbone import TOWERS, Backbone, BackboneSpec
 from handclip.model.exports import export_spec, load_export, spec_classes
-from handclip.model.hf import HuggingFaceCLIP
+from handclip.model.hf import HuggingFaceCLIP, HuggingFaceSigLIP
 from handclip.model.lora import Lora
 from handclip.model.openclip import OpenCLIP
 from handclip.tools.mfu import backbone_step_flops
@@ -34,6 +34,14 @@ def hf_reference(backbone, pixels, captions):
     """Embeddings as transformers' own CLIPModel.forward gives them (L2-normalised; captions padded to 77)."""
     tokens = backbone.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")
     out = backbone.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+    return out.image_embeds, out.text_embeds
+
+
+def siglip_reference(backbone, pixels, captions):
+    """Embeddings as transformers' own SiglipModel.forward gives them (L2-normalised; captions padded to the context
+    with no mask, as SigLIP's model card feeds them)."""
+    tokens = backbone.tokenizer(captions, padding="max_length", max_length=64, return_tensors="pt")
+    out = backbone.model(input_ids=tokens["input_ids"], pixel_values=pixels)
     return out.image_embeds, out.text_embeds
 
 
@@ -60,6 +68,8 @@ class Case:
     roles: tuple[str, ...]  # LoRA roles its transformer blocks offer
     vision_roles: bool = True  # whether its image tower has transformer blocks for adapters
     final_norms: set[str] = field(default_factory=set)  # the norm parameters of the vision final-norm group
+    padded_to: int | None = None  # the context every caption is padded to (SigLIP); None: to the batch's longest
+    replaces_projection: bool = True  # whether `projection=replace` can put a new head on it
 
 
 BLOCKS3 = ["vision.embeddings", "vision.blocks.0", "vision.blocks.1", "vision.blocks.2", "vision.final_norm",
@@ -75,6 +85,22 @@ CASES = {
         {"text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight"},
         {"text_projection.weight"}, hf_reference, ("q", "k", "v", "out", "fc1", "fc2"),
         final_norms={"vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"},
+    ),
+    "siglip": Case(
+        lambda: HuggingFaceSigLIP(source="tiny", name="tiny-siglip", seed=0, config={
+            "vision_config": {**TINY["config"]["vision_config"]},
+            "text_config": {**TINY["config"]["text_config"], "max_position_embeddings": 64}}),
+        [*BLOCKS3[:-1], "vision.attention_pool"], TEXT2,
+        {"vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.patch_embedding.bias",
+         "vision_model.embeddings.position_embedding.weight"},
+        {f"vision_model.head.{p}" for p in (
+            "probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
+            "attention.out_proj.bias", "layernorm.weight", "layernorm.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+            "mlp.fc2.weight", "mlp.fc2.bias")},
+        {"text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight"},
+        {"text_model.head.weight", "text_model.head.bias"}, siglip_reference, ("q", "k", "v", "out", "fc1", "fc2"),
+        final_norms={"vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"}, padded_to=64,
+        replaces_projection=False,
     ),
     "oc_vit": Case(
         lambda: OpenCLIP(name="tiny-vit", seed=0, config={"embed_dim": 16, "text_cfg": TEXT, "vision_cfg": {
@@ -126,7 +152,7 @@ def pixels_for(backbone, count: int = 3, seed: int = 0) -> torch.Tensor:
 def test_every_parameter_is_in_exactly_one_group_in_order(case, make):
     backbone = make()
     backbone.check_partition()
-    counted = sum(g.numel() for g in backbone.all_groups()) + 1  # + logit_scale
+    counted = sum(g.numel() for g in backbone.all_groups()) + sum(p.numel() for _, p in backbone.temperature())
     assert counted == sum(p.numel() for p in backbone.parameters())
     for tower, names in (("vision", case.vision), ("text", case.text)):
         groups = backbone.layer_groups(tower)
@@ -153,7 +179,8 @@ def test_the_freeze_table_names_groups_by_their_labels_and_policies_see_their_ki
     backbone = make()
     report = apply_freeze(backbone, LastN(vision_blocks=1, text_blocks=0))
     rows = {row.group: row.status for row in report.rows}
-    assert list(rows) == ["logit_scale", *reversed(case.vision), *reversed(case.text)]
+    temperature = ["logit_scale", "logit_bias"] if backbone.logit_bias is not None else ["logit_scale"]
+    assert list(rows) == [*temperature, *reversed(case.vision), *reversed(case.text)]
     # the top block goes with the final-norm group (for a ResNet: layer4 with the attention pool)
     assert rows[case.vision[-2]] == rows[case.vision[-3]] == rows[case.vision[-1]] == "yes"
     assert rows[case.vision[-4]] == "no" and rows["text.final_norm"] == "no"
@@ -229,7 +256,7 @@ def test_the_pre_projection_feature_comes_with_the_embedding_from_one_forward(ma
         torch.testing.assert_close(suffix, full, atol=1e-5, rtol=1e-4)
 
 
-def test_images_and_texts_are_encoded_independently_of_their_batch(make):
+def test_images_and_texts_are_encoded_independently_of_their_batch(case, make):
     """No sample changes another's embedding: not padding, not the batch it is in (in evaluation mode)."""
     backbone = make()
     pixels = pixels_for(backbone, 3)
@@ -239,8 +266,11 @@ def test_images_and_texts_are_encoded_independently_of_their_batch(make):
             torch.testing.assert_close(backbone.encode_image(pixels[row : row + 1])[0], together[row], atol=1e-5,
                                        rtol=1e-4)  # fmt: skip
         alone = backbone.tokenize(CAPTIONS[1:])
-        padded = backbone.tokenize(CAPTIONS)  # the short caption padded to the long one
-        assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
+        padded = backbone.tokenize(CAPTIONS)  # the short caption padded to the long one (or both to the context)
+        if case.padded_to:
+            assert padded["input_ids"].shape[1] == alone["input_ids"].shape[1] == case.padded_to
+        else:
+            assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
         torch.testing.assert_close(backbone.encode_text(**padded)[1], backbone.encode_text(**alone)[0], atol=1e-5,
                                    rtol=1e-4)  # fmt: skip
 
@@ -248,25 +278,37 @@ def test_images_and_texts_are_encoded_independently_of_their_batch(make):
 # --- tokenizer and text pooling --------------------------------------------------------------------------
 
 
-def test_the_tokenizer_is_clips_vocabulary_and_pickles(make):
+def test_the_tokenizer_is_clips_vocabulary_and_pickles(case, make):
     backbone = make()
     # the hub's openai/clip-vit-base-patch32 tokenizer gives these ids for this text
+    ids = [49406, 320, 1125, 539, 320, 2463, 49407]
     tokens = backbone.tokenize(["a photo of a hand"])
-    assert tokens["input_ids"].tolist() == [[49406, 320, 1125, 539, 320, 2463, 49407]]
-    assert tokens["attention_mask"].tolist() == [[1] * 7]
-    batch = backbone.tokenize(["a hand", "a photo of a hand"])
-    assert batch["attention_mask"].sum(1).tolist() == [4, 7] and batch["input_ids"].shape == (2, 7)
+    if case.padded_to:  # padded with the end-of-text token to the context, every position attended
+        assert tokens["input_ids"].tolist() == [ids + [49407] * (case.padded_to - len(ids))]
+        assert tokens["attention_mask"].tolist() == [[1] * case.padded_to]
+        long = backbone.tokenize(["hand " * 100])["input_ids"]
+        assert long.shape == (1, case.padded_to)  # truncated to the context
+    else:
+        assert tokens["input_ids"].tolist() == [ids]
+        assert tokens["attention_mask"].tolist() == [[1] * 7]
+        batch = backbone.tokenize(["a hand", "a photo of a hand"])
+        assert batch["attention_mask"].sum(1).tolist() == [4, 7] and batch["input_ids"].shape == (2, 7)
     again = pickle.loads(pickle.dumps(backbone.text_tokenizer))  # what data loader workers get
     assert torch.equal(again(CAPTIONS)["input_ids"], backbone.tokenize(CAPTIONS)["input_ids"])
 
 
-def test_the_text_embedding_pools_at_the_end_of_text_token(make):
+def test_the_text_embedding_pools_at_the_end_of_text_token(case, make):
     backbone = make()
     tokens = backbone.tokenize(["a dorsal hand", "a palmar hand"])
     with torch.no_grad():
         features = backbone.encode_text(tokens["input_ids"], tokens["attention_mask"])
         # under the causal mask the first token's state is the same for every caption
         assert not torch.allclose(features[0], features[1])
+        if case.padded_to:  # SigLIP pools the last position, padding included: it is the end of every text
+            changed = tokens["input_ids"].clone()
+            changed[:, -1] = 320
+            assert not torch.allclose(backbone.encode_text(changed, tokens["attention_mask"]), features)
+            return
         # what follows the end-of-text token does not count
         extended = torch.cat([tokens["input_ids"], tokens["input_ids"][:, 1:3]], dim=1)
         mask = torch.cat([tokens["attention_mask"], torch.zeros(2, 2, dtype=torch.long)], dim=1)
@@ -276,8 +318,16 @@ def test_the_text_embedding_pools_at_the_end_of_text_token(make):
 # --- a replaced projection, adapters, compute settings ---------------------------------------------------
 
 
-def test_a_replaced_projection_is_seeded_in_the_projection_groups_and_sets_the_width(make):
+def test_a_replaced_projection_is_seeded_in_the_projection_groups_and_sets_the_width(case, make):
     backbone, twin = make(), make()
+    if not case.replaces_projection:  # refused in one line, the model left as it was
+        before = {n: p.clone() for n, p in backbone.named_parameters()}
+        with pytest.raises(ConfigError, match="projection=replace: .* use projection=keep"):
+            Replace(dim=8, seed=3).check(backbone.facts)  # refused from the facts, before any weights load
+        with pytest.raises(ConfigError, match="projection=replace: .* use projection=keep"):
+            Replace(dim=8, seed=3).apply(backbone)
+        assert all(torch.equal(p, before[n]) for n, p in backbone.named_parameters())
+        return
     heads = Replace(dim=8, seed=3).apply(backbone)
     Replace(dim=8, seed=3).apply(twin)
     assert backbone.facts.projection_dim == 8
@@ -376,7 +426,8 @@ def test_the_spec_knows_the_shape_and_the_skeleton_the_groups_without_weights(ca
 
 def test_an_export_is_recognised_by_its_own_implementation_and_loads_back_the_same(case, make, tmp_path):
     backbone = make()
-    Replace(dim=8, seed=1).apply(backbone)
+    if case.replaces_projection:
+        Replace(dim=8, seed=1).apply(backbone)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():  # "fine-tuned": every weight and BatchNorm statistic moves
         for tensor in backbone.state_dict().values():
@@ -392,8 +443,10 @@ def test_an_export_is_recognised_by_its_own_implementation_and_loads_back_the_sa
         torch.testing.assert_close(again.encode_image(pixels), backbone.encode_image(pixels), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(again.encode_text(**again.tokenize(CAPTIONS)), backbone.encode_text(**tokens),
                                    atol=1e-5, rtol=1e-4)  # fmt: skip
-    assert (again.image_size, again.image_mean, again.image_std) == (backbone.image_size, backbone.image_mean,
-                                                                     backbone.image_std)  # fmt: skip
+    assert (again.image_size, again.resize_size, again.image_mean, again.image_std) == (
+        backbone.image_size, backbone.resize_size, backbone.image_mean, backbone.image_std)  # fmt: skip
+    for (name, mine), (_, theirs) in zip(backbone.temperature(), again.temperature(), strict=True):
+        assert torch.equal(mine, theirs), name  # the trained scale (and bias) go with the model
     assert str(out) in backbone.load_hint(out)
     example = backbone.load_example("FOLDER")
     ast.parse(example)  # Python, which the model card carries (run in tests/test_tool_safety.py)
@@ -441,7 +494,8 @@ def test_forward_flops_are_counted_per_group_as_pytorch_counts_them(make):
     for blocks in range(backbone.facts.depth("vision") + 1):
         apply_freeze(backbone, LastN(vision_blocks=blocks, text_blocks=0))
         steps.append(backbone_step_flops(backbone, 7))
-    forward = sum(backbone.forward_flops("vision")) + sum(backbone.forward_flops("text", 7))
+    tokens = None if backbone.pads_to_context else 7  # a caption padded to the context costs the whole context
+    forward = sum(backbone.forward_flops("vision")) + sum(backbone.forward_flops("text", tokens))
     assert forward < steps[0] < steps[-1] < 3 * forward and steps == sorted(steps)
 
 

@@ -44,12 +44,13 @@ def test_no_source_outside_training_mentions_lightning_or_hydra_imports():
 
 def test_nothing_outside_the_model_parses_parameter_names():
     # the implementations' parameter names (Hugging Face's and open_clip's) belong to handclip/model; everything
-    # else asks the layer groups
+    # else asks the layer groups (and `backbone.logit_scale`, `backbone.logit_bias`: the interface's own names, never
+    # a parameter's name in quotes)
     names = re.compile(
         r"vision_model|text_model|encoder\.layers|visual_projection|text_projection|post_layernorm|pre_layrnorm|"
         r"final_layer_norm|\"embedding\"|\"norm\" in|"  # Hugging Face
         r"resblocks|ln_pre|ln_post|ln_final|attnpool|token_embedding|positional_embedding|class_embedding|"
-        r"\bconv1\b|visual\.proj|logit_bias|c_fc|c_proj|in_proj_weight"  # open_clip
+        r"\bconv1\b|visual\.proj|[\"']logit_bias|c_fc|c_proj|in_proj_weight"  # open_clip
     )
     offenders = []
     for path in PACKAGE.rglob("*.py"):

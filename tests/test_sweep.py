@@ -160,16 +160,16 @@ def test_a_sweep_over_experiments_gives_each_its_own_point(tmp_path):
     from tests.test_train import QUICK
 
     base = ["data=synthetic", *(q for q in QUICK if q != "experiment=demo")]  # Hydra checks these without the sweep
-    train(tmp_path, "experiment=demo,demo_siglip", "eval.baseline=false", "trainer.max_epochs=1", multirun=True,
+    train(tmp_path, "experiment=demo,demo_siglip_loss", "eval.baseline=false", "trainer.max_epochs=1", multirun=True,
           base=base)  # fmt: skip
     (summary,) = (tmp_path / "runs" / "sweeps").rglob("summary.csv")
     points = sorted(p.name for p in summary.parent.iterdir() if p.is_dir())
-    assert [p.split(",")[0] for p in points] == ["experiment=demo", "experiment=demo_siglip"]
+    assert [p.split(",")[0] for p in points] == ["experiment=demo", "experiment=demo_siglip_loss"]
     assert [p.name for p in (tmp_path / "runs" / "sweeps").iterdir()] == [summary.parent.parent.name]  # one sweep
     rows = list(csv.DictReader(open(summary)))
     assert [r["status"] for r in rows] == ["finished", "finished"]
     names = {yaml.safe_load((summary.parent / p / "config.yaml").read_text())["name"] for p in points}
-    assert names == {"demo", "demo_siglip"}
+    assert names == {"demo", "demo_siglip_loss"}
 
 
 CAPTION_METRICS = {  # what a run on caption data (data=captions) holds in metrics.json: no aspects, no zero-shot

@@ -30,6 +30,12 @@ TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "lay
 VIT = {"_target_": "handclip.model.openclip.OpenCLIP", "name": "tiny-vit", "seed": 0, "pretrained": None,
        "config": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 2,
                                                    "head_width": 16}, "text_cfg": TEXT}}  # fmt: skip
+# a tiny SigLIP whose embedding (its pooling head's output, the image tower's width) is 16 wide, as the others'
+SIGLIP = {"_target_": "handclip.model.HuggingFaceSigLIP", "name": "tiny-siglip", "source": "tiny", "seed": 0,
+          "config": {"vision_config": {"image_size": 32, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32,
+                                       "num_hidden_layers": 2, "num_attention_heads": 2},
+                     "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                     "num_attention_heads": 2, "max_position_embeddings": 64}}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +248,8 @@ EPILOGUE = {
 }
 
 
-@pytest.mark.parametrize("backbone, library", [(HF_TINY, "transformers"), (VIT, "open_clip")], ids=["hf", "open_clip"])
+@pytest.mark.parametrize("backbone, library", [(HF_TINY, "transformers"), (SIGLIP, "transformers"), (VIT, "open_clip")],
+                         ids=["hf", "siglip", "open_clip"])  # fmt: skip
 def test_the_model_cards_loading_code_runs_and_gives_the_models_embedding(tmp_path, backbone, library):
     model = fake_run(tmp_path / "run", backbone=backbone)
     out = export(tmp_path / "run", tmp_path / "model")

@@ -41,10 +41,11 @@ def contrastive_loss(
     return (image_to_text + text_to_image) / 2
 
 
-def clamp_logit_scale(logit_scale: torch.Tensor) -> None:
-    """Keep the learnable log-scale in [0, ln 100] (CLIP's clamp), in place."""
+def clamp_logit_scale(logit_scale: torch.Tensor, maximum: float | None = LOGIT_SCALE_MAX) -> None:
+    """Keep the learnable log-scale in [0, maximum], in place: CLIP's clamp at ln 100 by default; a backbone's own
+    `logit_scale_max` (None: no upper bound, as SigLIP trains)."""
     with torch.no_grad():
-        logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+        logit_scale.clamp_(0.0, maximum)
 
 
 class ContrastiveLoss(LossTerm):

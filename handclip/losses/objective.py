@@ -14,7 +14,7 @@ width), `pre_projection_dim` (the image tower's width before the projection), `t
 number them), `text_tower` (a digest of the text tower's weights, where a term reads texts
 another run encoded) and `prompt_tasks` (the data's zero-shot prompt tasks, {task: [prompt per class]},
 in the order the batch's `labels` number the classes) and `zero_shot_tasks` (every task's prompts, all the
-classes it names)).
+classes it names) and `backbone_logit_bias` (whether the backbone has a pretrained sigmoid bias: SigLIP's)).
 
 A term may also leave files behind: `artifacts(backbone) -> {name: tensor}` is written by a
 finished run as `<name>.safetensors` in its run directory (the learned identity texts that a
@@ -59,6 +59,7 @@ class LossInputs:
     # each image's class of each zero-shot prompt task the data names [batch, tasks], -1 where it has none
     labels: torch.Tensor | None = None
     index: torch.Tensor | None = None  # each image's position in the training split
+    logit_bias: torch.Tensor | None = None  # the backbone's pretrained sigmoid bias (SigLIP's), None for CLIP's
 
     def feature(self, name: str) -> torch.Tensor:
         """The image feature `projected` or `pre_projection`."""
@@ -135,14 +136,15 @@ class Objective(nn.Module):
         pre_projection_dim: int | None = None, text_width: int | None = None,
         identity_keys: Sequence[str] | None = None, text_tower: str | None = None,
         prompt_tasks: Mapping[str, Sequence[str]] | None = None,
-        zero_shot_tasks: Mapping[str, Sequence[str]] | None = None,
+        zero_shot_tasks: Mapping[str, Sequence[str]] | None = None, backbone_logit_bias: bool | None = None,
     ):  # fmt: skip
         super().__init__()
         if not isinstance(terms, Mapping) or not terms:
             raise ConfigError("loss.terms is empty: give at least one loss term (see conf/loss/)")
         facts = {"num_identities": num_identities, "embed_dim": embed_dim, "pre_projection_dim": pre_projection_dim,
                  "text_width": text_width, "identity_keys": identity_keys, "text_tower": text_tower,
-                 "prompt_tasks": prompt_tasks, "zero_shot_tasks": zero_shot_tasks}  # fmt: skip
+                 "prompt_tasks": prompt_tasks, "zero_shot_tasks": zero_shot_tasks,
+                 "backbone_logit_bias": backbone_logit_bias}  # fmt: skip
         self.terms = nn.ModuleDict({name: _finish(name, term, facts) for name, term in terms.items()})
         if not any(term.weight > 0 for term in self.terms.values()):
             raise ConfigError(

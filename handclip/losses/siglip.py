@@ -41,25 +41,34 @@ def siglip_loss(
 
 
 class SigLIPLoss(LossTerm):
-    """SigLIP's sigmoid loss. It owns its scale and bias, initialised as in the paper (t' = ln 10, b = -10).
+    """SigLIP's sigmoid loss, with the scale and bias of the backbone where it has pretrained ones (a SigLIP
+    backbone: `logit_scale` and `logit_bias`, trained with the model and exported with it, as the model was made);
+    otherwise with its own, initialised as in the paper (t' = `init_log_scale` = ln 10, b = `init_bias` = -10).
 
-    The backbone's `logit_scale` is tuned for CLIP's softmax (about ln 100 after pre-training), which
-    with a bias of -10 would start far from SigLIP's operating point, so this term learns its own.
+    A CLIP backbone's `logit_scale` is tuned for CLIP's softmax (about ln 100 after pre-training), which with a
+    bias of -10 would start far from SigLIP's operating point, so with CLIP the term learns its own pair.
     """
 
     needs_text = True
 
     def __init__(
         self, weight: float = 1.0, multi_positive: bool = True, init_log_scale: float = math.log(10.0),
-        init_bias: float = -10.0,
+        init_bias: float = -10.0, backbone_logit_bias: bool = False,
     ):  # fmt: skip
         super().__init__(weight)
         self.multi_positive = flag(self.key("multi_positive"), multi_positive)
         number(self.key("init_log_scale"), init_log_scale)
         number(self.key("init_bias"), init_bias)
-        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
-        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        # a backbone with a pretrained bias (the run's fact `backbone_logit_bias`): its scale and bias are the loss's
+        self.pretrained = flag(self.key("backbone_logit_bias"), backbone_logit_bias)
+        if not self.pretrained:
+            self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+            self.bias = nn.Parameter(torch.tensor(float(init_bias)))
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         identities = inputs.identities if self.multi_positive else None
+        if self.pretrained:
+            if inputs.logit_bias is None:
+                raise ValueError("SigLIPLoss was built for a backbone with a pretrained bias, and was given none")
+            return siglip_loss(inputs.image, inputs.text, inputs.logit_scale, inputs.logit_bias, identities)
         return siglip_loss(inputs.image, inputs.text, self.log_scale, self.bias, identities)

@@ -22,14 +22,14 @@ from handclip.model.freeze import (
     freeze_report,
     trainable_parameter_names,
 )
-from handclip.model.hf import HFBackbone, HuggingFaceCLIP
+from handclip.model.hf import HFBackbone, HuggingFaceCLIP, HuggingFaceSigLIP
 from handclip.model.projection import Keep, Replace
 
 __all__ = [
     "Backbone", "BackboneFacts", "BackboneSpec", "BiasOnly", "CLIPFit", "FreezePolicy", "FreezeReport", "Frozen",
     "Full",
-    "HFBackbone", "HuggingFaceCLIP", "Keep", "LastN", "LayerGroup", "Locked", "NormsOnly", "Pattern", "Replace",
-    "TextFrozen", "TowerFacts",
+    "HFBackbone", "HuggingFaceCLIP", "HuggingFaceSigLIP", "Keep", "LastN", "LayerGroup", "Locked", "NormsOnly",
+    "Pattern", "Replace", "TextFrozen", "TowerFacts",
     "apply_freeze", "default_cache_dir", "freeze_report", "load_backbone", "trainable_parameter_names",
 ]  # fmt: skip
 

@@ -29,6 +29,7 @@ groups once, here.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,12 +90,22 @@ class BackboneFacts:
     image_size: int
     patch_size: int | None = None
     context_length: int = 77
+    logit_bias: bool = False  # whether the model carries a pretrained sigmoid bias beside its scale (SigLIP)
+    projection_replaceable: bool = True  # whether `projection=replace` can put new linear heads on (not on SigLIP)
 
     def depth(self, tower: str) -> int:
         return self.tower(tower).depth
 
     def tower(self, tower: str) -> TowerFacts:
         return self.vision if tower == "vision" else self.text
+
+
+# why `projection=replace` is refused on a backbone whose facts say `projection_replaceable=False`
+NO_LINEAR_PROJECTION = (
+    "projection=replace: this backbone's image embedding is the output of an attention-pooling head (SigLIP's), with "
+    "no linear projection to replace, and transformers could not load the model back with one added; use "
+    "projection=keep (the head trains with the top blocks under freeze=last_n)"
+)
 
 
 def default_cache_dir() -> Path:
@@ -113,14 +124,21 @@ class Backbone(nn.Module):
     export_format: ClassVar[str]
     # a model card's front matter for such a folder (library_name, pipeline_tag)
     card_metadata: ClassVar[dict[str, str]] = {}
+    family: ClassVar[str] = "CLIP"  # the model family, as cards and messages name it ("CLIP", "SigLIP")
 
     # preprocessing values, the same in training and evaluation
     image_size: int  # side of the square crop the vision tower takes
-    resize_size: int  # shortest edge images are resized to before the crop
+    # the shortest edge images are resized to before the centre crop, or (height, width) they are resized to
+    # whatever their shape (SigLIP's processor squashes to the input square: the crop then takes the whole image)
+    resize_size: int | tuple[int, int]
     image_mean: list[float]
     image_std: list[float]
     # texts -> tokens, as `tokenize`, but a small picklable object (what data loader workers get)
     text_tokenizer: Any
+    # the largest value training lets `logit_scale` take (CLIP's clamp, ln 100), or None for no upper bound
+    logit_scale_max: ClassVar[float | None] = math.log(100.0)
+    # whether `tokenize` pads every caption to the context length (SigLIP), so that a caption costs the whole context
+    pads_to_context: ClassVar[bool] = False
 
     @property
     def facts(self) -> BackboneFacts:
@@ -129,8 +147,19 @@ class Backbone(nn.Module):
 
     @property
     def logit_scale(self) -> nn.Parameter:
-        """The learnable log inverse temperature (clamped to [0, ln 100] by training)."""
+        """The learnable log inverse temperature (clamped to [0, `logit_scale_max`] by training)."""
         raise NotImplementedError
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """A pretrained sigmoid bias beside the scale (SigLIP's b), or None: a model trained with a softmax has none.
+        Like `logit_scale` it is in no layer group, and `freeze.train_logit_scale` decides whether it trains."""
+        return None
+
+    def temperature(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of `logit_scale` and, where there is one, `logit_bias`: the parameters in no group."""
+        return [("logit_scale", self.logit_scale)] + ([("logit_bias", self.logit_bias)] if self.logit_bias is not None
+                                                      else [])  # fmt: skip
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` for `texts`, padded to the longest, truncated to the context."""
@@ -236,14 +265,14 @@ class Backbone(nn.Module):
         return {id(p): group for group in self.all_groups() for p in group.parameters.values()}
 
     def check_partition(self) -> None:
-        """Every parameter is in exactly one group, or is logit_scale: nothing escapes a policy."""
+        """Every parameter is in exactly one group, or is logit_scale (or logit_bias): nothing escapes a policy."""
         seen: dict[int, str] = {}
         for group in self.all_groups():
             for name, parameter in group.parameters.items():
                 if id(parameter) in seen:
                     raise RuntimeError(f"{name} is in both {seen[id(parameter)]} and {group.name}")
                 seen[id(parameter)] = group.name
-        seen[id(self.logit_scale)] = "logit_scale"
+        seen.update({id(parameter): name for name, parameter in self.temperature()})
         stray = [n for n, p in self.named_parameters() if id(p) not in seen]
         if stray:
             raise RuntimeError(f"parameters outside every layer group: {', '.join(stray[:5])}")

@@ -4,7 +4,7 @@ Each known backbone spec class recognises its own exports by their files (`Backb
 and makes a spec that loads one (`BackboneSpec.from_export`); tools that take a model folder ask
 them in turn here, and never look for an implementation's file names themselves:
 
-    backbone = load_export("exported/dorsal_right")   # a Hugging Face or an open_clip export
+    backbone = load_export("exported/dorsal_right")   # a Hugging Face CLIP or SigLIP, or an open_clip export
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from handclip.errors import BackboneError
 from handclip.model.backbone import Backbone, BackboneSpec
 
 # the spec classes of the implementations in handclip.model, imported when asked (open_clip is heavy)
-SPECS = ("handclip.model.hf.HuggingFaceCLIP", "handclip.model.openclip.OpenCLIP")
+SPECS = ("handclip.model.hf.HuggingFaceCLIP", "handclip.model.hf.HuggingFaceSigLIP", "handclip.model.openclip.OpenCLIP")
 
 
 def spec_classes() -> list[type[BackboneSpec]]:

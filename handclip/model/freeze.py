@@ -324,9 +324,8 @@ class FreezeReport:
 
 
 def freeze_report(backbone: Backbone, label: str) -> FreezeReport:
-    """The table of the backbone's current `requires_grad`: logit_scale, then each tower top down."""
-    rows = [GroupRow("logit_scale", backbone.logit_scale.numel(),
-                     backbone.logit_scale.numel() if backbone.logit_scale.requires_grad else 0)]  # fmt: skip
+    """The table of the backbone's current `requires_grad`: logit_scale (and logit_bias), then each tower top down."""
+    rows = [GroupRow(name, p.numel(), p.numel() if p.requires_grad else 0) for name, p in backbone.temperature()]
     for tower in TOWERS:
         for group in reversed(backbone.layer_groups(tower)):
             trainable = sum(p.numel() for p in group.parameters.values() if p.requires_grad)
@@ -356,13 +355,14 @@ def apply_freeze(backbone: Backbone, policy: FreezePolicy, always_trainable: Seq
     for group in backbone.all_groups():
         for name, parameter in group.parameters.items():
             parameter.requires_grad_(id(parameter) in keep or bool(policy.trains(group, name)))
-    backbone.logit_scale.requires_grad_(policy.train_logit_scale)
+    for _, parameter in backbone.temperature():
+        parameter.requires_grad_(policy.train_logit_scale)
     names = [n for g in backbone.all_groups() for n in g.parameters]
     policy.check_result(names, trainable_parameter_names(backbone))
     return freeze_report(backbone, policy.label)
 
 
 def trainable_parameter_names(backbone: Backbone) -> list[str]:
-    """Model names of the parameters that currently require gradients (logit_scale included)."""
+    """Model names of the parameters that currently require gradients (logit_scale and logit_bias included)."""
     names = [n for g in backbone.all_groups() for n, p in g.parameters.items() if p.requires_grad]
-    return (["logit_scale"] if backbone.logit_scale.requires_grad else []) + names
+    return [name for name, p in backbone.temperature() if p.requires_grad] + names

@@ -127,7 +127,10 @@ def _draw_person(job: tuple) -> list[tuple[dict, np.ndarray]]:
             image = _resize_shortest(Image.open(io.BytesIO(data)).convert("RGB"), cache_size)
             buffer = io.BytesIO()  # the resized image cache stores JPEG at quality 95
             image.save(buffer, "JPEG", quality=95)
-            image = _resize_shortest(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), resize)
+            image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+            # the model's resize: the shortest edge, or (height, width) whatever the shape (SigLIP's squash)
+            image = (_resize_shortest(image, resize) if isinstance(resize, int)
+                     else image.resize((resize[1], resize[0]), Image.BICUBIC))  # fmt: skip
             attributes = {
                 "aspect": aspect, "gender": person.gender, "skin": person.skin, "age_band": age_band(person.age),
                 "nail_polish": str(int(person.nail_colour is not None)), "ring": str(int(ring)),
@@ -136,8 +139,9 @@ def _draw_person(job: tuple) -> list[tuple[dict, np.ndarray]]:
     return out
 
 
-def draw_corpus(settings: Pretraining, resize: int, cache_size: int) -> tuple[list[dict], list[np.ndarray]]:
-    """The corpus: attributes and images (shortest edge `resize`) of every person, in id order."""
+def draw_corpus(settings: Pretraining, resize, cache_size: int) -> tuple[list[dict], list[np.ndarray]]:
+    """The corpus: attributes and images (shortest edge `resize`, or resized to (height, width) `resize`) of every
+    person, in id order."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -160,10 +164,12 @@ def draw_corpus(settings: Pretraining, resize: int, cache_size: int) -> tuple[li
 
 
 def pretrain_tiny(backbone, settings: Pretraining, seed: int) -> dict:
-    """Train `backbone` (a freshly built tiny CLIP) contrastively on the corpus; return what happened."""
+    """Train `backbone` (a freshly built tiny CLIP, or SigLIP) contrastively on the corpus; return what happened.
+    A backbone with a sigmoid bias (SigLIP) is trained with SigLIP's loss, as it was made; CLIP with CLIP's."""
     from tqdm.auto import tqdm
 
     from handclip.losses.contrastive import clamp_logit_scale, contrastive_loss
+    from handclip.losses.siglip import siglip_loss
 
     started = time.time()
     size = backbone.image_size
@@ -209,15 +215,18 @@ def pretrain_tiny(backbone, settings: Pretraining, seed: int) -> dict:
                 texts = [caption(rows[i], rng) for i in index.tolist()]
                 same = {text: n for n, text in enumerate(dict.fromkeys(texts))}
                 tokens = backbone.tokenize(texts)
-                loss = contrastive_loss(
-                    backbone.encode_image(pixels), backbone.encode_text(tokens["input_ids"], tokens["attention_mask"]),
-                    backbone.logit_scale, torch.tensor([same[t] for t in texts]),
-                )  # fmt: skip
+                image = backbone.encode_image(pixels)
+                text = backbone.encode_text(tokens["input_ids"], tokens["attention_mask"])
+                positives = torch.tensor([same[t] for t in texts])
+                if backbone.logit_bias is None:
+                    loss = contrastive_loss(image, text, backbone.logit_scale, positives)
+                else:
+                    loss = siglip_loss(image, text, backbone.logit_scale, backbone.logit_bias, positives)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                clamp_logit_scale(backbone.logit_scale)
+                clamp_logit_scale(backbone.logit_scale, backbone.logit_scale_max)
                 losses.append(loss.item())
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

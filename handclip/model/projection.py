@@ -16,7 +16,7 @@ from torch import nn
 
 from handclip.checks import integer
 from handclip.errors import ConfigError
-from handclip.model.backbone import TOWERS, Backbone, BackboneFacts
+from handclip.model.backbone import NO_LINEAR_PROJECTION, TOWERS, Backbone, BackboneFacts
 
 
 class Keep:
@@ -43,7 +43,9 @@ class Replace:
         self.dim, self.towers, self.seed = dim, sorted(set(towers)), seed
 
     def check(self, facts: BackboneFacts) -> None:
-        """Both towers must end at one width."""
+        """Both towers must end at one width, on a backbone whose projections are linear heads."""
+        if not facts.projection_replaceable:
+            raise ConfigError(NO_LINEAR_PROJECTION)
         current = facts.projection_dim
         if len(self.towers) == 1 and self.dim != current:
             kept = "text" if self.towers[0] == "vision" else "vision"

@@ -65,13 +65,15 @@ def write_clip_tokenizer_files(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def build_clip_tokenizer(out_dir: str | Path):
-    """A `transformers.CLIPTokenizer` with CLIP's vocabulary, saved to `out_dir` and loaded back."""
+def build_clip_tokenizer(out_dir: str | Path, context_length: int = 77, input_names: list[str] | None = None):
+    """A `transformers.CLIPTokenizer` with CLIP's vocabulary and the text tower's context length, saved to `out_dir`
+    and loaded back; `input_names`: what it gives a model (a SigLIP takes `input_ids` alone, no mask)."""
     from transformers import CLIPTokenizer
 
     out_dir = write_clip_tokenizer_files(out_dir)
     tokenizer = CLIPTokenizer(
-        vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=77
+        vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=context_length,
+        **({"model_input_names": list(input_names)} if input_names else {}),
     )
     tokenizer.save_pretrained(out_dir)
     return CLIPTokenizer.from_pretrained(out_dir)

@@ -187,7 +187,8 @@ def card_data(config: Mapping, payload: Mapping | None, *, spec, backbone, facts
     from huggingface_hub import EvalResult, ModelCardData
 
     meta = dict(backbone.card_metadata)
-    tags = ["clip", "handclip", *(HAND_TAGS if facts.hands else CAPTION_TAGS), "image-feature-extraction"]
+    tags = [backbone.family.lower(), "handclip", *(HAND_TAGS if facts.hands else CAPTION_TAGS),
+            "image-feature-extraction"]  # fmt: skip
     numbers = headline(facts, config, payload) if tested else []
     results = [
         EvalResult(task_type="image-retrieval" if key.startswith("retrieval/") else "image-feature-extraction",
@@ -273,7 +274,7 @@ def model_card(
     lines = [
         f"# HandCLIP: {name}",
         "",
-        f"A CLIP model fine-tuned with HandCLIP {_purpose(facts)} on{where}, exported from `{source}`.",
+        f"A {backbone.family} model fine-tuned with HandCLIP {_purpose(facts)} on{where}, exported from `{source}`.",
         "",
     ]
     lines += ["## Base model", "", f"- backbone: {spec.initial_weights()}",

@@ -67,8 +67,10 @@ def step_flops_per_sample(
 
 
 def backbone_step_flops(backbone, text_tokens: int | None = None) -> float | None:
-    """Training FLOPs per (image, caption) pair of `backbone` as its groups train now (after `apply_freeze`);
-    None when the backbone does not count some group's FLOPs."""
+    """Training FLOPs per (image, caption) pair of `backbone` as its groups train now (after `apply_freeze`), with
+    captions of `text_tokens` tokens (the whole context where the backbone pads every caption to it); None when the
+    backbone does not count some group's FLOPs."""
+    text_tokens = None if backbone.pads_to_context else text_tokens
     total = 0.0
     for tower in TOWERS:
         forward = backbone.forward_flops(tower, text_tokens if tower == "text" else None)

@@ -130,6 +130,7 @@ def contrastive_step(forward: Forward, objective, batch: Mapping, accumulate: in
         inputs = LossInputs(
             features["image"], features.get("text"), backbone.logit_scale, batch["identities"],
             image_pre_projection=features.get("pre_projection"), labels=batch.get("labels"), index=batch.get("index"),
+            logit_bias=backbone.logit_bias,
         )  # fmt: skip
         return objective(inputs)
 

@@ -247,12 +247,13 @@ def objective_facts(
     the data is read; `identity_keys` in the order heads number them), widths from the model (stand-ins of
     64 where the backbone's config was not read), and `text_tower`, the digest of the text tower's weights,
     where a term reads what another run's text tower encoded, and `prompt_tasks`, the data's zero-shot prompt tasks
-    ({task: [prompt per class]}; None before the data is read)."""
+    ({task: [prompt per class]}; None before the data is read), and `backbone_logit_bias`, whether the backbone has
+    a pretrained sigmoid bias (SigLIP's) that the SigLIP loss then starts from."""
     return {
         "num_identities": num_identities, "embed_dim": facts.projection_dim if facts else 64,
         "pre_projection_dim": facts.vision.width if facts else 64, "text_width": facts.text.width if facts else 64,
         "identity_keys": identity_keys, "text_tower": text_tower, "prompt_tasks": prompt_tasks,
-        "zero_shot_tasks": zero_shot_tasks,
+        "zero_shot_tasks": zero_shot_tasks, "backbone_logit_bias": facts.logit_bias if facts else None,
     }  # fmt: skip
 
 

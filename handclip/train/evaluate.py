@@ -142,9 +142,9 @@ def find_source(model: str | None, backbone: Mapping | None) -> Source:
         )
     first = Path(model).parts[0] if Path(model).parts else model
     if HUB_ID.match(model) and not Path(first).is_dir() and not model.endswith(".ckpt"):
-        from handclip.model.hf import HuggingFaceCLIP
+        from handclip.model.hf.spec import hub_spec
 
-        return Source("hub", model, _slug(model), spec=HuggingFaceCLIP(source=model, name=model.split("/")[-1]),
+        return Source("hub", model, _slug(model), spec=hub_spec(model, model.split("/")[-1]),
                       facts={"id": model})  # fmt: skip
     raise HandClipError(f"{model}: no such run folder, checkpoint, export or model folder (and not a hub id, "
                         "ORGANISATION/NAME)")  # fmt: skip

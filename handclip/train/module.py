@@ -106,7 +106,8 @@ class FineTuner(L.LightningModule):
         features = self.forward_path.features(batch, self.objective.needs_text, self.objective.needs_pre_projection)
         inputs = LossInputs(
             image=self._gather(features["image"]), text=self._gather(features["text"]),
-            logit_scale=self.backbone.logit_scale, identities=self._gather(batch["identities"], grads=False),
+            logit_scale=self.backbone.logit_scale, logit_bias=self.backbone.logit_bias,
+            identities=self._gather(batch["identities"], grads=False),
             image_pre_projection=self._gather(features["pre_projection"]),
             backbone=self.backbone if self.objective.needs_backbone else None,
             labels=self._gather(batch.get("labels"), grads=False), index=self._gather(batch.get("index"), grads=False),
@@ -145,7 +146,7 @@ class FineTuner(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        clamp_logit_scale(self.backbone.logit_scale)  # after every step, as CLIP does
+        clamp_logit_scale(self.backbone.logit_scale, self.backbone.logit_scale_max)  # after every step, as CLIP does
         self._check_weights()
 
     def _check_weights(self) -> None:

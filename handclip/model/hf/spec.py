@@ -56,10 +56,9 @@ def built_problem(folder: Path) -> str | None:
     return f"{changed[0]} changed or went missing since it was built" if changed else None
 
 
-def tiny_clip_config(config: Mapping | None):
-    """The `CLIPConfig` of a tiny backbone from its fields (`projection_dim`, `vision_config`, `text_config`)."""
-    from transformers import CLIPConfig
-
+def tiny_fields(config: Mapping | None) -> tuple[dict, dict, dict]:
+    """(text_config, vision_config, the rest) of a tiny backbone's config fields, each tower's width checked
+    against its heads, and the text tower's special ids those of CLIP's tokenizer (which tiny models use)."""
     config = dict(config or {})
     text = dict(config.pop("text_config", {}) or {})
     vision = dict(config.pop("vision_config", {}) or {})
@@ -74,18 +73,26 @@ def tiny_clip_config(config: Mapping | None):
     text.setdefault("eos_token_id", 49407)
     text.setdefault("pad_token_id", 49407)
     text.setdefault("vocab_size", 49408)
-    return CLIPConfig(text_config=text, vision_config=vision, **config)
+    return text, vision, config
+
+
+def tiny_clip_config(config: Mapping | None):
+    """The `CLIPConfig` of a tiny backbone from its fields (`projection_dim`, `vision_config`, `text_config`)."""
+    from transformers import CLIPConfig
+
+    text, vision, rest = tiny_fields(config)
+    return CLIPConfig(text_config=text, vision_config=vision, **rest)
 
 
 def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep + os.sep in source
 
 
-def _load_error(source: str, error: Exception) -> BackboneError:
+def _load_error(source: str, error: Exception, model_class: str = "CLIPModel") -> BackboneError:
     if _looks_like_path(source) and not Path(source).expanduser().is_dir():
         return BackboneError(
             f"backbone.source={source}: no such directory. A local backbone is a directory written by "
-            "CLIPModel.save_pretrained (with its tokenizer and image processor); check the path"
+            f"{model_class}.save_pretrained (with its tokenizer and image processor); check the path"
         )
     first = first_line(error)
     local = Path(source)
@@ -93,8 +100,8 @@ def _load_error(source: str, error: Exception) -> BackboneError:
         return BackboneError(
             f"backbone folder {source} could not be loaded: {first}. It is damaged or incomplete (a copy cut "
             "short, a file missing or edited): if HandCLIP built it in its cache, delete the folder and the next run "
-            "builds it again; otherwise write it again with CLIPModel.save_pretrained (with its tokenizer and image "
-            "processor)"
+            f"builds it again; otherwise write it again with {model_class}.save_pretrained (with its tokenizer and "
+            "image processor)"
         )
     tried = (
         f"the local directory '{source}' ({'exists' if local.is_dir() else 'not found'})"
@@ -108,10 +115,73 @@ def _load_error(source: str, error: Exception) -> BackboneError:
     )
 
 
+# the spec of each model family of transformers HandCLIP serves, by config.json's model_type
+FAMILIES = {"clip": "handclip.model.HuggingFaceCLIP", "siglip": "handclip.model.HuggingFaceSigLIP"}
+
+
+def wrong_family(source: str, found: str, wanted: str) -> str:
+    """The message for a model of another family than the spec's (a SigLIP folder given to the CLIP spec)."""
+    if found in FAMILIES:
+        fix = f"give it with backbone._target_={FAMILIES[found]} (conf/backbone/ has a file for each family)"
+    elif found == "siglip2":
+        fix = ("SigLIP 2's NaFlex models (model_type siglip2) are not served; its fixed-resolution checkpoints "
+               "(google/siglip2-base-patch16-224 and the like) are SiglipModels: use one with backbone=siglip2_b16")
+    else:
+        fix = f"HandCLIP serves the model types {', '.join(FAMILIES)}"
+    return f"backbone.source={source} holds a {found} model, not a {wanted} one: {fix}"
+
+
+def hub_spec(source: str, name: str | None = None) -> HuggingFaceCLIP:
+    """The spec of the family whose model a hub id or folder holds, by its config's `model_type`; a config that
+    cannot be read is refused with what to do, and a type no family serves by the CLIP spec, naming what is served."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except Exception as error:  # noqa: BLE001 - re-raised with what to do
+        raise _load_error(source, error) from error
+    module, _, cls = FAMILIES.get(model_type, FAMILIES["clip"]).rpartition(".")
+    return getattr(importlib.import_module(module), cls)(source=source, name=name)
+
+
 class HuggingFaceCLIP(BackboneSpec):
-    """A backbone spec for `transformers.CLIPModel`: cheap to build, `load()` brings the weights."""
+    """A backbone spec for `transformers.CLIPModel`: cheap to build, `load()` brings the weights.
+
+    Another model family of transformers (SigLIP: `handclip.model.hf.siglip`) subclasses it and names its own
+    classes; loading, the tiny model's cache and the export checks are the same."""
 
     export_format = HFBackbone.export_format
+    model_type = "clip"  # the `model_type` of the config.json this spec loads
+    model_class = "CLIPModel"  # transformers' model class, by name (and in messages)
+    family = "CLIP"  # how messages and model cards name the family
+    tokenizer_inputs: list[str] | None = None  # what a tiny model's tokenizer gives the model (None: ids and mask)
+
+    def transformers_classes(self) -> tuple[type, type, type]:
+        """(config class, model class, image processor class) of the family in transformers."""
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+        return CLIPConfig, CLIPModel, CLIPImageProcessor
+
+    def tiny_config(self):
+        """The tiny model's config from `self.config`'s fields."""
+        return tiny_clip_config(self.config)
+
+    def new_processor(self, size: int):
+        """The image processor a tiny model is saved with (and a skeleton carries)."""
+        _, _, processor = self.transformers_classes()
+        return processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    def wrap(self, model, tokenizer, processor) -> HFBackbone:
+        """The loaded model, tokenizer and processor as this family's `Backbone`."""
+        return HFBackbone(model, tokenizer, processor, self.source)
+
+    def facts_of(self, config) -> BackboneFacts:
+        return facts_of(config)
+
+    def check_config(self, config) -> None:
+        """Refuse, in one line, a config of this family the backbone cannot serve (none for CLIP)."""
 
     def __init__(self, source: str | None = None, name: str | None = None, config: Mapping | None = None,
                  seed: int = 0, pretrain: Mapping | None = None):  # fmt: skip
@@ -135,31 +205,34 @@ class HuggingFaceCLIP(BackboneSpec):
 
             self.pretrain = Pretraining.from_settings(plain_dict(pretrain, "backbone.pretrain"))
 
-    def clip_config(self):
-        """The model's `CLIPConfig`, without loading any weights."""
+    def model_config(self):
+        """The model's config (a `CLIPConfig`, ...), without loading any weights."""
         if self.source == TINY:
-            return tiny_clip_config(self.config)
-        from transformers import CLIPConfig
+            config = self.tiny_config()
+        else:
+            from transformers import AutoConfig
 
-        try:
-            return CLIPConfig.from_pretrained(self.source)
-        except Exception as error:  # noqa: BLE001 - re-raised with what to do
-            raise _load_error(self.source, error) from error
+            try:
+                config = AutoConfig.from_pretrained(self.source)
+            except Exception as error:  # noqa: BLE001 - re-raised with what to do
+                raise _load_error(self.source, error, self.model_class) from error
+            if config.model_type != self.model_type:
+                raise BackboneError(wrong_family(self.source, config.model_type, self.model_type))
+        self.check_config(config)
+        return config
+
+    clip_config = model_config  # the name it had while CLIP was the only family
 
     def facts(self) -> BackboneFacts:
         """Depths, widths and sizes of the towers, from the config alone."""
-        return facts_of(self.clip_config())
+        return self.facts_of(self.model_config())
 
     def skeleton(self) -> HFBackbone:
         """The model's structure with no weights (on the meta device): what policies are checked on."""
-        from transformers import CLIPImageProcessor, CLIPModel
-
-        config = self.clip_config()
+        config = self.model_config()
         with torch.device("meta"):
-            model = CLIPModel(config)
-        size = int(config.vision_config.image_size)
-        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return HFBackbone(model, None, processor, self.source)
+            model = self.transformers_classes()[1](config)
+        return self.wrap(model, None, self.new_processor(int(config.vision_config.image_size)))
 
     def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
         """Build the tiny backbone once (seeded random weights, then pretrained if asked) and return its directory."""
@@ -186,26 +259,30 @@ class HuggingFaceCLIP(BackboneSpec):
                     write_json_atomic(tmp / BUILT, file_digests(tmp))
         return out
 
+    def start_tiny(self, model) -> None:
+        """Set what a freshly built tiny model starts from beyond its library's own initialisation (nothing here)."""
+
     def _build_tiny(self, out: Path) -> None:
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer
 
         from handclip.model.tokenizer import build_clip_tokenizer
 
-        config = tiny_clip_config(self.config)
+        config = self.tiny_config()
+        self.check_config(config)
         # a private random stream: building the cache must not change the run's own random numbers
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = CLIPModel(config)
-            build_clip_tokenizer(out)
-            size = config.vision_config.image_size
-            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+            model = self.transformers_classes()[1](config)
+            self.start_tiny(model)
+            build_clip_tokenizer(out, int(config.text_config.max_position_embeddings), self.tokenizer_inputs)
+            processor = self.new_processor(int(config.vision_config.image_size))
             processor.save_pretrained(out)
             if self.pretrain is not None:
                 from handclip.model.pretrain import pretrain_tiny
 
-                print("pretraining the tiny CLIP once on synthetic hands (a few minutes on a CPU); "
+                print(f"pretraining the tiny {self.family} once on synthetic hands (a few minutes on a CPU); "
                       f"kept in {out.parent}", flush=True)  # fmt: skip
-                backbone = HFBackbone(model, AutoTokenizer.from_pretrained(out), processor, TINY)
+                backbone = self.wrap(model, AutoTokenizer.from_pretrained(out), processor)
                 report = pretrain_tiny(backbone, self.pretrain, self.seed)
                 write_json_atomic(out / "pretraining.json", report)
                 print(f"pretrained in {report['seconds']:.0f} s; loss by epoch {report['epoch_loss']}", flush=True)
@@ -213,22 +290,25 @@ class HuggingFaceCLIP(BackboneSpec):
 
     def load(self, cache_dir: str | Path | None = None) -> HFBackbone:
         """Model, tokenizer and image processor through `from_pretrained`."""
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer
 
+        if self.source != TINY:
+            self.model_config()  # a config of the family this backbone cannot serve is refused before the weights
         path = str(self.tiny_dir(cache_dir)) if self.source == TINY else self.source
+        _, model_class, processor_class = self.transformers_classes()
         try:
-            model = CLIPModel.from_pretrained(path)
+            model = model_class.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            processor = CLIPImageProcessor.from_pretrained(path)
+            processor = processor_class.from_pretrained(path)
         except Exception as error:  # noqa: BLE001 - re-raised with what to do
-            raise _load_error(self.source, error) from error
-        return HFBackbone(model, tokenizer, processor, self.source)
+            raise _load_error(self.source, error, self.model_class) from error
+        return self.wrap(model, tokenizer, processor)
 
     def initial_weights(self) -> str:
         if self.source != TINY:
             local = Path(self.source).expanduser().is_dir()
-            return f"the CLIPModel in {self.source}" if local else f"{self.source} (Hugging Face hub)"
-        built = f"{self.name}: a tiny CLIP built from a config"
+            return f"the {self.model_class} in {self.source}" if local else f"{self.source} (Hugging Face hub)"
+        built = f"{self.name}: a tiny {self.family} built from a config"
         if self.pretrain is None:
             return f"{built}, random initial weights (seed {self.seed})"
         return (
@@ -243,7 +323,7 @@ class HuggingFaceCLIP(BackboneSpec):
     @classmethod
     def recognises(cls, folder: Path) -> bool:
         try:
-            return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "clip"
+            return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == cls.model_type
         except (OSError, ValueError, AttributeError):
             return False
 
@@ -256,7 +336,8 @@ class HuggingFaceCLIP(BackboneSpec):
                 raise BackboneError(
                     f"{folder / pickled[0]} holds pickled weights, which can run code when loaded: HandCLIP reads "
                     "safetensors only; convert the model once where you trust it "
-                    f"(CLIPModel.from_pretrained(DIR).save_pretrained(DIR)) so that {folder} holds model.safetensors"
+                    f"({cls.model_class}.from_pretrained(DIR).save_pretrained(DIR)) so that {folder} holds "
+                    "model.safetensors"
                 )
             raise BackboneError(f"{folder} has config.json but no model.safetensors: give a folder that export wrote")
         return cls(source=str(folder), name=folder.name)
