@@ -68,7 +68,8 @@ class EvalSettings:
         integer("eval.batch_size", self.batch_size, 1)
         integer("eval.smooth", self.smooth, 1, 1000)
         integer("eval.ranked", self.ranked, 0, 20, hint=" (0: no pictures of the top-ranked gallery images)")
-        check_validation_metric("eval.select", self.select, "a checkpoint is never chosen on test")
+        check_validation_metric("eval.select", self.select, "a checkpoint is never chosen on test",
+                                identity_accuracy=True)
         if self.wise_ft is not None:  # a metric validation never gives would choose the unmixed model without a word
             check_validation_metric("eval.wise_ft.metric", self.wise_ft.metric, "a mix is never chosen on test")
 
@@ -87,13 +88,14 @@ def _settings(key: str, value: Any, kind: type, example: str) -> Any:
     return kind(**value)
 
 
-def check_validation_metric(key: str, value: Any, why: str) -> str:
-    """`value` if validation gives it (val/rank1, val/rank5, val/rank10, val/mAP), else a ConfigError naming `key`."""
-    from handclip.eval.protocol import VALIDATION_METRICS
+def check_validation_metric(key: str, value: Any, why: str, identity_accuracy: bool = False) -> str:
+    """`value` if validation gives it (val/rank1, val/rank5, val/rank10, val/mAP; with `identity_accuracy`, also
+    val/id_accuracy, which a run with an identity head gives), else a ConfigError naming `key`."""
+    from handclip.eval.protocol import ID_ACCURACY, VALIDATION_METRICS
 
-    if value not in VALIDATION_METRICS:
-        raise ConfigError(f"{key}={value!r} must be a validation metric, one of {', '.join(VALIDATION_METRICS)}: "
-                          f"{why}")  # fmt: skip
+    allowed = (*VALIDATION_METRICS, ID_ACCURACY) if identity_accuracy else VALIDATION_METRICS
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} must be a validation metric, one of {', '.join(allowed)}: {why}")
     return value
 
 

@@ -41,6 +41,9 @@ RETRIEVAL_GALLERIES = {
 }
 # what every validation gives: what may select a checkpoint (eval.select) or a WiSE-FT mix (eval.wise_ft.metric)
 VALIDATION_METRICS = tuple(f"val/{name}" for name in METRICS)
+# the share of validation images (held-out images of the training identities) the objective's identity head names
+# right: what CLIP-HandID selects its checkpoint by; it may select a checkpoint (eval.select) where there is a head
+ID_ACCURACY = "val/id_accuracy"
 # the protocols a number can follow (`eval.protocol`), in the words tables and cards use
 PROTOCOLS = {
     "handclip": "HandCLIP's protocol",

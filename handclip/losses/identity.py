@@ -79,6 +79,13 @@ class IdentityLoss(LossTerm):
         ]  # fmt: skip
         return sum(losses) / len(losses)
 
+    def identity_probabilities(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each image's probability of each training identity [batch, identities], by the classifier(s) on the
+        neck(s) with their running statistics, averaged over the necks: what `val/id_accuracy` reads."""
+        probabilities = [F.softmax(neck.classifier(neck.normalised(features[name])), dim=-1)
+                         for name, neck in self.necks.items()]  # fmt: skip
+        return sum(probabilities) / len(probabilities)
+
     def neck_features(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The evaluation feature after the neck(s): L2-normalised and concatenated when there are two."""
         outputs = [self.necks[name].normalised(features[name]) for name in self.necks]

@@ -188,6 +188,10 @@ class Objective(nn.Module):
         """Names of the terms with `need` (e.g. `needs_identity_batches`) set."""
         return [name for name, term in self.terms.items() if getattr(term, need)]
 
+    def identity_head(self) -> LossTerm | None:
+        """The first term that classifies images into the training identities (`identity_probabilities`), if any."""
+        return next((term for term in self.terms.values() if hasattr(term, "identity_probabilities")), None)
+
     def neck(self) -> LossTerm | None:
         """The first term with a BN-neck (an identity loss), whose output can be the evaluation feature."""
         return next((term for term in self.terms.values() if hasattr(term, "neck_features")), None)

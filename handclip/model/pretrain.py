@@ -200,7 +200,7 @@ def pretrain_tiny(backbone, settings: Pretraining, seed: int) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     backbone.train()
     losses: list[float] = []
-    with tqdm(total=total, desc="pretraining the tiny CLIP", unit="step", leave=False) as bar:
+    with tqdm(total=total, desc=f"pretraining the tiny {backbone.family}", unit="step", leave=False) as bar:
         for _ in range(settings.epochs):
             order = torch.randperm(len(rows), generator=generator)
             for start in range(0, len(order), settings.batch_size):

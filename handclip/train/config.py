@@ -295,6 +295,18 @@ def check_decay(decay) -> float | None:
     return number("ema.decay", decay, 0, 1, low_open=True, high_open=True, hint=" (e.g. 0.998), or null for no EMA")
 
 
+def _check_selection(select: str, objective) -> None:
+    """eval.select=val/id_accuracy needs an identity head in the objective to name the validation images."""
+    from handclip.eval.protocol import ID_ACCURACY
+
+    if select == ID_ACCURACY and objective.identity_head() is None:
+        raise ConfigError(
+            f"eval.select={ID_ACCURACY} needs an identity classifier to score: the objective "
+            f"({', '.join(objective.terms)}) has none; add an identity term (handclip.losses.IdentityLoss, as "
+            "loss=strong and loss=handid have), or select by a retrieval metric (eval.select=val/mAP)"
+        )
+
+
 def _check_identity_batches(objective, data: Mapping) -> None:
     """Triplet and identity terms need P identities x K >= 2 images in every batch: say what to set."""
     wanted = objective.terms_needing("needs_identity_batches")
@@ -366,6 +378,7 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
                      identity_options(settings))  # checked once the data is read
     _check_identity_text_sources(finished, cfg, facts, projection)
     ImageEncoder(settings.feature, finished)  # eval.feature=bnneck needs a BN-neck in the objective
+    _check_selection(settings.select, finished)
     ema = cfg.get("ema") or {}
     unknown = [k for k in ema if k != "decay"]
     if unknown:

@@ -21,6 +21,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from handclip.errors import HandClipError
+from handclip.eval.protocol import ID_ACCURACY
 from handclip.model.averaging import PREFIX
 from handclip.model.caching import trained_names
 from handclip.train.config import check_decay
@@ -111,18 +112,21 @@ class WeightEMA(L.Callback):
             return
         loaders = trainer.val_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        features, index = [], []
+        features, index, predicted = [], [], []
         with weights_swapped(pl_module.backbone, self.weights()):
             for loader in loaders:
                 for batch in loader:
-                    with trainer.precision_plugin.forward_context():  # the feature validation_step scores
-                        features.append(pl_module.validation_feature(batch).float())
+                    with trainer.precision_plugin.forward_context():  # what validation_step scores
+                        feature, answers = pl_module.validation_outputs(batch)
+                    features.append(feature.float())
+                    predicted += [answers] if answers is not None else []
                     index.append(batch["index"].to(pl_module.device))
         if not features:
             return
-        metrics = pl_module.validation_metrics(features, index)
-        for name in ("val/rank1", "val/rank5", "val/mAP"):
-            pl_module.log(f"ema/{name}", metrics[name], prog_bar=name == "val/rank1", rank_zero_only=False)
+        metrics = pl_module.validation_metrics(features, index, predicted)
+        for name in ("val/rank1", "val/rank5", "val/mAP", ID_ACCURACY):
+            if name in metrics:
+                pl_module.log(f"ema/{name}", metrics[name], prog_bar=name == "val/rank1", rank_zero_only=False)
         pl_module.log(f"ema/{MONITOR}", self.selection.update(metrics), rank_zero_only=False)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from handclip.errors import HandClipError, NonFiniteError
 from handclip.eval.feature import ImageEncoder
-from handclip.eval.protocol import images_needed, score_protocol
+from handclip.eval.protocol import ID_ACCURACY, images_needed, score_protocol
 from handclip.losses import LossInputs, Objective, clamp_logit_scale
 from handclip.model.backbone import Backbone
 from handclip.model.forward import Forward
@@ -58,6 +58,15 @@ class FineTuner(L.LightningModule):
         self.selection = selection or Selection()  # the validation score that picks the best checkpoint
         self._val_features: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
+        self._val_predicted: list[torch.Tensor] = []
+        # the identity head's answers on the held-out images of the training identities (`val/id_accuracy`): each
+        # validation image's class (its identity's place among the training identities, as the heads number them),
+        # -1 for the training images validation ranks against
+        self.identity_head = objective.identity_head()
+        order = {key: n for n, key in enumerate(sorted({str(r["identity"]) for r in self.val_rows
+                                                         if r["split"] == "train"}))}  # fmt: skip
+        self._val_classes = torch.tensor([order.get(str(r["identity"]), -1) if r["split"] == "val" else -1
+                                          for r in self.val_images], dtype=torch.long)  # fmt: skip
         # every batch's way through the model; handclip.train.caches sets its stored prefix and text cache
         self.forward_path = Forward(self.backbone)
         # training time carried across resumes (wall time of one process would restart at 0)
@@ -164,40 +173,64 @@ class FineTuner(L.LightningModule):
         )
 
     def on_validation_epoch_start(self) -> None:
-        self._val_features, self._val_index = [], []
+        self._val_features, self._val_index, self._val_predicted = [], [], []
+
+    def validation_outputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(evaluation feature, the identity head's answer for each image or None without a head) of a validation
+        batch (pixels or stored hidden states), from one forward pass."""
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "index"}
+        if self.identity_head is None:
+            return self.encode(self.forward_path, batch), None
+        pre, projected = self.forward_path.image(batch, pre_projection=True)
+        answers = self.identity_head.identity_probabilities({"projected": projected, "pre_projection": pre})
+        return self.encode.from_outputs(pre, projected), answers.argmax(-1)
 
     def validation_feature(self, batch: dict) -> torch.Tensor:
         """The evaluation feature of a validation batch (pixels or stored hidden states)."""
-        return self.encode(self.forward_path, {k: v.to(self.device) for k, v in batch.items() if k != "index"})
+        return self.validation_outputs(batch)[0]
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        self._val_features.append(self.validation_feature(batch).float())
+        feature, predicted = self.validation_outputs(batch)
+        self._val_features.append(feature.float())
         self._val_index.append(batch["index"])
+        if predicted is not None:
+            self._val_predicted.append(predicted)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_features:
             return
         try:
-            metrics = self.validation_metrics(self._val_features, self._val_index)
+            metrics = self.validation_metrics(self._val_features, self._val_index, self._val_predicted)
         except NonFiniteError as error:
             where = f"validation after epoch {self.current_epoch} (step {self.global_step})"
             raise NonFiniteError(f"{where}: {error}") from None
-        for name in ("val/rank1", "val/rank5", "val/mAP"):
-            self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
+        for name in ("val/rank1", "val/rank5", "val/mAP", ID_ACCURACY):
+            if name in metrics:
+                self.log(name, metrics[name], prog_bar=name == "val/rank1", sync_dist=False, rank_zero_only=False)
         if not self.trainer.sanity_checking:
             self.log(MONITOR, self.selection.update(metrics), sync_dist=False, rank_zero_only=False)
 
-    def validation_metrics(self, features: list[torch.Tensor], index: list[torch.Tensor]) -> dict[str, float]:
-        """The validation protocol's metrics for the features of this process's validation batches."""
+    def validation_metrics(self, features: list[torch.Tensor], index: list[torch.Tensor],
+                           predicted: list[torch.Tensor] = ()) -> dict[str, float]:  # fmt: skip
+        """The validation protocol's metrics for the features of this process's validation batches; with the identity
+        head's answers (`predicted`), `val/id_accuracy` too."""
         features, index = torch.cat(features), torch.cat(index)
+        answers = torch.cat(list(predicted)) if len(predicted) else None
         if self.trainer.world_size > 1:
             # each process saw a shard (padded with repeats): gather and put back in order
             features = self.all_gather(features).flatten(0, 1)
+            answers = self.all_gather(answers).flatten(0, 1) if answers is not None else None
             index = self.all_gather(index).flatten(0, 1)
         ordered = torch.zeros(len(self.val_images), features.shape[1], device=features.device)
         ordered[index] = features
-        return score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False,
-                              texts=self.forward_path.captions)["metrics"]  # fmt: skip
+        metrics = score_protocol(ordered.cpu(), self.val_images, self.val_rows, include_test=False,
+                                 texts=self.forward_path.captions)["metrics"]  # fmt: skip
+        held_out = self._val_classes >= 0
+        if answers is not None and held_out.any():
+            named = torch.full_like(self._val_classes, -1)
+            named[index.cpu()] = answers.cpu()
+            metrics[ID_ACCURACY] = (named[held_out] == self._val_classes[held_out]).float().mean().item()
+        return metrics
 
     def optimised_parameters(self, steps_per_epoch: int = 0, epochs: int = 0) -> list[ParameterInfo]:
         """Every parameter of the backbone and the objective, trainable now or later."""
