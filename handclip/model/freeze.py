@@ -97,6 +97,11 @@ class FreezePolicy:
         """The first epoch (of `epochs`) in which parameter `name` trains, or None if it never does."""
         return 0 if epochs > 0 and self.trains(group, name) else None
 
+    def start_step(self, earliest: int, steps_per_epoch: int) -> int:
+        """The optimiser step from which a group that `first_epoch` said starts at step `earliest` really trains (its
+        warm-up runs from there): `earliest` itself, but for a schedule that acts on what validation says."""
+        return earliest
+
     def changes_within(self, epochs: int) -> bool:
         """Whether what trains changes during the first `epochs` epochs."""
         return any(self.policy_at(epoch) is not self.policy_at(0) for epoch in range(1, epochs))

@@ -4,6 +4,8 @@
               named tower train, from the top down (gradual unfreezing, as in ULMFiT)
     Staged    an explicit list {epoch: policy}, e.g. the projection for two epochs, then the
               last 4 vision blocks
+    OnPlateau start from a policy, and whenever the selecting validation score has stalled for
+              `patience` validations let `blocks` more groups of each named tower train
 
 Every policy answers the same questions (`FreezePolicy`'s schedule protocol: `policy_at(epoch)`,
 `first_epoch`, `changes_within`, `plan`, `warmup_steps`), a policy that never changes being a
@@ -12,6 +14,12 @@ asks `policy_at(epoch)` at the start of each epoch. The policy is a pure functio
 resumed run is at the same point of the schedule (its settings are part of the resume signature).
 Parameters that start frozen are already in the optimiser; `first_epoch` tells it when each group
 starts to train, for its own warm-up.
+
+`OnPlateau` is a function of the epoch and of what validation said so far: the epochs its stages began
+(`state_dict`, kept in every checkpoint by the training glue, so a resumed run is at the same point).
+What it cannot know in advance it answers for the earliest it could happen: `first_epoch` is the
+first epoch a group could train (a stage needs `patience` + 1 validations), so caches never store a
+group that may unfreeze, and `start_step` moves a group's warm-up to the step its stage really began.
 """
 
 from __future__ import annotations
@@ -165,3 +173,117 @@ class Staged(FreezeSchedule):
 
     def policy_at(self, epoch: int) -> FreezePolicy:
         return self.stages[max(e for e in self.stages if e <= epoch)]
+
+
+class OnPlateau(FreezeSchedule):
+    """Start from `start`; whenever the selecting validation score (`eval.select`, smoothed as it selects) has not
+    risen by more than `min_delta` over `patience` validations of the current stage, `blocks` more groups of each of
+    `towers` train from the next epoch, from the top down, until every group of them trains."""
+
+    def __init__(self, start: FreezePolicy, patience: int = 2, min_delta: float = 0.0, blocks: int = 1,
+                 towers: Sequence[str] = ("vision",), warmup_steps: int = 0, train_logit_scale: bool = True,
+                 **ignored):  # fmt: skip
+        super().__init__(warmup_steps, train_logit_scale, **ignored)
+        from handclip.checks import number
+
+        self.start = _policy("start", start)
+        self.patience, self.blocks = _positive("patience", patience), _positive("blocks", blocks)
+        self.min_delta = number("freeze.min_delta", min_delta, 0, 1)
+        towers = [towers] if isinstance(towers, str) else list(towers)
+        if not towers or any(t not in TOWERS for t in towers):
+            raise ConfigError(f"freeze.towers={towers!r}: choose from {', '.join(TOWERS)}")
+        self.towers = towers
+        self.stages: int | None = None  # how many stages unfreeze every group of the towers (from the facts)
+        self.begun: list[int] = []  # the epoch each stage after the first began
+        self.scores: list[float] = []  # the current stage's selecting scores, one per validation
+
+    def settings(self) -> tuple[str, ...]:
+        return ("start", "patience", "min_delta", "blocks", "towers", "warmup_steps")
+
+    @property
+    def label(self) -> str:
+        return (f"on plateau ({self.blocks} more group(s) of {'+'.join(self.towers)} after {self.patience} "
+                "validation(s) without a gain)")  # fmt: skip
+
+    def check(self, facts: BackboneFacts) -> None:
+        self.start.check(facts)
+        deepest = max(facts.depth(tower) + 1 for tower in self.towers)  # the embeddings' depth
+        self.stages = -(-deepest // self.blocks)
+
+    def check_epochs(self, epochs: int) -> None:
+        if epochs <= self.patience + 1:
+            raise ConfigError(
+                f"freeze.patience={self.patience} with trainer.max_epochs={epochs}: a stage needs {self.patience + 1} "
+                f"validations before the next can begin, at epoch {self.patience + 1} at the earliest, after the run's "
+                "last epoch, so the schedule would never act; lower freeze.patience or raise trainer.max_epochs"
+            )
+
+    def policies(self) -> list[FreezePolicy]:
+        return [self.start]
+
+    def policy_at(self, epoch: int) -> FreezePolicy:
+        depth = sum(1 for began in self.begun if began <= epoch) * self.blocks
+        if depth == 0:
+            return self.start
+        return _Frontier(self.start, self.towers, depth, self.train_logit_scale)
+
+    def _stage_of(self, group: LayerGroup) -> int | None:
+        """The stage from which `group` trains (1: the first after the start), or None if none makes it train."""
+        if group.tower not in self.towers:
+            return None
+        return max(1, -(-group.depth // self.blocks))
+
+    def first_epoch(self, group: LayerGroup, name: str, epochs: int) -> int | None:
+        """The earliest epoch `name` could train, whatever validation says: stage k begins after k x (patience + 1)
+        validations at the soonest. It never depends on what the run has seen, so the optimiser's groups and the
+        caches planned from it are the same in a run and in its resume."""
+        if epochs > 0 and self.start.trains(group, name):
+            return 0
+        stage = self._stage_of(group)
+        if stage is None or (self.stages is not None and stage > self.stages):
+            return None
+        epoch = stage * (self.patience + 1)
+        return epoch if epoch < epochs else None
+
+    def changes_within(self, epochs: int) -> bool:
+        return epochs > self.patience + 1
+
+    def plan(self, backbone, epochs: int, always_trainable: Sequence = ()) -> list:
+        """The plan if every stage stalled as early as it can: what the earliest unfreezes would train."""
+        begun = self.begun
+        self.begun = [stage * (self.patience + 1) for stage in range(1, (self.stages or 1) + 1)]
+        try:
+            return super().plan(backbone, epochs, always_trainable)
+        finally:
+            self.begun = begun
+
+    def observe(self, epoch: int, score: float) -> bool:
+        """Record the selecting score of the validation after `epoch`; True when that begins a new stage, at the
+        next epoch (the current stage's best has not been beaten by more than `min_delta` for `patience`
+        validations)."""
+        if self.stages is not None and len(self.begun) >= self.stages:
+            return False  # every group of the towers trains already
+        self.scores.append(float(score))
+        if len(self.scores) <= self.patience:
+            return False
+        before = max(self.scores[: -self.patience])
+        if any(score > before + self.min_delta for score in self.scores[-self.patience :]):
+            return False
+        self.begun.append(epoch + 1)
+        self.scores = []
+        return True
+
+    def start_step(self, earliest: int, steps_per_epoch: int) -> int:
+        """The step a group whose earliest start is step `earliest` really began to train (`earliest` until its stage
+        begins): its warm-up runs from there."""
+        if not earliest or not steps_per_epoch:
+            return earliest
+        stage = earliest // steps_per_epoch // (self.patience + 1)
+        return self.begun[stage - 1] * steps_per_epoch if 1 <= stage <= len(self.begun) else earliest
+
+    def state_dict(self) -> dict:
+        return {"begun": list(self.begun), "scores": list(self.scores)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.begun = [int(epoch) for epoch in state.get("begun", [])]
+        self.scores = [float(score) for score in state.get("scores", [])]

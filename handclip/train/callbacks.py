@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import statistics
 import threading
 from pathlib import Path
 
@@ -112,6 +113,27 @@ class FollowFreezeSchedule(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._follow(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a schedule that acts on validation (OnPlateau) hears the selecting score, smoothed as it selects, after the
+        # module recorded it and before the checkpoints of this epoch are written (they keep what it heard)
+        observe = getattr(self.schedule, "observe", None)
+        selection = getattr(pl_module, "selection", None)
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if observe is None or trainer.sanity_checking or last or selection is None or not selection.history:
+            return  # (after the last epoch no stage could begin)
+        score = statistics.fmean(selection.history[-selection.smooth :])
+        if observe(trainer.current_epoch, score):
+            print(f"\n{selection.metric} has not risen for {self.schedule.patience} validation(s): more groups train "
+                  f"from epoch {trainer.current_epoch + 1}", flush=True)  # fmt: skip
+
+    def state_dict(self) -> dict:
+        state = getattr(self.schedule, "state_dict", None)
+        return {"schedule": state()} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "schedule" in state_dict and hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(state_dict["schedule"])
 
 
 class ExactResume(L.Callback):

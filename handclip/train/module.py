@@ -7,6 +7,7 @@ It wraps plain parts of the package: the backbone (`handclip.model`), the object
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -257,9 +258,10 @@ class FineTuner(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(int(self.trainer.max_epochs or 1), 1)
         warmup = self.freeze.warmup_steps if self.freeze is not None else 0
-        optimizer, scheduler = self.optimization.build(
-            self.optimised_parameters(total // epochs, epochs), total, warmup
-        )
+        steps = total // epochs
+        start_step = None if self.freeze is None else functools.partial(self.freeze.start_step, steps_per_epoch=steps)
+        optimizer, scheduler = self.optimization.build(self.optimised_parameters(steps, epochs), total, warmup,
+                                                       start_step)  # fmt: skip
         if scheduler is None:
             return optimizer
         # stepped once per optimiser step, with its length counted in optimiser steps

@@ -16,6 +16,7 @@ at `lr x head_lr_multiplier`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -143,11 +144,13 @@ class Optimization:
             group["names"].append(info.name)
         return [groups[key] for key in sorted(groups)]
 
-    def build(self, parameters: Iterable[ParameterInfo], total_steps: int, unfreeze_warmup: int = 0):
+    def build(self, parameters: Iterable[ParameterInfo], total_steps: int, unfreeze_warmup: int = 0,
+              start_step: Callable[[int], int] | None = None):  # fmt: skip
         """(optimizer, scheduler or None) over `parameters`.
 
         A group that starts to train later (an unfreeze schedule) ramps its learning rate up
-        linearly over `unfreeze_warmup` steps from then on, on top of the schedule.
+        linearly over `unfreeze_warmup` steps from then on, on top of the schedule; `start_step` maps the step
+        it was planned to start at to the step it really did (a schedule that acts on validation), asked each step.
         """
         groups = self.parameter_groups(parameters)
         optimizer = self.optimizer(
@@ -158,6 +161,8 @@ class Optimization:
         if self.schedule is None:
             return optimizer, None
         starts = [g["starts_at"] for g in groups]
+        if start_step is not None:
+            starts = [functools.partial(start_step, start) if start else 0 for start in starts]
         if unfreeze_warmup and any(starts):
             if not _takes(self.schedule, "starts", "ramp"):
                 raise ConfigError(
@@ -191,7 +196,10 @@ def fused_if_cuda(optimizer: Callable, parameters: list[torch.Tensor]) -> dict:
 
 
 def _ramped(base: Callable[[int], float], start: int, steps: int) -> Callable[[int], float]:
-    """`base`, times a linear ramp from 0 at step `start` to 1 at `start + steps`."""
+    """`base`, times a linear ramp from 0 at step `start` to 1 at `start + steps`; `start` may be a function of
+    nothing that says the step when asked (a stage that begins when validation stalls)."""
     if not start:
         return base
+    if callable(start):
+        return lambda step: base(step) * min(1.0, max(0.0, (step - start() + 1) / steps))
     return lambda step: base(step) * min(1.0, max(0.0, (step - start + 1) / steps))

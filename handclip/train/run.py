@@ -322,7 +322,8 @@ def _trainer(spec: RunSpec, run: Assembled, weights, logger, run_dir: Path, cons
         callbacks.append(TestCurve(run.evaluate, run_dir / "curve.json"))
     if spec.freeze.changes_within(spec.epochs):
         plan = spec.freeze.plan(run.backbone, spec.epochs, run.heads)
-        console.print("unfreeze plan: " + "; ".join(f"from epoch {e}, {r.trainable:,} trainable" for e, r in plan))
+        when = "unfreeze plan" if not hasattr(spec.freeze, "observe") else "unfreeze plan if validation stalls soonest"
+        console.print(f"{when}: " + "; ".join(f"from epoch {e}, {r.trainable:,} trainable" for e, r in plan))
         callbacks.append(FollowFreezeSchedule(spec.freeze, run.heads, run_dir / "freeze.txt"))
     trainer = spec.trainer(precision=precision_for(spec.precision), default_root_dir=run_dir, logger=logger,
                            callbacks=callbacks, plugins=[AtomicCheckpointIO()])  # fmt: skip
