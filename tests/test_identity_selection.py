@@ -17,7 +17,7 @@ PK = ["data.sampler=identity_balanced", "data.identities_per_batch=4", "data.ima
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("eval.select=val/id_accuracy", r"eval.select=val/id_accuracy needs an identity classifier to score: the "
+    ("eval.select=val/id_accuracy", r"eval.select=val/id_accuracy needs an identity classifier that trains: the "
                                     r"objective \(clip, keep_prompts\) has none; add an identity term"),
     ("eval.wise_ft.metric=val/id_accuracy", r"eval.wise_ft.metric='val/id_accuracy' must be a validation metric"),
     ("eval.select=val/accuracy", r"eval.select='val/accuracy' must be a validation metric, one of val/rank1, .*"
@@ -96,3 +96,13 @@ def test_a_run_keeps_the_epoch_whose_identity_accuracy_is_best_and_reports_it(tm
     assert metrics["selection/val_score"] == pytest.approx(best)
     assert metrics["selection/epoch"] == accuracy.index(best)  # the first epoch that scored it, as Lightning keeps
     assert _independent_accuracy(run, "tiny") == pytest.approx(best, abs=1e-6)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["loss.terms.identity.weight=0"], r"has one whose weight is 0, so it never learns"),
+    (["ema.decay=0.9"], r"with ema.decay=0.9: the EMA averages the backbone only"),
+])  # fmt: skip
+def test_a_head_that_never_learns_or_an_ema_is_refused(tmp_path, settings, message):
+    cfg = compose_plain(tmp_path, "experiment=demo_strong", "eval.select=val/id_accuracy", *settings)
+    with pytest.raises(ConfigError, match=message):
+        build_components(cfg)

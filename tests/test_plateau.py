@@ -142,3 +142,29 @@ def test_a_late_groups_warm_up_starts_where_its_stage_really_began():
     # the ramp over 4 steps runs from step 50 (epoch 5), not from the planned step 30
     assert ramp[30:50] == [0.0] * 20
     assert ramp[50:56] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_validating_more_than_once_an_epoch_is_refused_with_this_schedule(tmp_path):
+    from handclip.train.config import build_components
+    from tests.test_config import compose_plain
+
+    cfg = compose_plain(tmp_path, "experiment=demo", "freeze=plateau", "+trainer.val_check_interval=0.5")
+    with pytest.raises(ConfigError, match=r"counts one validation an epoch, and trainer.val_check_interval=0.5"):
+        build_components(cfg)
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_refuses_to_resume_over_another_number_of_epochs(tmp_path):
+    from tests.test_resume import STOPPED
+    from tests.test_train import train
+
+    scheduled = [*STOPPED, "trainer.max_epochs=3", "freeze=gradual", "freeze.every=1"]
+    train(tmp_path, *scheduled)
+    def files():  # what the run left, but the lock file a process holds while it runs
+        return sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "runs" / "r").rglob("*") if p.name != ".lock")
+
+    before = files()
+    result = train(tmp_path, *scheduled, "trainer.max_epochs=5", "ckpt_path=last", check=False)
+    assert result.returncode == 2
+    assert "trainer.max_epochs=5, but the run was planned over 3 epochs" in result.stderr + result.stdout
+    assert files() == before  # nothing written

@@ -119,3 +119,30 @@ def test_a_siglip_run_trains_its_bias_and_exports_a_siglip_model(tmp_path):
     model = load_export(export(run, tmp_path / "model"))
     assert type(model).__name__ == "SiglipBackbone"
     torch.testing.assert_close(model.logit_bias.detach(), state["backbone.model.logit_bias"])
+
+
+def test_a_tiny_siglip_and_a_tiny_clip_of_the_same_fields_are_kept_apart(cache):
+    fields = {"name": "same", "source": "tiny", "seed": 0, "config": SIGLIP["config"]}
+    siglip, clip = HuggingFaceSigLIP(**fields).tiny_dir(cache), HuggingFaceCLIP(**fields).tiny_dir(cache)
+    assert siglip != clip and siglip.name.startswith("tiny-siglip-") and clip.name.startswith("tiny-")
+    assert type(hub_spec(str(siglip))) is HuggingFaceSigLIP and type(hub_spec(str(clip))) is HuggingFaceCLIP
+
+
+def test_learned_words_find_their_slot_with_a_tokenizer_without_a_start_token(siglip):
+    from handclip.losses.prompts import WordSlots
+
+    def error(key, value, allowed):
+        return ValueError(f"{key}={value!r}: {allowed}")
+
+    slots = WordSlots("a photo of a {} hand.", 1, error)
+    ids, _, positions = slots.tokens(siglip)
+    assert ids.shape == (1, 64) and positions.tolist() == [5]  # after the start token and "a photo of a"
+
+    class NoStart:  # as SigLIP 1's tokenizer: no start token, the end token pads
+        def tokenize(self, texts):
+            words = {"a": 9, "photo": 10, "of": 11, "x": 12, "hand.": 13}
+            rows = [[words[w] for w in text.split()] + [1] * (8 - len(text.split())) for text in texts]
+            return {"input_ids": torch.tensor(rows), "attention_mask": torch.ones(len(rows), 8, dtype=torch.long)}
+
+    _, _, positions = WordSlots("a photo of a {} hand.", 1, error).tokens(NoStart())
+    assert positions.tolist() == [4]

@@ -44,7 +44,10 @@ class WordSlots:
         """(input_ids [1, L], attention_mask [1, L], positions of the slots [count])."""
         if self._tokens is None:
             tokens = backbone.tokenize([self.caption])
-            placeholder = int(backbone.tokenize([PLACEHOLDER])["input_ids"][0, 1])
+            # the placeholder's id: what its tokens hold beyond an empty text's (start, end and padding tokens, where
+            # a tokenizer has them: SigLIP's has no start token)
+            alone, empty = (set(backbone.tokenize([text])["input_ids"][0].tolist()) for text in (PLACEHOLDER, ""))
+            placeholder = next(iter(alone - empty), -1) if len(alone - empty) == 1 else -1
             positions = (tokens["input_ids"][0] == placeholder).nonzero().flatten()
             if len(positions) != self.count:
                 raise self._error(

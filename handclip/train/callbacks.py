@@ -88,6 +88,7 @@ class FollowFreezeSchedule(L.Callback):
         self.schedule, self.heads, self.table_path = schedule, list(heads), Path(table_path)
         self.current: list | None = None
         self.unfroze_at: int | None = None  # the first epoch this process trained with more than the start
+        self.observed: int | None = None  # the last epoch whose validation a schedule that acts on it heard
 
     def _follow(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from handclip.model.freeze import apply_freeze
@@ -117,15 +118,24 @@ class FollowFreezeSchedule(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a schedule that acts on validation (OnPlateau) hears the selecting score, smoothed as it selects, after the
         # module recorded it and before the checkpoints of this epoch are written (they keep what it heard)
+        from handclip.train.ema import WeightEMA
+
         observe = getattr(self.schedule, "observe", None)
-        selection = getattr(pl_module, "selection", None)
+        # the score that selects the checkpoint: the EMA's where there is one
+        ema = next((c for c in trainer.callbacks if isinstance(c, WeightEMA)), None)
+        selection = ema.selection if ema is not None else getattr(pl_module, "selection", None)
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if observe is None or trainer.sanity_checking or last or selection is None or not selection.history:
             return  # (after the last epoch no stage could begin)
+        if self.observed == trainer.current_epoch:
+            return  # one validation an epoch counts (config refuses more; a resumed epoch's may come again)
+        self.observed = trainer.current_epoch
         score = statistics.fmean(selection.history[-selection.smooth :])
         if observe(trainer.current_epoch, score):
-            print(f"\n{selection.metric} has not risen for {self.schedule.patience} validation(s): more groups train "
-                  f"from epoch {trainer.current_epoch + 1}", flush=True)  # fmt: skip
+            which = f"{'ema/' if ema is not None else ''}{selection.metric}" + (
+                f" (mean of {selection.smooth})" if selection.smooth > 1 else "")
+            print(f"\n{which} has not risen for {self.schedule.patience} validation(s): more groups train from epoch "
+                  f"{trainer.current_epoch + 1}", flush=True)  # fmt: skip
 
     def state_dict(self) -> dict:
         state = getattr(self.schedule, "state_dict", None)

@@ -295,15 +295,26 @@ def check_decay(decay) -> float | None:
     return number("ema.decay", decay, 0, 1, low_open=True, high_open=True, hint=" (e.g. 0.998), or null for no EMA")
 
 
-def _check_selection(select: str, objective) -> None:
-    """eval.select=val/id_accuracy needs an identity head in the objective to name the validation images."""
+def _check_selection(select: str, objective, ema_decay: float | None) -> None:
+    """eval.select=val/id_accuracy needs an identity head in the objective that trains, to name the validation
+    images, and the weights it classifies with: not an EMA's."""
     from handclip.eval.protocol import ID_ACCURACY
 
-    if select == ID_ACCURACY and objective.identity_head() is None:
+    if select != ID_ACCURACY:
+        return
+    head = objective.identity_head()
+    if head is None or head.weight == 0:
+        what = "has none" if head is None else "has one whose weight is 0, so it never learns"
         raise ConfigError(
-            f"eval.select={ID_ACCURACY} needs an identity classifier to score: the objective "
-            f"({', '.join(objective.terms)}) has none; add an identity term (handclip.losses.IdentityLoss, as "
+            f"eval.select={ID_ACCURACY} needs an identity classifier that trains: the objective "
+            f"({', '.join(objective.terms)}) {what}; add an identity term (handclip.losses.IdentityLoss, as "
             "loss=strong and loss=handid have), or select by a retrieval metric (eval.select=val/mAP)"
+        )
+    if ema_decay is not None:
+        raise ConfigError(
+            f"eval.select={ID_ACCURACY} with ema.decay={ema_decay}: the EMA averages the backbone only, so its "
+            "features would be classified by heads trained with other weights, a pairing no checkpoint holds; "
+            "select by a retrieval metric (eval.select=val/mAP) or leave ema.decay null"
         )
 
 
@@ -341,6 +352,13 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
     _check_precision(cfg["trainer"].get("precision"))
     freeze = freeze_policy(_build("freeze", cfg["freeze"]), cfg["freeze"]["_target_"])
     freeze.check_epochs(int(cfg["trainer"]["max_epochs"]))
+    interval = cfg["trainer"].get("val_check_interval")
+    if hasattr(freeze, "observe") and interval not in (None, 1, 1.0):
+        # its stages count validations as epochs (at most one stage a epoch, the caches planned so)
+        raise ConfigError(
+            f"freeze={type(freeze).__name__} counts one validation an epoch, and trainer.val_check_interval="
+            f"{interval} validates more often: leave trainer.val_check_interval at 1.0 with this schedule"
+        )
     projection = _build("projection", cfg["projection"])
     objective = _build("loss", cfg["loss"])
     optimization = _build("optim", cfg["optim"])
@@ -378,11 +396,11 @@ def build_components(cfg: Mapping, read_backbone_config: bool = True, need_data:
                      identity_options(settings))  # checked once the data is read
     _check_identity_text_sources(finished, cfg, facts, projection)
     ImageEncoder(settings.feature, finished)  # eval.feature=bnneck needs a BN-neck in the objective
-    _check_selection(settings.select, finished)
     ema = cfg.get("ema") or {}
     unknown = [k for k in ema if k != "decay"]
     if unknown:
         raise ConfigError(f"ema.{unknown[0]} is not a setting: ema has only decay (null, or e.g. 0.998)")
+    _check_selection(settings.select, finished, check_decay(ema.get("decay")))
     refused = contrastive_accumulation_refused(cfg["trainer"], finished.needs_text or finished.needs_backbone)
     if refused:
         raise refused

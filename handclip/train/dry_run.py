@@ -58,20 +58,22 @@ def dry_run(cfg: Mapping, console: Console | None = None) -> dict:
         count = f"{sum(g.numel() for g in groups):,}"
         towers.add_row(tower, str(shape.width), str(shape.depth), str(shape.heads), inputs[tower], sizes, count)
     console.print(towers)
-    forward = {tower: skeleton.forward_flops(tower, CAPTION_TOKENS) for tower in ("vision", "text")}
+    tokens = facts.context_length if skeleton.pads_to_context else CAPTION_TOKENS  # SigLIP fills its context
+    forward = {tower: skeleton.forward_flops(tower, tokens) for tower in ("vision", "text")}
     step = backbone_step_flops(skeleton, CAPTION_TOKENS)  # under the policy as it stands at the first epoch
     if step is None:
         console.print("FLOPs: not counted for this backbone")
     else:
         console.print(
             f"forward FLOPs per sample: image {sum(forward['vision']) / 1e9:.3g} GFLOP, caption "
-            f"{sum(forward['text']) / 1e9:.3g} GFLOP ({CAPTION_TOKENS} tokens); a training step under this policy: "
+            f"{sum(forward['text']) / 1e9:.3g} GFLOP ({tokens} tokens); a training step under this policy: "
             f"{step / 1e9:.3g} GFLOP per pair"
         )
 
     if parts.freeze.changes_within(epochs):
         plan = parts.freeze.plan(skeleton, epochs, heads)
-        table = Table(title=f"unfreeze plan over {epochs} epochs")
+        soonest = " if validation stalls as soon as it can" if hasattr(parts.freeze, "observe") else ""
+        table = Table(title=f"unfreeze plan over {epochs} epochs{soonest}")
         for column in ("from epoch", "trainable", "share", "groups that train"):
             table.add_column(column, justify="right" if column != "groups that train" else "left")
         for epoch, stage in plan:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from handclip.errors import HandClipError
+from handclip.errors import ConfigError, HandClipError
 from handclip.io import load_checkpoint_file, write_json_atomic, write_text_atomic
 from handclip.train.config import RunSpec, check_config, objective_facts
 
@@ -147,8 +147,8 @@ def _resume(spec: RunSpec, run_dir: Path) -> Resume | None:
         return None
     check_resume(path, checkpoint, spec.signature)
     check_ema_resume(path, checkpoint, spec.ema_decay)
+    _say_what_happens_to_the_schedule(checkpoint, spec.epochs, spec.freeze)
     print(f"resuming {path}: epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}", flush=True)
-    _say_what_happens_to_the_schedule(checkpoint, spec.epochs)
     return Resume(path, int(checkpoint.get("global_step", 0)))  # Lightning reads the file again itself
 
 
@@ -383,8 +383,16 @@ def _stop_on_signal():
             signal.signal(signum, handler)
 
 
-def _say_what_happens_to_the_schedule(checkpoint: Mapping, now: int) -> None:
+def _say_what_happens_to_the_schedule(checkpoint: Mapping, now: int, freeze) -> None:
     before = (checkpoint.get("handclip") or {}).get("max_epochs")
+    if before is not None and before != now and (freeze.changes_within(before) or freeze.changes_within(now)):
+        # an unfreeze schedule is planned over the run's epochs: the optimiser's groups (when each starts) and the
+        # stored activations (what never trains) would not be those of the checkpoint
+        raise ConfigError(
+            f"trainer.max_epochs={now}, but the run was planned over {before} epochs, and its unfreeze schedule "
+            f"({freeze.label}) sets when each group starts to train from that: resume with "
+            f"trainer.max_epochs={before}, or start a new run (init_from) to train longer"
+        )
     if before is not None and before != now:
         print(
             f"note: trainer.max_epochs was {before}, now {now}: the warm-up and cosine schedule is laid over the "

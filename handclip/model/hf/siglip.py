@@ -258,9 +258,11 @@ class HuggingFaceSigLIP(HuggingFaceCLIP):
         vision, text = config.vision_config, config.text_config
         width, projection = int(vision.hidden_size), int(getattr(text, "projection_size", None) or text.hidden_size)
         if projection != width:
+            given = "text_config.projection_size" if projection != int(text.hidden_size) else (
+                "text_config.hidden_size (the text embedding's width when projection_size is not given)")
             raise ConfigError(
-                f"backbone.config: the text tower's projection_size={projection} must equal the image tower's "
-                f"hidden_size={width} (the width of SigLIP's image embedding)"
+                f"backbone.config: the text embedding is {projection} wide ({given}={projection}) and the image "
+                f"embedding {width} (vision_config.hidden_size={width}, the pooling head's width): they must match"
             )
         for tower, values in (("vision_config", vision), ("text_config", text)):
             if isinstance(getattr(values, "image_size", 0), (list, tuple)) or isinstance(

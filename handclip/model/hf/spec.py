@@ -88,6 +88,10 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep + os.sep in source
 
 
+# how a user names a local folder of each family on the command line
+LOCAL = {"CLIPModel": "backbone=local", "SiglipModel": "backbone=siglip_b16"}
+
+
 def _load_error(source: str, error: Exception, model_class: str = "CLIPModel") -> BackboneError:
     if _looks_like_path(source) and not Path(source).expanduser().is_dir():
         return BackboneError(
@@ -110,8 +114,8 @@ def _load_error(source: str, error: Exception, model_class: str = "CLIPModel") -
     return BackboneError(
         f"Could not load backbone '{source}': {first}. Tried {tried}. To fix: download it once on a "
         f"machine with internet (`hf download {source}`) and run with HF_HUB_OFFLINE=1, or save a "
-        "model with `save_pretrained(DIR)` and use `backbone=local backbone.source=DIR`, or try the "
-        "offline demo with `experiment=demo`."
+        f"model with `save_pretrained(DIR)` and use `{LOCAL.get(model_class, 'backbone=local')} backbone.source=DIR`, "
+        "or try the offline demo with `experiment=demo`."
     )
 
 
@@ -237,10 +241,13 @@ class HuggingFaceCLIP(BackboneSpec):
     def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
         """Build the tiny backbone once (seeded random weights, then pretrained if asked) and return its directory."""
         key = {"config": self.config, "seed": self.seed}
+        if self.model_type != "clip":  # another family built from the same fields is another model (CLIP's keys stay)
+            key["model_type"] = self.model_type
         if self.pretrain is not None:
             key["pretrain"] = self.pretrain.key()
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        kind = "tiny" if self.pretrain is None else "tiny-pretrained"
+        family = "" if self.model_type == "clip" else f"-{self.model_type}"
+        kind = f"tiny{family}" if self.pretrain is None else f"tiny{family}-pretrained"
         out = Path(cache_dir or default_cache_dir()) / "backbones" / f"{kind}-{digest}"
 
         if built_problem(out) is None:
