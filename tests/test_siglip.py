@@ -146,3 +146,16 @@ def test_learned_words_find_their_slot_with_a_tokenizer_without_a_start_token(si
 
     _, _, positions = WordSlots("a photo of a {} hand.", 1, error).tokens(NoStart())
     assert positions.tolist() == [4]
+
+
+def test_the_sigmoid_loss_is_siglips_own_on_its_own_model(siglip):
+    from handclip.losses.siglip import siglip_loss
+
+    captions = ["a dorsal hand", "a palmar hand", "a ring", "painted nails"]
+    tokens = siglip.tokenize(captions)
+    pixels = torch.randn(4, 3, siglip.image_size, siglip.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = siglip.model(input_ids=tokens["input_ids"], pixel_values=pixels, return_loss=True).loss
+        ours = siglip_loss(siglip.encode_image(pixels), siglip.encode_text(**tokens), siglip.logit_scale,
+                           siglip.logit_bias)  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
