@@ -52,7 +52,7 @@ def test_images_reach_siglip_as_its_own_processor_makes_them_resized_whole_not_c
 
 
 def test_the_siglip_loss_starts_from_the_models_own_scale_and_bias_and_trains_them(siglip):
-    with torch.no_grad():  # a pretrained SigLIP's values: t = exp(4.77) = 118, above CLIP's clamp of 100
+    with torch.no_grad():  # a scale as a pretrained SigLIP has: t = exp(4.77) = 118, above CLIP's clamp of 100
         siglip.logit_scale.fill_(4.77)
         siglip.logit_bias.fill_(-12.9)
     objective = Objective({"siglip": functools.partial(SigLIPLoss)}, **objective_facts(siglip.facts, 0))
