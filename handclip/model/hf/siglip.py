@@ -28,12 +28,13 @@ A tiny SigLIP uses CLIP's vocabulary (the tokenizer HandCLIP can build offline);
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from handclip.checks import number
 from handclip.errors import ConfigError
 from handclip.model.backbone import (
     NO_LINEAR_PROJECTION,
@@ -47,7 +48,7 @@ from handclip.model.backbone import (
 )
 from handclip.model.flops import transformer_block_flops, transformer_tower_flops
 from handclip.model.hf.backbone import HFBackbone, _size_field
-from handclip.model.hf.spec import HuggingFaceCLIP, tiny_fields
+from handclip.model.hf.spec import TINY, HuggingFaceCLIP, tiny_fields
 
 PAPER_LOG_SCALE, PAPER_BIAS = 2.302585, -10.0  # SigLIP's initialisation: t' = ln 10, b = -10
 
@@ -233,6 +234,24 @@ class HuggingFaceSigLIP(HuggingFaceCLIP):
     family = "SigLIP"
     tokenizer_inputs = ["input_ids"]  # as SigLIP's own tokenizers: no mask, the padding is attended
 
+    def __init__(self, source: str | None = None, name: str | None = None, config: Mapping | None = None,
+                 seed: int = 0, pretrain: Mapping | None = None, init_logit_scale: float = PAPER_LOG_SCALE,
+                 init_logit_bias: float = PAPER_BIAS):  # fmt: skip
+        """`init_logit_scale` and `init_logit_bias`: where a tiny SigLIP's t' and b start (the paper's ln 10 and
+        -10, meant for batches of thousands); a model from the hub or a folder brings its own."""
+        super().__init__(source, name, config, seed, pretrain)
+        self.init = (number("backbone.init_logit_scale", init_logit_scale),
+                     number("backbone.init_logit_bias", init_logit_bias))  # fmt: skip
+        if self.source != TINY and self.init != (PAPER_LOG_SCALE, PAPER_BIAS):
+            raise ConfigError(f"backbone.init_logit_scale and init_logit_bias are only for source=tiny; "
+                              f"backbone.source={self.source} brings its own")  # fmt: skip
+
+    def cache_key(self) -> dict:
+        key = super().cache_key()
+        if self.init != (PAPER_LOG_SCALE, PAPER_BIAS):  # the paper's start keeps the keys it had
+            key["init"] = list(self.init)
+        return key
+
     def transformers_classes(self) -> tuple[type, type, type]:
         from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
@@ -275,7 +294,7 @@ class HuggingFaceSigLIP(HuggingFaceCLIP):
             super()._build_tiny(out)
 
     def start_tiny(self, model) -> None:
-        """SigLIP's own initialisation of the sigmoid's scale and bias (transformers starts both at 0)."""
+        """SigLIP's initialisation of the sigmoid's scale and bias (transformers starts both at 0)."""
         with torch.no_grad():
-            model.logit_scale.fill_(PAPER_LOG_SCALE)
-            model.logit_bias.fill_(PAPER_BIAS)
+            model.logit_scale.fill_(self.init[0])
+            model.logit_bias.fill_(self.init[1])

@@ -238,14 +238,18 @@ class HuggingFaceCLIP(BackboneSpec):
             model = self.transformers_classes()[1](config)
         return self.wrap(model, None, self.new_processor(int(config.vision_config.image_size)))
 
-    def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
-        """Build the tiny backbone once (seeded random weights, then pretrained if asked) and return its directory."""
+    def cache_key(self) -> dict:
+        """What a tiny model's weights depend on: its folder in the cache is named by a digest of this."""
         key = {"config": self.config, "seed": self.seed}
         if self.model_type != "clip":  # another family built from the same fields is another model (CLIP's keys stay)
             key["model_type"] = self.model_type
         if self.pretrain is not None:
             key["pretrain"] = self.pretrain.key()
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return key
+
+    def tiny_dir(self, cache_dir: str | Path | None = None) -> Path:
+        """Build the tiny backbone once (seeded random weights, then pretrained if asked) and return its directory."""
+        digest = hashlib.sha1(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:10]
         family = "" if self.model_type == "clip" else f"-{self.model_type}"
         kind = f"tiny{family}" if self.pretrain is None else f"tiny{family}-pretrained"
         out = Path(cache_dir or default_cache_dir()) / "backbones" / f"{kind}-{digest}"
