@@ -159,3 +159,15 @@ def test_the_sigmoid_loss_is_siglips_own_on_its_own_model(siglip):
         ours = siglip_loss(siglip.encode_image(pixels), siglip.encode_text(**tokens), siglip.logit_scale,
                            siglip.logit_bias)  # fmt: skip
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tiny_siglip_starts_its_scale_and_bias_where_asked_and_a_hub_one_from_its_own(cache):
+    from handclip.errors import ConfigError
+
+    paper, small = HuggingFaceSigLIP(**SIGLIP), HuggingFaceSigLIP(**SIGLIP, init_logit_bias=-4.85)
+    assert paper.tiny_dir(cache) != small.tiny_dir(cache)  # other starting weights, another folder
+    loaded = small.load(cache)
+    assert loaded.logit_bias.item() == pytest.approx(-4.85) and loaded.logit_scale.item() == pytest.approx(math.log(10))
+    assert paper.load(cache).logit_bias.item() == pytest.approx(-10.0)
+    with pytest.raises(ConfigError, match="init_logit_scale and init_logit_bias are only for source=tiny"):
+        HuggingFaceSigLIP(source="google/siglip-base-patch16-224", init_logit_bias=-5.0)
