@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from handclip.data.images import load_rgb
-from handclip.data.sampling import sample_seed
+from handclip.data.sampling import identity_index, sample_seed
 from handclip.errors import DataError
 
 
@@ -52,8 +52,7 @@ class ManifestImages(Dataset):
         self.transform = transform
         self.captioner = captioner
         self.labels = labels  # a row's classes of the data's prompt tasks (PromptLabels), for a term that keeps them
-        # identities as 0..n-1 in sorted order (balanced_sampler_for numbers them the same way)
-        self.identity_index = {k: i for i, k in enumerate(sorted({r["identity"] for r in self.rows}))}
+        self.identity_index = identity_index(self.rows)  # identities as 0..n-1 in sorted order
         self.seed = seed
 
     def __len__(self) -> int:

@@ -90,6 +90,12 @@ class IdentityBalancedBatchSampler(Sampler):
                 yield batch
 
 
+def identity_index(rows: list[dict]) -> dict:
+    """Each identity of `rows` -> its class number, 0..n-1 in sorted order: how identity heads, their labels, the
+    P x K sampler and validation's identity accuracy all number the training identities."""
+    return {identity: i for i, identity in enumerate(sorted({r["identity"] for r in rows}))}
+
+
 def balanced_sampler_for(
     rows: list[dict], identities_per_batch: int, images_per_identity: int, seed: int
 ) -> IdentityBalancedBatchSampler:
@@ -97,7 +103,7 @@ def balanced_sampler_for(
 
     Raises ConfigError when the training split cannot fill it; needs no images or weights.
     """
-    train = [r["identity"] for r in rows if r["split"] == "train"]
-    index = {identity: i for i, identity in enumerate(sorted(set(train)))}
-    return IdentityBalancedBatchSampler([index[identity] for identity in train], identities_per_batch,
+    train = [r for r in rows if r["split"] == "train"]
+    index = identity_index(train)
+    return IdentityBalancedBatchSampler([index[r["identity"]] for r in train], identities_per_batch,
                                         images_per_identity, seed)  # fmt: skip

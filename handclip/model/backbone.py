@@ -305,6 +305,14 @@ def with_norms(groups: list[LayerGroup], model: nn.Module, kinds: tuple[type, ..
     return groups
 
 
+def named(module: nn.Module | None, prefix: str) -> dict[str, nn.Parameter]:
+    """A module's parameters under `prefix` (`vision_model.post_layernorm.weight`, `visual.ln_post.weight`): how
+    implementations name a group's parameters; none for no module."""
+    if module is None:
+        return {}
+    return {f"{prefix}.{name}": p for name, p in module.named_parameters()}
+
+
 def group_depths(blocks: int) -> list[int]:
     """The depth of each group of a tower of `blocks` blocks, from input to output: L+1, L, ..., 1, 1, 0."""
     return [blocks + 1, *range(blocks, 0, -1), 1, 0]

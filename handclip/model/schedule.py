@@ -89,18 +89,40 @@ class _Frontier(FreezePolicy):
         return self.start.trains(group, name) or (group.tower in self.towers and group.depth <= self.depth)
 
 
-class Gradual(FreezeSchedule):
-    """Every `every` epochs, `blocks` more groups of each of `towers` train, from the top down."""
+class _TopDown(FreezeSchedule):
+    """Base class: start from `start`, then `blocks` more groups of each of `towers` at each stage, from the top down
+    (subclasses say when a stage begins)."""
 
-    def __init__(self, start: FreezePolicy, every: int = 1, blocks: int = 1, towers: Sequence[str] = ("vision",),
-                 warmup_steps: int = 0, train_logit_scale: bool = True, **ignored):  # fmt: skip
+    def __init__(self, start: FreezePolicy, blocks: int = 1, towers: Sequence[str] = ("vision",), warmup_steps: int = 0,
+                 train_logit_scale: bool = True, **ignored):  # fmt: skip
         super().__init__(warmup_steps, train_logit_scale, **ignored)
         self.start = _policy("start", start)
-        self.every, self.blocks = _positive("every", every), _positive("blocks", blocks)
+        self.blocks = _positive("blocks", blocks)
         towers = [towers] if isinstance(towers, str) else list(towers)
         if not towers or any(t not in TOWERS for t in towers):
             raise ConfigError(f"freeze.towers={towers!r}: choose from {', '.join(TOWERS)}")
         self.towers = towers
+
+    def check(self, facts: BackboneFacts) -> None:
+        self.start.check(facts)
+
+    def policies(self) -> list[FreezePolicy]:
+        return [self.start]
+
+    def at_stage(self, stage: int) -> FreezePolicy:
+        """What trains after `stage` stages (0: the start)."""
+        if stage == 0:
+            return self.start
+        return _Frontier(self.start, self.towers, stage * self.blocks, self.train_logit_scale)
+
+
+class Gradual(_TopDown):
+    """Every `every` epochs, `blocks` more groups of each of `towers` train, from the top down."""
+
+    def __init__(self, start: FreezePolicy, every: int = 1, blocks: int = 1, towers: Sequence[str] = ("vision",),
+                 warmup_steps: int = 0, train_logit_scale: bool = True, **ignored):  # fmt: skip
+        super().__init__(start, blocks, towers, warmup_steps, train_logit_scale, **ignored)
+        self.every = _positive("every", every)
 
     def settings(self) -> tuple[str, ...]:
         return ("start", "every", "blocks", "towers", "warmup_steps")
@@ -108,9 +130,6 @@ class Gradual(FreezeSchedule):
     @property
     def label(self) -> str:
         return f"gradual ({self.blocks} more group(s) of {'+'.join(self.towers)} every {self.every} epoch(s))"
-
-    def check(self, facts: BackboneFacts) -> None:
-        self.start.check(facts)
 
     def check_epochs(self, epochs: int) -> None:
         if epochs <= self.every:
@@ -120,14 +139,8 @@ class Gradual(FreezeSchedule):
                 "freeze.every or raise trainer.max_epochs"
             )
 
-    def policies(self) -> list[FreezePolicy]:
-        return [self.start]
-
     def policy_at(self, epoch: int) -> FreezePolicy:
-        depth = (epoch // self.every) * self.blocks
-        if depth == 0:
-            return self.start
-        return _Frontier(self.start, self.towers, depth, self.train_logit_scale)
+        return self.at_stage(epoch // self.every)
 
 
 class Staged(FreezeSchedule):
@@ -175,7 +188,7 @@ class Staged(FreezeSchedule):
         return self.stages[max(e for e in self.stages if e <= epoch)]
 
 
-class OnPlateau(FreezeSchedule):
+class OnPlateau(_TopDown):
     """Start from `start`; whenever the selecting validation score (`eval.select`, smoothed as it selects) has not
     risen by more than `min_delta` over `patience` validations of the current stage, `blocks` more groups of each of
     `towers` train from the next epoch, from the top down, until every group of them trains."""
@@ -183,16 +196,11 @@ class OnPlateau(FreezeSchedule):
     def __init__(self, start: FreezePolicy, patience: int = 2, min_delta: float = 0.0, blocks: int = 1,
                  towers: Sequence[str] = ("vision",), warmup_steps: int = 0, train_logit_scale: bool = True,
                  **ignored):  # fmt: skip
-        super().__init__(warmup_steps, train_logit_scale, **ignored)
+        super().__init__(start, blocks, towers, warmup_steps, train_logit_scale, **ignored)
         from handclip.checks import number
 
-        self.start = _policy("start", start)
-        self.patience, self.blocks = _positive("patience", patience), _positive("blocks", blocks)
+        self.patience = _positive("patience", patience)
         self.min_delta = number("freeze.min_delta", min_delta, 0, 1)
-        towers = [towers] if isinstance(towers, str) else list(towers)
-        if not towers or any(t not in TOWERS for t in towers):
-            raise ConfigError(f"freeze.towers={towers!r}: choose from {', '.join(TOWERS)}")
-        self.towers = towers
         self.stages: int | None = None  # how many stages unfreeze every group of the towers (from the facts)
         self.begun: list[int] = []  # the epoch each stage after the first began
         self.scores: list[float] = []  # the current stage's selecting scores, one per validation
@@ -206,7 +214,7 @@ class OnPlateau(FreezeSchedule):
                 "validation(s) without a gain)")  # fmt: skip
 
     def check(self, facts: BackboneFacts) -> None:
-        self.start.check(facts)
+        super().check(facts)
         deepest = max(facts.depth(tower) + 1 for tower in self.towers)  # the embeddings' depth
         self.stages = -(-deepest // self.blocks)
 
@@ -218,14 +226,8 @@ class OnPlateau(FreezeSchedule):
                 "last epoch, so the schedule would never act; lower freeze.patience or raise trainer.max_epochs"
             )
 
-    def policies(self) -> list[FreezePolicy]:
-        return [self.start]
-
     def policy_at(self, epoch: int) -> FreezePolicy:
-        depth = sum(1 for began in self.begun if began <= epoch) * self.blocks
-        if depth == 0:
-            return self.start
-        return _Frontier(self.start, self.towers, depth, self.train_logit_scale)
+        return self.at_stage(sum(1 for began in self.begun if began <= epoch))
 
     def _stage_of(self, group: LayerGroup) -> int | None:
         """The stage from which `group` trains (1: the first after the start), or None if none makes it train."""

@@ -31,7 +31,12 @@ from handclip.data.captions import Captioner
 from handclip.data.dataset import CaptionCollator, ManifestImages, PromptLabels, leave_signals_to_the_main_process
 from handclip.data.images import BAD_IMAGE_POLICIES
 from handclip.data.prepare import PrepareSettings, prepare, read_manifest
-from handclip.data.sampling import EpochSeededSampler, IdentityBalancedBatchSampler, balanced_sampler_for
+from handclip.data.sampling import (
+    EpochSeededSampler,
+    IdentityBalancedBatchSampler,
+    balanced_sampler_for,
+    identity_index,
+)
 from handclip.data.sources import DataSource
 from handclip.data.transforms import check_augment, eval_transform, train_transform
 from handclip.errors import ConfigError
@@ -260,7 +265,7 @@ class HandDataModule(L.LightningDataModule):
     @property
     def identity_keys(self) -> list[str]:
         """The training split's identities in the order heads number them (0 .. n-1: sorted)."""
-        return [str(k) for k in sorted({r["identity"] for r in self.train_rows})]
+        return [str(k) for k in identity_index(self.train_rows)]
 
     # with the backbone ------------------------------------------------------------------------
     def prompt_tasks(self, named: bool = False) -> dict[str, tuple[str, list[str], list[str]]]:

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from handclip.data.sampling import identity_index
 from handclip.errors import HandClipError, NonFiniteError
 from handclip.eval.feature import ImageEncoder
 from handclip.eval.protocol import ID_ACCURACY, images_needed, score_protocol
@@ -64,9 +65,8 @@ class FineTuner(L.LightningModule):
         # validation image's class (its identity's place among the training identities, as the heads number them),
         # -1 for the training images validation ranks against
         self.identity_head = objective.identity_head()
-        order = {key: n for n, key in enumerate(sorted({str(r["identity"]) for r in self.val_rows
-                                                         if r["split"] == "train"}))}  # fmt: skip
-        self._val_classes = torch.tensor([order.get(str(r["identity"]), -1) if r["split"] == "val" else -1
+        order = identity_index([r for r in self.val_rows if r["split"] == "train"])
+        self._val_classes = torch.tensor([order.get(r["identity"], -1) if r["split"] == "val" else -1
                                           for r in self.val_images], dtype=torch.long)  # fmt: skip
         # every batch's way through the model; handclip.train.caches sets its stored prefix and text cache
         self.forward_path = Forward(self.backbone)

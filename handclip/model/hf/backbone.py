@@ -21,14 +21,16 @@ from handclip.model.backbone import (
     LayerGroup,
     TowerFacts,
     check_tower,
+    named,
     tower_groups,
     with_norms,
 )
 from handclip.model.flops import text_transformer_flops, vision_transformer_flops
 
 
-def facts_of(config) -> BackboneFacts:
-    """A `CLIPConfig`'s depths, widths and sizes."""
+def facts_of(config, projection_dim: int | None = None, **differ) -> BackboneFacts:
+    """A `CLIPConfig`'s depths, widths and sizes; another family's config with the towers' fields of CLIP's gives its
+    own embedding width (`projection_dim`) and what else differs (`differ`: `BackboneFacts` fields)."""
     vision, text = config.vision_config, config.text_config
 
     def tower(c) -> TowerFacts:
@@ -36,9 +38,10 @@ def facts_of(config) -> BackboneFacts:
                           int(c.intermediate_size))  # fmt: skip
 
     return BackboneFacts(
-        vision=tower(vision), text=tower(text), projection_dim=int(config.projection_dim),
+        vision=tower(vision), text=tower(text),
+        projection_dim=int(config.projection_dim if projection_dim is None else projection_dim),
         image_size=int(vision.image_size), patch_size=int(vision.patch_size),
-        context_length=int(text.max_position_embeddings),
+        context_length=int(text.max_position_embeddings), **differ,
     )  # fmt: skip
 
 
@@ -84,25 +87,37 @@ class _Tokenize:
 
 
 class HFBackbone(Backbone):
-    """A loaded `CLIPModel` with its tokenizer and image processor."""
+    """A loaded `CLIPModel` with its tokenizer and image processor. Another family of transformers (SigLIP:
+    `handclip.model.hf.siglip`) subclasses it and names what differs: its classes, its input sizes, its tokenizing."""
 
     export_format = "transformers"  # a save_pretrained directory
     card_metadata = {"library_name": "transformers", "pipeline_tag": "zero-shot-image-classification"}
+    model_class = "CLIPModel"  # transformers' classes that load an export, by name (load hint and model card)
+    processor_class = "CLIPProcessor"
+    example_notes: tuple[str, ...] = ()  # lines a model card's loading code ends with
+    tokenizer_type: type = _Tokenize  # texts -> tokens, what `tokenize` and data loader workers call
 
     def __init__(self, model, tokenizer, image_processor, source: str = ""):
         super().__init__()
+        self.check_model(model)
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.source = source
-        crop = int(_size_field(image_processor.crop_size, "height"))
-        resize = _size_field(image_processor.size, "shortest_edge")
-        self.image_size = crop
-        self.resize_size = int(resize) if resize else crop
+        self.image_size, self.resize_size = self.input_sizes(model, image_processor)
         self.image_mean = list(image_processor.image_mean)
         self.image_std = list(image_processor.image_std)
         self.context_length = int(model.config.text_config.max_position_embeddings)
-        self.text_tokenizer = _Tokenize(tokenizer, self.context_length)
+        self.text_tokenizer = self.tokenizer_type(tokenizer, self.context_length)
+
+    def check_model(self, model) -> None:
+        """Refuse, in one line, a model of the family this backbone cannot serve (none for CLIP)."""
+
+    def input_sizes(self, model, image_processor) -> tuple[int, int | tuple[int, int]]:
+        """(`image_size`, `resize_size`) from the image processor: CLIP's crop, after its shortest-edge resize."""
+        crop = int(_size_field(image_processor.crop_size, "height"))
+        resize = _size_field(image_processor.size, "shortest_edge")
+        return crop, int(resize) if resize else crop
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -114,7 +129,7 @@ class HFBackbone(Backbone):
 
     @property
     def projection_dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        return self.facts.projection_dim
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.text_tokenizer(texts)
@@ -139,10 +154,6 @@ class HFBackbone(Backbone):
         else:
             raise ValueError(f"tower {tower!r}: choose vision or text")
         prefix = "vision_model" if tower == "vision" else "text_model"
-
-        def named(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
-            return {f"{name}.{n}": p for n, p in module.named_parameters()}
-
         embeddings = named(transformer.embeddings, f"{prefix}.embeddings")
         if first_norm:
             embeddings.update(named(getattr(transformer, first_norm), f"{prefix}.{first_norm}"))
@@ -270,19 +281,20 @@ class HFBackbone(Backbone):
         return out_dir
 
     def load_hint(self, out_dir: str | Path) -> str:
-        return f"load it with CLIPModel.from_pretrained({str(out_dir)!r})"
+        return f"load it with {self.model_class}.from_pretrained({str(out_dir)!r})"
 
     def load_example(self, out_dir: str) -> str:
         return "\n".join([
             "import torch",
             "from PIL import Image",
-            "from transformers import CLIPModel, CLIPProcessor",
+            f"from transformers import {self.model_class}, {self.processor_class}",
             "",
-            f'model = CLIPModel.from_pretrained("{out_dir}").eval()',
-            f'processor = CLIPProcessor.from_pretrained("{out_dir}")',
+            f'model = {self.model_class}.from_pretrained("{out_dir}").eval()',
+            f'processor = {self.processor_class}.from_pretrained("{out_dir}")',
             'image = Image.open("hand.jpg")',
             "with torch.no_grad():",
             "    features = model.get_image_features(**processor(images=image, return_tensors=\"pt\"))",
             "# transformers 5 returns an output object holding the embedding, 4.x the tensor itself",
             'features = getattr(features, "pooler_output", features)',
+            *self.example_notes,
         ])  # fmt: skip

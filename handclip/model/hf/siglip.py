@@ -38,16 +38,15 @@ from handclip.checks import number
 from handclip.errors import ConfigError
 from handclip.model.backbone import (
     NO_LINEAR_PROJECTION,
-    Backbone,
     BackboneFacts,
     LayerGroup,
-    TowerFacts,
     check_tower,
+    named,
     tower_groups,
     with_norms,
 )
 from handclip.model.flops import transformer_block_flops, transformer_tower_flops
-from handclip.model.hf.backbone import HFBackbone, _size_field
+from handclip.model.hf.backbone import HFBackbone, _size_field, facts_of
 from handclip.model.hf.spec import TINY, HuggingFaceCLIP, tiny_fields
 
 PAPER_LOG_SCALE, PAPER_BIAS = 2.302585, -10.0  # SigLIP's initialisation: t' = ln 10, b = -10
@@ -55,17 +54,7 @@ PAPER_LOG_SCALE, PAPER_BIAS = 2.302585, -10.0  # SigLIP's initialisation: t' = l
 
 def siglip_facts(config) -> BackboneFacts:
     """A `SiglipConfig`'s depths, widths and sizes; the embedding width is the image tower's (its pooling head's)."""
-    vision, text = config.vision_config, config.text_config
-
-    def tower(c) -> TowerFacts:
-        return TowerFacts(int(c.num_hidden_layers), int(c.hidden_size), int(c.num_attention_heads),
-                          int(c.intermediate_size))  # fmt: skip
-
-    return BackboneFacts(
-        vision=tower(vision), text=tower(text), projection_dim=int(vision.hidden_size),
-        image_size=int(vision.image_size), patch_size=int(vision.patch_size),
-        context_length=int(text.max_position_embeddings), logit_bias=True, projection_replaceable=False,
-    )  # fmt: skip
+    return facts_of(config, int(config.vision_config.hidden_size), logit_bias=True, projection_replaceable=False)
 
 
 @contextlib.contextmanager
@@ -102,22 +91,26 @@ class SiglipBackbone(HFBackbone):
     logit_scale_max = None  # SigLIP learns t' unclamped; its pretrained value is above CLIP's ln 100
     pads_to_context = True
 
-    def __init__(self, model, tokenizer, image_processor, source: str = ""):
-        Backbone.__init__(self)
+    model_class = "SiglipModel"
+    processor_class = "AutoProcessor"
+    example_notes = (
+        '# captions: processor(text=texts, padding="max_length", return_tensors="pt"), as SigLIP was trained',
+    )
+    tokenizer_type = _PadToContext
+
+    def check_model(self, model) -> None:
         if not getattr(model.config.vision_config, "vision_use_head", True):
             raise ConfigError(
                 "backbone: this SigLIP has no attention-pooling head (vision_use_head=false), so no image embedding: "
                 "give a SigLIP image-text model"
             )
-        self.model, self.tokenizer, self.image_processor, self.source = model, tokenizer, image_processor, source
-        self.image_size = int(model.config.vision_config.image_size)
-        height = _size_field(image_processor.size, "height") or self.image_size
-        width = _size_field(image_processor.size, "width") or self.image_size
-        self.resize_size = (int(height), int(width))  # resized to the input square, whatever the image's shape
-        self.image_mean = list(image_processor.image_mean)
-        self.image_std = list(image_processor.image_std)
-        self.context_length = int(model.config.text_config.max_position_embeddings)
-        self.text_tokenizer = _PadToContext(tokenizer, self.context_length)
+
+    def input_sizes(self, model, image_processor) -> tuple[int, tuple[int, int]]:
+        """The model's input square, and (height, width) images are resized to whatever their shape."""
+        size = int(model.config.vision_config.image_size)
+        height = _size_field(image_processor.size, "height") or size
+        width = _size_field(image_processor.size, "width") or size
+        return size, (int(height), int(width))
 
     @property
     def logit_bias(self) -> nn.Parameter:
@@ -126,10 +119,6 @@ class SiglipBackbone(HFBackbone):
     @property
     def facts(self) -> BackboneFacts:
         return siglip_facts(self.model.config)
-
-    @property
-    def projection_dim(self) -> int:
-        return self.facts.projection_dim
 
     # the whole forward ---------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor, pre_projection: bool = False):
@@ -143,10 +132,6 @@ class SiglipBackbone(HFBackbone):
     def layer_groups(self, tower: str) -> list[LayerGroup]:
         prefix = f"{check_tower(tower)}_model"
         transformer = getattr(self.model, prefix)
-
-        def named(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
-            return {f"{name}.{n}": p for n, p in module.named_parameters()}
-
         layers = transformer.encoder.layers
         blocks = [named(layer, f"{prefix}.encoder.layers.{i}") for i, layer in enumerate(layers)]
         final_norm = "post_layernorm" if tower == "vision" else "final_layer_norm"
@@ -206,32 +191,13 @@ class SiglipBackbone(HFBackbone):
     def replace_projection(self, tower: str, dim: int, generator: torch.Generator) -> nn.Module:
         raise ConfigError(NO_LINEAR_PROJECTION)
 
-    def load_hint(self, out_dir: str | Path) -> str:
-        return f"load it with SiglipModel.from_pretrained({str(out_dir)!r})"
-
-    def load_example(self, out_dir: str) -> str:
-        return "\n".join([
-            "import torch",
-            "from PIL import Image",
-            "from transformers import AutoProcessor, SiglipModel",
-            "",
-            f'model = SiglipModel.from_pretrained("{out_dir}").eval()',
-            f'processor = AutoProcessor.from_pretrained("{out_dir}")',
-            'image = Image.open("hand.jpg")',
-            "with torch.no_grad():",
-            "    features = model.get_image_features(**processor(images=image, return_tensors=\"pt\"))",
-            "# transformers 5 returns an output object holding the embedding, 4.x the tensor itself",
-            'features = getattr(features, "pooler_output", features)',
-            "# captions: processor(text=texts, padding=\"max_length\", return_tensors=\"pt\"), as SigLIP was trained",
-        ])  # fmt: skip
-
 
 class HuggingFaceSigLIP(HuggingFaceCLIP):
     """A backbone spec for `transformers.SiglipModel` (SigLIP, and SigLIP 2 at a fixed resolution)."""
 
     model_type = "siglip"
-    model_class = "SiglipModel"
-    family = "SigLIP"
+    model_class = SiglipBackbone.model_class
+    family = SiglipBackbone.family
     tokenizer_inputs = ["input_ids"]  # as SigLIP's own tokenizers: no mask, the padding is attended
 
     def __init__(self, source: str | None = None, name: str | None = None, config: Mapping | None = None,

@@ -158,8 +158,8 @@ class HuggingFaceCLIP(BackboneSpec):
 
     export_format = HFBackbone.export_format
     model_type = "clip"  # the `model_type` of the config.json this spec loads
-    model_class = "CLIPModel"  # transformers' model class, by name (and in messages)
-    family = "CLIP"  # how messages and model cards name the family
+    model_class = HFBackbone.model_class  # transformers' model class, by name (and in messages)
+    family = HFBackbone.family  # how messages and model cards name the family
     tokenizer_inputs: list[str] | None = None  # what a tiny model's tokenizer gives the model (None: ids and mask)
 
     def transformers_classes(self) -> tuple[type, type, type]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from handclip.checks import integer
 from handclip.errors import ConfigError
-from handclip.model.backbone import BackboneFacts, TowerFacts
+from handclip.model.backbone import BackboneFacts, TowerFacts, named  # noqa: F401 - named: the towers' modules import it here
 
 
 @dataclass
@@ -86,13 +86,6 @@ def square(size, key: str) -> int:
             raise ConfigError(f"{key}={list(size)}: HandCLIP's image pipeline takes square images only")
         size = size[0]
     return integer(key, size, 1)
-
-
-def named(module: nn.Module | None, prefix: str) -> dict[str, nn.Parameter]:
-    """A module's parameters under `prefix` (`visual.ln_post.weight`)."""
-    if module is None:
-        return {}
-    return {f"{prefix}.{name}": p for name, p in module.named_parameters()}
 
 
 def run_blocks(transformer: nn.Module, hidden: torch.Tensor, start: int, stop: int, mask=None) -> torch.Tensor:
